@@ -1,0 +1,1 @@
+"""Publish a directory as an immutable, content-addressed artifact."""

@@ -1,0 +1,196 @@
+"""The ``modelcast`` command.  It parses arguments and wires objects together; nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import (ClientConfig, NodeConfig, PublishConfig, TrackerConfig, ENV_S3_ENDPOINT, env_str,
+                     parse_hostport, parse_size)
+from .errors import ModelcastError
+from .reference import Reference
+
+
+def _client_args(p: argparse.ArgumentParser, *, registry: bool = False, node: bool = False, token: bool = False) -> None:
+    if registry:
+        p.add_argument("--registry", help="registry URL (env MODELCAST_REGISTRY)")
+    if node:
+        p.add_argument("--node", help="node daemon URL (env MODELCAST_NODE)")
+    if token:
+        p.add_argument("--token", help="bearer token for writes (env MODELCAST_TOKEN)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelcast", description="Publish models once, pull them everywhere over a private swarm.")
+    parser.add_argument("--version", action="version", version=f"modelcast {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tracker", help="run the registry and BitTorrent tracker")
+    p.add_argument("--listen", default="127.0.0.1:7070", help="HOST:PORT to serve on")
+    p.add_argument("--data", required=True, type=Path, help="directory for the registry database")
+    p.add_argument("--token", help="bearer token required for writes")
+    p.add_argument("--s3-endpoint", help="S3 endpoint URL for s3:// origins (env MODELCAST_S3_ENDPOINT)")
+    p.add_argument("--announce-interval", type=int, default=TrackerConfig.announce_interval_s)
+    p.add_argument("--peer-ttl", type=float, default=TrackerConfig.peer_ttl_s)
+
+    p = sub.add_parser("publish", help="publish a model directory as an artifact")
+    p.add_argument("path", type=Path)
+    p.add_argument("ref", help="NAME:TAG")
+    p.add_argument("--origin", required=True, help="file:///DIR or s3://BUCKET/PREFIX")
+    p.add_argument("--s3-endpoint", help="S3 endpoint URL (env MODELCAST_S3_ENDPOINT)")
+    p.add_argument("--kind", default="model", choices=["model", "runtime"])
+    p.add_argument("--annotation", action="append", default=[], metavar="KEY=VALUE")
+    _client_args(p, registry=True, token=True)
+
+    p = sub.add_parser("node", help="run the node cache daemon")
+    p.add_argument("--registry", help="registry URL (env MODELCAST_REGISTRY)")
+    p.add_argument("--cache", required=True, type=Path, help="cache directory")
+    p.add_argument("--api", default="127.0.0.1:7071", help="HOST:PORT of the local HTTP API")
+    p.add_argument("--peer-listen", default="127.0.0.1:6881", help="HOST:PORT for BitTorrent peers")
+    p.add_argument("--zone", default="default")
+    p.add_argument("--token", help="bearer token for registry reads (env MODELCAST_TOKEN)")
+    p.add_argument("--upload-limit", default="0", help="upload limit in bytes/s (e.g. 20M), 0 = none")
+    p.add_argument("--download-limit", default="0", help="download limit in bytes/s, 0 = none")
+    p.add_argument("--webseed-grace", type=float, default=NodeConfig.webseed_grace_s,
+                   help="seconds without peer progress before the origin web seed is used")
+
+    p = sub.add_parser("pull", help="make an artifact warm on a node and print its local path")
+    p.add_argument("ref")
+    p.add_argument("--no-wait", action="store_true", help="start the pull and return at once")
+    _client_args(p, node=True)
+
+    p = sub.add_parser("ls", help="list artifacts in the registry")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--json", action="store_true")
+    _client_args(p, registry=True, token=True)
+
+    p = sub.add_parser("inspect", help="show an artifact's manifest")
+    p.add_argument("ref")
+    _client_args(p, registry=True, token=True)
+    return parser
+
+
+def _parse_annotations(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ModelcastError(f"annotation {item!r} is not KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def cmd_tracker(args) -> int:
+    from tracker.server import serve
+
+    host, port = parse_hostport(args.listen, what="--listen")
+    serve(TrackerConfig(host=host, port=port, data_dir=args.data, token=args.token,
+                        s3_endpoint=args.s3_endpoint or env_str(ENV_S3_ENDPOINT),
+                        announce_interval_s=args.announce_interval, peer_ttl_s=args.peer_ttl))
+    return 0
+
+
+def cmd_publish(args) -> int:
+    from distributor.publish import publish_sync
+
+    client = ClientConfig.from_env(registry=args.registry, token=args.token)
+    ref = Reference.parse(args.ref)
+    if ref.tag is None:
+        raise ModelcastError(f"publish needs NAME:TAG, got {args.ref!r}")
+    cfg = PublishConfig(registry=client.registry, origin=args.origin,
+                        s3_endpoint=args.s3_endpoint or env_str(ENV_S3_ENDPOINT), token=client.token)
+    result = publish_sync(args.path, ref, cfg, kind=args.kind, annotations=_parse_annotations(args.annotation),
+                          progress=sys.stderr.isatty())
+    print(result.digest)
+    return 0
+
+
+def cmd_node(args) -> int:
+    from node_cache.daemon import serve
+
+    client = ClientConfig.from_env(registry=args.registry, token=args.token)
+    api_host, api_port = parse_hostport(args.api, what="--api")
+    peer_host, peer_port = parse_hostport(args.peer_listen, what="--peer-listen")
+    serve(NodeConfig(registry=client.registry, cache_dir=args.cache, api_host=api_host, api_port=api_port,
+                     peer_host=peer_host, peer_port=peer_port, zone=args.zone, token=client.token,
+                     upload_limit=parse_size(args.upload_limit), download_limit=parse_size(args.download_limit),
+                     webseed_grace_s=args.webseed_grace))
+    return 0
+
+
+def cmd_pull(args) -> int:
+    from node_cache.client import pull_with_progress
+
+    client = ClientConfig.from_env(node=args.node)
+    Reference.parse(args.ref)
+    status = asyncio.run(pull_with_progress(client.node, args.ref, wait=not args.no_wait, progress=sys.stderr.isatty()))
+    print(status.get("path") or status.get("state"))
+    return 0
+
+
+def cmd_ls(args) -> int:
+    from tracker.client import RegistryClient
+
+    client = ClientConfig.from_env(registry=args.registry, token=args.token)
+
+    async def run():
+        async with RegistryClient(client.registry, client.token) as reg:
+            items, after = [], None
+            while True:
+                page = await reg.list_artifacts(name=args.name, limit=200, after=after)
+                items.extend(page.get("artifacts", []))
+                after = page.get("next")
+                if not after:
+                    return items
+
+    items = asyncio.run(run())
+    if args.json:
+        print(json.dumps(items, indent=2))
+        return 0
+    print(f"{'NAME':30} {'TAGS':16} {'SIZE':>10}  {'DIGEST':19}  CREATED")
+    for a in items:
+        tags = ",".join(a.get("tags") or []) or "-"
+        print(f"{a['name']:30} {tags:16} {_human(a['total_size']):>10}  {a['digest'][:19]}  {a.get('created', '')}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from tracker.client import RegistryClient
+
+    client = ClientConfig.from_env(registry=args.registry, token=args.token)
+
+    async def run():
+        async with RegistryClient(client.registry, client.token) as reg:
+            return await reg.resolve(args.ref)
+
+    digest, manifest = asyncio.run(run())
+    print(json.dumps({"digest": digest, "manifest": manifest.body()}, indent=2, sort_keys=True))
+    return 0
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+COMMANDS = {"tracker": cmd_tracker, "publish": cmd_publish, "node": cmd_node, "pull": cmd_pull,
+            "ls": cmd_ls, "inspect": cmd_inspect}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ModelcastError as exc:
+        # One line, naming what was asked; no traceback for errors a user can act on.
+        print(f"modelcast {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,132 @@
+"""Typed configuration, with every default and every environment variable in one place.
+
+Environment variables are read only here, through the checked helpers below, and only
+when a config is built (never at import time), so tests can set them per process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import BadRequest
+
+ENV_REGISTRY = "MODELCAST_REGISTRY"
+ENV_NODE = "MODELCAST_NODE"
+ENV_TOKEN = "MODELCAST_TOKEN"
+ENV_S3_ENDPOINT = "MODELCAST_S3_ENDPOINT"
+
+DEFAULT_REGISTRY = "http://127.0.0.1:7070"
+DEFAULT_NODE = "http://127.0.0.1:7071"
+
+
+def env_str(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise BadRequest(f"environment variable {name}={raw!r} is not a number") from None
+
+
+def parse_hostport(text: str, *, what: str) -> tuple[str, int]:
+    """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6) for a listen address."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise BadRequest(f"{what} {text!r} is not HOST:PORT")
+    host = host.strip("[]")
+    port_i = int(port)
+    if not 0 <= port_i <= 65535:
+        raise BadRequest(f"{what} {text!r}: port out of range")
+    return host, port_i
+
+
+def parse_size(text: str) -> int:
+    """Parse sizes like ``500M``, ``20GiB``, ``1.5G`` or plain bytes."""
+    units = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
+             "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
+    s = text.strip().lower()
+    num = s.rstrip("abgikmt")
+    unit = s[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        raise BadRequest(f"size {text!r} is not a number with an optional unit (K, M, G, T)") from None
+    if unit not in units or value < 0:
+        raise BadRequest(f"size {text!r} has an unknown unit {unit!r}")
+    return int(value * units[unit])
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """What the CLI needs to talk to a registry and a node daemon."""
+
+    registry: str = DEFAULT_REGISTRY
+    node: str = DEFAULT_NODE
+    token: str | None = None
+    timeout_s: float = 30.0
+
+    @classmethod
+    def from_env(cls, registry: str | None = None, node: str | None = None, token: str | None = None) -> "ClientConfig":
+        return cls(
+            registry=(registry or env_str(ENV_REGISTRY, DEFAULT_REGISTRY)).rstrip("/"),
+            node=(node or env_str(ENV_NODE, DEFAULT_NODE)).rstrip("/"),
+            token=token or env_str(ENV_TOKEN),
+        )
+
+
+@dataclass(frozen=True)
+class TrackerConfig:
+    """The registry and BitTorrent tracker service."""
+
+    host: str = "127.0.0.1"
+    port: int = 7070
+    data_dir: Path = Path("./modelcast-registry")
+    token: str | None = None
+    # Announce interval handed to clients.  Short, because a private swarm is small
+    # and a stale peer list costs a whole fan-out; see README "Tuning".
+    announce_interval_s: int = 30
+    min_announce_interval_s: int = 5
+    # A peer that has not announced for this long is dropped from every peer list.
+    peer_ttl_s: float = 90.0
+    default_numwant: int = 50
+    max_numwant: int = 200
+    s3_endpoint: str | None = None
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """The node daemon."""
+
+    registry: str = DEFAULT_REGISTRY
+    cache_dir: Path = Path("./modelcast-cache")
+    api_host: str = "127.0.0.1"
+    api_port: int = 7071
+    peer_host: str = "127.0.0.1"
+    peer_port: int = 6881
+    zone: str = "default"
+    token: str | None = None
+    # Seconds without useful peer progress before the origin web seed is used.
+    webseed_grace_s: float = 1.0
+    upload_limit: int = 0  # bytes/s, 0 = unlimited
+    download_limit: int = 0
+    peer_connections: int = 200
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    """One publish run."""
+
+    registry: str = DEFAULT_REGISTRY
+    origin: str = ""
+    s3_endpoint: str | None = None
+    token: str | None = None
+    hash_workers: int = field(default_factory=lambda: max(2, os.cpu_count() or 2))
+    upload_workers: int = 8

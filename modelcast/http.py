@@ -1,0 +1,72 @@
+"""Shared HTTP plumbing for modelcast's JSON APIs: error bodies and client-side translation."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiohttp
+
+from .errors import ModelcastError, Unreachable, from_error_body
+
+
+def bearer(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+async def raise_for_answer(resp: aiohttp.ClientResponse, what: str) -> None:
+    """Turn a non-2xx answer from a modelcast service into the matching ModelcastError."""
+    if resp.status < 400:
+        return
+    text = await resp.text(errors="replace")
+    try:
+        body: Any = json.loads(text)
+    except ValueError:
+        body = None
+    raise from_error_body(body, resp.status, f"{what}: HTTP {resp.status} {text[:200]}")
+
+
+class JsonClient:
+    """A small aiohttp client for one modelcast service, translating failures at one place."""
+
+    service = "service"
+
+    def __init__(self, base_url: str, token: str | None = None, timeout_s: float = 30.0,
+                 session: aiohttp.ClientSession | None = None):
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._session = session
+        self._own_session = session is None
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None and self._own_session:
+            await self._session.close()
+            self._session = None
+
+    def _sess(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        return self._session
+
+    async def request(self, method: str, path: str, *, what: str, raw: bool = False,
+                      timeout_s: float | None = None, **kwargs) -> Any:
+        url = self.base_url + path
+        headers = {**bearer(self.token), **kwargs.pop("headers", {})}
+        timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s is not None else None
+        try:
+            async with self._sess().request(method, url, headers=headers, timeout=timeout, **kwargs) as resp:
+                await raise_for_answer(resp, what)
+                return await resp.read() if raw else await resp.json(content_type=None)
+        except ModelcastError:
+            raise
+        except (aiohttp.ClientConnectionError, aiohttp.InvalidURL, TimeoutError, OSError) as exc:
+            raise Unreachable(f"{what}: {self.service} at {self.base_url} is unreachable ({exc.__class__.__name__}: {exc})") from exc
+        except (aiohttp.ClientPayloadError, aiohttp.ContentTypeError, ValueError) as exc:
+            raise Unreachable(f"{what}: {self.service} at {self.base_url} sent a malformed answer: {exc}") from exc

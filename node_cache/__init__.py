@@ -1,0 +1,1 @@
+"""The node daemon: a verified, content-addressed artifact cache that pulls from a private swarm."""

@@ -1,0 +1,1 @@
+"""Ray Serve integration: runtime_env plugin, readiness, placement (issue 7)."""

@@ -1,0 +1,1 @@
+"""Registry (name:tag -> digest -> manifest + torrent) and BitTorrent tracker."""

@@ -1,0 +1,86 @@
+"""Client for the registry HTTP API (``/v1/``).  Other components use only this.
+
+The API, JSON unless said otherwise; errors are ``{"error": {"code", "message"}}`` with
+the HTTP status of :mod:`modelcast.errors`; writes need ``Authorization: Bearer TOKEN``
+when the registry has a token:
+
+``GET  /v1/health``                         -> ``{"ok": true}``
+``POST /v1/artifacts``                      body ``{"manifest": {...}, "torrent": "<base64>",
+                                            "origin": {"url": "file:///..|s3://..", "s3_endpoint": null},
+                                            "tag": "v1"|null}`` -> 201/200 ``{"digest", "name", "tag", "created": bool}``
+``GET  /v1/resolve?ref=REF``                -> ``{"digest", "name", "manifest": {...}}``
+``GET  /v1/artifacts/{digest}``             -> the canonical manifest bytes
+``GET  /v1/artifacts/{digest}/torrent``     -> the torrent (``announce`` set to this registry)
+``GET  /v1/artifacts?name=&content_key=&limit=&after=`` -> ``{"artifacts": [...], "next": cursor|null}``
+``GET  /v1/webseed/{digest}/{torrent_name}/{path}`` -> file bytes from the origin, HTTP Range (BEP 19)
+``GET  /v1/stats``                          -> ``{"origin_bytes_served", "origin_requests", "announces", "swarms"}``
+``GET  /announce``, ``GET /scrape``         BitTorrent (BEP 3/23/48); extra query ``zone=`` on announce
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+from urllib.parse import quote
+
+from modelcast.http import JsonClient
+from modelcast.manifest import Manifest
+from modelcast.reference import Reference
+
+
+class RegistryClient(JsonClient):
+    service = "registry"
+
+    async def health(self) -> dict:
+        return await self.request("GET", "/v1/health", what="registry health")
+
+    async def publish(self, manifest: Manifest, torrent: bytes, origin_url: str,
+                      s3_endpoint: str | None, tag: str | None) -> dict:
+        body = {
+            "manifest": manifest.body(),
+            "torrent": base64.b64encode(torrent).decode("ascii"),
+            "origin": {"url": origin_url, "s3_endpoint": s3_endpoint},
+            "tag": tag,
+        }
+        ref = f"{manifest.name}:{tag}" if tag else manifest.name
+        return await self.request("POST", "/v1/artifacts", json=body, what=f"publish {ref}")
+
+    async def resolve(self, ref: str | Reference) -> tuple[str, Manifest]:
+        """Resolve a reference to ``(digest, manifest)``; the digest is checked locally."""
+        ref_s = str(ref)
+        Reference.parse(ref_s)
+        answer = await self.request("GET", f"/v1/resolve?ref={quote(ref_s, safe='')}", what=f"resolve {ref_s}")
+        digest = answer["digest"]
+        data = await self.manifest_bytes(digest)
+        return digest, Manifest.from_bytes(data, expected_digest=digest)
+
+    async def manifest_bytes(self, digest: str) -> bytes:
+        return await self.request("GET", f"/v1/artifacts/{digest}", raw=True, what=f"manifest {digest}")
+
+    async def torrent(self, digest: str) -> bytes:
+        return await self.request("GET", f"/v1/artifacts/{digest}/torrent", raw=True, what=f"torrent of {digest}")
+
+    async def find_by_content(self, content_key: str) -> dict | None:
+        answer = await self.request(
+            "GET", f"/v1/artifacts?content_key={quote(content_key, safe='')}&limit=1", what="content lookup"
+        )
+        items = answer.get("artifacts") or []
+        return items[0] if items else None
+
+    async def list_artifacts(self, name: str | None = None, limit: int = 100, after: str | None = None) -> dict:
+        query = f"?limit={limit}"
+        if name:
+            query += f"&name={quote(name, safe='')}"
+        if after:
+            query += f"&after={quote(after, safe='')}"
+        return await self.request("GET", f"/v1/artifacts{query}", what="list artifacts")
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.request("GET", "/v1/stats", what="registry stats")
+
+    def webseed_url(self, digest: str) -> str:
+        # BEP 19: for a multi-file torrent the client appends "<name>/<path>".
+        return f"{self.base_url}/v1/webseed/{digest}/"
+
+    def announce_url(self, zone: str | None = None) -> str:
+        return f"{self.base_url}/announce" + (f"?zone={quote(zone, safe='')}" if zone else "")
