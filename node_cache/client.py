@@ -1,0 +1,50 @@
+"""Client for a node daemon's local HTTP API (used by the CLI and by serve_glue)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from modelcast.errors import PullFailed, from_error_body
+from modelcast.http import JsonClient
+from modelcast.progress import ProgressBar
+
+
+class NodeClient(JsonClient):
+    service = "node daemon"
+
+    async def health(self) -> dict:
+        return await self.request("GET", "/v1/health", what="node health")
+
+    async def pull(self, ref: str, wait: bool = True) -> dict:
+        # A waiting pull lasts as long as the download: no client-side timeout.
+        return await self.request("POST", "/v1/pull", json={"ref": ref, "wait": wait}, what=f"pull {ref}",
+                                  timeout_s=None if wait else 60)
+
+    async def status(self, digest: str) -> dict:
+        return await self.request("GET", f"/v1/pulls/{digest}", what=f"status of {digest}")
+
+    async def artifacts(self) -> list[dict]:
+        return (await self.request("GET", "/v1/artifacts", what="list node artifacts"))["artifacts"]
+
+
+async def pull_with_progress(node_url: str, ref: str, *, wait: bool = True, progress: bool = False,
+                             poll_s: float = 0.2) -> dict:
+    """Start a pull and follow it to the end, drawing a progress bar on a terminal."""
+    async with NodeClient(node_url) as node:
+        status = await node.pull(ref, wait=False)
+        if not wait:
+            return status
+        bar = ProgressBar(ref, status["total_bytes"], enabled=progress and status["state"] != "ready")
+        try:
+            while status["state"] not in ("ready", "failed"):
+                note = f"peers {status['peers']} origin {status['bytes_from_origin'] >> 20} MiB [{status['state']}]"
+                bar.update(status["done_bytes"], note)
+                await asyncio.sleep(poll_s)
+                status = await node.status(status["digest"])
+            bar.update(status["done_bytes"], f"[{status['state']}]")
+        finally:
+            bar.close()
+        if status["state"] == "failed":
+            err = status.get("error") or {}
+            raise from_error_body({"error": err}, 500, f"pull {ref} failed") if err else PullFailed(f"pull {ref} failed")
+        return status

@@ -1,0 +1,188 @@
+"""The node's on-disk cache: layout, verification and atomic promotion.  See LAYOUT.md."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+
+from modelcast.errors import IntegrityError, UnsafePath
+from modelcast.manifest import Manifest
+
+READ_CHUNK = 8 << 20
+
+
+def _hex(digest: str) -> str:
+    return digest.split(":", 1)[1]
+
+
+def xxh3_file(path: Path) -> str:
+    h = xxhash.xxh3_128()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(READ_CHUNK)
+        view = memoryview(buf)
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class CachedArtifact:
+    digest: str
+    manifest: Manifest
+    path: Path
+
+
+class Store:
+    """Paths and atomic operations on one cache directory."""
+
+    def __init__(self, root: Path, verify_workers: int = 4):
+        self.root = Path(root).resolve()
+        self.verify_workers = verify_workers
+        for d in (self.artifacts_dir, self.meta_dir, self.partial_dir, self.tmp_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.root / "artifacts" / "sha256"
+
+    @property
+    def meta_dir(self) -> Path:
+        return self.root / "meta" / "sha256"
+
+    @property
+    def partial_dir(self) -> Path:
+        return self.root / "partial" / "sha256"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.root / "tmp"
+
+    def artifact_path(self, digest: str) -> Path:
+        return self.artifacts_dir / _hex(digest)
+
+    def partial_path(self, digest: str) -> Path:
+        return self.partial_dir / _hex(digest)
+
+    def meta_path(self, digest: str) -> Path:
+        return self.meta_dir / _hex(digest)
+
+    def is_complete(self, digest: str) -> bool:
+        return self.artifact_path(digest).is_dir()
+
+    def _write_atomic(self, dest: Path, data: bytes) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix=dest.name + ".")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def save_meta(self, digest: str, manifest: Manifest, torrent: bytes) -> None:
+        """Keep the manifest and torrent beside the artifact (needed to seed it after a restart)."""
+        meta = self.meta_path(digest)
+        self._write_atomic(meta / "torrent", torrent)
+        self._write_atomic(meta / "manifest.json", manifest.canonical_bytes())
+
+    def load_meta(self, digest: str) -> tuple[Manifest, bytes]:
+        meta = self.meta_path(digest)
+        manifest = Manifest.from_bytes((meta / "manifest.json").read_bytes(), expected_digest=digest)
+        return manifest, (meta / "torrent").read_bytes()
+
+    def verify_tree(self, root: Path, manifest: Manifest, *, full: bool = True) -> None:
+        """Check that ``root`` holds exactly the manifest's files, as regular files.
+
+        With ``full`` every file's xxh3-128 is recomputed (in parallel threads); without
+        it only sizes are compared.  Raises IntegrityError naming the first bad file.
+        """
+        expected = {f.path: f for f in manifest.files}
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in dirnames + filenames:
+                p = Path(dirpath) / name
+                st = p.lstat()
+                if stat.S_ISLNK(st.st_mode):
+                    raise UnsafePath(f"{p} is a link; artifacts hold only regular files")
+            for name in filenames:
+                rel = (Path(dirpath) / name).relative_to(root).as_posix()
+                if rel not in expected:
+                    raise IntegrityError(f"unexpected file {rel!r} in {root}")
+        for f in manifest.files:
+            p = root / f.path
+            try:
+                size = p.stat().st_size
+            except FileNotFoundError:
+                raise IntegrityError(f"{f.path} is missing from {root}") from None
+            if size != f.size:
+                raise IntegrityError(f"{f.path} has {size} bytes, the manifest says {f.size}")
+        if not full:
+            return
+
+        def check(f) -> str | None:
+            actual = xxh3_file(root / f.path)
+            return None if actual == f.xxh3_128 else f"{f.path}: xxh3 {actual} != {f.xxh3_128}"
+
+        big_first = sorted(manifest.files, key=lambda f: -f.size)
+        with ThreadPoolExecutor(self.verify_workers) as pool:
+            for problem in pool.map(check, big_first):
+                if problem:
+                    raise IntegrityError(f"verification failed for {manifest.name}: {problem}")
+
+    def ensure_partial_files(self, digest: str, manifest: Manifest) -> None:
+        """Create empty files libtorrent never writes (zero-length files)."""
+        root = self.partial_path(digest)
+        for f in manifest.files:
+            if f.size == 0:
+                p = root / f.path
+                p.parent.mkdir(parents=True, exist_ok=True)
+                p.touch(exist_ok=True)
+
+    def promote(self, digest: str) -> Path:
+        """Make a verified partial download complete: fsync, read-only, one atomic rename.
+
+        The rename is the commit point: before it the artifact is not complete, after
+        it every byte is on disk, so a crash never leaves a half artifact that looks whole.
+        """
+        src = self.partial_path(digest)
+        dest = self.artifact_path(digest)
+        for dirpath, dirnames, filenames in os.walk(src, topdown=False):
+            for name in filenames:
+                p = os.path.join(dirpath, name)
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.chmod(p, 0o444)
+            os.chmod(dirpath, 0o555)
+        os.rename(src, dest)
+        dir_fd = os.open(self.artifacts_dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return dest
+
+    def complete_digests(self) -> list[str]:
+        return sorted("sha256:" + p.name for p in self.artifacts_dir.iterdir() if p.is_dir())
+
+    def remove_tree(self, path: Path) -> None:
+        """Delete a tree even if it was made read-only."""
+        if not path.exists():
+            return
+        for dirpath, dirnames, _ in os.walk(path):
+            os.chmod(dirpath, 0o755)
+        shutil.rmtree(path)

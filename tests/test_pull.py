@@ -1,0 +1,203 @@
+"""End to end on one machine: publish, then pull on real node daemons over a real swarm."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from modelcast.manifest import canonical_json
+from modelcast.procs import ServiceProcess, free_port, modelcast_argv
+from node_cache.client import NodeClient
+
+from .conftest import S3_ENV
+from .helpers import TOKEN, make_model, metric, publish, registry_stats, run_cli, start_node, tree_hashes
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def nodes(tmp_path):
+    started: list[ServiceProcess] = []
+
+    def start(registry: str, name: str, host: str = "127.0.0.1", *extra: str) -> ServiceProcess:
+        svc = start_node(tmp_path, registry, name, host, "default", *extra)
+        started.append(svc)
+        return svc
+
+    yield start
+    for svc in started:
+        svc.stop()
+
+
+def test_s3_origin_single_node_pulls_through_web_seed(tracker, s3_bucket, nodes, tmp_path):
+    endpoint, bucket = s3_bucket
+    model = make_model(tmp_path / "model", {"model.onnx": 3000, "weights/a.bin": 3 * MiB + 17, "weights/b.bin": MiB})
+    digest = publish(tracker.url, model, "s3demo/m:v1", f"s3://{bucket}/origin", "--s3-endpoint", endpoint)
+    node = nodes(tracker.url, "n1")
+    out = run_cli("pull", "s3demo/m:v1", "--node", node.url)
+    assert out.returncode == 0, out.stderr
+    path = Path(out.stdout.strip().splitlines()[-1])
+    assert path.name == digest.split(":")[1]
+    assert tree_hashes(path) == tree_hashes(model)
+    # No peer has it, so every byte came through the registry's web seed from S3.
+    size = 3000 + 3 * MiB + 17 + MiB
+    assert metric(node.url, "modelcast_node_bytes_from_origin_total") == size
+    assert metric(node.url, "modelcast_node_bytes_from_peers_total") == 0
+    assert registry_stats(tracker.url)["origin_bytes_served"] >= size
+
+
+def test_three_nodes_pull_at_once_origin_serves_at_most_one_and_a_half_copies(tracker, nodes, tmp_path):
+    sizes = {"model.onnx": 4096, **{f"weights/shard-{i}.bin": 8 * MiB for i in range(4)}, "empty.txt": 0}
+    model = make_model(tmp_path / "model", sizes)
+    total = sum(sizes.values())
+    publish(tracker.url, model, "swarm/m:v1", (tmp_path / "origin").as_uri())
+    ns = [nodes(tracker.url, f"n{i}", f"127.0.0.{i + 2}") for i in range(3)]
+
+    async def pull_all():
+        clients = [NodeClient(n.url) for n in ns]
+        try:
+            return await asyncio.gather(*(c.pull("swarm/m:v1", wait=True) for c in clients))
+        finally:
+            await asyncio.gather(*(c.close() for c in clients))
+
+    statuses = asyncio.run(pull_all())
+    source = tree_hashes(model)
+    for s in statuses:
+        assert s["state"] == "ready"
+        assert tree_hashes(Path(s["path"])) == source
+    served = registry_stats(tracker.url)["origin_bytes_served"]
+    assert served <= 1.5 * total, f"origin served {served / total:.2f} copies"
+    assert sum(s["bytes_from_peers"] for s in statuses) >= 1.5 * total - served
+
+
+def test_reference_forms_and_one_line_errors(tracker, nodes, tmp_path):
+    model = make_model(tmp_path / "model", {"a.bin": 200_000, "sub/b.bin": 1000})
+    digest = publish(tracker.url, model, "refs/m:v1", (tmp_path / "origin").as_uri())
+    node = nodes(tracker.url, "n1")
+    paths = set()
+    for ref in ("refs/m:v1", f"refs/m@{digest}", digest):
+        out = run_cli("pull", ref, "--node", node.url)
+        assert out.returncode == 0, out.stderr
+        paths.add(out.stdout.strip().splitlines()[-1])
+        out = run_cli("inspect", ref, "--registry", tracker.url)
+        assert out.returncode == 0 and json.loads(out.stdout)["digest"] == digest
+    assert len(paths) == 1
+
+    def one_line_error(out, *needles):
+        assert out.returncode != 0
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1, out.stderr
+        for needle in needles:
+            assert needle in lines[0], lines[0]
+
+    one_line_error(run_cli("pull", "refs/m:nope", "--node", node.url), "refs/m:nope", "not found")
+    one_line_error(run_cli("inspect", "refs/missing:v1", "--registry", tracker.url), "refs/missing:v1")
+    one_line_error(run_cli("publish", str(model), "refs/m:v2", "--registry", tracker.url,
+                           "--origin", (tmp_path / "origin").as_uri(), "--token", "wrong"), "refs/m:v2", "token")
+    dead = f"http://127.0.0.1:{free_port()}"
+    one_line_error(run_cli("inspect", "refs/m:v1", "--registry", dead), "refs/m:v1", dead)
+    one_line_error(run_cli("ls", env={"MODELCAST_REGISTRY": dead}), dead)
+    one_line_error(run_cli("pull", "refs/m:v1", "--node", dead), "refs/m:v1", dead)
+    # The environment stands in for the flags.
+    out = run_cli("pull", "refs/m:v1", env={"MODELCAST_NODE": node.url})
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] in paths
+    out = run_cli("ls", env={"MODELCAST_REGISTRY": tracker.url})
+    assert out.returncode == 0 and "refs/m" in out.stdout and "v1" in out.stdout
+
+
+def test_publish_rejects_link_leaving_the_artifact(tracker, tmp_path):
+    model = make_model(tmp_path / "model", {"a.bin": 1000})
+    (tmp_path / "secret.txt").write_text("outside")
+    (model / "leak").symlink_to(tmp_path / "secret.txt")
+    out = run_cli("publish", str(model), "bad/m:v1", "--registry", tracker.url,
+                  "--origin", (tmp_path / "origin").as_uri(), "--token", TOKEN)
+    assert out.returncode != 0
+    assert "leak" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def _hostile_manifest(path: str, torrent_name: str = "m") -> bytes:
+    return canonical_json({
+        "schema_version": 1, "kind": "model", "name": "evil/m",
+        "files": [{"path": path, "size": 10, "xxh3_128": "0" * 32}], "total_size": 10,
+        "piece_length": 262144, "info_hash": {"v1": "1" * 40}, "torrent_name": torrent_name,
+        "annotations": {}, "created": "2026-01-01T00:00:00Z",
+    })
+
+
+@pytest.mark.parametrize("bad_path", ["../../escape.txt", "/etc/escape.txt", "a/../../escape.txt"])
+async def test_pull_rejects_unsafe_manifest_from_a_hostile_registry(bad_path, tmp_path):
+    """A registry that serves a manifest escaping the artifact: the node refuses it, writes nothing."""
+    body = _hostile_manifest(bad_path)
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+
+    async def resolve(request):
+        return web.json_response({"digest": digest, "name": "evil/m", "manifest": json.loads(body)})
+
+    async def manifest(request):
+        return web.Response(body=body, content_type="application/json")
+
+    async def health(request):
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_get("/v1/resolve", resolve)
+    app.router.add_get(f"/v1/artifacts/{digest}", manifest)
+    app.router.add_get("/v1/health", health)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    node = await asyncio.to_thread(start_node, tmp_path, f"http://127.0.0.1:{port}", "victim")
+    try:
+        out = await asyncio.to_thread(run_cli, "pull", "evil/m:v1", "--node", node.url)
+        assert out.returncode != 0
+        assert "evil/m:v1" in out.stderr and bad_path in out.stderr
+        assert not list(tmp_path.rglob("escape.txt"))
+        assert not list((node.cache / "artifacts").rglob("*.txt"))
+    finally:
+        await asyncio.to_thread(node.stop)
+        await runner.cleanup()
+
+
+def test_registry_restart_keeps_everything_and_warm_pull_is_instant(tracker, nodes, tmp_path):
+    model = make_model(tmp_path / "model", {"weights.bin": 24 * MiB, "model.onnx": 5000})
+    digest = publish(tracker.url, model, "warm/m:v1", (tmp_path / "origin").as_uri())
+    node = nodes(tracker.url, "n1")
+    assert run_cli("pull", "warm/m:v1", "--node", node.url).returncode == 0
+    verified = metric(node.url, "modelcast_node_verified_bytes_total")
+    assert verified == 24 * MiB + 5000
+
+    tracker.stop()
+    tracker.start()
+    out = run_cli("inspect", "warm/m:v1", "--registry", tracker.url)
+    assert out.returncode == 0 and json.loads(out.stdout)["digest"] == digest
+    out = run_cli("ls", "--registry", tracker.url)
+    assert "warm/m" in out.stdout
+
+    async def warm_pulls():
+        async with NodeClient(node.url) as c:
+            timings = []
+            for ref in ("warm/m:v1", digest) * 5:
+                t0 = time.perf_counter()
+                status = await c.pull(ref)
+                timings.append(time.perf_counter() - t0)
+                assert status["state"] == "ready"
+            return timings
+
+    timings = asyncio.run(warm_pulls())
+    assert max(timings) < 0.5 and sorted(timings)[len(timings) // 2] < 0.05, timings
+    # Neither the warm pulls nor a daemon restart re-hash the artifact.
+    assert metric(node.url, "modelcast_node_verified_bytes_total") == verified
+    node.stop()
+    node.start()
+    t0 = time.perf_counter()
+    out = run_cli("pull", digest, "--node", node.url)
+    assert out.returncode == 0 and time.perf_counter() - t0 < 5
+    assert metric(node.url, "modelcast_node_verified_bytes_total") == 0
