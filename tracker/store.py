@@ -1,0 +1,242 @@
+"""The registry's durable state in SQLite: artifacts (manifest + torrent + origin) and tags.
+
+The API is synchronous; the server calls it through ``asyncio.to_thread``.  One
+connection is shared behind a lock, which serialises writers the way SQLite does anyway
+and keeps every transaction on one connection.  WAL mode lets a reader run while a
+writer commits, and makes a crash mid-publish leave either the whole artifact or none.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from modelcast.errors import BadRequest, Conflict, ModelcastError
+from modelcast.manifest import Manifest
+from modelcast.reference import validate_digest, validate_name
+
+DB_NAME = "registry.sqlite3"
+MAX_LIST_LIMIT = 500
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS artifacts (
+    digest       TEXT PRIMARY KEY,
+    name         TEXT NOT NULL,
+    kind         TEXT NOT NULL,
+    content_key  TEXT NOT NULL,
+    manifest     BLOB NOT NULL,
+    torrent      BLOB NOT NULL,
+    origin_url   TEXT NOT NULL,
+    s3_endpoint  TEXT,
+    total_size   INTEGER NOT NULL,
+    created      TEXT NOT NULL,
+    published_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS artifacts_name_digest ON artifacts(name, digest);
+CREATE INDEX IF NOT EXISTS artifacts_content_key ON artifacts(content_key);
+CREATE TABLE IF NOT EXISTS tags (
+    name   TEXT NOT NULL,
+    tag    TEXT NOT NULL,
+    digest TEXT NOT NULL REFERENCES artifacts(digest),
+    PRIMARY KEY (name, tag)
+);
+CREATE INDEX IF NOT EXISTS tags_digest ON tags(digest);
+"""
+
+
+class StoreError(ModelcastError):
+    """The registry database failed (disk full, corrupt file, locked by another process)."""
+
+    code = "store_error"
+    http_status = 500
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    """The outcome of :meth:`RegistryStore.publish`."""
+
+    digest: str
+    name: str
+    tag: str | None
+    created: bool
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    """One stored artifact, as the web seed and torrent endpoints need it."""
+
+    digest: str
+    name: str
+    kind: str
+    manifest: bytes
+    torrent: bytes
+    origin_url: str
+    s3_endpoint: str | None
+    total_size: int
+    created: str
+
+
+def encode_cursor(name: str, digest: str) -> str:
+    """A list cursor; it reads as a reference (``name@sha256:…``), since '@' is not in names."""
+    return f"{name}@{digest}"
+
+
+def decode_cursor(cursor: str) -> tuple[str, str]:
+    name, sep, digest = cursor.rpartition("@")
+    if not sep:
+        raise BadRequest(f"invalid list cursor {cursor!r}: pass back the 'next' value of the previous page")
+    try:
+        return validate_name(name), validate_digest(digest)
+    except ValueError:
+        raise BadRequest(f"invalid list cursor {cursor!r}: pass back the 'next' value of the previous page") from None
+
+
+class RegistryStore:
+    """SQLite-backed registry: immutable artifacts by digest, mutable tags by name."""
+
+    def __init__(self, data_dir: Path):
+        self.path = Path(data_dir) / DB_NAME
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # check_same_thread=False: calls arrive on asyncio's worker threads; the lock
+            # below is what keeps them from interleaving.
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the registry database {self.path}: {exc}") from exc
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _run(self, fn, *, write: bool = False):
+        with self._lock:
+            try:
+                if not write:
+                    return fn(self._db)
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    result = fn(self._db)
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+                return result
+            except sqlite3.Error as exc:
+                raise StoreError(f"registry database {self.path} failed: {exc}") from exc
+
+    # -- writes ---------------------------------------------------------------------
+
+    def publish(self, manifest: Manifest, torrent: bytes, origin_url: str, s3_endpoint: str | None,
+                tag: str | None) -> PublishResult:
+        """Store an artifact and point ``name:tag`` at it, in one transaction.
+
+        Publishing a digest that is already stored is idempotent: the first torrent and
+        origin are kept (the artifact is immutable) and only the tag moves.
+        """
+        data = manifest.canonical_bytes()
+        digest = manifest.digest
+
+        def tx(db: sqlite3.Connection) -> PublishResult:
+            row = db.execute("SELECT manifest FROM artifacts WHERE digest = ?", (digest,)).fetchone()
+            created = row is None
+            if row is not None and bytes(row[0]) != data:
+                # Unreachable short of a SHA-256 collision; refusing beats overwriting.
+                raise Conflict(f"artifact {digest} is stored with different manifest bytes")
+            if created:
+                db.execute(
+                    "INSERT INTO artifacts (digest, name, kind, content_key, manifest, torrent, origin_url,"
+                    " s3_endpoint, total_size, created, published_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (digest, manifest.name, manifest.kind, manifest.content_key, data, bytes(torrent),
+                     origin_url, s3_endpoint, manifest.total_size, manifest.created, time.time()),
+                )
+            if tag is not None:
+                db.execute(
+                    "INSERT INTO tags (name, tag, digest) VALUES (?,?,?)"
+                    " ON CONFLICT(name, tag) DO UPDATE SET digest = excluded.digest",
+                    (manifest.name, tag, digest),
+                )
+            return PublishResult(digest, manifest.name, tag, created)
+
+        return self._run(tx, write=True)
+
+    # -- reads ----------------------------------------------------------------------
+
+    def resolve_tag(self, name: str, tag: str) -> str | None:
+        """The digest ``name:tag`` points at, or None."""
+        row = self._run(lambda db: db.execute(
+            "SELECT digest FROM tags WHERE name = ? AND tag = ?", (name, tag)).fetchone())
+        return row[0] if row else None
+
+    def artifact_name(self, digest: str) -> str | None:
+        """The name of the artifact ``digest``, or None if it is not stored."""
+        row = self._run(lambda db: db.execute("SELECT name FROM artifacts WHERE digest = ?", (digest,)).fetchone())
+        return row[0] if row else None
+
+    def manifest_bytes(self, digest: str) -> bytes | None:
+        row = self._run(lambda db: db.execute("SELECT manifest FROM artifacts WHERE digest = ?", (digest,)).fetchone())
+        return bytes(row[0]) if row else None
+
+    def get(self, digest: str) -> ArtifactRecord | None:
+        """The whole stored artifact ``digest``, or None."""
+        row = self._run(lambda db: db.execute(
+            "SELECT digest, name, kind, manifest, torrent, origin_url, s3_endpoint, total_size, created"
+            " FROM artifacts WHERE digest = ?", (digest,)).fetchone())
+        if row is None:
+            return None
+        return ArtifactRecord(row[0], row[1], row[2], bytes(row[3]), bytes(row[4]), row[5], row[6], row[7], row[8])
+
+    def list(self, *, name: str | None = None, content_key: str | None = None, limit: int = 100,
+             after: str | None = None) -> tuple[list[dict], str | None]:
+        """One page of artifacts ordered by (name, digest), with their tags, and the next cursor."""
+        if not 1 <= limit <= MAX_LIST_LIMIT:
+            raise BadRequest(f"limit must be between 1 and {MAX_LIST_LIMIT}, got {limit}")
+        where, args = [], []
+        if name is not None:
+            where.append("name = ?")
+            args.append(name)
+        if content_key is not None:
+            where.append("content_key = ?")
+            args.append(content_key)
+        if after is not None:
+            where.append("(name, digest) > (?, ?)")
+            args.extend(decode_cursor(after))
+        sql = "SELECT digest, name, kind, total_size, created FROM artifacts"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY name, digest LIMIT ?"
+        args.append(limit + 1)
+
+        def read(db: sqlite3.Connection):
+            rows = db.execute(sql, args).fetchall()
+            page = rows[:limit]
+            tags: dict[str, list[str]] = {r[0]: [] for r in page}
+            if page:
+                marks = ",".join("?" * len(page))
+                for digest, tag in db.execute(
+                    f"SELECT digest, tag FROM tags WHERE digest IN ({marks}) ORDER BY tag", [r[0] for r in page]
+                ):
+                    tags[digest].append(tag)
+            return rows, page, tags
+
+        rows, page, tags = self._run(read)
+        items = [
+            {"digest": d, "name": n, "kind": k, "total_size": s, "created": c, "tags": tags[d]}
+            for d, n, k, s, c in page
+        ]
+        nxt = encode_cursor(page[-1][1], page[-1][0]) if len(rows) > limit else None
+        return items, nxt
+
+    def all_info_hashes(self) -> list[dict]:
+        """The ``info_hash`` object of every stored manifest (to rebuild the tracker allow-list)."""
+        rows = self._run(lambda db: db.execute("SELECT manifest FROM artifacts").fetchall())
+        return [json.loads(bytes(r[0]))["info_hash"] for r in rows]
