@@ -406,8 +406,11 @@ async def test_announce_and_scrape_end_to_end(client, art, origin):
     stats = await (await client.get("/v1/stats")).json()
     assert stats["announces"] == 6 and stats["swarms"] == 1
 
-    unknown = await bget(client, "/announce?" + announce_query(b"\x99" * 20, 1))
-    assert unknown[b"failure reason"].startswith(b"unknown info_hash " + (b"99" * 20))
+    # Bytes that a decoded-then-split query would mangle ('&', '=', '%', '+', NUL, non-UTF-8)
+    # must reach the tracker intact: the failure names exactly this hash.
+    nasty = bytes([0x26, 0x3D, 0x25, 0x2B, 0x00, 0xFF, 0xFE, 0x80]) + bytes(range(12))
+    unknown = await bget(client, "/announce?" + announce_query(nasty, 1))
+    assert unknown[b"failure reason"].startswith(b"unknown info_hash " + nasty.hex().encode())
     assert (await bget(client, "/scrape?" + announce_query(b"\x99" * 20, 0).split("&")[0])) == {b"files": {}}
 
 
@@ -485,6 +488,36 @@ async def test_real_libtorrent_clients_swarm_through_the_tracker(client, tmp_pat
         sessions.clear()
     # A clean stop leaves the swarm at once (no waiting for peer_ttl_s).
     assert (await (await client.get("/v1/stats")).json())["swarms"] == 0
+
+
+async def test_real_libtorrent_downloads_from_the_web_seed(client, tmp_path, art, origin):
+    """With no peer at all, a libtorrent client gets every byte through the BEP 19 web seed."""
+    upload(art, origin)
+    await publish(client, art, origin)
+    torrent = await (await client.get(f"/v1/artifacts/{art.digest}/torrent")).read()
+    async with RegistryClient(str(client.make_url("")), None) as reg:
+        webseed = reg.webseed_url(art.digest)
+    sessions = {"leech": lt.session({
+        "listen_interfaces": f"127.0.0.1:{free_port()}", "enable_dht": False, "enable_lsd": False,
+        "enable_upnp": False, "enable_natpmp": False, "alert_mask": 0, "stop_tracker_timeout": 1,
+    })}
+    leech_dir = tmp_path / "leech"
+    handle = sessions["leech"].add_torrent({"ti": lt.torrent_info(torrent), "save_path": str(leech_dir),
+                                            "url_seeds": [webseed]})
+    try:
+        deadline = time.monotonic() + 20
+        while not handle.status().is_seeding:
+            assert time.monotonic() < deadline, f"web seed download stuck at {handle.status().progress:.0%}"
+            await asyncio.sleep(0.1)
+        for path, data in art.data.items():
+            assert (leech_dir / "model" / path).read_bytes() == data
+        stats = await (await client.get("/v1/stats")).json()
+        assert stats["origin_bytes_served"] >= art.manifest.total_size and stats["origin_requests"] >= 2
+    finally:
+        sessions["leech"].remove_torrent(handle)
+        del handle
+        await asyncio.sleep(0.2)  # let the loop answer the "stopped" announce
+        sessions.clear()
 
 
 # -- durability ----------------------------------------------------------------------
