@@ -123,11 +123,17 @@ def error_body(exc: ModelcastError) -> dict:
     return {"error": {"code": exc.code, "message": str(exc)}}
 
 
-def from_error_body(body: object, http_status: int, fallback: str) -> ModelcastError:
-    """Rebuild the matching exception from an error body sent by a modelcast service."""
+def from_error_body(body: object, http_status: int, fallback: str, context: str | None = None) -> ModelcastError:
+    """Rebuild the matching exception from an error body sent by a modelcast service.
+
+    ``context`` (what the caller asked, e.g. "publish demo/m:v1") leads the message
+    unless the service already said it, so the user sees what failed and why.
+    """
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         code = str(body["error"].get("code", "error"))
         message = str(body["error"].get("message", fallback))
+        if context and context not in message:
+            message = f"{context}: {message}"
         cls = _BY_CODE.get(code)
         if cls is not None:
             return cls(message)

@@ -23,7 +23,7 @@ async def raise_for_answer(resp: aiohttp.ClientResponse, what: str) -> None:
         body: Any = json.loads(text)
     except ValueError:
         body = None
-    raise from_error_body(body, resp.status, f"{what}: HTTP {resp.status} {text[:200]}")
+    raise from_error_body(body, resp.status, f"{what}: HTTP {resp.status} {text[:200]}", context=what)
 
 
 class JsonClient:

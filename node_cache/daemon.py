@@ -428,4 +428,6 @@ def make_app(cfg: NodeConfig) -> web.Application:
 
 def serve(cfg: NodeConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    web.run_app(make_app(cfg), host=cfg.api_host, port=cfg.api_port, print=None, shutdown_timeout=2)
+    # No access log: clients poll pull status several times a second.
+    web.run_app(make_app(cfg), host=cfg.api_host, port=cfg.api_port, print=None, shutdown_timeout=2,
+                access_log=None)

@@ -15,7 +15,6 @@ from modelcast.manifest import canonical_json
 from modelcast.procs import ServiceProcess, free_port, modelcast_argv
 from node_cache.client import NodeClient
 
-from .conftest import S3_ENV
 from .helpers import TOKEN, make_model, metric, publish, registry_stats, run_cli, start_node, tree_hashes
 
 MiB = 1 << 20

@@ -5,6 +5,7 @@ the HTTP status of :mod:`modelcast.errors`; writes need ``Authorization: Bearer 
 when the registry has a token:
 
 ``GET  /v1/health``                         -> ``{"ok": true}``
+``POST /v1/auth/check``                     -> ``{"ok": true}`` if the token may write, else 401
 ``POST /v1/artifacts``                      body ``{"manifest": {...}, "torrent": "<base64>",
                                             "origin": {"url": "file:///..|s3://..", "s3_endpoint": null},
                                             "tag": "v1"|null}`` -> 201/200 ``{"digest", "name", "tag", "created": bool}``
@@ -33,6 +34,10 @@ class RegistryClient(JsonClient):
 
     async def health(self) -> dict:
         return await self.request("GET", "/v1/health", what="registry health")
+
+    async def check_write_access(self, what: str) -> None:
+        """Fail now with Unauthorized if this client's token may not write."""
+        await self.request("POST", "/v1/auth/check", what=what)
 
     async def publish(self, manifest: Manifest, torrent: bytes, origin_url: str,
                       s3_endpoint: str | None, tag: str | None) -> dict:

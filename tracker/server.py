@@ -205,6 +205,12 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
 
+async def check_token(request: web.Request) -> web.Response:
+    """``POST /v1/auth/check``: 200 if the bearer token may write, so a publisher fails before hashing."""
+    _check_auth(request)
+    return web.json_response({"ok": True})
+
+
 async def stats(request: web.Request) -> web.Response:
     """``GET /v1/stats``."""
     app = request.app
@@ -533,6 +539,7 @@ def make_app(cfg: TrackerConfig) -> web.Application:
     app.router.add_get("/v1/health", health)
     app.router.add_get("/v1/stats", stats)
     app.router.add_post("/v1/artifacts", publish)
+    app.router.add_post("/v1/auth/check", check_token)
     app.router.add_get("/v1/artifacts", list_artifacts)
     app.router.add_get("/v1/resolve", resolve)
     app.router.add_get("/v1/artifacts/{digest}", get_manifest)
