@@ -118,6 +118,10 @@ class NodeConfig:
     upload_limit: int = 0  # bytes/s, 0 = unlimited
     download_limit: int = 0
     peer_connections: int = 200
+    # One heartbeat per node keeps all its swarm entries alive; the tracker drops every
+    # entry of a node whose heartbeat is older than heartbeat_ttl_s (a node that died).
+    heartbeat_interval_s: float = 1.0
+    heartbeat_ttl_s: float = 3.0
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,8 @@ class NodeDaemon:
         self.registry = RegistryClient(cfg.registry, cfg.token)
         self._http: aiohttp.ClientSession | None = None
         self._pump_task: asyncio.Task | None = None
+        self._heartbeat_task: asyncio.Task | None = None
+        self.node_id = self.store.node_id()
 
     # ---- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -100,6 +102,7 @@ class NodeDaemon:
                                     download_limit=self.cfg.download_limit, connections=self.cfg.peer_connections)
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120, sock_read=30))
         self._pump_task = asyncio.create_task(self._pump())
+        self._heartbeat_task = asyncio.create_task(self._heartbeat())
         for digest in self.store.complete_digests():
             await self._adopt_complete(digest)
         log.info("node ready: zone %s, peers on %s:%s, %d artifacts in cache",
@@ -111,6 +114,13 @@ class NodeDaemon:
                 job.task.cancel()
         if self._pump_task:
             self._pump_task.cancel()
+        if self._heartbeat_task:
+            self._heartbeat_task.cancel()
+            try:
+                # Leave every swarm at once, before libtorrent's per-torrent "stopped" announces.
+                await self.registry.leave(self.node_id)
+            except ModelcastError as exc:
+                log.warning("could not tell the tracker this node leaves: %s", exc)
         if self.engine:
             await asyncio.to_thread(self.engine.close)
             self.engine = None
@@ -142,7 +152,20 @@ class NodeDaemon:
         self.jobs[digest] = PullJob(digest, manifest, state="ready", path=str(path), finished=time.time())
 
     def _trackers(self) -> list[str]:
-        return [self.registry.announce_url(self.cfg.zone)]
+        return [self.registry.announce_url(self.cfg.zone, self.node_id)]
+
+    async def _heartbeat(self) -> None:
+        """One heartbeat per node (not per torrent) keeps all its swarm entries alive."""
+        warned = False
+        while True:
+            try:
+                await self.registry.heartbeat(self.node_id, self.cfg.zone, self.cfg.heartbeat_ttl_s)
+                warned = False
+            except ModelcastError as exc:
+                if not warned:
+                    log.warning("heartbeat failed (will keep trying): %s", exc)
+                    warned = True
+            await asyncio.sleep(self.cfg.heartbeat_interval_s)
 
     # ---- pulls -----------------------------------------------------------------------
     async def resolve(self, ref_text: str) -> tuple[str, Manifest | None]:

@@ -48,7 +48,7 @@ class Store:
     def __init__(self, root: Path, verify_workers: int = 4):
         self.root = Path(root).resolve()
         self.verify_workers = verify_workers
-        for d in (self.artifacts_dir, self.meta_dir, self.partial_dir, self.tmp_dir):
+        for d in (self.artifacts_dir, self.meta_dir, self.partial_dir, self.tmp_dir, self.state_dir):
             d.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -66,6 +66,21 @@ class Store:
     @property
     def tmp_dir(self) -> Path:
         return self.root / "tmp"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    def node_id(self) -> str:
+        """This cache's stable node id (made once, kept in state/node_id)."""
+        path = self.state_dir / "node_id"
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            import secrets
+
+            self._write_atomic(path, secrets.token_hex(10).encode())
+            return path.read_text().strip()
 
     def artifact_path(self, digest: str) -> Path:
         return self.artifacts_dir / _hex(digest)

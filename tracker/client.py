@@ -15,7 +15,10 @@ when the registry has a token:
 ``GET  /v1/artifacts?name=&content_key=&limit=&after=`` -> ``{"artifacts": [...], "next": cursor|null}``
 ``GET  /v1/webseed/{digest}/{torrent_name}/{path}`` -> file bytes from the origin, HTTP Range (BEP 19)
 ``GET  /v1/stats``                          -> ``{"origin_bytes_served", "origin_requests", "announces", "swarms"}``
-``GET  /announce``, ``GET /scrape``         BitTorrent (BEP 3/23/48); extra query ``zone=`` on announce
+``GET  /announce``, ``GET /scrape``         BitTorrent (BEP 3/23/48); extra query ``zone=`` and ``node=`` on announce
+``POST /v1/nodes/{node_id}/heartbeat``      body ``{"zone": z, "ttl_s": 3.0}`` -> ``{"ok": true}``: keeps every swarm
+                                            entry announced with ``node=node_id`` alive for ``ttl_s`` more seconds
+``DELETE /v1/nodes/{node_id}``              the node leaves: its entries leave every swarm at once
 """
 
 from __future__ import annotations
@@ -87,5 +90,17 @@ class RegistryClient(JsonClient):
         # BEP 19: for a multi-file torrent the client appends "<name>/<path>".
         return f"{self.base_url}/v1/webseed/{digest}/"
 
-    def announce_url(self, zone: str | None = None) -> str:
-        return f"{self.base_url}/announce" + (f"?zone={quote(zone, safe='')}" if zone else "")
+    def announce_url(self, zone: str | None = None, node_id: str | None = None) -> str:
+        params = [f"zone={quote(zone, safe='')}"] if zone else []
+        if node_id:
+            params.append(f"node={quote(node_id, safe='')}")
+        return f"{self.base_url}/announce" + ("?" + "&".join(params) if params else "")
+
+    async def heartbeat(self, node_id: str, zone: str, ttl_s: float) -> dict:
+        return await self.request("POST", f"/v1/nodes/{quote(node_id, safe='')}/heartbeat",
+                                  json={"zone": zone, "ttl_s": ttl_s}, what=f"heartbeat of node {node_id}",
+                                  timeout_s=max(1.0, ttl_s))
+
+    async def leave(self, node_id: str) -> dict:
+        return await self.request("DELETE", f"/v1/nodes/{quote(node_id, safe='')}", what=f"leave of node {node_id}",
+                                  timeout_s=2.0)
