@@ -35,13 +35,13 @@ def scan(root: Path) -> list[ScannedFile]:
         validate_path(real_root.name)
         return [ScannedFile(real_root.name, real_root, real_root.stat().st_size)]
     files: list[ScannedFile] = []
-    seen_dirs: set[tuple[int, int]] = set()
 
-    def walk(directory: Path, rel: str) -> None:
+    def walk(directory: Path, rel: str, ancestors: frozenset = frozenset()) -> None:
         st = directory.stat()
-        if (st.st_dev, st.st_ino) in seen_dirs:
-            raise UnsafePath(f"{directory} is a link loop inside {root}")
-        seen_dirs.add((st.st_dev, st.st_ino))
+        here = (st.st_dev, st.st_ino)
+        if here in ancestors:
+            raise UnsafePath(f"{rel} is a link loop inside {root}")
+        ancestors = ancestors | {here}
         for entry in sorted(os.scandir(directory), key=lambda e: e.name):
             entry_rel = f"{rel}/{entry.name}" if rel else entry.name
             path = Path(entry.path)
@@ -54,7 +54,7 @@ def scan(root: Path) -> list[ScannedFile]:
                     raise UnsafePath(f"{entry_rel} is a link to {target}, outside the artifact {root}")
             mode = path.stat().st_mode
             if stat.S_ISDIR(mode):
-                walk(path, entry_rel)
+                walk(path, entry_rel, ancestors)
             elif stat.S_ISREG(mode):
                 validate_path(entry_rel)
                 files.append(ScannedFile(entry_rel, path, path.stat().st_size))
