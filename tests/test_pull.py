@@ -129,40 +129,85 @@ def _hostile_manifest(path: str, torrent_name: str = "m") -> bytes:
     })
 
 
+class HostileRegistry:
+    """A registry that serves whatever a test gives it: a liar the node must not trust."""
+
+    def __init__(self, manifest: bytes, torrent: bytes = b""):
+        self.manifest, self.torrent = manifest, torrent
+        self.digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+        self.url = ""
+
+    async def __aenter__(self):
+        async def resolve(request):
+            return web.json_response({"digest": self.digest, "name": "evil/m", "manifest": json.loads(self.manifest)})
+
+        async def manifest(request):
+            return web.Response(body=self.manifest, content_type="application/json")
+
+        async def torrent(request):
+            return web.Response(body=self.torrent, content_type="application/x-bittorrent")
+
+        async def ok(request):
+            return web.json_response({"ok": True})
+
+        app = web.Application()
+        app.router.add_get("/v1/resolve", resolve)
+        app.router.add_get(f"/v1/artifacts/{self.digest}", manifest)
+        app.router.add_get(f"/v1/artifacts/{self.digest}/torrent", torrent)
+        app.router.add_get("/v1/health", ok)
+        app.router.add_post("/v1/nodes/{node}/heartbeat", ok)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        port = free_port()
+        await web.TCPSite(self.runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.runner.cleanup()
+
+
+async def _pull_from(registry_url: str, tmp_path: Path, ref: str):
+    node = await asyncio.to_thread(start_node, tmp_path, registry_url, "victim")
+    try:
+        return node, await asyncio.to_thread(run_cli, "pull", ref, "--node", node.url)
+    finally:
+        await asyncio.to_thread(node.stop)
+
+
 @pytest.mark.parametrize("bad_path", ["../../escape.txt", "/etc/escape.txt", "a/../../escape.txt"])
 async def test_pull_rejects_unsafe_manifest_from_a_hostile_registry(bad_path, tmp_path):
     """A registry that serves a manifest escaping the artifact: the node refuses it, writes nothing."""
-    body = _hostile_manifest(bad_path)
-    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    async with HostileRegistry(_hostile_manifest(bad_path)) as registry:
+        node, out = await _pull_from(registry.url, tmp_path, "evil/m:v1")
+    assert out.returncode != 0
+    assert "evil/m:v1" in out.stderr and bad_path in out.stderr
+    assert not list(tmp_path.rglob("escape.txt"))
+    assert not list((node.cache / "artifacts").rglob("*.txt"))
 
-    async def resolve(request):
-        return web.json_response({"digest": digest, "name": "evil/m", "manifest": json.loads(body)})
 
-    async def manifest(request):
-        return web.Response(body=body, content_type="application/json")
+async def test_pull_rejects_a_torrent_holding_a_link(tmp_path):
+    """The manifest is clean but the torrent adds a link leaving the artifact: refused before download."""
+    import libtorrent as lt
+    import xxhash
 
-    async def health(request):
-        return web.json_response({"ok": True})
-
-    app = web.Application()
-    app.router.add_get("/v1/resolve", resolve)
-    app.router.add_get(f"/v1/artifacts/{digest}", manifest)
-    app.router.add_get("/v1/health", health)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    node = await asyncio.to_thread(start_node, tmp_path, f"http://127.0.0.1:{port}", "victim")
-    try:
-        out = await asyncio.to_thread(run_cli, "pull", "evil/m:v1", "--node", node.url)
-        assert out.returncode != 0
-        assert "evil/m:v1" in out.stderr and bad_path in out.stderr
-        assert not list(tmp_path.rglob("escape.txt"))
-        assert not list((node.cache / "artifacts").rglob("*.txt"))
-    finally:
-        await asyncio.to_thread(node.stop)
-        await runner.cleanup()
+    src = tmp_path / "src" / "m"
+    src.mkdir(parents=True)
+    (src / "a.bin").write_bytes(b"x" * 10)
+    entries = [lt.create_file_entry("m/a.bin", 10),
+               lt.create_file_entry("m/link", 0, lt.file_storage.flag_symlink, 0, "../../../etc/passwd")]
+    ct = lt.create_torrent(entries, 262144, lt.create_torrent.symlinks)
+    ct.set_priv(True)
+    lt.set_piece_hashes(ct, str(src.parent))
+    torrent = lt.bencode(ct.generate())
+    ih = lt.torrent_info(torrent).info_hashes()
+    body = json.loads(_hostile_manifest("a.bin"))
+    body["files"][0]["xxh3_128"] = xxhash.xxh3_128_hexdigest(b"x" * 10)
+    body["info_hash"] = {"v1": str(ih.v1), "v2": str(ih.v2)}
+    async with HostileRegistry(canonical_json(body), torrent) as registry:
+        node, out = await _pull_from(registry.url, tmp_path, "evil/m:v1")
+    assert out.returncode != 0 and "link" in out.stderr and "evil/m" in out.stderr, out.stderr
+    assert not list((node.cache / "artifacts" / "sha256").iterdir())
 
 
 def test_registry_restart_keeps_everything_and_warm_pull_is_instant(tracker, nodes, tmp_path):
