@@ -32,7 +32,8 @@ from .store import Store
 
 log = logging.getLogger("modelcast.node")
 
-ORIGIN_PARALLEL = 4  # pieces fetched from the origin at once by one node
+ORIGIN_PARALLEL = 4  # origin requests in flight at once per node
+ORIGIN_RUN_BYTES = 8 << 20  # a node with no peers asks the origin for up to this much per request
 STALL_S = 5.0  # without progress for this long, fetch from the origin even what peers claim to have
 REMOVE_TIMEOUT_S = 10.0
 
@@ -278,10 +279,19 @@ class NodeDaemon:
         job.download_rate, job.upload_rate, job.peers = p.download_rate, p.upload_rate, p.peers
 
     async def _origin_fill(self, job: PullJob, spans: list[PieceSpan]) -> None:
-        """Fetch from the origin the pieces that no connected peer can give us."""
-        await asyncio.sleep(self.cfg.webseed_grace_s)
+        """Fetch from the origin the pieces that no connected peer can give us.
+
+        Alone (no peer connected) a node asks for runs of consecutive pieces in one range
+        request, which is what makes a cold pull fast; in a swarm it asks one piece at a
+        time, at random among those nobody has, so nodes rarely fetch the same piece.
+        """
+        # Give peers a moment to connect and show what they have, unless the tracker
+        # already said nobody else is in the swarm.
+        grace_end = time.monotonic() + self.cfg.webseed_grace_s
+        while time.monotonic() < grace_end and self.engine.tracker_peers(job.digest) != 0:
+            await asyncio.sleep(0.02)
         base = self.registry.webseed_url(job.digest)
-        in_flight: dict[int, asyncio.Task] = {}
+        claimed: dict[int, asyncio.Task] = {}  # piece -> the fetch that covers it
         fetched_at: dict[int, float] = {}
         last_done, last_change = -1, time.monotonic()
         rng = random.Random()
@@ -291,48 +301,72 @@ class NodeDaemon:
             if p and p.done_bytes != last_done:
                 last_done, last_change = p.done_bytes, now
             stalled = now - last_change > STALL_S
+            alone = p is not None and p.peers == 0
             missing, avail, queued = self.engine.missing_pieces(job.digest)
             # A fetched piece is hash-checked by libtorrent before it counts as ours;
             # don't fetch it again in that window (unless the check failed long ago).
-            candidates = [i for i in missing if i not in in_flight and now - fetched_at.get(i, -1e9) > 5
-                          and (stalled or (avail[i] == 0 and i not in queued))]
-            while candidates and len(in_flight) < ORIGIN_PARALLEL:
-                piece = candidates.pop(rng.randrange(len(candidates)))
-                in_flight[piece] = asyncio.create_task(self._fetch_piece(job, base, spans[piece]))
-            if in_flight:
-                done, _ = await asyncio.wait(in_flight.values(), timeout=0.05, return_when=asyncio.FIRST_COMPLETED)
-                for piece, task in list(in_flight.items()):
+            wanted = {i for i in missing if i not in claimed and now - fetched_at.get(i, -1e9) > 5
+                      and (stalled or (avail[i] == 0 and i not in queued))}
+            candidates = sorted(wanted)
+            run_limit = ORIGIN_RUN_BYTES if alone else 1
+            while candidates and len(set(claimed.values())) < ORIGIN_PARALLEL:
+                first = candidates[rng.randrange(len(candidates))]
+                run = [spans[first]]
+                size = spans[first].size
+                while size < run_limit:
+                    nxt = run[-1].piece + 1
+                    if (nxt not in wanted or nxt >= len(spans) or spans[nxt].path != run[-1].path
+                            or spans[nxt].file_offset != run[-1].file_offset + run[-1].length):
+                        break
+                    run.append(spans[nxt])
+                    size += spans[nxt].size
+                task = asyncio.create_task(self._fetch_run(job, base, run))
+                for span in run:
+                    claimed[span.piece] = task
+                    wanted.discard(span.piece)
+                candidates = sorted(wanted)
+            tasks = set(claimed.values())
+            if tasks:
+                await asyncio.wait(tasks, timeout=0.05, return_when=asyncio.FIRST_COMPLETED)
+                failed = False
+                for piece, task in list(claimed.items()):
                     if task.done():
-                        del in_flight[piece]
+                        del claimed[piece]
                         fetched_at[piece] = time.monotonic()
-                        if task.exception():
-                            log.warning("origin fetch of piece %d failed: %s", piece, task.exception())
-                            await asyncio.sleep(0.5)
+                        failed |= task.exception() is not None
+                if failed:
+                    log.warning("origin fetch failed: %s", next(t.exception() for t in tasks if t.done() and t.exception()))
+                    await asyncio.sleep(0.5)
             else:
                 await asyncio.sleep(0.05)
-        for task in in_flight.values():
+        for task in set(claimed.values()):
             task.cancel()
 
-    async def _fetch_piece(self, job: PullJob, base: str, span: PieceSpan) -> None:
-        url = base + "/".join(aiohttp.helpers.quote(part, safe="") for part in span.path.split("/"))
-        headers = {"Range": f"bytes={span.file_offset}-{span.file_offset + span.length - 1}",
-                   **bearer(self.cfg.token)}
+    async def _fetch_run(self, job: PullJob, base: str, run: list[PieceSpan]) -> None:
+        """Fetch consecutive pieces of one file with one range request and hand them to libtorrent."""
+        first, last = run[0], run[-1]
+        start, end = first.file_offset, last.file_offset + last.length - 1
+        url = base + "/".join(aiohttp.helpers.quote(part, safe="") for part in first.path.split("/"))
+        headers = {"Range": f"bytes={start}-{end}", **bearer(self.cfg.token)}
         try:
             async with self._http.get(url, headers=headers) as resp:
                 if resp.status not in (200, 206):
-                    raise Unreachable(f"origin answered HTTP {resp.status} for {span.path}")
+                    raise Unreachable(f"origin answered HTTP {resp.status} for {first.path}")
                 data = await resp.read()
         except aiohttp.ClientError as exc:
-            raise Unreachable(f"origin fetch of {span.path} failed: {exc}") from exc
+            raise Unreachable(f"origin fetch of {first.path} failed: {exc}") from exc
         if resp.status == 200:
-            data = data[span.file_offset:span.file_offset + span.length]
-        if len(data) != span.length:
-            raise Unreachable(f"origin sent {len(data)} bytes of {span.path}, expected {span.length}")
+            data = data[start:end + 1]
+        if len(data) != end - start + 1:
+            raise Unreachable(f"origin sent {len(data)} bytes of {first.path}, expected {end - start + 1}")
         job.bytes_from_origin += len(data)
         self.metrics.bytes_from_origin += len(data)
-        if len(data) < span.size:
-            data += bytes(span.size - len(data))
-        self.engine.add_piece(job.digest, span.piece, data)
+        view = memoryview(data)
+        for span in run:
+            piece = bytes(view[span.file_offset - start: span.file_offset - start + span.length])
+            if len(piece) < span.size:
+                piece += bytes(span.size - len(piece))  # the pad file's zeros
+            self.engine.add_piece(job.digest, span.piece, piece)
 
     # ---- views -------------------------------------------------------------------------
     def cache_bytes(self) -> int:

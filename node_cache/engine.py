@@ -121,7 +121,8 @@ class TorrentEngine:
             "unchoke_slots_limit": -1 if upload_limit == 0 else 16,
             "upload_rate_limit": upload_limit,
             "download_rate_limit": download_limit,
-            "alert_mask": lt.alert_category.error | lt.alert_category.status | lt.alert_category.storage,
+            "alert_mask": (lt.alert_category.error | lt.alert_category.status | lt.alert_category.storage
+                           | lt.alert_category.tracker),
             "alert_queue_size": 10000,
             "aio_threads": 4,
             "hashing_threads": 2,
@@ -145,6 +146,7 @@ class TorrentEngine:
         self._removing: dict[str, str] = {}
         self._errors: dict[str, str] = {}
         self._finished: set[str] = set()
+        self._tracker_peers: dict[str, int] = {}  # peers in the last tracker reply, per digest
 
     @property
     def listen_port(self) -> int:
@@ -179,6 +181,7 @@ class TorrentEngine:
         self._handles[digest] = handle
         self._by_hash[str(handle.info_hashes().get_best())] = digest
         self._errors.pop(digest, None)
+        self._tracker_peers.pop(digest, None)
         self._finished.discard(digest)
         self._removed.discard(digest)
 
@@ -212,6 +215,8 @@ class TorrentEngine:
             digest = self._digest_of(alert)
             if isinstance(alert, lt.torrent_finished_alert) and digest:
                 self._finished.add(digest)
+            elif isinstance(alert, lt.tracker_reply_alert) and digest:
+                self._tracker_peers[digest] = int(alert.num_peers)
             elif isinstance(alert, (lt.torrent_error_alert, lt.file_error_alert)) and digest:
                 self._errors[digest] = alert.message()
                 log.warning("torrent %s: %s", digest, alert.message())
@@ -225,6 +230,10 @@ class TorrentEngine:
         if handle is None or not handle.is_valid():
             return None
         return self._by_hash.get(str(handle.info_hashes().get_best()))
+
+    def tracker_peers(self, digest: str) -> int | None:
+        """Peers the tracker handed out in its last reply (None before any reply)."""
+        return self._tracker_peers.get(digest)
 
     def finished(self, digest: str) -> bool:
         return digest in self._finished
