@@ -46,9 +46,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotation", action="append", default=[], metavar="KEY=VALUE")
     _client_args(p, registry=True, token=True)
 
-    p = sub.add_parser("node", help="run the node cache daemon")
+    p = sub.add_parser("node", help="run the node cache daemon, or manage one (pin, unpin, ls, status, verify)")
+    actions = p.add_subparsers(dest="node_action", metavar="[ACTION]")
+    a = actions.add_parser("pin", help="pin an artifact so eviction never removes it")
+    a.add_argument("ref")
+    a.add_argument("--holder", default="cli", help="who holds the pin (each holder unpins its own)")
+    _client_args(a, node=True)
+    a = actions.add_parser("unpin", help="remove a pin")
+    a.add_argument("ref")
+    a.add_argument("--holder", help="remove only this holder's pin (default: all pins)")
+    _client_args(a, node=True)
+    a = actions.add_parser("ls", help="list the node's artifacts")
+    a.add_argument("--pinned", action="store_true", help="only pinned artifacts")
+    a.add_argument("--json", action="store_true")
+    _client_args(a, node=True)
+    a = actions.add_parser("status", help="live table of artifacts, progress and rates")
+    a.add_argument("--once", action="store_true", help="print the table once and exit")
+    a.add_argument("--interval", type=float, default=0.5)
+    _client_args(a, node=True)
+    a = actions.add_parser("verify", help="re-hash artifacts (all, or one) and repair what fails")
+    a.add_argument("ref", nargs="?")
+    _client_args(a, node=True)
     p.add_argument("--registry", help="registry URL (env MODELCAST_REGISTRY)")
-    p.add_argument("--cache", required=True, type=Path, help="cache directory")
+    p.add_argument("--cache", type=Path, help="cache directory (required to run the daemon)")
+    p.add_argument("--quota", default="0", help="cache quota (e.g. 50G); least recently used artifacts are "
+                                                 "evicted to stay under it, 0 = none")
     p.add_argument("--api", default="127.0.0.1:7071", help="HOST:PORT of the local HTTP API")
     p.add_argument("--peer-listen", default="127.0.0.1:6881", help="HOST:PORT for BitTorrent peers")
     p.add_argument("--zone", default="default")
@@ -110,15 +132,21 @@ def cmd_publish(args) -> int:
 
 
 def cmd_node(args) -> int:
+    if args.node_action:
+        from node_cache.admin import run_action
+
+        return run_action(args, ClientConfig.from_env(node=args.node).node)
     from node_cache.daemon import serve
 
+    if args.cache is None:
+        raise ModelcastError("modelcast node needs --cache DIR to run the daemon")
     client = ClientConfig.from_env(registry=args.registry, token=args.token)
     api_host, api_port = parse_hostport(args.api, what="--api")
     peer_host, peer_port = parse_hostport(args.peer_listen, what="--peer-listen")
     serve(NodeConfig(registry=client.registry, cache_dir=args.cache, api_host=api_host, api_port=api_port,
                      peer_host=peer_host, peer_port=peer_port, zone=args.zone, token=client.token,
                      upload_limit=parse_size(args.upload_limit), download_limit=parse_size(args.download_limit),
-                     webseed_grace_s=args.webseed_grace))
+                     webseed_grace_s=args.webseed_grace, quota=parse_size(args.quota)))
     return 0
 
 

@@ -122,6 +122,7 @@ class NodeConfig:
     # entry of a node whose heartbeat is older than heartbeat_ttl_s (a node that died).
     heartbeat_interval_s: float = 1.0
     heartbeat_ttl_s: float = 3.0
+    quota: int = 0  # bytes; 0 = no quota
 
 
 @dataclass(frozen=True)

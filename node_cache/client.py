@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import quote
 
 from modelcast.errors import PullFailed, from_error_body
 from modelcast.http import JsonClient
@@ -24,7 +25,25 @@ class NodeClient(JsonClient):
         return await self.request("GET", f"/v1/pulls/{digest}", what=f"status of {digest}")
 
     async def artifacts(self) -> list[dict]:
-        return (await self.request("GET", "/v1/artifacts", what="list node artifacts"))["artifacts"]
+        return (await self.listing())["artifacts"]
+
+    async def listing(self) -> dict:
+        return await self.request("GET", "/v1/artifacts", what="list node artifacts")
+
+    async def resolve(self, ref: str) -> str:
+        answer = await self.request("GET", f"/v1/resolve?ref={quote(ref, safe='')}", what=f"resolve {ref}")
+        return answer["digest"]
+
+    async def pin(self, ref: str, holder: str = "user") -> dict:
+        return await self.request("POST", "/v1/pins", json={"ref": ref, "holder": holder}, what=f"pin {ref}")
+
+    async def unpin(self, digest: str, holder: str | None = None) -> dict:
+        query = f"?holder={quote(holder, safe='')}" if holder else ""
+        return await self.request("DELETE", f"/v1/pins/{digest}{query}", what=f"unpin {digest}")
+
+    async def verify(self, digest: str | None = None) -> dict:
+        path = f"/v1/artifacts/{digest}/verify" if digest else "/v1/verify"
+        return await self.request("POST", path, what=f"verify {digest or 'all artifacts'}", timeout_s=None)
 
 
 async def pull_with_progress(node_url: str, ref: str, *, wait: bool = True, progress: bool = False,

@@ -4,17 +4,20 @@ Origin policy: a node fetches a piece from the origin (the registry's BEP 19 web
 endpoint) only when no connected peer has it and nobody is sending it to us, choosing at
 random among such pieces.  Nodes that pull together thus split the first copy between
 them instead of each taking a whole copy from the origin.
+
+Trust: an artifact is complete only once every file matched its xxh3 and it was renamed
+into place (LAYOUT.md).  After a crash, partial downloads are re-checked piece by piece
+(resume data may be stale); after a clean stop, the resume data written at stop is used.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -24,6 +27,7 @@ from modelcast.errors import (ArtifactNotFound, BadRequest, IntegrityError, Inva
                               PullFailed, Unreachable, error_body)
 from modelcast.http import bearer
 from modelcast.manifest import Manifest
+from modelcast.progress import human_bytes
 from modelcast.reference import Reference
 from tracker.client import RegistryClient
 
@@ -36,11 +40,47 @@ ORIGIN_PARALLEL = 4  # origin requests in flight at once per node
 ORIGIN_RUN_BYTES = 8 << 20  # a node with no peers asks the origin for up to this much per request
 STALL_S = 5.0  # without progress for this long, fetch from the origin even what peers claim to have
 REMOVE_TIMEOUT_S = 10.0
+PERSIST_INTERVAL_S = 1.0  # resume data and LRU order are saved this often
+CLEAN_STOP_MARKER = "clean_stop"
+PULL_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800)
+
+
+class DiskFull(PullFailed):
+    """The cache's filesystem filled up during a download."""
+
+    code = "disk_full"
+    http_status = 507
+
+
+class QuotaExceeded(PullFailed):
+    """The artifact cannot fit in the cache quota even after evicting all it may."""
+
+    code = "quota_exceeded"
+    http_status = 507
+
+
+class TokenBucket:
+    """Bytes-per-second limit for origin fetches (libtorrent limits peer traffic itself)."""
+
+    def __init__(self, rate: int):
+        self.rate = rate
+        self.tokens = float(rate) / 10
+        self.stamp = time.monotonic()
+
+    async def take(self, n: int) -> None:
+        while True:
+            now = time.monotonic()
+            self.tokens = min(self.rate / 4, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+            if self.tokens >= n or self.tokens >= self.rate / 4:
+                self.tokens -= n
+                return
+            await asyncio.sleep((n - self.tokens) / self.rate)
 
 
 @dataclass
 class PullJob:
-    """One artifact on this node: being pulled, verified, or ready."""
+    """One artifact on this node: being pulled, verified, repaired, or ready."""
 
     digest: str
     manifest: Manifest
@@ -56,17 +96,25 @@ class PullJob:
     peers: int = 0
     error: ModelcastError | None = None
     task: asyncio.Task | None = None
-    waiters: int = 0
+    repairing: bool = False
 
-    def to_json(self) -> dict:
+    @property
+    def busy(self) -> bool:
+        """Being pulled, verified or repaired: "in use", never evicted."""
+        return self.task is not None and not self.task.done()
+
+    def to_json(self, pins: dict[str, set[str]] | None = None, last_used: float | None = None) -> dict:
         total = self.manifest.total_size
         return {
-            "digest": self.digest, "name": self.manifest.name, "state": self.state, "path": self.path,
-            "total_bytes": total, "done_bytes": total if self.state == "ready" else self.done_bytes,
+            "digest": self.digest, "name": self.manifest.name, "kind": self.manifest.kind, "state": self.state,
+            "path": self.path, "total_bytes": total,
+            "done_bytes": total if self.state == "ready" else self.done_bytes,
             "bytes_from_peers": self.bytes_from_peers, "bytes_from_origin": self.bytes_from_origin,
             "download_rate": self.download_rate, "upload_rate": self.upload_rate, "peers": self.peers,
             "started": self.started, "finished": self.finished,
             "seconds": (self.finished - self.started) if self.finished else None,
+            "pinned_by": sorted((pins or {}).get(self.digest, ())), "last_used": last_used,
+            "repairing": self.repairing,
             "error": None if self.error is None else {"code": self.error.code, "message": str(self.error)},
         }
 
@@ -77,8 +125,19 @@ class Metrics:
         self.bytes_from_origin = 0
         self.pulls = {"ready": 0, "failed": 0}
         self.pull_seconds_sum = 0.0
+        self.pull_buckets = [0] * len(PULL_BUCKETS)
         self.verify_failures = 0
         self.verified_bytes = 0  # bytes re-hashed with xxh3 (full verification only)
+        self.evictions = 0
+        self.evicted_bytes = 0
+        self.repairs = 0
+
+    def observe_pull(self, seconds: float, ok: bool) -> None:
+        self.pulls["ready" if ok else "failed"] += 1
+        self.pull_seconds_sum += seconds
+        for i, bound in enumerate(PULL_BUCKETS):
+            if seconds <= bound:
+                self.pull_buckets[i] += 1
 
 
 class NodeDaemon:
@@ -92,42 +151,77 @@ class NodeDaemon:
         self.tags: dict[str, str] = {}  # last resolution of each name:tag, for when the registry is down
         self.metrics = Metrics()
         self.registry = RegistryClient(cfg.registry, cfg.token)
+        self.pins: dict[str, set[str]] = {d: set(h) for d, h in self.store.load_pins().items()}
+        self.last_used: dict[str, float] = self.store.load_last_used()
+        self._last_used_dirty = False
         self._http: aiohttp.ClientSession | None = None
-        self._pump_task: asyncio.Task | None = None
-        self._heartbeat_task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._origin_bucket = TokenBucket(cfg.download_limit) if cfg.download_limit else None
+        self._space_lock = asyncio.Lock()
         self.node_id = self.store.node_id()
 
     # ---- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
+        marker = self.store.state_dir / CLEAN_STOP_MARKER
+        clean = marker.exists()
+        marker.unlink(missing_ok=True)
         self.engine = TorrentEngine(self.cfg.peer_host, self.cfg.peer_port, upload_limit=self.cfg.upload_limit,
                                     download_limit=self.cfg.download_limit, connections=self.cfg.peer_connections)
-        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120, sock_read=30))
-        self._pump_task = asyncio.create_task(self._pump())
-        self._heartbeat_task = asyncio.create_task(self._heartbeat())
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300, sock_read=30))
+        self._tasks = [asyncio.create_task(self._pump()), asyncio.create_task(self._heartbeat()),
+                       asyncio.create_task(self._persist())]
+        await asyncio.to_thread(self.store.empty_trash)
         for digest in self.store.complete_digests():
             await self._adopt_complete(digest)
-        log.info("node ready: zone %s, peers on %s:%s, %d artifacts in cache",
-                 self.cfg.zone, self.cfg.peer_host, self.engine.listen_port, len(self.jobs))
+        resumed = 0
+        for digest in self.store.partial_digests():
+            if digest in self.jobs:
+                continue
+            try:
+                manifest, _ = await asyncio.to_thread(self.store.load_meta, digest)
+            except (OSError, ModelcastError):
+                log.warning("dropping partial download %s: its manifest is missing or bad", digest)
+                await asyncio.to_thread(self.store.remove_tree, self.store.partial_path(digest))
+                continue
+            if not clean:
+                # Resume data may be older than what is on disk: re-check the pieces instead,
+                # which keeps every verified piece and fetches nothing twice.
+                await asyncio.to_thread(self.store.drop_resume, digest)
+            self._start_job(PullJob(digest, manifest))
+            resumed += 1
+        log.info("node %s ready: zone %s, peers on %s:%s, %d artifacts in cache, %d downloads resumed (%s stop)",
+                 self.node_id, self.cfg.zone, self.cfg.peer_host, self.engine.listen_port,
+                 sum(j.state == "ready" for j in self.jobs.values()), resumed, "clean" if clean else "unclean")
 
     async def stop(self) -> None:
+        """Save resume data, leave every swarm, stop; within a few seconds."""
+        active = [d for d, j in self.jobs.items() if j.busy and self.engine.has(d)]
+        if active:
+            for d in active:
+                self.engine.request_resume_data(d)
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline and not all(d in self.engine.resume_data for d in active):
+                self.engine.pump()
+                await asyncio.sleep(0.02)
+            self._save_resume_data()
         for job in self.jobs.values():
             if job.task and not job.task.done():
                 job.task.cancel()
-        if self._pump_task:
-            self._pump_task.cancel()
-        if self._heartbeat_task:
-            self._heartbeat_task.cancel()
-            try:
-                # Leave every swarm at once, before libtorrent's per-torrent "stopped" announces.
-                await self.registry.leave(self.node_id)
-            except ModelcastError as exc:
-                log.warning("could not tell the tracker this node leaves: %s", exc)
+        for task in self._tasks:
+            task.cancel()
+        try:
+            # Leave every swarm at once, before libtorrent's per-torrent "stopped" announces.
+            await self.registry.leave(self.node_id)
+        except ModelcastError as exc:
+            log.warning("could not tell the tracker this node leaves: %s", exc)
         if self.engine:
             await asyncio.to_thread(self.engine.close)
             self.engine = None
         if self._http:
             await self._http.close()
         await self.registry.close()
+        await asyncio.to_thread(self.store.save_last_used, self.last_used)
+        (self.store.state_dir / CLEAN_STOP_MARKER).write_text(str(time.time()))
 
     async def _pump(self) -> None:
         while True:
@@ -137,23 +231,27 @@ class NodeDaemon:
                 log.exception("alert pump")
             await asyncio.sleep(0.05)
 
-    async def _adopt_complete(self, digest: str) -> None:
-        """Seed an artifact found complete at start-up, after a cheap size check only."""
-        try:
-            manifest, torrent = await asyncio.to_thread(self.store.load_meta, digest)
-            path = self.store.artifact_path(digest)
-            await asyncio.to_thread(self.store.verify_tree, path, manifest, full=False)
-            ti = check_torrent(torrent, manifest)
-        except (OSError, ModelcastError) as exc:
-            log.warning("cached artifact %s failed its start-up check (%s); it will be pulled again", digest, exc)
-            self.metrics.verify_failures += 1
-            await asyncio.to_thread(self.store.remove_tree, self.store.artifact_path(digest))
-            return
-        self.engine.add(digest, ti, manifest, str(path), trackers=self._trackers(), seed=True)
-        self.jobs[digest] = PullJob(digest, manifest, state="ready", path=str(path), finished=time.time())
+    async def _persist(self) -> None:
+        """Save resume data of active downloads and the LRU order, every second."""
+        while True:
+            await asyncio.sleep(PERSIST_INTERVAL_S)
+            try:
+                for digest, job in list(self.jobs.items()):
+                    if job.busy and job.state == "downloading":
+                        self.engine.request_resume_data(digest)
+                self._save_resume_data()
+                if self._last_used_dirty:
+                    self._last_used_dirty = False
+                    await asyncio.to_thread(self.store.save_last_used, dict(self.last_used))
+            except Exception:
+                log.exception("saving state")
 
-    def _trackers(self) -> list[str]:
-        return [self.registry.announce_url(self.cfg.zone, self.node_id)]
+    def _save_resume_data(self) -> None:
+        for digest, data in list(self.engine.resume_data.items()):
+            self.engine.resume_data.pop(digest, None)
+            job = self.jobs.get(digest)
+            if job is not None and job.state == "downloading":
+                self.store.save_resume(digest, data)
 
     async def _heartbeat(self) -> None:
         """One heartbeat per node (not per torrent) keeps all its swarm entries alive."""
@@ -168,13 +266,38 @@ class NodeDaemon:
                     warned = True
             await asyncio.sleep(self.cfg.heartbeat_interval_s)
 
+    def _trackers(self) -> list[str]:
+        return [self.registry.announce_url(self.cfg.zone, self.node_id)]
+
+    async def _adopt_complete(self, digest: str) -> None:
+        """Seed an artifact found complete at start-up after a cheap check (sizes, mtimes).
+
+        A file whose size or mtime changed since it was verified gets a full xxh3 check
+        and, if it fails, a repair from the swarm; nothing is re-hashed otherwise.
+        """
+        try:
+            manifest, torrent = await asyncio.to_thread(self.store.load_meta, digest)
+            ti = check_torrent(torrent, manifest)
+        except (OSError, ModelcastError) as exc:
+            log.warning("cached artifact %s has no usable meta (%s); removing it", digest, exc)
+            await asyncio.to_thread(self.store.evict, digest)
+            return
+        path = self.store.artifact_path(digest)
+        job = PullJob(digest, manifest, state="ready", path=str(path), finished=time.time())
+        self.jobs[digest] = job
+        if await asyncio.to_thread(self.store.stamps_match, digest, manifest):
+            self.engine.add(digest, ti, manifest, str(path), trackers=self._trackers(), seed=True)
+            return
+        log.warning("%s (%s) changed on disk since it was verified; checking every file", manifest.name, digest)
+        await self.verify(digest)
+
     # ---- pulls -----------------------------------------------------------------------
-    async def resolve(self, ref_text: str) -> tuple[str, Manifest | None]:
-        """Resolve a reference to a digest; a digest already complete needs no registry."""
+    async def resolve(self, ref_text: str) -> tuple[str, Manifest]:
+        """Resolve a reference to a digest; a digest this node holds needs no registry."""
         ref = Reference.parse(ref_text)
         if ref.digest:
             job = self.jobs.get(ref.digest)
-            if job and (ref.name is None or job.manifest.name == ref.name) and job.state != "failed":
+            if job and (ref.name is None or job.manifest.name == ref.name):
                 return ref.digest, job.manifest
         try:
             digest, manifest = await self.registry.resolve(ref_text)
@@ -190,71 +313,144 @@ class NodeDaemon:
             self.tags[ref_text] = digest
         return digest, manifest
 
-    async def pull(self, ref_text: str) -> PullJob:
+    def touch(self, digest: str) -> None:
+        self.last_used[digest] = time.time()
+        self._last_used_dirty = True
+
+    async def pull(self, ref_text: str, pin: str | None = None) -> PullJob:
         """Start (or join) the pull of ``ref_text``; concurrent pulls share one download."""
         digest, manifest = await self.resolve(ref_text)
+        if pin:
+            self.pin(digest, pin)
+        self.touch(digest)
         job = self.jobs.get(digest)
         if job is not None and job.state != "failed":
             return job
-        job = PullJob(digest, manifest)
-        self.jobs[digest] = job
+        return self._start_job(PullJob(digest, manifest))
+
+    def _start_job(self, job: PullJob) -> PullJob:
+        self.jobs[job.digest] = job
         job.task = asyncio.create_task(self._run_pull(job))
         return job
 
     async def _run_pull(self, job: PullJob) -> None:
+        ok = False
         try:
             await self._download(job)
-            job.state = "ready"
-            self.metrics.pulls["ready"] += 1
+            job.state, job.error, ok = "ready", None, True
         except asyncio.CancelledError:
             job.state, job.error = "failed", PullFailed(f"pull of {job.manifest.name} ({job.digest}) was cancelled")
             raise
         except ModelcastError as exc:
             job.state, job.error = "failed", exc
-            self.metrics.pulls["failed"] += 1
             log.error("pull of %s failed: %s", job.digest, exc)
         except Exception as exc:  # keep the daemon alive; report the failure to the caller
             log.exception("pull of %s failed", job.digest)
             job.state, job.error = "failed", PullFailed(f"pull of {job.digest} failed: {exc}")
-            self.metrics.pulls["failed"] += 1
         finally:
+            job.repairing = False
             job.finished = time.time()
-            self.metrics.pull_seconds_sum += job.finished - job.started
+            self.metrics.observe_pull(job.finished - job.started, ok)
+
+    def used_bytes(self, exclude: str | None = None) -> int:
+        """Bytes held or promised: complete artifacts plus downloads under way."""
+        return sum(j.manifest.total_size for d, j in self.jobs.items()
+                   if d != exclude and (j.state == "ready" or j.busy))
+
+    def eviction_plan(self, need: int, exclude: str) -> list[str]:
+        """Least recently used artifacts to delete to free ``need`` bytes; never pinned or busy ones."""
+        candidates = sorted((d for d, j in self.jobs.items()
+                             if d != exclude and j.state == "ready" and not j.busy and not self.pins.get(d)),
+                            key=lambda d: self.last_used.get(d, 0.0))
+        plan, freed = [], 0
+        for d in candidates:
+            if freed >= need:
+                break
+            plan.append(d)
+            freed += self.jobs[d].manifest.total_size
+        return plan if freed >= need else []
+
+    async def _make_room(self, job: PullJob) -> None:
+        """Fit ``job`` in the quota, evicting LRU artifacts if needed, or fail at once with the sizes."""
+        size = job.manifest.total_size
+        async with self._space_lock:
+            if self.cfg.quota:
+                used = self.used_bytes(exclude=job.digest)
+                need = used + size - self.cfg.quota
+                if need > 0:
+                    plan = self.eviction_plan(need, job.digest)
+                    if not plan:
+                        pinned = sum(self.jobs[d].manifest.total_size for d in self.pins if d in self.jobs
+                                     and self.jobs[d].state == "ready")
+                        evictable = sum(j.manifest.total_size for d, j in self.jobs.items() if d != job.digest
+                                        and j.state == "ready" and not j.busy and not self.pins.get(d))
+                        raise QuotaExceeded(
+                            f"{job.manifest.name} needs {human_bytes(size)} but the cache quota of "
+                            f"{human_bytes(self.cfg.quota)} leaves {human_bytes(self.cfg.quota - used + evictable)} "
+                            f"even after evicting everything not pinned or in use ({human_bytes(pinned)} pinned); "
+                            "raise --quota or unpin something (modelcast node ls)")
+                    for d in plan:
+                        await self._evict(d)
+            on_disk = sum(f.size for f in job.manifest.files
+                          if (self.store.partial_path(job.digest) / f.path).exists())
+            free = await asyncio.to_thread(self.store.disk_free)
+            if size - on_disk > free:
+                raise DiskFull(f"{job.manifest.name} needs {human_bytes(size - on_disk)} more but the filesystem of "
+                               f"{self.store.root} has {human_bytes(free)} free; free space or lower the quota")
+
+    async def _evict(self, digest: str) -> None:
+        job = self.jobs.pop(digest)
+        if self.engine.has(digest):
+            self.engine.remove(digest)
+            await self._wait_removed(digest)
+        await asyncio.to_thread(self.store.evict, digest)
+        self.last_used.pop(digest, None)
+        self.metrics.evictions += 1
+        self.metrics.evicted_bytes += job.manifest.total_size
+        log.info("evicted %s (%s, %s) to make room", job.manifest.name, digest, human_bytes(job.manifest.total_size))
+
+    async def _wait_removed(self, digest: str) -> None:
+        deadline = time.monotonic() + REMOVE_TIMEOUT_S
+        while not self.engine.removed(digest) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
     async def _download(self, job: PullJob) -> None:
         digest, manifest, engine = job.digest, job.manifest, self.engine
         if self.store.is_complete(digest):
-            await self._adopt_complete(digest)
-            if digest in self.jobs and self.jobs[digest].state == "ready":
-                job.path = self.jobs[digest].path
-                self.jobs[digest] = job
-                return
-        torrent = await self.registry.torrent(digest)
+            job.path, job.state = str(self.store.artifact_path(digest)), "ready"
+            return
+        meta = self.store.meta_path(digest) / "torrent"
+        torrent = meta.read_bytes() if meta.exists() else await self.registry.torrent(digest)
         ti = check_torrent(torrent, manifest)
         spans = piece_spans(ti)
+        await self._make_room(job)
         await asyncio.to_thread(self.store.save_meta, digest, manifest, torrent)
         partial = self.store.partial_path(digest)
         partial.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(self.store.ensure_partial_files, digest, manifest)
         job.state = "downloading"
-        engine.add(digest, ti, manifest, str(partial), trackers=self._trackers(), seed=False)
+        resume = await asyncio.to_thread(self.store.load_resume, digest)
+        engine.add(digest, ti, manifest, str(partial), trackers=self._trackers(), seed=False, resume=resume)
         origin = asyncio.create_task(self._origin_fill(job, spans))
         try:
             while not engine.finished(digest):
                 err = engine.error(digest)
                 if err:
-                    raise PullFailed(f"download of {manifest.name} ({digest}) failed: {err}")
+                    await self._abort_download(job)
+                    raise self._download_error(job, err)
                 if origin.done() and origin.exception():
-                    raise origin.exception()
+                    exc = origin.exception()
+                    await self._abort_download(job)
+                    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                        raise self._download_error(job, str(exc)) from exc
+                    raise exc
                 self._sample(job)
                 await asyncio.sleep(0.1)
         finally:
             origin.cancel()
         self._sample(job)
         engine.remove(digest)
-        deadline = time.monotonic() + REMOVE_TIMEOUT_S
-        while not engine.removed(digest) and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        await self._wait_removed(digest)
         job.state = "verifying"
         try:
             await asyncio.to_thread(self.store.verify_tree, partial, manifest, full=True)
@@ -263,14 +459,36 @@ class NodeDaemon:
             self.metrics.verify_failures += 1
             raise
         path = await asyncio.to_thread(self.store.promote, digest)
+        await asyncio.to_thread(self.store.stamp, digest, manifest)
+        await asyncio.to_thread(self.store.drop_resume, digest)
         job.path = str(path)
         # Seed from the final place; the files were just verified, so no re-check.
         engine.add(digest, ti, manifest, str(path), trackers=self._trackers(), seed=True)
         log.info("%s ready at %s: %d bytes from peers, %d from the origin",
                  manifest.name, path, job.bytes_from_peers, job.bytes_from_origin)
 
+    async def _abort_download(self, job: PullJob) -> None:
+        """Stop a failed download but keep its verified pieces (and resume data) for the next pull."""
+        self._sample(job)
+        if self.engine.has(job.digest):
+            self.engine.request_resume_data(job.digest)
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline and job.digest not in self.engine.resume_data:
+                self.engine.pump()
+                await asyncio.sleep(0.02)
+            self._save_resume_data()
+            self.engine.remove(job.digest)
+            await self._wait_removed(job.digest)
+
+    def _download_error(self, job: PullJob, err: str) -> PullFailed:
+        if "space" in err.lower() or "ENOSPC" in err:
+            return DiskFull(f"pull of {job.manifest.name} ({job.digest}) stopped: the disk of {self.store.root} is "
+                            f"full ({err}); the {human_bytes(job.done_bytes)} already verified are kept, so free "
+                            "space and pull again to resume")
+        return PullFailed(f"download of {job.manifest.name} ({job.digest}) failed: {err}")
+
     def _sample(self, job: PullJob) -> None:
-        p = self.engine.progress(job.digest)
+        p = self.engine.progress(job.digest) if self.engine else None
         if p is None:
             return
         self.metrics.bytes_from_peers += max(0, p.payload_download - job.bytes_from_peers)
@@ -352,7 +570,14 @@ class NodeDaemon:
             async with self._http.get(url, headers=headers) as resp:
                 if resp.status not in (200, 206):
                     raise Unreachable(f"origin answered HTTP {resp.status} for {first.path}")
-                data = await resp.read()
+                if self._origin_bucket is None:
+                    data = await resp.read()
+                else:
+                    parts = []
+                    async for chunk in resp.content.iter_chunked(64 * 1024):
+                        await self._origin_bucket.take(len(chunk))
+                        parts.append(chunk)
+                    data = b"".join(parts)
         except aiohttp.ClientError as exc:
             raise Unreachable(f"origin fetch of {first.path} failed: {exc}") from exc
         if resp.status == 200:
@@ -368,44 +593,106 @@ class NodeDaemon:
                 piece += bytes(span.size - len(piece))  # the pad file's zeros
             self.engine.add_piece(job.digest, span.piece, piece)
 
+    # ---- pins, verification, repair ---------------------------------------------------
+    def pin(self, digest: str, holder: str) -> None:
+        holders = self.pins.setdefault(digest, set())
+        if holder not in holders:
+            holders.add(holder)
+            self.store.save_pins({d: sorted(h) for d, h in self.pins.items() if h})
+
+    def unpin(self, digest: str, holder: str | None) -> None:
+        holders = self.pins.get(digest, set())
+        if holder is None:
+            holders.clear()
+        else:
+            holders.discard(holder)
+        if not holders:
+            self.pins.pop(digest, None)
+        self.store.save_pins({d: sorted(h) for d, h in self.pins.items() if h})
+
+    async def verify(self, digest: str) -> dict:
+        """Re-hash every file of a complete artifact; repair it from the swarm if any differs."""
+        job = self.jobs.get(digest)
+        if job is None or (job.state != "ready" and not self.store.is_complete(digest)):
+            raise ArtifactNotFound(f"{digest} is not complete on this node")
+        if job.busy:
+            return {"digest": digest, "ok": None, "state": job.state, "repairing": job.repairing}
+        path = self.store.artifact_path(digest)
+        try:
+            await asyncio.to_thread(self.store.verify_tree, path, job.manifest, full=True)
+            self.metrics.verified_bytes += job.manifest.total_size
+        except (IntegrityError, InvalidManifest, OSError) as exc:
+            self.metrics.verify_failures += 1
+            await self._repair(job, str(exc))
+            return {"digest": digest, "ok": False, "problem": str(exc), "repairing": True}
+        await asyncio.to_thread(self.store.stamp, digest, job.manifest)
+        if not self.engine.has(digest):
+            _, torrent = await asyncio.to_thread(self.store.load_meta, digest)
+            self.engine.add(digest, check_torrent(torrent, job.manifest), job.manifest, str(path),
+                            trackers=self._trackers(), seed=True)
+        return {"digest": digest, "ok": True}
+
+    async def _repair(self, job: PullJob, problem: str) -> None:
+        """Take a corrupt artifact out of service and fetch only its bad pieces again."""
+        self.metrics.repairs += 1
+        log.error("%s (%s) failed verification: %s; repairing it from the swarm", job.manifest.name, job.digest,
+                  problem)
+        if self.engine.has(job.digest):
+            self.engine.remove(job.digest)
+            await self._wait_removed(job.digest)
+        await asyncio.to_thread(self.store.demote, job.digest)
+        await asyncio.to_thread(self.store.drop_resume, job.digest)
+        fresh = PullJob(job.digest, job.manifest, repairing=True)
+        self._start_job(fresh)
+
     # ---- views -------------------------------------------------------------------------
-    def cache_bytes(self) -> int:
-        return sum(j.manifest.total_size for j in self.jobs.values() if j.state == "ready")
+    def listing(self) -> list[dict]:
+        return [j.to_json(self.pins, self.last_used.get(d)) for d, j in sorted(self.jobs.items(),
+                                                                                key=lambda kv: kv[1].started)]
 
     def metrics_text(self) -> str:
         m = self.metrics
-        peers = sum(j.peers for j in self.jobs.values())
         ready = [j for j in self.jobs.values() if j.state == "ready"]
-        lines = [
-            "# HELP modelcast_node_bytes_from_peers_total Payload bytes received from peers.",
-            "# TYPE modelcast_node_bytes_from_peers_total counter",
-            f"modelcast_node_bytes_from_peers_total {m.bytes_from_peers}",
-            "# HELP modelcast_node_bytes_from_origin_total Bytes fetched from the origin web seed.",
-            "# TYPE modelcast_node_bytes_from_origin_total counter",
-            f"modelcast_node_bytes_from_origin_total {m.bytes_from_origin}",
-            "# HELP modelcast_node_pulls_total Pulls that ended, by result.",
-            "# TYPE modelcast_node_pulls_total counter",
-            *(f'modelcast_node_pulls_total{{result="{k}"}} {v}' for k, v in m.pulls.items()),
-            "# HELP modelcast_node_pull_seconds_total Seconds spent in pulls that ended.",
-            "# TYPE modelcast_node_pull_seconds_total counter",
-            f"modelcast_node_pull_seconds_total {m.pull_seconds_sum:.3f}",
-            "# HELP modelcast_node_cache_bytes Bytes of complete artifacts in the cache.",
-            "# TYPE modelcast_node_cache_bytes gauge",
-            f"modelcast_node_cache_bytes {sum(j.manifest.total_size for j in ready)}",
-            "# HELP modelcast_node_cache_artifacts Complete artifacts in the cache.",
-            "# TYPE modelcast_node_cache_artifacts gauge",
-            f"modelcast_node_cache_artifacts {len(ready)}",
-            "# HELP modelcast_node_verification_failures_total Artifacts that failed verification.",
-            "# TYPE modelcast_node_verification_failures_total counter",
-            f"modelcast_node_verification_failures_total {m.verify_failures}",
-            "# HELP modelcast_node_verified_bytes_total Bytes re-hashed with xxh3 to verify artifacts.",
-            "# TYPE modelcast_node_verified_bytes_total counter",
-            f"modelcast_node_verified_bytes_total {m.verified_bytes}",
-            "# HELP modelcast_node_peers_connected Peers connected across active downloads.",
-            "# TYPE modelcast_node_peers_connected gauge",
-            f"modelcast_node_peers_connected {peers}",
-        ]
-        return "\n".join(lines) + "\n"
+        peers = sum(j.peers for j in self.jobs.values() if j.busy)
+        out: list[str] = []
+
+        def metric(name: str, kind: str, help_text: str, value, labels: str = "") -> None:
+            out.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name}{labels} {value}"])
+
+        metric("modelcast_node_bytes_from_peers_total", "counter", "Payload bytes received from peers.",
+               m.bytes_from_peers)
+        metric("modelcast_node_bytes_from_origin_total", "counter", "Bytes fetched from the origin web seed.",
+               m.bytes_from_origin)
+        out += ["# HELP modelcast_node_pulls_total Pulls that ended, by result.",
+                "# TYPE modelcast_node_pulls_total counter",
+                *(f'modelcast_node_pulls_total{{result="{k}"}} {v}' for k, v in m.pulls.items())]
+        out += ["# HELP modelcast_node_pull_duration_seconds Time from pull request to a verified artifact.",
+                "# TYPE modelcast_node_pull_duration_seconds histogram",
+                *(f'modelcast_node_pull_duration_seconds_bucket{{le="{b}"}} {c}'
+                  for b, c in zip(PULL_BUCKETS, m.pull_buckets)),
+                f'modelcast_node_pull_duration_seconds_bucket{{le="+Inf"}} {sum(m.pulls.values())}',
+                f"modelcast_node_pull_duration_seconds_sum {m.pull_seconds_sum:.3f}",
+                f"modelcast_node_pull_duration_seconds_count {sum(m.pulls.values())}"]
+        metric("modelcast_node_cache_bytes", "gauge", "Bytes of complete artifacts in the cache.",
+               sum(j.manifest.total_size for j in ready))
+        metric("modelcast_node_cache_artifacts", "gauge", "Complete artifacts in the cache.", len(ready))
+        metric("modelcast_node_cache_quota_bytes", "gauge", "Cache quota (0 = none).", self.cfg.quota)
+        metric("modelcast_node_pinned_artifacts", "gauge", "Artifacts with at least one pin.", len(self.pins))
+        metric("modelcast_node_evictions_total", "counter", "Artifacts evicted to stay within the quota.",
+               m.evictions)
+        metric("modelcast_node_evicted_bytes_total", "counter", "Bytes evicted to stay within the quota.",
+               m.evicted_bytes)
+        metric("modelcast_node_verification_failures_total", "counter", "Artifacts that failed verification.",
+               m.verify_failures)
+        metric("modelcast_node_repairs_total", "counter", "Corrupt artifacts repaired from the swarm.", m.repairs)
+        metric("modelcast_node_verified_bytes_total", "counter", "Bytes re-hashed with xxh3 to verify artifacts.",
+               m.verified_bytes)
+        metric("modelcast_node_piece_hash_failures_total", "counter", "Pieces received that failed their hash.",
+               self.engine.hash_failures if self.engine else 0)
+        metric("modelcast_node_peers_banned_total", "counter", "Peers banned for sending bad data.",
+               self.engine.peers_banned if self.engine else 0)
+        metric("modelcast_node_peers_connected", "gauge", "Peers connected across active downloads.", peers)
+        return "\n".join(out) + "\n"
 
 
 # ---- HTTP API ---------------------------------------------------------------------------
@@ -425,38 +712,93 @@ async def errors_middleware(request: web.Request, handler):
         return web.json_response(error_body(PullFailed(f"internal error: {exc}")), status=500)
 
 
-async def handle_pull(request: web.Request) -> web.Response:
+async def _json_body(request: web.Request, example: str) -> dict:
     try:
         body = await request.json()
     except ValueError:
-        raise BadRequest("pull body must be JSON: {\"ref\": \"name:tag\", \"wait\": true}") from None
+        raise BadRequest(f"body must be JSON: {example}") from None
     if not isinstance(body, dict) or not isinstance(body.get("ref"), str):
-        raise BadRequest("pull body needs a string field \"ref\"")
+        raise BadRequest(f"body needs a string field \"ref\": {example}")
+    return body
+
+
+async def handle_pull(request: web.Request) -> web.Response:
+    body = await _json_body(request, '{"ref": "name:tag", "wait": true, "pin": "holder"}')
+    pin = body.get("pin")
+    if pin is not None and not isinstance(pin, str):
+        raise BadRequest("\"pin\" must be a string naming who holds the pin")
     daemon = request.app[DAEMON]
-    job = await daemon.pull(body["ref"])
-    if body.get("wait", True) and job.task is not None and job.state not in ("ready", "failed"):
+    job = await daemon.pull(body["ref"], pin=pin)
+    if body.get("wait", True) and job.busy:
         await asyncio.shield(job.task)
     if job.state == "failed" and body.get("wait", True):
         raise job.error
-    return web.json_response(job.to_json(), status=200 if job.state == "ready" else 202)
+    return web.json_response(job.to_json(daemon.pins, daemon.last_used.get(job.digest)),
+                             status=200 if job.state == "ready" else 202)
 
 
-async def handle_pull_status(request: web.Request) -> web.Response:
+def _job(request: web.Request) -> PullJob:
     digest = "sha256:" + request.match_info["hex"]
     job = request.app[DAEMON].jobs.get(digest)
     if job is None:
-        raise ArtifactNotFound(f"no pull of {digest} on this node")
-    return web.json_response(job.to_json())
+        raise ArtifactNotFound(f"{digest} is not on this node")
+    return job
+
+
+async def handle_pull_status(request: web.Request) -> web.Response:
+    d = request.app[DAEMON]
+    job = _job(request)
+    return web.json_response(job.to_json(d.pins, d.last_used.get(job.digest)))
 
 
 async def handle_list(request: web.Request) -> web.Response:
-    jobs = request.app[DAEMON].jobs.values()
-    return web.json_response({"artifacts": [j.to_json() for j in sorted(jobs, key=lambda j: j.started)]})
+    d = request.app[DAEMON]
+    return web.json_response({"artifacts": d.listing(), "quota_bytes": d.cfg.quota, "used_bytes": d.used_bytes(),
+                              "node_id": d.node_id, "zone": d.cfg.zone})
+
+
+async def handle_pin(request: web.Request) -> web.Response:
+    body = await _json_body(request, '{"ref": "name:tag", "holder": "cli"}')
+    d = request.app[DAEMON]
+    digest, _ = await d.resolve(body["ref"])
+    d.pin(digest, str(body.get("holder") or "user"))
+    return web.json_response({"digest": digest, "pinned_by": sorted(d.pins.get(digest, ()))})
+
+
+async def handle_unpin(request: web.Request) -> web.Response:
+    d = request.app[DAEMON]
+    digest = "sha256:" + request.match_info["hex"]
+    d.unpin(digest, request.query.get("holder"))
+    return web.json_response({"digest": digest, "pinned_by": sorted(d.pins.get(digest, ()))})
+
+
+async def handle_resolve(request: web.Request) -> web.Response:
+    ref = request.query.get("ref")
+    if not ref:
+        raise BadRequest("resolve needs ?ref=NAME:TAG")
+    digest, manifest = await request.app[DAEMON].resolve(ref)
+    return web.json_response({"digest": digest, "name": manifest.name})
+
+
+async def handle_pins(request: web.Request) -> web.Response:
+    return web.json_response({"pins": {d: sorted(h) for d, h in request.app[DAEMON].pins.items()}})
+
+
+async def handle_verify(request: web.Request) -> web.Response:
+    """Full re-check of one artifact; a reader that saw a problem calls this too."""
+    return web.json_response(await request.app[DAEMON].verify("sha256:" + request.match_info["hex"]))
+
+
+async def handle_verify_all(request: web.Request) -> web.Response:
+    d = request.app[DAEMON]
+    results = [await d.verify(dg) for dg, j in list(d.jobs.items()) if j.state == "ready" and not j.busy]
+    return web.json_response({"results": results})
 
 
 async def handle_health(request: web.Request) -> web.Response:
     d = request.app[DAEMON]
-    return web.json_response({"ok": True, "zone": d.cfg.zone, "peer_listen": f"{d.cfg.peer_host}:{d.engine.listen_port}",
+    return web.json_response({"ok": True, "node_id": d.node_id, "zone": d.cfg.zone,
+                              "peer_listen": f"{d.cfg.peer_host}:{d.engine.listen_port}",
                               "cache": str(d.store.root), "registry": d.cfg.registry})
 
 
@@ -475,9 +817,16 @@ def make_app(cfg: NodeConfig) -> web.Application:
         await daemon.stop()
 
     app.cleanup_ctx.append(lifecycle)
+    digest = "sha256:{hex:[0-9a-f]{64}}"
     app.router.add_post("/v1/pull", handle_pull)
-    app.router.add_get("/v1/pulls/sha256:{hex:[0-9a-f]{64}}", handle_pull_status)
+    app.router.add_get(f"/v1/pulls/{digest}", handle_pull_status)
     app.router.add_get("/v1/artifacts", handle_list)
+    app.router.add_post(f"/v1/artifacts/{digest}/verify", handle_verify)
+    app.router.add_post("/v1/verify", handle_verify_all)
+    app.router.add_get("/v1/resolve", handle_resolve)
+    app.router.add_get("/v1/pins", handle_pins)
+    app.router.add_post("/v1/pins", handle_pin)
+    app.router.add_delete(f"/v1/pins/{digest}", handle_unpin)
     app.router.add_get("/v1/health", handle_health)
     app.router.add_get("/metrics", handle_metrics)
     return app

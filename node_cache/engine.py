@@ -122,7 +122,7 @@ class TorrentEngine:
             "upload_rate_limit": upload_limit,
             "download_rate_limit": download_limit,
             "alert_mask": (lt.alert_category.error | lt.alert_category.status | lt.alert_category.storage
-                           | lt.alert_category.tracker),
+                           | lt.alert_category.tracker | lt.alert_category.peer),
             "alert_queue_size": 10000,
             "aio_threads": 4,
             "hashing_threads": 2,
@@ -147,15 +147,29 @@ class TorrentEngine:
         self._errors: dict[str, str] = {}
         self._finished: set[str] = set()
         self._tracker_peers: dict[str, int] = {}  # peers in the last tracker reply, per digest
+        self.resume_data: dict[str, bytes] = {}  # resume data posted by libtorrent, to be saved
+        self.hash_failures = 0
+        self.peers_banned = 0
 
     @property
     def listen_port(self) -> int:
         return self.session.listen_port()
 
     def add(self, digest: str, ti: lt.torrent_info, manifest: Manifest, save_path: str, *,
-            trackers: list[str], seed: bool) -> None:
-        """Download (or, with ``seed``, seed without re-checking) ``ti`` into ``save_path``."""
+            trackers: list[str], seed: bool, resume: bytes | None = None) -> None:
+        """Download (or, with ``seed``, seed without re-checking) ``ti`` into ``save_path``.
+
+        With ``resume`` (libtorrent resume data saved earlier) the pieces it records as
+        verified are trusted and not fetched again; without it, files already in
+        ``save_path`` are hash-checked and every good piece is kept.
+        """
         atp = lt.add_torrent_params()
+        if resume:
+            try:
+                atp = lt.read_resume_data(resume)
+            except RuntimeError as exc:
+                log.warning("ignoring unreadable resume data of %s: %s", digest, exc)
+                atp = lt.add_torrent_params()
         atp.ti = lt.torrent_info(ti)
         atp.save_path = save_path
         fs = ti.layout()
@@ -217,10 +231,18 @@ class TorrentEngine:
                 self._finished.add(digest)
             elif isinstance(alert, lt.tracker_reply_alert) and digest:
                 self._tracker_peers[digest] = int(alert.num_peers)
+            elif isinstance(alert, lt.save_resume_data_alert) and digest:
+                self.resume_data[digest] = bytes(lt.write_resume_data_buf(alert.params))
+            elif isinstance(alert, lt.peer_ban_alert):
+                self.peers_banned += 1
+                log.warning("banned peer %s: %s", alert.ip, alert.message())
             elif isinstance(alert, (lt.torrent_error_alert, lt.file_error_alert)) and digest:
                 self._errors[digest] = alert.message()
                 log.warning("torrent %s: %s", digest, alert.message())
             elif isinstance(alert, lt.hash_failed_alert):
+                # A peer (or the origin) sent bytes that fail the piece hash; libtorrent
+                # drops the piece and bans the peer that sent it (smart-ban plugin).
+                self.hash_failures += 1
                 log.warning("%s", alert.message())
             elif alert.category() & lt.alert_category.error:
                 log.debug("libtorrent: %s", alert.message())
@@ -268,6 +290,17 @@ class TorrentEngine:
         handle = self._handles.get(digest)
         if handle is not None:
             handle.add_piece(piece, data, lt.add_piece_flags_t.overwrite_existing)
+
+    def request_resume_data(self, digest: str | None = None) -> int:
+        """Ask libtorrent for resume data of one or all downloads; it arrives via :meth:`pump`."""
+        n = 0
+        for d, handle in list(self._handles.items()):
+            if digest is not None and d != digest:
+                continue
+            if handle.need_save_resume_data():
+                handle.save_resume_data(lt.torrent_handle.flush_disk_cache)
+                n += 1
+        return n
 
     def reannounce(self, digest: str) -> None:
         handle = self._handles.get(digest)

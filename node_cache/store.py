@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
 import tempfile
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +51,9 @@ class Store:
     def __init__(self, root: Path, verify_workers: int = 4):
         self.root = Path(root).resolve()
         self.verify_workers = verify_workers
-        for d in (self.artifacts_dir, self.meta_dir, self.partial_dir, self.tmp_dir, self.state_dir):
+        self._state_lock = threading.Lock()
+        for d in (self.artifacts_dir, self.meta_dir, self.partial_dir, self.tmp_dir, self.state_dir,
+                  self.resume_dir, self.trash_dir):
             d.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -70,6 +75,82 @@ class Store:
     @property
     def state_dir(self) -> Path:
         return self.root / "state"
+
+    @property
+    def resume_dir(self) -> Path:
+        return self.root / "resume" / "sha256"
+
+    @property
+    def trash_dir(self) -> Path:
+        return self.root / "trash"
+
+    def resume_path(self, digest: str) -> Path:
+        return self.resume_dir / _hex(digest)
+
+    def save_resume(self, digest: str, data: bytes) -> None:
+        self._write_atomic(self.resume_path(digest), data, sync=False)
+
+    def load_resume(self, digest: str) -> bytes | None:
+        try:
+            return self.resume_path(digest).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def drop_resume(self, digest: str) -> None:
+        self.resume_path(digest).unlink(missing_ok=True)
+
+    # ---- pins and last use: small JSON documents under state/ ---------------------
+    def _read_json(self, name: str, default):
+        try:
+            return json.loads((self.state_dir / name).read_text())
+        except FileNotFoundError:
+            return default
+        except ValueError:
+            # A torn write is impossible (temp + rename), but a hand edit is not.
+            return default
+
+    def load_pins(self) -> dict[str, list[str]]:
+        """``{digest: [holder, ...]}``: an artifact with any holder is never evicted."""
+        return {k: list(v) for k, v in self._read_json("pins.json", {}).items() if v}
+
+    def save_pins(self, pins: dict[str, list[str]]) -> None:
+        with self._state_lock:
+            self._write_atomic(self.state_dir / "pins.json", json.dumps(pins, sort_keys=True).encode())
+
+    def load_last_used(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self._read_json("last_used.json", {}).items()}
+
+    def save_last_used(self, last_used: dict[str, float]) -> None:
+        # Not fsynced: losing a few seconds of LRU order in a crash costs nothing.
+        with self._state_lock:
+            self._write_atomic(self.state_dir / "last_used.json", json.dumps(last_used, sort_keys=True).encode(),
+                               sync=False)
+
+    # ---- file stamps: the cheap start-up check -------------------------------------
+    def stamp(self, digest: str, manifest: Manifest) -> None:
+        """Record each file's size and mtime, so a start-up check can spot a change cheaply."""
+        root = self.artifact_path(digest)
+        stamps = {}
+        for f in manifest.files:
+            st = (root / f.path).stat()
+            stamps[f.path] = [st.st_size, st.st_mtime_ns]
+        self._write_atomic(self.meta_path(digest) / "stamps.json", json.dumps(stamps, sort_keys=True).encode())
+
+    def stamps_match(self, digest: str, manifest: Manifest) -> bool:
+        """True if every file still has the size and mtime recorded when it was verified."""
+        try:
+            stamps = json.loads((self.meta_path(digest) / "stamps.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return False
+        root = self.artifact_path(digest)
+        for f in manifest.files:
+            try:
+                st = (root / f.path).stat()
+            except FileNotFoundError:
+                return False
+            if stamps.get(f.path) != [st.st_size, st.st_mtime_ns]:
+                return False
+        return True
 
     def node_id(self) -> str:
         """This cache's stable node id (made once, kept in state/node_id)."""
@@ -94,14 +175,15 @@ class Store:
     def is_complete(self, digest: str) -> bool:
         return self.artifact_path(digest).is_dir()
 
-    def _write_atomic(self, dest: Path, data: bytes) -> None:
+    def _write_atomic(self, dest: Path, data: bytes, sync: bool = True) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix=dest.name + ".")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
-                os.fsync(f.fileno())
+                if sync:
+                    os.fsync(f.fileno())
             os.replace(tmp, dest)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -191,12 +273,54 @@ class Store:
             os.close(dir_fd)
         return dest
 
+    def demote(self, digest: str) -> Path:
+        """Move a complete artifact back to partial/ (writable) so it can be repaired in place.
+
+        The rename comes first: from that instant the artifact is no longer complete.
+        """
+        src, dest = self.artifact_path(digest), self.partial_path(digest)
+        if dest.exists():
+            self.remove_tree(dest)
+        os.rename(src, dest)
+        for dirpath, dirnames, filenames in os.walk(dest):
+            os.chmod(dirpath, 0o755)
+            for name in filenames:
+                os.chmod(os.path.join(dirpath, name), 0o644)
+        return dest
+
+    def evict(self, digest: str) -> None:
+        """Delete a complete artifact: pointer first (rename into trash/), then data, then meta."""
+        src = self.artifact_path(digest)
+        trash = self.trash_dir / f"{_hex(digest)}.{time.time_ns()}"
+        try:
+            os.rename(src, trash)
+        except FileNotFoundError:
+            pass
+        self.remove_tree(self.meta_path(digest))
+        self.drop_resume(digest)
+        self.remove_tree(trash)
+
+    def empty_trash(self) -> None:
+        """Finish evictions a crash interrupted."""
+        for p in self.trash_dir.iterdir():
+            self.remove_tree(p)
+
+    def partial_digests(self) -> list[str]:
+        return sorted("sha256:" + p.name for p in self.partial_dir.iterdir() if p.is_dir())
+
+    def disk_free(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
     def complete_digests(self) -> list[str]:
         return sorted("sha256:" + p.name for p in self.artifacts_dir.iterdir() if p.is_dir())
 
     def remove_tree(self, path: Path) -> None:
         """Delete a tree even if it was made read-only."""
         if not path.exists():
+            return
+        if not path.is_dir():
+            path.unlink()
             return
         for dirpath, dirnames, _ in os.walk(path):
             os.chmod(dirpath, 0o755)

@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import quote
 
 from modelcast.http import JsonClient
-from modelcast.manifest import Manifest
+from modelcast.manifest import Manifest, canonical_json, sha256_digest
 from modelcast.reference import Reference
 
 
@@ -59,6 +59,13 @@ class RegistryClient(JsonClient):
         Reference.parse(ref_s)
         answer = await self.request("GET", f"/v1/resolve?ref={quote(ref_s, safe='')}", what=f"resolve {ref_s}")
         digest = answer["digest"]
+        inline = answer.get("manifest")
+        if isinstance(inline, dict):
+            # The answer carries the manifest: if its canonical form hashes to the digest,
+            # it is the manifest, and a second round trip is saved.
+            data = canonical_json(inline)
+            if sha256_digest(data) == digest:
+                return digest, Manifest.from_bytes(data, expected_digest=digest)
         data = await self.manifest_bytes(digest)
         return digest, Manifest.from_bytes(data, expected_digest=digest)
 
