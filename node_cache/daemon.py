@@ -157,6 +157,9 @@ class NodeDaemon:
         self._http: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task] = []
         self._origin_bucket = TokenBucket(cfg.download_limit) if cfg.download_limit else None
+        # About a second's worth per request under a rate limit: a crash wastes what is in flight.
+        self._run_bytes = (min(ORIGIN_RUN_BYTES, max(1, cfg.download_limit // ORIGIN_PARALLEL))
+                           if cfg.download_limit else ORIGIN_RUN_BYTES)
         self._space_lock = asyncio.Lock()
         self.node_id = self.store.node_id()
 
@@ -220,8 +223,12 @@ class NodeDaemon:
         if self._http:
             await self._http.close()
         await self.registry.close()
-        await asyncio.to_thread(self.store.save_last_used, self.last_used)
-        (self.store.state_dir / CLEAN_STOP_MARKER).write_text(str(time.time()))
+        try:
+            await asyncio.to_thread(self.store.save_last_used, self.last_used)
+            # Written last: its presence tells the next start that resume data is current.
+            (self.store.state_dir / CLEAN_STOP_MARKER).write_text(str(time.time()))
+        except OSError as exc:
+            log.warning("could not record a clean stop (%s); the next start re-checks partial downloads", exc)
 
     async def _pump(self) -> None:
         while True:
@@ -251,7 +258,13 @@ class NodeDaemon:
             self.engine.resume_data.pop(digest, None)
             job = self.jobs.get(digest)
             if job is not None and job.state == "downloading":
-                self.store.save_resume(digest, data)
+                try:
+                    self.store.save_resume(digest, data)
+                except OSError as exc:
+                    # A full disk must not stop the daemon.  Older resume data would now
+                    # understate what is on disk: drop it, so the next attempt re-checks.
+                    log.warning("could not save resume data of %s: %s", digest, exc)
+                    self.store.drop_resume(digest)
 
     async def _heartbeat(self) -> None:
         """One heartbeat per node (not per torrent) keeps all its swarm entries alive."""
@@ -433,11 +446,18 @@ class NodeDaemon:
         engine.add(digest, ti, manifest, str(partial), trackers=self._trackers(), seed=False, resume=resume)
         origin = asyncio.create_task(self._origin_fill(job, spans))
         try:
-            while not engine.finished(digest):
+            while True:
+                # Errors first: libtorrent may call a torrent finished whose writes failed.
                 err = engine.error(digest)
                 if err:
                     await self._abort_download(job)
                     raise self._download_error(job, err)
+                if engine.finished(digest):
+                    await asyncio.sleep(0.1)  # let a late write error arrive
+                    engine.pump()
+                    if not engine.error(digest):
+                        break
+                    continue
                 if origin.done() and origin.exception():
                     exc = origin.exception()
                     await self._abort_download(job)
@@ -508,6 +528,9 @@ class NodeDaemon:
         grace_end = time.monotonic() + self.cfg.webseed_grace_s
         while time.monotonic() < grace_end and self.engine.tracker_peers(job.digest) != 0:
             await asyncio.sleep(0.02)
+        # While libtorrent re-checks files already on disk, every piece looks missing.
+        while (p := self.engine.progress(job.digest)) is not None and p.state.startswith("checking"):
+            await asyncio.sleep(0.05)
         base = self.registry.webseed_url(job.digest)
         claimed: dict[int, asyncio.Task] = {}  # piece -> the fetch that covers it
         fetched_at: dict[int, float] = {}
@@ -523,10 +546,11 @@ class NodeDaemon:
             missing, avail, queued = self.engine.missing_pieces(job.digest)
             # A fetched piece is hash-checked by libtorrent before it counts as ours;
             # don't fetch it again in that window (unless the check failed long ago).
+            # With nobody connected, a half-downloaded piece can only be finished from here.
             wanted = {i for i in missing if i not in claimed and now - fetched_at.get(i, -1e9) > 5
-                      and (stalled or (avail[i] == 0 and i not in queued))}
+                      and (stalled or alone or (avail[i] == 0 and i not in queued))}
             candidates = sorted(wanted)
-            run_limit = ORIGIN_RUN_BYTES if alone else 1
+            run_limit = self._run_bytes if alone else 1
             while candidates and len(set(claimed.values())) < ORIGIN_PARALLEL:
                 first = candidates[rng.randrange(len(candidates))]
                 run = [spans[first]]
@@ -625,7 +649,10 @@ class NodeDaemon:
             self.metrics.verify_failures += 1
             await self._repair(job, str(exc))
             return {"digest": digest, "ok": False, "problem": str(exc), "repairing": True}
-        await asyncio.to_thread(self.store.stamp, digest, job.manifest)
+        try:
+            await asyncio.to_thread(self.store.stamp, digest, job.manifest)
+        except OSError as exc:  # e.g. a full disk: the artifact is fine, only the stamp is stale
+            log.warning("could not record file stamps of %s: %s", digest, exc)
         if not self.engine.has(digest):
             _, torrent = await asyncio.to_thread(self.store.load_meta, digest)
             self.engine.add(digest, check_torrent(torrent, job.manifest), job.manifest, str(path),

@@ -16,6 +16,9 @@ from modelcast.manifest import Manifest
 
 log = logging.getLogger("modelcast.node.engine")
 
+INCONSISTENT_HASHES = 217  # libtorrent errors::torrent_inconsistent_hashes
+MAX_RECOVERIES = 5
+
 
 @dataclass(frozen=True)
 class PieceSpan:
@@ -147,6 +150,7 @@ class TorrentEngine:
         self._errors: dict[str, str] = {}
         self._finished: set[str] = set()
         self._tracker_peers: dict[str, int] = {}  # peers in the last tracker reply, per digest
+        self._recoveries: dict[str, int] = {}
         self.resume_data: dict[str, bytes] = {}  # resume data posted by libtorrent, to be saved
         self.hash_failures = 0
         self.peers_banned = 0
@@ -236,6 +240,8 @@ class TorrentEngine:
             elif isinstance(alert, lt.peer_ban_alert):
                 self.peers_banned += 1
                 log.warning("banned peer %s: %s", alert.ip, alert.message())
+            elif isinstance(alert, lt.torrent_error_alert) and digest and self._recoverable(digest, alert):
+                pass
             elif isinstance(alert, (lt.torrent_error_alert, lt.file_error_alert)) and digest:
                 self._errors[digest] = alert.message()
                 log.warning("torrent %s: %s", digest, alert.message())
@@ -246,6 +252,29 @@ class TorrentEngine:
                 log.warning("%s", alert.message())
             elif alert.category() & lt.alert_category.error:
                 log.debug("libtorrent: %s", alert.message())
+
+    def _recoverable(self, digest: str, alert) -> bool:
+        """Recover from a hybrid torrent's v1/v2 hash disagreement instead of failing the pull.
+
+        libtorrent pauses a hybrid torrent and forgets every verified piece when one hash
+        of a piece passes and the other fails, which bytes from a bad peer can provoke.
+        The data on disk is still checkable, so: clear the error, re-check, carry on.
+        """
+        err = alert.error
+        if err.value() != INCONSISTENT_HASHES or err.category().name() != "libtorrent":
+            return False
+        tries = self._recoveries.get(digest, 0)
+        if tries >= MAX_RECOVERIES:
+            return False
+        self._recoveries[digest] = tries + 1
+        self.hash_failures += 1
+        handle = self._handles[digest]
+        log.warning("torrent %s: %s; re-checking the pieces on disk and resuming (%d/%d)",
+                    digest, alert.message(), tries + 1, MAX_RECOVERIES)
+        handle.clear_error()
+        handle.force_recheck()
+        handle.resume()
+        return True
 
     def _digest_of(self, alert) -> str | None:
         handle = getattr(alert, "handle", None)
@@ -289,7 +318,7 @@ class TorrentEngine:
         """Hand libtorrent a piece fetched from the origin; it checks the piece hash itself."""
         handle = self._handles.get(digest)
         if handle is not None:
-            handle.add_piece(piece, data, lt.add_piece_flags_t.overwrite_existing)
+            handle.add_piece(piece, data, 0)
 
     def request_resume_data(self, digest: str | None = None) -> int:
         """Ask libtorrent for resume data of one or all downloads; it arrives via :meth:`pump`."""

@@ -45,12 +45,12 @@ def publish(registry: str, path: Path, ref: str, origin: str, *extra: str) -> st
 
 
 def start_node(tmp: Path, registry: str, name: str, host: str = "127.0.0.1", zone: str = "default",
-               *extra: str) -> ServiceProcess:
+               *extra: str, log_dir: Path | None = None) -> ServiceProcess:
     api = free_port(host)
     svc = ServiceProcess(
         modelcast_argv("node", "--registry", registry, "--cache", str(tmp / name), "--api", f"{host}:{api}",
                        "--peer-listen", f"{host}:{free_port(host)}", "--zone", zone, *extra),
-        f"http://{host}:{api}/v1/health", tmp / "logs" / f"{name}.log", name=name)
+        f"http://{host}:{api}/v1/health", (log_dir or tmp / "logs") / f"{name}.log", name=name)
     svc.start()
     svc.url = f"http://{host}:{api}"
     svc.cache = tmp / name
