@@ -13,7 +13,6 @@ artifacts that share files (a tokenizer, a frozen backbone) share storage.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import threading
 from abc import ABC, abstractmethod

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import time
 
 from modelcast.errors import ArtifactNotFound
 from modelcast.progress import human_bytes

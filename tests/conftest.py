@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -84,3 +83,20 @@ def tracker(tmp_path):
     svc.url = f"http://127.0.0.1:{port}"
     yield svc
     svc.stop()
+
+
+@pytest.fixture
+def node_factory(tmp_path):
+    """Start real node daemons (``start(registry, name, *flags, host=...)``); all stopped at the end."""
+    from .helpers import start_node
+
+    started: list[ServiceProcess] = []
+
+    def start(registry: str, name: str, *extra: str, host: str = "127.0.0.1", zone: str = "default"):
+        svc = start_node(tmp_path, registry, name, host, zone, *extra)
+        started.append(svc)
+        return svc
+
+    yield start
+    for svc in started:
+        svc.stop()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +12,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import xxhash
 
 from modelcast.procs import free_port
 
@@ -44,20 +42,6 @@ def wait_for(pred, timeout: float = 60, what: str = "condition"):
 
 def complete_dirs(cache: Path) -> list[Path]:
     return sorted((cache / "artifacts" / "sha256").iterdir())
-
-
-@pytest.fixture
-def node_factory(tmp_path):
-    started = []
-
-    def start(registry: str, name: str, *extra: str, host: str = "127.0.0.1"):
-        svc = start_node(tmp_path, registry, name, host, "default", *extra)
-        started.append(svc)
-        return svc
-
-    yield start
-    for svc in started:
-        svc.stop()
 
 
 def _publish_many(tracker, tmp_path, sizes: dict[str, int]) -> dict[str, str]:

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from modelcast.manifest import canonical_json
-from modelcast.procs import ServiceProcess, free_port, modelcast_argv
+from modelcast.procs import free_port
 from node_cache.client import NodeClient
 
 from .helpers import TOKEN, make_model, metric, publish, registry_stats, run_cli, start_node, tree_hashes
@@ -20,25 +20,11 @@ from .helpers import TOKEN, make_model, metric, publish, registry_stats, run_cli
 MiB = 1 << 20
 
 
-@pytest.fixture
-def nodes(tmp_path):
-    started: list[ServiceProcess] = []
-
-    def start(registry: str, name: str, host: str = "127.0.0.1", *extra: str) -> ServiceProcess:
-        svc = start_node(tmp_path, registry, name, host, "default", *extra)
-        started.append(svc)
-        return svc
-
-    yield start
-    for svc in started:
-        svc.stop()
-
-
-def test_s3_origin_single_node_pulls_through_web_seed(tracker, s3_bucket, nodes, tmp_path):
+def test_s3_origin_single_node_pulls_through_web_seed(tracker, s3_bucket, node_factory, tmp_path):
     endpoint, bucket = s3_bucket
     model = make_model(tmp_path / "model", {"model.onnx": 3000, "weights/a.bin": 3 * MiB + 17, "weights/b.bin": MiB})
     digest = publish(tracker.url, model, "s3demo/m:v1", f"s3://{bucket}/origin", "--s3-endpoint", endpoint)
-    node = nodes(tracker.url, "n1")
+    node = node_factory(tracker.url, "n1")
     out = run_cli("pull", "s3demo/m:v1", "--node", node.url)
     assert out.returncode == 0, out.stderr
     path = Path(out.stdout.strip().splitlines()[-1])
@@ -51,12 +37,12 @@ def test_s3_origin_single_node_pulls_through_web_seed(tracker, s3_bucket, nodes,
     assert registry_stats(tracker.url)["origin_bytes_served"] >= size
 
 
-def test_three_nodes_pull_at_once_origin_serves_at_most_one_and_a_half_copies(tracker, nodes, tmp_path):
+def test_three_nodes_pull_at_once_origin_serves_at_most_one_and_a_half_copies(tracker, node_factory, tmp_path):
     sizes = {"model.onnx": 4096, **{f"weights/shard-{i}.bin": 8 * MiB for i in range(4)}, "empty.txt": 0}
     model = make_model(tmp_path / "model", sizes)
     total = sum(sizes.values())
     publish(tracker.url, model, "swarm/m:v1", (tmp_path / "origin").as_uri())
-    ns = [nodes(tracker.url, f"n{i}", f"127.0.0.{i + 2}") for i in range(3)]
+    ns = [node_factory(tracker.url, f"n{i}", host=f"127.0.0.{i + 2}") for i in range(3)]
 
     async def pull_all():
         clients = [NodeClient(n.url) for n in ns]
@@ -75,10 +61,10 @@ def test_three_nodes_pull_at_once_origin_serves_at_most_one_and_a_half_copies(tr
     assert sum(s["bytes_from_peers"] for s in statuses) >= 1.5 * total - served
 
 
-def test_reference_forms_and_one_line_errors(tracker, nodes, tmp_path):
+def test_reference_forms_and_one_line_errors(tracker, node_factory, tmp_path):
     model = make_model(tmp_path / "model", {"a.bin": 200_000, "sub/b.bin": 1000})
     digest = publish(tracker.url, model, "refs/m:v1", (tmp_path / "origin").as_uri())
-    node = nodes(tracker.url, "n1")
+    node = node_factory(tracker.url, "n1")
     paths = set()
     for ref in ("refs/m:v1", f"refs/m@{digest}", digest):
         out = run_cli("pull", ref, "--node", node.url)
@@ -210,10 +196,10 @@ async def test_pull_rejects_a_torrent_holding_a_link(tmp_path):
     assert not list((node.cache / "artifacts" / "sha256").iterdir())
 
 
-def test_registry_restart_keeps_everything_and_warm_pull_is_instant(tracker, nodes, tmp_path):
+def test_registry_restart_keeps_everything_and_warm_pull_is_instant(tracker, node_factory, tmp_path):
     model = make_model(tmp_path / "model", {"weights.bin": 24 * MiB, "model.onnx": 5000})
     digest = publish(tracker.url, model, "warm/m:v1", (tmp_path / "origin").as_uri())
-    node = nodes(tracker.url, "n1")
+    node = node_factory(tracker.url, "n1")
     assert run_cli("pull", "warm/m:v1", "--node", node.url).returncode == 0
     verified = metric(node.url, "modelcast_node_verified_bytes_total")
     assert verified == 24 * MiB + 5000
