@@ -1,1 +1,11 @@
-"""Ray Serve integration: runtime_env plugin, readiness, placement (issue 7)."""
+"""Ray integration: runtime_env plugin, Serve readiness and health, multiplexed models,
+prewarm and cache-aware placement (issue 7).
+
+The pure parts import without Ray; the Serve helpers import Ray when used.
+"""
+
+from .placement import artifact_label, modelcast_options, node_labels
+from .replica import ArtifactUnhealthy, WarmArtifacts, model_loader, multiplexed_model_id
+
+__all__ = ["ArtifactUnhealthy", "WarmArtifacts", "artifact_label", "model_loader", "modelcast_options",
+           "multiplexed_model_id", "node_labels"]
