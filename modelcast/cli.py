@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     _client_args(a, node=True)
     p.add_argument("--registry", help="registry URL (env MODELCAST_REGISTRY)")
     p.add_argument("--cache", type=Path, help="cache directory (required to run the daemon)")
+    p.add_argument("--no-p2p", action="store_true", help="never use peers: fetch everything from the origin "
+                                                          "(a baseline for benchmarks)")
     p.add_argument("--quota", default="0", help="cache quota (e.g. 50G); least recently used artifacts are "
                                                  "evicted to stay under it, 0 = none")
     p.add_argument("--api", default="127.0.0.1:7071", help="HOST:PORT of the local HTTP API")
@@ -93,6 +95,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show an artifact's manifest")
     p.add_argument("ref")
     _client_args(p, registry=True, token=True)
+
+    p = sub.add_parser("ray", help="Ray integration: start a Ray node wired to this host's node daemon")
+    actions = p.add_subparsers(dest="ray_action", required=True, metavar="ACTION")
+    a = actions.add_parser("start", help="ray start with the modelcast plugin, the daemon URL and node labels; "
+                                         "arguments after -- go to ray start")
+    a.add_argument("--accelerator", help="accelerator label (default: detected: cpu, cuda, cann)")
+    a.add_argument("--zone", help="zone label (default: the node daemon's zone)")
+    a.add_argument("--preload", action="append", default=[], metavar="REF",
+                   help="warm and pin REF before joining; the node gets a label saying it holds it")
+    a.add_argument("--dry-run", action="store_true", help="print the ray start command and environment only")
+    a.add_argument("ray_args", nargs=argparse.REMAINDER, help="-- then arguments for ray start")
+    _client_args(a, node=True)
+
+    p = sub.add_parser("prewarm", help="warm an artifact on many nodes in parallel before a rollout")
+    p.add_argument("ref")
+    p.add_argument("--nodes", help="comma-separated node daemon URLs (default: every Ray node, through Ray)")
+    p.add_argument("--zone", help="only nodes in this zone")
+    p.add_argument("--ray-address", help="Ray cluster to use without --nodes (default: auto)")
+    p.add_argument("--pin", metavar="HOLDER", help="also pin it on every node for HOLDER")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait per node")
+    _client_args(p, token=True)
     return parser
 
 
@@ -146,7 +169,7 @@ def cmd_node(args) -> int:
     serve(NodeConfig(registry=client.registry, cache_dir=args.cache, api_host=api_host, api_port=api_port,
                      peer_host=peer_host, peer_port=peer_port, zone=args.zone, token=client.token,
                      upload_limit=parse_size(args.upload_limit), download_limit=parse_size(args.download_limit),
-                     webseed_grace_s=args.webseed_grace, quota=parse_size(args.quota)))
+                     webseed_grace_s=args.webseed_grace, quota=parse_size(args.quota), p2p=not args.no_p2p))
     return 0
 
 
@@ -200,6 +223,37 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_ray(args) -> int:
+    from serve_glue.launcher import start
+
+    ray_args = args.ray_args[1:] if args.ray_args[:1] == ["--"] else args.ray_args
+    plan = start(args.node, ray_args, accelerator=args.accelerator, zone=args.zone, preloaded=args.preload,
+                 dry_run=args.dry_run)
+    for key, value in sorted(plan.env.items()):
+        print(f"export {key}='{value}'")
+    print(" ".join(plan.argv))
+    return 0
+
+
+def cmd_prewarm(args) -> int:
+    from serve_glue.prewarm import prewarm_nodes, prewarm_ray
+
+    Reference.parse(args.ref)
+    if args.nodes:
+        urls = [u.strip() for u in args.nodes.split(",") if u.strip()]
+        results = asyncio.run(prewarm_nodes(args.ref, urls, zone=args.zone, pin=args.pin,
+                                            token=ClientConfig.from_env(token=args.token).token,
+                                            deadline_s=args.timeout))
+    else:
+        results = prewarm_ray(args.ref, zone=args.zone, pin=args.pin, address=args.ray_address,
+                              deadline_s=args.timeout)
+    for r in results:
+        where = f"peers {_human(r.bytes_from_peers)} origin {_human(r.bytes_from_origin)}" if r.ok else r.error
+        print(f"{r.node:40} {'ok' if r.ok else 'FAILED':6} {r.seconds:8.2f} s  {where}")
+    print(json.dumps({"ref": args.ref, "nodes": [r.to_json() for r in results]}))
+    return 0 if results and all(r.ok for r in results) else 1
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -209,7 +263,7 @@ def _human(n: float) -> str:
 
 
 COMMANDS = {"tracker": cmd_tracker, "publish": cmd_publish, "node": cmd_node, "pull": cmd_pull,
-            "ls": cmd_ls, "inspect": cmd_inspect}
+            "ls": cmd_ls, "inspect": cmd_inspect, "ray": cmd_ray, "prewarm": cmd_prewarm}
 
 
 def main(argv: list[str] | None = None) -> int:

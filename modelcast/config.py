@@ -123,6 +123,8 @@ class NodeConfig:
     heartbeat_interval_s: float = 1.0
     heartbeat_ttl_s: float = 3.0
     quota: int = 0  # bytes; 0 = no quota
+    # Off: no tracker, no peers; every byte from the origin (the baseline of benchmarks/fanout.py).
+    p2p: bool = True
 
 
 @dataclass(frozen=True)

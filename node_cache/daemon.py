@@ -30,6 +30,7 @@ from modelcast.manifest import Manifest
 from modelcast.progress import human_bytes
 from modelcast.reference import Reference
 from tracker.client import RegistryClient
+from tracker.firstcopy import HEADER as FIRST_COPY_HEADER
 
 from .engine import PieceSpan, TorrentEngine, check_torrent, piece_spans
 from .store import Store
@@ -57,6 +58,10 @@ class QuotaExceeded(PullFailed):
 
     code = "quota_exceeded"
     http_status = 507
+
+
+class ServedElsewhere(Exception):
+    """The origin served this piece to another node moments ago; take it from peers."""
 
 
 class TokenBucket:
@@ -280,6 +285,8 @@ class NodeDaemon:
             await asyncio.sleep(self.cfg.heartbeat_interval_s)
 
     def _trackers(self) -> list[str]:
+        if not self.cfg.p2p:
+            return []
         return [self.registry.announce_url(self.cfg.zone, self.node_id)]
 
     async def _adopt_complete(self, digest: str) -> None:
@@ -465,7 +472,7 @@ class NodeDaemon:
                         raise self._download_error(job, str(exc)) from exc
                     raise exc
                 self._sample(job)
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.1 if job.done_bytes < job.manifest.total_size else 0.02)
         finally:
             origin.cancel()
         self._sample(job)
@@ -525,9 +532,11 @@ class NodeDaemon:
         """
         # Give peers a moment to connect and show what they have, unless the tracker
         # already said nobody else is in the swarm.
-        grace_end = time.monotonic() + self.cfg.webseed_grace_s
-        while time.monotonic() < grace_end and self.engine.tracker_peers(job.digest) != 0:
+        grace_end = time.monotonic() + (self.cfg.webseed_grace_s if self.cfg.p2p else 0)
+        while (time.monotonic() < grace_end and self.engine.tracker_peers(job.digest) != 0
+               and not ((p := self.engine.progress(job.digest)) and p.peers > 0)):
             await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05 if self.cfg.p2p else 0)  # the first peers' bitfields
         # While libtorrent re-checks files already on disk, every piece looks missing.
         while (p := self.engine.progress(job.digest)) is not None and p.state.startswith("checking"):
             await asyncio.sleep(0.05)
@@ -562,12 +571,16 @@ class NodeDaemon:
                         break
                     run.append(spans[nxt])
                     size += spans[nxt].size
-                task = asyncio.create_task(self._fetch_run(job, base, run))
+                task = asyncio.create_task(self._fetch_run(job, base, run, first_copy=not (alone or stalled)))
                 for span in run:
                     claimed[span.piece] = task
                     wanted.discard(span.piece)
                 candidates = sorted(wanted)
             tasks = set(claimed.values())
+            if not tasks and not wanted and not candidates:
+                # Peers are delivering everything still missing: look again less often.
+                await asyncio.sleep(0.25)
+                continue
             if tasks:
                 await asyncio.wait(tasks, timeout=0.05, return_when=asyncio.FIRST_COMPLETED)
                 failed = False
@@ -575,23 +588,32 @@ class NodeDaemon:
                     if task.done():
                         del claimed[piece]
                         fetched_at[piece] = time.monotonic()
-                        failed |= task.exception() is not None
+                        failed |= task.exception() is not None and not isinstance(task.exception(), ServedElsewhere)
                 if failed:
-                    log.warning("origin fetch failed: %s", next(t.exception() for t in tasks if t.done() and t.exception()))
+                    log.warning("origin fetch failed: %s", next(t.exception() for t in tasks if t.done() and t.exception()
+                                                                 and not isinstance(t.exception(), ServedElsewhere)))
                     await asyncio.sleep(0.5)
             else:
                 await asyncio.sleep(0.05)
         for task in set(claimed.values()):
             task.cancel()
 
-    async def _fetch_run(self, job: PullJob, base: str, run: list[PieceSpan]) -> None:
-        """Fetch consecutive pieces of one file with one range request and hand them to libtorrent."""
+    async def _fetch_run(self, job: PullJob, base: str, run: list[PieceSpan], first_copy: bool = False) -> None:
+        """Fetch consecutive pieces of one file with one range request and hand them to libtorrent.
+
+        With ``first_copy`` the origin may answer 409: another node just took this piece,
+        and it will reach us through the swarm (tracker/firstcopy.py).
+        """
         first, last = run[0], run[-1]
         start, end = first.file_offset, last.file_offset + last.length - 1
         url = base + "/".join(aiohttp.helpers.quote(part, safe="") for part in first.path.split("/"))
         headers = {"Range": f"bytes={start}-{end}", **bearer(self.cfg.token)}
+        if first_copy:
+            headers[FIRST_COPY_HEADER] = "1"
         try:
             async with self._http.get(url, headers=headers) as resp:
+                if resp.status == 409 and first_copy:
+                    raise ServedElsewhere(first.piece)
                 if resp.status not in (200, 206):
                     raise Unreachable(f"origin answered HTTP {resp.status} for {first.path}")
                 if self._origin_bucket is None:

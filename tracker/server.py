@@ -34,6 +34,7 @@ from .protocol import (ProtocolError, encode_announce, encode_failure, encode_sc
                        parse_scrape, set_announce)
 from .store import MAX_LIST_LIMIT, RegistryStore
 from .swarm import SwarmRegistry
+from .firstcopy import HEADER as FIRST_COPY_HEADER, FirstCopyGate
 from .torrent_check import check_torrent
 
 log = logging.getLogger("modelcast.tracker")
@@ -85,6 +86,7 @@ SWARMS = web.AppKey("swarms", SwarmRegistry)
 STATS = web.AppKey("stats", Stats)
 ORIGINS = web.AppKey("origins", OriginCache)
 WEBSEED_CACHE = web.AppKey("webseed_cache", OrderedDict)
+FIRST_COPY = web.AppKey("first_copy", FirstCopyGate)
 
 
 # ---------------------------------------------------------------------------------------
@@ -218,6 +220,7 @@ async def stats(request: web.Request) -> web.Response:
     return web.json_response({
         "origin_bytes_served": app[STATS].origin_bytes_served,
         "origin_requests": app[STATS].origin_requests,
+        "origin_refused_repeats": app[FIRST_COPY].refused,
         "announces": swarms.announces,
         "swarms": swarms.active_swarms(),
     })
@@ -383,6 +386,14 @@ async def webseed(request: web.Request) -> web.StreamResponse:
     entry = art.files.get(tail[len(prefix):]) if tail.startswith(prefix) else None
     if entry is None:
         raise ArtifactNotFound(f"file {tail!r} is not in artifact {digest} (paths start with {prefix!r})")
+    span = _byte_range(request, entry.size) if entry.size else None
+    first_byte, last_byte = span if span is not None else (0, max(entry.size - 1, 0))
+    if not request.app[FIRST_COPY].admit(digest, tail, first_byte, last_byte,
+                                         first_copy=request.headers.get(FIRST_COPY_HEADER) == "1"):
+        # Another node fetched these bytes moments ago; they will come from the swarm.
+        return web.json_response({"error": {"code": "served_elsewhere",
+                                            "message": f"{tail} bytes {first_byte}-{last_byte} were just served to "
+                                                       "another node; take them from peers"}}, status=409)
     origin = await request.app[ORIGINS].get(art.origin_url, art.s3_endpoint)
     local = origin.blob_local_path(entry.xxh3_128)
     if local is not None:
@@ -534,6 +545,7 @@ def make_app(cfg: TrackerConfig) -> web.Application:
     app[STATS] = Stats()
     app[ORIGINS] = OriginCache(cfg.s3_endpoint)
     app[WEBSEED_CACHE] = OrderedDict()
+    app[FIRST_COPY] = FirstCopyGate()
     app.cleanup_ctx.append(_registry_ctx)
     app.on_response_prepare.append(_count_origin_bytes)
     app.router.add_get("/v1/health", health)
