@@ -37,7 +37,8 @@ from .store import Store
 
 log = logging.getLogger("modelcast.node")
 
-ORIGIN_PARALLEL = 4  # origin requests in flight at once per node
+ORIGIN_PARALLEL = 4  # origin requests in flight at once per node with no peers
+ORIGIN_PARALLEL_SWARM = 2  # ... and with peers
 ORIGIN_RUN_BYTES = 8 << 20  # a node with no peers asks the origin for up to this much per request
 STALL_S = 5.0  # without progress for this long, fetch from the origin even what peers claim to have
 REMOVE_TIMEOUT_S = 10.0
@@ -560,7 +561,10 @@ class NodeDaemon:
                       and (stalled or alone or (avail[i] == 0 and i not in queued))}
             candidates = sorted(wanted)
             run_limit = self._run_bytes if alone else 1
-            while candidates and len(set(claimed.values())) < ORIGIN_PARALLEL:
+            # Alone, several runs at once fill the pipe; in a swarm the origin is shared, and
+            # fewer requests in flight each finish sooner, so new pieces reach peers sooner.
+            parallel = ORIGIN_PARALLEL if alone else ORIGIN_PARALLEL_SWARM
+            while candidates and len(set(claimed.values())) < parallel:
                 first = candidates[rng.randrange(len(candidates))]
                 run = [spans[first]]
                 size = spans[first].size

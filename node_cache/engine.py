@@ -124,6 +124,8 @@ class TorrentEngine:
             "unchoke_slots_limit": -1 if upload_limit == 0 else 16,
             "upload_rate_limit": upload_limit,
             "download_rate_limit": download_limit,
+            # Limits are for payload; libtorrent's estimate of IP overhead would take ~5%.
+            "rate_limit_ip_overhead": False,
             "alert_mask": (lt.alert_category.error | lt.alert_category.status | lt.alert_category.storage
                            | lt.alert_category.tracker | lt.alert_category.peer),
             "alert_queue_size": 10000,
