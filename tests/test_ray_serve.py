@@ -23,6 +23,7 @@ from ray import serve  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
 from modelcast.procs import free_port  # noqa: E402
+from tests.helpers import run_cli  # noqa: E402
 from serve_glue import WarmArtifacts, model_loader, modelcast_options, multiplexed_model_id  # noqa: E402
 from serve_glue.testing import LocalFleet  # noqa: E402
 
@@ -53,6 +54,7 @@ def fleet(tmp_path_factory):
             "mc/plugin:v1": f.publish(write_onnx_model(work / "m-plugin", 1 * MiB, 1), "mc/plugin:v1"),
             "mc/onnx:v1": f.publish(write_onnx_model(work / "m-onnx", 24 * MiB, 2), "mc/onnx:v1"),
             "mc/multi-a:v1": f.publish(write_onnx_model(work / "m-a", 1000, 3), "mc/multi-a:v1"),
+            "mc/prewarm:v1": f.publish(write_onnx_model(work / "m-prewarm", 2 * MiB, 4), "mc/prewarm:v1"),
         }
         f.start_daemon(0)  # node 1's daemon stays down until test_plugin_waits_for_daemon
         f.start_ray()
@@ -259,3 +261,24 @@ def test_multiplexed_loader_resolves_model_ids_through_node_cache(fleet, serve_u
     digest = fleet.digests["mc/multi-a:v1"]
     assert any(fleet.artifact_dir(i, digest).exists() for i in range(2))
     serve.delete("router")
+
+
+def test_prewarm_through_ray_on_every_node_then_by_url_and_zone(fleet):
+    from serve_glue.prewarm import prewarm_ray
+
+    fleet.ensure_daemon(1)
+    digest = fleet.digests["mc/prewarm:v1"]
+    results = prewarm_ray("mc/prewarm:v1")
+    assert sorted(r.node for r in results) == sorted([fleet.node_url(0), fleet.node_url(1)])
+    assert all(r.ok and r.digest == digest and r.seconds > 0 for r in results), results
+    assert all(fleet.artifact_dir(i, digest).exists() for i in range(2))
+    # By daemon URL, no Ray: --zone keeps only node 1; a warm artifact answers at once.
+    out = run_cli("prewarm", "mc/prewarm:v1", "--nodes", f"{fleet.node_url(0)},{fleet.node_url(1)}",
+                  "--zone", fleet.zone(1), "--pin", "rollout-7")
+    assert out.returncode == 0, out.stderr
+    [only] = json.loads(out.stdout.strip().splitlines()[-1])["nodes"]
+    assert only["node"] == fleet.node_url(1) and only["ok"] and only["seconds"] < 2
+    pins = json.load(urllib.request.urlopen(f"{fleet.node_url(1)}/v1/pins", timeout=5))["pins"]
+    assert "rollout-7" in pins[digest]
+    out = run_cli("prewarm", "mc/no-such:v1", "--nodes", fleet.node_url(0))
+    assert out.returncode == 1 and "not found" in out.stdout
