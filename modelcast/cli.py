@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import (ClientConfig, NodeConfig, PublishConfig, TrackerConfig, ENV_S3_ENDPOINT, env_str,
-                     parse_hostport, parse_size)
+from .config import (ClientConfig, NodeConfig, PublishConfig, RuntimeBuildConfig, TrackerConfig, ENV_S3_ENDPOINT,
+                     env_str, parse_hostport, parse_size)
 from .errors import ModelcastError
 from .reference import Reference
 
@@ -81,6 +81,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download-limit", default="0", help="download limit in bytes/s, 0 = none")
     p.add_argument("--webseed-grace", type=float, default=NodeConfig.webseed_grace_s,
                    help="seconds without peer progress before the origin web seed is used")
+    p.add_argument("--accel-root", type=Path, default=NodeConfig.accel_root,
+                   help="where accelerator detection looks for /dev, /proc and driver files (for tests)")
+
+    p = sub.add_parser("runtime", help="accelerator runtime layers: build, resolve on a node, export as OCI")
+    actions = p.add_subparsers(dest="runtime_action", required=True, metavar="ACTION")
+    a = actions.add_parser("build", help="build every variant of a runtime spec (TOML) and publish the layers "
+                                         "and their index; the last stdout line is the index digest")
+    a.add_argument("spec", type=Path)
+    a.add_argument("--origin", required=True, help="file:///DIR or s3://BUCKET/PREFIX")
+    a.add_argument("--s3-endpoint", help="S3 endpoint URL (env MODELCAST_S3_ENDPOINT)")
+    a.add_argument("--wheelhouse", type=Path, help="install only from this directory of wheels (no network)")
+    a.add_argument("--tag", help="tag of the index and layers (default: the spec's version)")
+    a.add_argument("--variant", action="append", metavar="ID", help="build only this variant (cpu, cuda12, ...)")
+    a.add_argument("--out", type=Path, help="keep the layer artifacts in this directory")
+    _client_args(a, registry=True, token=True)
+    a = actions.add_parser("resolve", help="have a node activate the runtime variant that fits it; prints the "
+                                           "environment as export lines")
+    a.add_argument("ref", help="NAME:TAG of a runtime index (or a runtime layer)")
+    a.add_argument("--dry-run", action="store_true", help="only say which variant fits; pull no layer")
+    a.add_argument("--python-abi", help="the workers' Python ABI, e.g. cp311 (default: the daemon's)")
+    a.add_argument("--json", action="store_true", help="print the node's whole answer as JSON")
+    _client_args(a, node=True)
+    a = actions.add_parser("export", help="write a runtime's variants as an OCI image layout (skopeo reads it)")
+    a.add_argument("ref", help="NAME:TAG of a runtime index")
+    a.add_argument("--oci", required=True, type=Path, help="directory of the OCI image layout")
+    _client_args(a, registry=True, token=True)
+    a = actions.add_parser("detect", help="print this machine's accelerator as the node daemon sees it")
+    a.add_argument("--root", type=Path, default=Path("/"), help="filesystem root to look in")
 
     p = sub.add_parser("pull", help="make an artifact warm on a node and print its local path")
     p.add_argument("ref")
@@ -169,7 +197,54 @@ def cmd_node(args) -> int:
     serve(NodeConfig(registry=client.registry, cache_dir=args.cache, api_host=api_host, api_port=api_port,
                      peer_host=peer_host, peer_port=peer_port, zone=args.zone, token=client.token,
                      upload_limit=parse_size(args.upload_limit), download_limit=parse_size(args.download_limit),
-                     webseed_grace_s=args.webseed_grace, quota=parse_size(args.quota), p2p=not args.no_p2p))
+                     webseed_grace_s=args.webseed_grace, quota=parse_size(args.quota), p2p=not args.no_p2p,
+                     accel_root=args.accel_root))
+    return 0
+
+
+def cmd_runtime(args) -> int:
+    if args.runtime_action == "build":
+        from runtime_builder.build import build_and_publish
+        from runtime_builder.spec import RuntimeSpec
+
+        client = ClientConfig.from_env(registry=args.registry, token=args.token)
+        spec = RuntimeSpec.load(args.spec)
+        cfg = RuntimeBuildConfig.from_env(registry=client.registry, origin=args.origin, s3_endpoint=args.s3_endpoint,
+                                          token=client.token, wheelhouse=args.wheelhouse, out_dir=args.out)
+        result = asyncio.run(build_and_publish(spec, cfg, tag=args.tag, only=args.variant,
+                                               report=lambda line: print(line, flush=True)))
+        print(result.digest)
+        return 0
+    if args.runtime_action == "resolve":
+        from node_cache.runtime import RuntimeClient
+
+        client = ClientConfig.from_env(node=args.node)
+        Reference.parse(args.ref)
+
+        async def run():
+            async with RuntimeClient(client.node) as node:
+                return await (node.resolve(args.ref) if args.dry_run else node.activate(args.ref, args.python_abi))
+
+        answer = asyncio.run(run())
+        print(f"# {args.ref}: variant {answer['variant']} for {answer['node']['description']} ({answer['reason']})",
+              file=sys.stderr)
+        if args.json or args.dry_run:
+            print(json.dumps(answer, indent=2, sort_keys=True))
+        else:
+            for key, value in sorted(answer["env"].items()):
+                print(f"export {key}='{value}'")
+        return 0
+    if args.runtime_action == "export":
+        from runtime_builder.oci import export_oci
+
+        client = ClientConfig.from_env(registry=args.registry, token=args.token)
+        for name, digest in asyncio.run(export_oci(args.ref, client.registry, client.token, args.oci)):
+            print(f"oci:{args.oci}:{name} {digest}")
+        return 0
+    from node_cache.runtime import detect_accelerator, this_interpreter
+
+    accel = detect_accelerator(args.root)
+    print(json.dumps({**accel.to_json(), "target": this_interpreter().describe()}, indent=2))
     return 0
 
 
@@ -262,7 +337,7 @@ def _human(n: float) -> str:
     return str(n)
 
 
-COMMANDS = {"tracker": cmd_tracker, "publish": cmd_publish, "node": cmd_node, "pull": cmd_pull,
+COMMANDS = {"tracker": cmd_tracker, "publish": cmd_publish, "node": cmd_node, "runtime": cmd_runtime, "pull": cmd_pull,
             "ls": cmd_ls, "inspect": cmd_inspect, "ray": cmd_ray, "prewarm": cmd_prewarm}
 
 

@@ -16,6 +16,8 @@ ENV_REGISTRY = "MODELCAST_REGISTRY"
 ENV_NODE = "MODELCAST_NODE"
 ENV_TOKEN = "MODELCAST_TOKEN"
 ENV_S3_ENDPOINT = "MODELCAST_S3_ENDPOINT"
+ENV_WHEELHOUSE = "MODELCAST_WHEELHOUSE"
+ENV_SOURCE_DATE_EPOCH = "SOURCE_DATE_EPOCH"  # the reproducible-builds convention for fixed timestamps
 
 DEFAULT_REGISTRY = "http://127.0.0.1:7070"
 DEFAULT_NODE = "http://127.0.0.1:7071"
@@ -125,6 +127,9 @@ class NodeConfig:
     quota: int = 0  # bytes; 0 = no quota
     # Off: no tracker, no peers; every byte from the origin (the baseline of benchmarks/fanout.py).
     p2p: bool = True
+    # Where accelerator detection looks for /proc/driver/nvidia, /dev/davinci* and driver
+    # version files; tests point it at a faked tree (node_cache/runtime.py).
+    accel_root: Path = Path("/")
 
 
 @dataclass(frozen=True)
@@ -137,3 +142,29 @@ class PublishConfig:
     token: str | None = None
     hash_workers: int = field(default_factory=lambda: max(2, os.cpu_count() or 2))
     upload_workers: int = 8
+
+
+@dataclass(frozen=True)
+class RuntimeBuildConfig:
+    """One ``modelcast runtime build``: where layers are published and where packages come from."""
+
+    registry: str = DEFAULT_REGISTRY
+    origin: str = ""
+    s3_endpoint: str | None = None
+    token: str | None = None
+    # A directory of wheels: pip installs only from it, offline.  None: pip's configured index.
+    wheelhouse: Path | None = None
+    # Where layer artifacts are written (kept); None: a temporary directory, removed after publish.
+    out_dir: Path | None = None
+    # Timestamp of every layer entry: the same inputs give the same bytes and digest.
+    source_date_epoch: int = 0
+    pip_timeout_s: float = 1800.0
+
+    @classmethod
+    def from_env(cls, **kwargs) -> "RuntimeBuildConfig":
+        raw = env_str(ENV_SOURCE_DATE_EPOCH, "0")
+        if not raw.isdigit():
+            raise BadRequest(f"environment variable {ENV_SOURCE_DATE_EPOCH}={raw!r} is not a whole number of seconds")
+        if kwargs.get("s3_endpoint") is None:
+            kwargs["s3_endpoint"] = env_str(ENV_S3_ENDPOINT)
+        return cls(source_date_epoch=int(raw), **kwargs)

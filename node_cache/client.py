@@ -16,9 +16,11 @@ class NodeClient(JsonClient):
     async def health(self) -> dict:
         return await self.request("GET", "/v1/health", what="node health")
 
-    async def pull(self, ref: str, wait: bool = True) -> dict:
+    async def pull(self, ref: str, wait: bool = True, pin: str | None = None) -> dict:
+        """Make ``ref`` warm (``wait``: until verified); ``pin`` names a holder to pin it for."""
+        body = {"ref": ref, "wait": wait, **({"pin": pin} if pin else {})}
         # A waiting pull lasts as long as the download: no client-side timeout.
-        return await self.request("POST", "/v1/pull", json={"ref": ref, "wait": wait}, what=f"pull {ref}",
+        return await self.request("POST", "/v1/pull", json=body, what=f"pull {ref}",
                                   timeout_s=None if wait else 60)
 
     async def status(self, digest: str) -> dict:

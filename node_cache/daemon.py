@@ -33,6 +33,7 @@ from tracker.client import RegistryClient
 from tracker.firstcopy import HEADER as FIRST_COPY_HEADER
 
 from .engine import PieceSpan, TorrentEngine, check_torrent, piece_spans
+from .runtime import add_runtime_routes
 from .store import Store
 
 log = logging.getLogger("modelcast.node")
@@ -882,6 +883,7 @@ def make_app(cfg: NodeConfig) -> web.Application:
     app.router.add_delete(f"/v1/pins/{digest}", handle_unpin)
     app.router.add_get("/v1/health", handle_health)
     app.router.add_get("/metrics", handle_metrics)
+    add_runtime_routes(app, DAEMON)
     return app
 
 

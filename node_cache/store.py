@@ -281,7 +281,11 @@ class Store:
         src, dest = self.artifact_path(digest), self.partial_path(digest)
         if dest.exists():
             self.remove_tree(dest)
-        os.rename(src, dest)
+        try:
+            os.rename(src, dest)
+        except FileNotFoundError:
+            # The whole artifact was deleted behind our back: repair means fetch it all.
+            dest.mkdir(parents=True)
         for dirpath, dirnames, filenames in os.walk(dest):
             os.chmod(dirpath, 0o755)
             for name in filenames:

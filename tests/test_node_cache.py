@@ -178,6 +178,13 @@ def test_corruption_is_caught_at_start_and_by_verify_and_repaired_from_the_swarm
         metric(node.url, "modelcast_node_bytes_from_origin_total") < 16 * MiB + 300 + 4 * MiB
     log = (tmp_path / "logs" / "n.log").read_text()
     assert "failed verification" in log
+    # 3. The whole directory deleted behind its back: a pull never answers with a missing path.
+    subprocess.run(["chmod", "-R", "u+w", str(path)], check=True)
+    shutil.rmtree(path)
+    out = run_cli("pull", "rot/m:v1", "--node", node.url)
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip().splitlines()[-1]) == path and tree_hashes(path) == tree_hashes(model)
+    assert metric(node.url, "modelcast_node_repairs_total") == 3
 
 
 def test_a_peer_sending_corrupt_pieces_is_banned_and_the_download_ends_correct(tracker, node_factory, tmp_path):

@@ -1,0 +1,90 @@
+"""``modelcast runtime build``: build every variant of a spec, publish each layer, then the index."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from distributor.publish import publish
+from modelcast.config import PublishConfig, RuntimeBuildConfig
+from modelcast.reference import Reference, validate_tag
+from modelcast.runtime_index import (ANN_ACCELERATOR, ANN_ACCELERATOR_VERSION, ANN_LAYER_SHA256, ANN_PLATFORM,
+                                     ANN_PYTHON_ABI, ANN_RUNTIME, ANN_VERSION, INDEX_FILE, RuntimeIndex, Variant)
+
+from .layer import BuiltLayer, build_variant
+from .spec import RuntimeSpec
+
+log = logging.getLogger("modelcast.runtime")
+
+
+@dataclass(frozen=True)
+class PublishedVariant:
+    layer: BuiltLayer
+    variant: Variant  # as listed in the index
+    publish_s: float
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    ref: str  # name:tag of the index
+    digest: str  # of the runtime-index artifact
+    index: RuntimeIndex
+    variants: tuple[PublishedVariant, ...]
+    seconds: float
+
+
+def layer_annotations(spec: RuntimeSpec, layer: BuiltLayer) -> dict[str, str]:
+    v = layer.variant
+    return {ANN_RUNTIME: spec.name, ANN_VERSION: spec.version, ANN_ACCELERATOR: v.accelerator,
+            ANN_ACCELERATOR_VERSION: v.accelerator_version, ANN_PLATFORM: v.platform, ANN_PYTHON_ABI: v.python_abi,
+            ANN_LAYER_SHA256: layer.sha256}
+
+
+async def build_and_publish(spec: RuntimeSpec, cfg: RuntimeBuildConfig, *, tag: str | None = None,
+                            only: list[str] | None = None, report=None) -> BuildResult:
+    """Build each variant (or those in ``only``), publish it as kind ``runtime``, then the index.
+
+    Layers are published as ``<name>/<variant id>:<tag>`` (``ort/cuda13:1.31.1``); the index
+    as ``<name>:<tag>``.  ``report`` is called with a line per finished step.
+    """
+    t0 = time.monotonic()
+    tag = validate_tag(tag or spec.version)
+    variants = [spec.variant(v) for v in only] if only else list(spec.variants)
+    pub_cfg = PublishConfig(registry=cfg.registry, origin=cfg.origin, s3_endpoint=cfg.s3_endpoint, token=cfg.token)
+    out_dir = cfg.out_dir or Path(tempfile.mkdtemp(prefix="modelcast-runtime-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    say = report or (lambda line: log.info("%s", line))
+    published: list[PublishedVariant] = []
+    try:
+        for vs in variants:
+            layer = await asyncio.to_thread(build_variant, spec, vs, out_dir, wheelhouse=cfg.wheelhouse,
+                                            source_date_epoch=cfg.source_date_epoch, timeout_s=cfg.pip_timeout_s)
+            t1 = time.monotonic()
+            name = spec.layer_name(vs)
+            result = await publish(layer.path, Reference(name, tag, None), pub_cfg, kind="runtime",
+                                   annotations=layer_annotations(spec, layer))
+            entry = Variant(accelerator=vs.accelerator, accelerator_version=vs.accelerator_version,
+                            platform=vs.platform, python_abi=vs.python_abi, name=name, digest=result.digest,
+                            layer_sha256=layer.sha256, size=layer.size)
+            published.append(PublishedVariant(layer, entry, time.monotonic() - t1))
+            say(f"{vs.id:10} {layer.size / 1e6:9.1f} MB  install {layer.install_s:6.1f} s  pack {layer.pack_s:5.1f} s"
+                f"  publish {time.monotonic() - t1:5.1f} s  {name}:{tag} {result.digest}")
+        index = RuntimeIndex(spec.name, spec.version, tuple(p.variant for p in published))
+        index_dir = out_dir / ".index"
+        shutil.rmtree(index_dir, ignore_errors=True)
+        index_dir.mkdir()
+        (index_dir / INDEX_FILE).write_bytes(index.canonical_bytes() + b"\n")
+        result = await publish(index_dir, Reference(spec.name, tag, None), pub_cfg, kind="runtime-index",
+                               annotations={ANN_RUNTIME: spec.name, ANN_VERSION: spec.version,
+                                            "variants": ",".join(sorted(p.variant.id for p in published))})
+        say(f"{'index':10} {spec.name}:{tag} {result.digest}")
+    finally:
+        if cfg.out_dir is None:
+            shutil.rmtree(out_dir, ignore_errors=True)
+    return BuildResult(ref=f"{spec.name}:{tag}", digest=result.digest, index=index, variants=tuple(published),
+                       seconds=time.monotonic() - t0)
