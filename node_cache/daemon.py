@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -346,6 +347,10 @@ class NodeDaemon:
             self.pin(digest, pin)
         self.touch(digest)
         job = self.jobs.get(digest)
+        if job is not None and job.state == "ready" and not os.path.isdir(job.path or ""):
+            # Deleted behind the daemon's back: never hand out a path that is not there.
+            await self._repair(job, f"{job.path} is missing")
+            return self.jobs[digest]
         if job is not None and job.state != "failed":
             return job
         return self._start_job(PullJob(digest, manifest))
