@@ -11,7 +11,7 @@ SYSTEM_TOOLS := aria2c:aria2 skopeo:skopeo tc:iproute2
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,ray]'
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/fanout.py
 	$(BIN)/python benchmarks/fanout.py --nodes 16 --no-baseline
 	$(BIN)/python benchmarks/fanout.py --zones 2 --no-baseline
+	$(BIN)/python benchmarks/serve_start.py
 
 clean:
 	rm -rf $(VENV) demo-data .pytest_cache
