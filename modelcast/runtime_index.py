@@ -70,6 +70,21 @@ def parse_platform(tag: str) -> tuple[tuple[int, int] | None, str]:
     return glibc, m.group(5)
 
 
+def compatible_platforms(tag: str) -> list[str]:
+    """Every wheel platform tag a ``tag`` machine runs, newest first (for ``pip --platform``).
+
+    pip takes ``--platform manylinux_2_28_x86_64`` literally and would refuse a wheel tagged
+    only ``manylinux2014_x86_64`` (glibc 2.17), which runs on that machine just as well.
+    """
+    glibc, arch = parse_platform(tag)
+    if glibc is None or glibc[0] != 2:
+        return [tag]
+    tags = [f"manylinux_2_{minor}_{arch}" for minor in range(glibc[1], 4, -1)]
+    tags += [f"manylinux{alias}_{arch}" for alias, need in sorted(_LEGACY_MANYLINUX.items(), key=lambda kv: kv[1],
+                                                                   reverse=True) if need <= glibc]
+    return tags
+
+
 def python_abi_for(version: str) -> str:
     """``"3.11"`` -> ``"cp311"``."""
     m = re.fullmatch(r"3\.(\d{1,2})", version or "")

@@ -15,6 +15,7 @@ from modelcast.config import PublishConfig, RuntimeBuildConfig
 from modelcast.reference import Reference, validate_tag
 from modelcast.runtime_index import (ANN_ACCELERATOR, ANN_ACCELERATOR_VERSION, ANN_LAYER_SHA256, ANN_PLATFORM,
                                      ANN_PYTHON_ABI, ANN_RUNTIME, ANN_VERSION, INDEX_FILE, RuntimeIndex, Variant)
+from tracker.client import RegistryClient
 
 from .layer import BuiltLayer, build_variant
 from .spec import RuntimeSpec
@@ -59,6 +60,9 @@ async def build_and_publish(spec: RuntimeSpec, cfg: RuntimeBuildConfig, *, tag: 
     out_dir = cfg.out_dir or Path(tempfile.mkdtemp(prefix="modelcast-runtime-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     say = report or (lambda line: log.info("%s", line))
+    async with RegistryClient(cfg.registry, cfg.token) as registry:
+        # A wrong token or a dead registry should fail now, not after minutes of pip.
+        await registry.check_write_access(f"runtime build {spec.name}:{tag}")
     published: list[PublishedVariant] = []
     try:
         for vs in variants:

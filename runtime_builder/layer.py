@@ -26,7 +26,7 @@ from pathlib import Path
 
 from modelcast.errors import ModelcastError
 from modelcast.manifest import canonical_json
-from modelcast.runtime_index import LAYER_FILE, LAYER_META_FILE
+from modelcast.runtime_index import LAYER_FILE, LAYER_META_FILE, compatible_platforms
 
 from .elf import NotElf, needed_libraries
 from .spec import RuntimeSpec, VariantSpec
@@ -70,7 +70,8 @@ def pip_install(variant: VariantSpec, target: Path, *, wheelhouse: Path | None, 
     the CUDA and CANN builds.  With a wheelhouse pip runs ``--isolated --no-index``: only
     those wheels, no network, no pip configuration of this machine.
     """
-    argv = [sys.executable, "-m", "pip", "install", "--target", str(target), "--platform", variant.platform,
+    platforms = [arg for tag in compatible_platforms(variant.platform) for arg in ("--platform", tag)]
+    argv = [sys.executable, "-m", "pip", "install", "--target", str(target), *platforms,
             "--python-version", variant.python, "--implementation", "cp", "--abi", variant.python_abi,
             "--only-binary=:all:", "--no-compile", "--disable-pip-version-check", "--no-warn-script-location",
             "--quiet"]

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from modelcast.config import ENV_WHEELHOUSE, env_str
+from modelcast.runtime_index import compatible_platforms
 from modelcast.procs import ServiceProcess, free_port, modelcast_argv
 
 from .conftest import S3_ENV
@@ -39,9 +40,9 @@ def wheelhouse() -> Path:
     done = where / f".complete-{key}"
     if not done.exists():
         where.mkdir(parents=True, exist_ok=True)
+        platforms = [arg for tag in compatible_platforms(PLATFORM) for arg in ("--platform", tag)]
         out = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-                              "-d", str(where), "--only-binary=:all:", "--platform", PLATFORM, "--python-version",
-                              PYTHON, "--implementation", "cp", *WHEELS], capture_output=True, text=True,
+                              "-d", str(where), "--only-binary=:all:", *platforms, "--python-version", PYTHON, "--implementation", "cp", *WHEELS], capture_output=True, text=True,
                              timeout=1800)
         if out.returncode != 0:
             pytest.fail(f"could not download the test wheelhouse into {where} (needs PyPI once; or set "
