@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # Debian tools some tests drive as real peers or readers (skipped, with the reason printed, without them).
 SYSTEM_TOOLS := aria2c:aria2 skopeo:skopeo tc:iproute2
 
-.PHONY: install system-tools demo test bench clean
+.PHONY: install system-tools demo test bench runtime-cuda-full clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/fanout.py --nodes 16 --no-baseline
 	$(BIN)/python benchmarks/fanout.py --zones 2 --no-baseline
 	$(BIN)/python benchmarks/serve_start.py
+
+# The full CUDA variant: onnxruntime-gpu with its CUDA 13 / cuDNN wheels (~1.5 GB download,
+# 2.6 GB layer), outside `make test`; runs the model on CUDAExecutionProvider where a GPU is.
+runtime-cuda-full: $(STAMP)
+	$(BIN)/python -m runtime_builder.check_cuda $(if $(WHEELHOUSE),--wheelhouse $(WHEELHOUSE))
 
 clean:
 	rm -rf $(VENV) demo-data .pytest_cache
