@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Callable, Iterator
@@ -96,33 +95,45 @@ class FileOrigin(Origin):
                 except FileNotFoundError:
                     pass
                 raise
+            # The rename is durable only once the directory is on disk too; without this a
+            # crash could lose a blob the registry already lists.
+            dir_fd = os.open(dest.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OriginError:
+            raise
         except OSError as exc:
             raise OriginError(f"cannot write {dest} in origin {self.url}: {exc}") from exc
 
     def put_blob(self, key: str, src: Path, size: int, progress: Progress = None) -> None:
         def copy(out) -> None:
+            done = 0
             with open(src, "rb") as inp:
-                done = 0
                 try:
                     # Kernel-side copy: ~3.5x faster than read/write here, and a reflink
-                    # on filesystems that support one.
-                    while True:
-                        n = os.copy_file_range(inp.fileno(), out.fileno(), 64 * READ_CHUNK)
-                        if not n:
-                            return
+                    # on filesystems that support one.  It advances both file offsets, so
+                    # the read/write loop below picks up wherever it stopped.
+                    while n := os.copy_file_range(inp.fileno(), out.fileno(), 64 * READ_CHUNK):
                         done += n
                         if progress:
                             progress(n)
                 except OSError:
+                    # EXDEV/EINVAL/ENOSYS on some kernels and filesystems: fall back to copying.
                     if done:
                         raise
-                while True:
-                    chunk = inp.read(8 * READ_CHUNK)
-                    if not chunk:
-                        break
+                # Some filesystems answer 0 instead of an error: copy what is left by hand.
+                while chunk := inp.read(8 * READ_CHUNK):
                     out.write(chunk)
+                    done += len(chunk)
                     if progress:
                         progress(len(chunk))
+            if done != size:
+                # The blob's name is the hash of ``size`` bytes; other bytes under it would
+                # poison every node that fetches it.
+                raise OriginError(f"{src} is {done} bytes but was hashed at {size}; it changed while "
+                                  f"publishing to {self.url}; publish again once it is stable")
 
         self._atomic_write(self._path(blob_relpath(key)), copy)
 
@@ -154,7 +165,8 @@ class S3Origin(Origin):
     MULTIPART_THRESHOLD = 64 * 1024 * 1024
     MULTIPART_CHUNK = 16 * 1024 * 1024
 
-    def __init__(self, bucket: str, prefix: str, endpoint_url: str | None = None, max_concurrency: int = 8):
+    def __init__(self, bucket: str, prefix: str, endpoint_url: str | None = None, max_concurrency: int = 8, *,
+                 multipart_threshold: int | None = None, multipart_chunk: int | None = None):
         import boto3
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
@@ -169,12 +181,11 @@ class S3Origin(Origin):
             config=Config(max_pool_connections=max(10, max_concurrency * 2), retries={"max_attempts": 5, "mode": "standard"}),
         )
         self._transfer = TransferConfig(
-            multipart_threshold=self.MULTIPART_THRESHOLD,
-            multipart_chunksize=self.MULTIPART_CHUNK,
+            multipart_threshold=multipart_threshold or self.MULTIPART_THRESHOLD,
+            multipart_chunksize=multipart_chunk or self.MULTIPART_CHUNK,
             max_concurrency=max_concurrency,
             use_threads=True,
         )
-        self._lock = threading.Lock()
 
     def _key(self, relpath: str) -> str:
         return f"{self.prefix}/{relpath}" if self.prefix else relpath
