@@ -47,6 +47,9 @@ from node_cache.client import NodeClient  # noqa: E402
 
 TRACKER_ADDR = "127.0.0.10"
 NS_ENV = "MODELCAST_BENCH_NETNS"
+# The HTB classes that carry cross-zone traffic, named by the outer process (which shaped
+# the namespace) for the inner one (which reads their counters).
+CROSS_ENV = "MODELCAST_BENCH_CROSS_CLASSES"
 
 
 def node_addr(i: int, zones: int, nodes: int) -> tuple[str, str]:
@@ -118,13 +121,16 @@ def run_once(work: Path, tag: str, registry: str, ref: str, args, shaping: str, 
 def inner(args, shaping: str) -> dict:
     work = Path(tempfile.mkdtemp(prefix="modelcast-fanout-"))
     ns = netns.Namespace(os.environ[NS_ENV]) if shaping == "htb" else None
+    if ns is not None:
+        ns.cross_classes = [c for c in os.environ.get(CROSS_ENV, "").split(",") if c]
     tracker = None
     try:
         write_files(work / "model", args.size, 4)
         port = free_port(TRACKER_ADDR)
         registry = f"http://{TRACKER_ADDR}:{port}"
         tracker = ServiceProcess(modelcast_argv("tracker", "--listen", f"{TRACKER_ADDR}:{port}", "--data",
-                                                str(work / "registry"), "--token", "t"),
+                                                str(work / "registry"), "--token", "t",
+                                                "--zone-gateways", str(args.zone_gateways)),
                                  f"{registry}/v1/health", work / "logs" / "tracker.log", name="tracker").start()
         result = publish_sync(work / "model", Reference.parse("bench/fanout:v1"),
                               PublishConfig(registry=registry, origin=(work / "origin").as_uri(), token="t"))
@@ -165,6 +171,8 @@ def main() -> int:
     ap.add_argument("--rate", type=parse_size, default=parse_size("20M"), help="per-node and origin bytes/s")
     ap.add_argument("--zones", type=int, default=1, choices=[1, 2])
     ap.add_argument("--cross-zone-rate", type=parse_size, default=None, help="default: rate / 4")
+    ap.add_argument("--zone-gateways", type=int, default=2,
+                    help="tracker: peers per zone and swarm that are handed other zones' peers (0: all)")
     ap.add_argument("--shaping", choices=["auto", "htb", "libtorrent"], default="auto")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--timeout", type=float, default=900)
@@ -186,7 +194,7 @@ def main() -> int:
             shaped.append(netns.Shaped(addr, args.rate, other_prefix=other, cross_rate=cross if other else None))
         with netns.Namespace(name) as ns:
             ns.shape(shaped)
-            env = {**os.environ, NS_ENV: name}
+            env = {**os.environ, NS_ENV: name, CROSS_ENV: ",".join(ns.cross_classes)}
             proc = subprocess.run(["ip", "netns", "exec", name, sys.executable, __file__, *sys.argv[1:]], env=env,
                                   stdout=subprocess.PIPE, text=True)
             lines = proc.stdout.strip().splitlines()

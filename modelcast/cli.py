@@ -11,6 +11,7 @@ from pathlib import Path
 from . import __version__
 from .config import (ClientConfig, NodeConfig, PublishConfig, RuntimeBuildConfig, TrackerConfig, ENV_S3_ENDPOINT,
                      env_str, parse_hostport, parse_size)
+from .config import ENV_READ_TOKEN, ENV_UPSTREAM_TOKEN
 from .errors import ModelcastError
 from .reference import Reference
 
@@ -33,9 +34,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", default="127.0.0.1:7070", help="HOST:PORT to serve on")
     p.add_argument("--data", required=True, type=Path, help="directory for the registry database")
     p.add_argument("--token", help="bearer token required for writes")
+    p.add_argument("--read-token", help="bearer token required for reads (resolve, manifest, torrent, list, web seed); "
+                                        "the write token reads too; announce and scrape stay open "
+                                        "(env MODELCAST_READ_TOKEN)")
+    p.add_argument("--upstream", metavar="URL", help="parent registry: references unknown here are pulled through "
+                                                     "from it and kept (this registry serves its zone's swarm)")
+    p.add_argument("--upstream-token", help="bearer token for reads at --upstream (env MODELCAST_UPSTREAM_TOKEN)")
+    p.add_argument("--upstream-tag-ttl", type=float, default=TrackerConfig.upstream_tag_ttl_s,
+                   help="seconds a tag pulled through from --upstream is served before it is checked there again")
     p.add_argument("--s3-endpoint", help="S3 endpoint URL for s3:// origins (env MODELCAST_S3_ENDPOINT)")
     p.add_argument("--announce-interval", type=int, default=TrackerConfig.announce_interval_s)
-    p.add_argument("--peer-ttl", type=float, default=TrackerConfig.peer_ttl_s)
+    p.add_argument("--peer-ttl", type=float, default=TrackerConfig.peer_ttl_s,
+                   help="seconds a peer without node heartbeats stays listed after its last announce")
+    p.add_argument("--max-heartbeat-ttl", type=float, default=TrackerConfig.heartbeat_ttl_max_s,
+                   help="cap on the ttl a node's heartbeat may ask for: a dead node is gone within this")
+    p.add_argument("--udp-listen", metavar="HOST:PORT", help="also serve the BEP 15 UDP tracker on HOST:PORT")
+    p.add_argument("--zone-gateways", type=int, default=TrackerConfig.zone_gateways, metavar="N",
+                   help="per swarm, only each zone's first N peers are handed peers of other zones (0: no limit)")
 
     p = sub.add_parser("publish", help="publish a model directory as an artifact")
     p.add_argument("path", type=Path)
@@ -76,7 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api", default="127.0.0.1:7071", help="HOST:PORT of the local HTTP API")
     p.add_argument("--peer-listen", default="127.0.0.1:6881", help="HOST:PORT for BitTorrent peers")
     p.add_argument("--zone", default="default")
-    p.add_argument("--token", help="bearer token for registry reads (env MODELCAST_TOKEN)")
+    p.add_argument("--token", help="bearer token for the registry (env MODELCAST_TOKEN); without it a registry "
+                                   "with a token refuses this node's heartbeats")
+    p.add_argument("--heartbeat-interval", type=float, default=NodeConfig.heartbeat_interval_s,
+                   help="seconds between heartbeats to the tracker")
+    p.add_argument("--heartbeat-ttl", type=float, default=NodeConfig.heartbeat_ttl_s,
+                   help="seconds after the last heartbeat before the tracker drops this node from every swarm")
     p.add_argument("--upload-limit", default="0", help="upload limit in bytes/s (e.g. 20M), 0 = none")
     p.add_argument("--download-limit", default="0", help="download limit in bytes/s, 0 = none")
     p.add_argument("--webseed-grace", type=float, default=NodeConfig.webseed_grace_s,
@@ -124,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref")
     _client_args(p, registry=True, token=True)
 
+    p = sub.add_parser("rm", help="delete a tag (NAME:TAG) or an artifact (DIGEST or NAME@DIGEST) from the registry; "
+                                  "origin blobs are kept (other artifacts may share them)")
+    p.add_argument("ref")
+    p.add_argument("--force", action="store_true", help="delete an artifact even while tags point at it (they go too)")
+    _client_args(p, registry=True, token=True)
+
     p = sub.add_parser("ray", help="Ray integration: start a Ray node wired to this host's node daemon")
     actions = p.add_subparsers(dest="ray_action", required=True, metavar="ACTION")
     a = actions.add_parser("start", help="ray start with the modelcast plugin, the daemon URL and node labels; "
@@ -161,9 +187,15 @@ def cmd_tracker(args) -> int:
     from tracker.server import serve
 
     host, port = parse_hostport(args.listen, what="--listen")
+    udp_host, udp_port = parse_hostport(args.udp_listen, what="--udp-listen") if args.udp_listen else (None, None)
     serve(TrackerConfig(host=host, port=port, data_dir=args.data, token=args.token,
+                        read_token=args.read_token or env_str(ENV_READ_TOKEN), upstream=args.upstream,
+                        upstream_token=args.upstream_token or env_str(ENV_UPSTREAM_TOKEN),
+                        upstream_tag_ttl_s=args.upstream_tag_ttl,
                         s3_endpoint=args.s3_endpoint or env_str(ENV_S3_ENDPOINT),
-                        announce_interval_s=args.announce_interval, peer_ttl_s=args.peer_ttl))
+                        announce_interval_s=args.announce_interval, peer_ttl_s=args.peer_ttl,
+                        heartbeat_ttl_max_s=args.max_heartbeat_ttl, zone_gateways=args.zone_gateways,
+                        udp_host=udp_host, udp_port=udp_port))
     return 0
 
 
@@ -193,12 +225,17 @@ def cmd_node(args) -> int:
         raise ModelcastError("modelcast node needs --cache DIR to run the daemon")
     client = ClientConfig.from_env(registry=args.registry, token=args.token)
     api_host, api_port = parse_hostport(args.api, what="--api")
+    if not 0 < args.heartbeat_interval < args.heartbeat_ttl:
+        raise ModelcastError(f"--heartbeat-interval {args.heartbeat_interval} must be positive and shorter than "
+                             f"--heartbeat-ttl {args.heartbeat_ttl}, or the tracker drops this node between "
+                             "heartbeats; try an interval of a third of the ttl")
     peer_host, peer_port = parse_hostport(args.peer_listen, what="--peer-listen")
     serve(NodeConfig(registry=client.registry, cache_dir=args.cache, api_host=api_host, api_port=api_port,
                      peer_host=peer_host, peer_port=peer_port, zone=args.zone, token=client.token,
                      upload_limit=parse_size(args.upload_limit), download_limit=parse_size(args.download_limit),
                      webseed_grace_s=args.webseed_grace, quota=parse_size(args.quota), p2p=not args.no_p2p,
-                     accel_root=args.accel_root))
+                     accel_root=args.accel_root, heartbeat_interval_s=args.heartbeat_interval,
+                     heartbeat_ttl_s=args.heartbeat_ttl))
     return 0
 
 
@@ -298,6 +335,28 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_rm(args) -> int:
+    from tracker.client import RegistryClient
+
+    client = ClientConfig.from_env(registry=args.registry, token=args.token)
+    ref = Reference.parse(args.ref)
+
+    async def run():
+        async with RegistryClient(client.registry, client.token) as reg:
+            if ref.tag is not None:
+                return await reg.delete_tag(ref.name, ref.tag)
+            return await reg.delete_artifact(ref.digest, force=args.force, name=ref.name)
+
+    answer = asyncio.run(run())
+    if ref.tag is not None:
+        print(f"untagged {ref} (was {answer['digest']})")
+    else:
+        removed = answer.get("tags_removed") or []
+        print(f"deleted {answer['name']}@{answer['digest']}"
+              + (f" and its tags {', '.join(removed)}" if removed else ""))
+    return 0
+
+
 def cmd_ray(args) -> int:
     from serve_glue.launcher import start
 
@@ -338,7 +397,7 @@ def _human(n: float) -> str:
 
 
 COMMANDS = {"tracker": cmd_tracker, "publish": cmd_publish, "node": cmd_node, "runtime": cmd_runtime, "pull": cmd_pull,
-            "ls": cmd_ls, "inspect": cmd_inspect, "ray": cmd_ray, "prewarm": cmd_prewarm}
+            "ls": cmd_ls, "inspect": cmd_inspect, "ray": cmd_ray, "prewarm": cmd_prewarm, "rm": cmd_rm}
 
 
 def main(argv: list[str] | None = None) -> int:

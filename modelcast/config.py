@@ -15,6 +15,8 @@ from .errors import BadRequest
 ENV_REGISTRY = "MODELCAST_REGISTRY"
 ENV_NODE = "MODELCAST_NODE"
 ENV_TOKEN = "MODELCAST_TOKEN"
+ENV_READ_TOKEN = "MODELCAST_READ_TOKEN"  # modelcast tracker --read-token
+ENV_UPSTREAM_TOKEN = "MODELCAST_UPSTREAM_TOKEN"  # modelcast tracker --upstream-token
 ENV_S3_ENDPOINT = "MODELCAST_S3_ENDPOINT"
 ENV_WHEELHOUSE = "MODELCAST_WHEELHOUSE"
 ENV_SOURCE_DATE_EPOCH = "SOURCE_DATE_EPOCH"  # the reproducible-builds convention for fixed timestamps
@@ -96,11 +98,36 @@ class TrackerConfig:
     # and a stale peer list costs a whole fan-out; see README "Tuning".
     announce_interval_s: int = 30
     min_announce_interval_s: int = 5
-    # A peer that has not announced for this long is dropped from every peer list.
+    # A peer that has not announced for this long is dropped from every peer list
+    # (clients without node heartbeats: aria2, or nodes the registry refused).
     peer_ttl_s: float = 90.0
+    # Node liveness: a heartbeat that names no ttl gets the default; a longer one is cut
+    # to the cap, so a node that dies can never linger in peer lists for longer.
+    heartbeat_ttl_default_s: float = 3.0
+    heartbeat_ttl_max_s: float = 30.0
+    # How often expiry runs.  It looks only at what is due, so a short period is cheap,
+    # and it bounds how late a dead node leaves the peer lists (ttl + this).
+    expiry_interval_s: float = 0.25
     default_numwant: int = 50
     max_numwant: int = 200
+    # Per swarm, each zone's first N peers are its gateways, the only ones handed peers of
+    # other zones (while their zone has other peers): about one copy crosses between
+    # zones instead of one per node.  0: no limit.
+    zone_gateways: int = 2
     s3_endpoint: str | None = None
+    # BEP 15 UDP tracker: None = off, 0 = an ephemeral port (tests); udp_host None = host.
+    udp_port: int | None = None
+    udp_host: str | None = None
+    # Reads (resolve, manifest, torrent, list, web seed) need this token or the write
+    # token when set; None = reads are open.  Announce and scrape stay open either way:
+    # BitTorrent clients send no headers, and only published info-hashes are accepted.
+    read_token: str | None = None
+    # Federation (tracker/federation.py): the parent registry this zone pulls unknown
+    # references through from, the token it needs there, and how long a pulled tag is
+    # served before it is checked at the parent again.
+    upstream: str | None = None
+    upstream_token: str | None = None
+    upstream_tag_ttl_s: float = 30.0
 
 
 @dataclass(frozen=True)

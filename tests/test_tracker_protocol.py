@@ -270,3 +270,109 @@ def test_swarm_unknown_hash_and_hybrid_aliases():
     assert len(reg.swarms()) == 1
     with pytest.raises(UnknownInfoHash, match="unknown info_hash 5555"):
         reg.announce(_ann(b"\x55" * 20, 1), "10.0.0.1", now=0)
+
+
+# -- node= and the sampled handout policy (issue 4) --------------------------------
+
+
+def test_parse_announce_node_id():
+    assert parse_announce(announce_qs()).node is None
+    assert parse_announce(announce_qs(node="")).node is None
+    assert parse_announce(announce_qs(node="0123abcdef0123abcdef")).node == "0123abcdef0123abcdef"
+    for bad in ("a b", "x" * 65, "../etc", "-lead", "é", "abc\n"):
+        with pytest.raises(ProtocolError, match="invalid node id"):
+            parse_announce(announce_qs(node=bad))
+
+
+_ZONES = ("a", "b", "c")
+
+
+@st.composite
+def _handout_case(draw):
+    """Distinct peers spread over zones, completion and the origin flag, one requester, numwant, seed."""
+    n = draw(st.integers(0, 40))
+    peers = [Peer(i.to_bytes(20, "big"), f"10.0.{i // 250}.{i % 250 + 1}", 6881, draw(st.sampled_from((0, 0, 7))),
+                  draw(st.sampled_from(_ZONES)), draw(st.booleans()) and draw(st.booleans()))
+             for i in range(n)]
+    if peers and draw(st.booleans()):
+        me = draw(st.sampled_from(peers))  # the requester is already in the swarm
+    else:
+        me = Peer(b"\xff" * 20, "10.9.9.9", 1, 5, draw(st.sampled_from(_ZONES)))
+    return peers, me, draw(st.integers(0, 45)), draw(st.integers(0, 2**32))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_handout_case())
+def test_sample_peers_properties(case):
+    from tracker.protocol import bucket_peers, peer_tier, sample_peers
+
+    peers, me, numwant, seed = case
+    chosen = sample_peers(bucket_peers(peers), me, numwant, random.Random(seed))
+    eligible = [p for p in peers if p.addr != me.addr and p.peer_id != me.peer_id]
+    assert len(chosen) == min(numwant, len(eligible))
+    assert len(set(chosen)) == len(chosen) and set(chosen) <= set(eligible)  # never the requester
+    tiers = [peer_tier(p, me.zone) for p in chosen]
+    assert tiers == sorted(tiers)  # best tier first
+    if chosen:
+        # Nothing of a better tier than the worst one handed out was left behind.
+        worst = tiers[-1]
+        assert all(p in chosen for p in eligible if peer_tier(p, me.zone) < worst)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(2, 30), st.data())
+def test_sample_peers_is_random_within_a_tier(size, data):
+    from tracker.protocol import bucket_peers, sample_peers
+
+    numwant = data.draw(st.integers(1, size - 1))
+    zone = data.draw(st.sampled_from(_ZONES))
+    # One tier only (same zone, complete), of which numwant takes only a part.
+    buckets = bucket_peers(_peer(i, zone=zone) for i in range(1, size + 1))
+    me = _peer(200, zone=zone)
+    picks = {frozenset(sample_peers(buckets, me, numwant, random.Random(seed))) for seed in range(32)}
+    assert len(picks) > 1
+
+
+def test_sample_peers_spreads_load_evenly():
+    from tracker.protocol import bucket_peers, sample_peers
+
+    buckets = bucket_peers([_peer(i, zone="a") for i in range(1, 31)] + [_peer(i, zone="b") for i in range(31, 41)])
+    me = _peer(99, zone="c")  # both zones are "other zones": one tier of 40
+    hits: dict[Peer, int] = {}
+    for seed in range(2000):
+        for p in sample_peers(buckets, me, 4, random.Random(seed)):
+            hits[p] = hits.get(p, 0) + 1
+    assert len(hits) == 40
+    assert 120 < min(hits.values()) and max(hits.values()) < 280  # 200 expected for each
+
+
+class _HugeBucket:
+    """A read-only sequence of a million virtual peers that counts how many it had to build."""
+
+    def __init__(self, n: int, zone: str, left: int, base: int):
+        self.n, self.zone, self.left, self.base, self.reads = n, zone, left, base, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Peer:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        self.reads += 1
+        k = self.base + i
+        return Peer(k.to_bytes(20, "big"), f"10.{k >> 16 & 255}.{k >> 8 & 255}.{k & 255}", 6881, self.left, self.zone)
+
+    def __iter__(self):
+        raise AssertionError("the handout iterated a whole bucket")
+
+
+def test_sample_peers_never_scans_a_swarm():
+    from tracker.protocol import sample_peers
+
+    buckets = {("a", True, False): _HugeBucket(10**6, "a", 0, 0),
+               ("a", False, False): _HugeBucket(10**6, "a", 5, 10**6),
+               ("b", True, False): _HugeBucket(10**6, "b", 0, 2 * 10**6)}
+    me = Peer(b"\xff" * 20, "192.168.0.1", 1, 5, "a")
+    chosen = sample_peers(buckets, me, 50, random.Random(3))
+    assert len(chosen) == 50 and all(p.zone == "a" and p.complete for p in chosen)
+    assert [b.reads for b in buckets.values()] == [50, 0, 0]

@@ -2,7 +2,12 @@
 
 The API, JSON unless said otherwise; errors are ``{"error": {"code", "message"}}`` with
 the HTTP status of :mod:`modelcast.errors`; writes need ``Authorization: Bearer TOKEN``
-when the registry has a token:
+when the registry has a token; reads (resolve, manifest, torrent, list, web seed) need
+the read token or the write token when the registry has a read token (``--read-token``).
+Announce and scrape are always open: BitTorrent clients send no headers, and only
+info-hashes of stored artifacts are accepted.  A zone registry (``--upstream URL``)
+answers reads of references it does not hold from its parent, and keeps them
+(tracker/federation.py):
 
 ``GET  /v1/health``                         -> ``{"ok": true}``
 ``POST /v1/auth/check``                     -> ``{"ok": true}`` if the token may write, else 401
@@ -14,6 +19,9 @@ when the registry has a token:
 ``GET  /v1/artifacts/{digest}/torrent``     -> the torrent (``announce`` set to this registry)
 ``GET  /v1/artifacts?name=&content_key=&limit=&after=`` -> ``{"artifacts": [...], "next": cursor|null}``
 ``GET  /v1/webseed/{digest}/{torrent_name}/{path}`` -> file bytes from the origin, HTTP Range (BEP 19)
+``DELETE /v1/tags/{name}:{tag}``            -> ``{"name", "tag", "digest"}``; the artifact stays (404 if no such tag)
+``DELETE /v1/artifacts/{digest}?force=0|1&name=`` -> ``{"digest", "name", "tags_removed": [...]}``; 409 while
+                                            tags point at it unless ``force=1`` (they go too); origin blobs stay
 ``GET  /v1/stats``                          -> ``{"origin_bytes_served", "origin_requests", "announces", "swarms"}``
 ``GET  /announce``, ``GET /scrape``         BitTorrent (BEP 3/23/48); extra query ``zone=`` and ``node=`` on announce
 ``POST /v1/nodes/{node_id}/heartbeat``      body ``{"zone": z, "ttl_s": 3.0}`` -> ``{"ok": true}``: keeps every swarm
@@ -89,6 +97,20 @@ class RegistryClient(JsonClient):
         if after:
             query += f"&after={quote(after, safe='')}"
         return await self.request("GET", f"/v1/artifacts{query}", what="list artifacts")
+
+    async def delete_tag(self, name: str, tag: str) -> dict:
+        """Remove ``name:tag``; the artifact stays, reachable by digest."""
+        ref = f"{name}:{tag}"
+        return await self.request("DELETE", f"/v1/tags/{quote(ref, safe='/:')}", what=f"delete {ref}")
+
+    async def delete_artifact(self, digest: str, *, force: bool = False, name: str | None = None) -> dict:
+        """Remove the artifact ``digest`` (only if it is named ``name``, when given).
+
+        Refused with Conflict while tags point at it, unless ``force``.
+        """
+        query = f"?force={int(force)}" + (f"&name={quote(name, safe='')}" if name else "")
+        what = f"delete {name}@{digest}" if name else f"delete {digest}"
+        return await self.request("DELETE", f"/v1/artifacts/{digest}{query}", what=what)
 
     async def stats(self) -> dict[str, Any]:
         return await self.request("GET", "/v1/stats", what="registry stats")

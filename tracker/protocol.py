@@ -3,20 +3,21 @@
 Everything here takes bytes or records and returns results (the sans-I/O style of h11),
 so the HTTP handlers in :mod:`tracker.server` stay thin and this module is tested with
 plain unit tests.  Covered: BEP 3 announce, BEP 23 compact peers, BEP 7 ``peers6``,
-BEP 48 scrape and the bencoded ``failure reason``.  One extension: an announce may carry
-``zone=`` (the node's zone, used by the peer handout policy) and ``role=origin`` (the
-origin's own seed, handed out last).
+BEP 48 scrape and the bencoded ``failure reason``.  Extensions: an announce may carry
+``zone=`` (the node's zone, used by the peer handout policy), ``role=origin`` (the
+origin's own seed, handed out last) and ``node=`` (the node daemon that owns the entry, whose
+one heartbeat keeps all its entries alive; see :mod:`tracker.swarm`).
 """
 
 from __future__ import annotations
 
-import heapq
+import bisect
 import ipaddress
 import random
 import re
 import struct
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 from urllib.parse import unquote_to_bytes
 
 from modelcast.errors import BadRequest
@@ -26,6 +27,8 @@ MAX_QUERY_LEN = 16 * 1024
 MAX_SCRAPE_HASHES = 256
 ZONE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 DEFAULT_ZONE = "default"
+# Node ids travel in URLs and log lines; the node daemon makes 20 hex digits.
+NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _MAX_BDECODE_DEPTH = 64
 
 
@@ -57,6 +60,7 @@ class Announce:
     key: str | None = None
     no_peer_id: bool = False
     origin_seed: bool = False
+    node: str | None = None
 
 
 @dataclass(frozen=True)
@@ -314,6 +318,14 @@ def normalize_ip(text: str | None) -> str | None:
     return str(addr)
 
 
+def validate_node_id(text: str) -> str:
+    """Return ``text`` if it is a valid node id, else raise :class:`ProtocolError`."""
+    # fullmatch, not match: "$" would let a trailing newline into log lines.
+    if not NODE_ID_RE.fullmatch(text):
+        raise ProtocolError(f"invalid node id {text[:80]!r}: up to 64 letters, digits and . _ -")
+    return text
+
+
 def parse_announce(raw_query: str | bytes, *, default_numwant: int = 50, max_numwant: int = 200) -> Announce:
     """Parse the raw query string of ``GET /announce`` into an :class:`Announce`.
 
@@ -339,7 +351,8 @@ def parse_announce(raw_query: str | bytes, *, default_numwant: int = 50, max_num
     zone = _text(params, "zone") or DEFAULT_ZONE
     if not ZONE_RE.match(zone):
         raise ProtocolError(f"invalid zone {zone[:80]!r}: up to 64 letters, digits and . _ : -")
-    key = _text(params, "key")
+    # Opaque, not text: aria2 sends 8 raw bytes (the tail of its binary peer_id); latin-1 keeps every byte.
+    key = None if params.get("key") is None else params["key"].decode("latin-1")
     if key is not None and len(key) > 64:
         raise ProtocolError("parameter key is longer than 64 characters")
     return Announce(
@@ -357,6 +370,7 @@ def parse_announce(raw_query: str | bytes, *, default_numwant: int = 50, max_num
         key=key,
         no_peer_id=(_text(params, "no_peer_id") or "0") != "0",
         origin_seed=_text(params, "role") == "origin",
+        node=validate_node_id(node) if (node := _text(params, "node")) else None,
     )
 
 
@@ -442,6 +456,18 @@ def decode_compact_peers(peers: bytes, peers6: bytes = b"") -> list[tuple[str, i
 
 # ---------------------------------------------------------------------------------------
 # Peer handout policy
+#
+# A swarm keeps its peers in buckets, one per (zone, complete, origin_seed), each an
+# indexable sequence.  Handout walks the tiers in order and draws a random sample from
+# each, so an announce costs O(numwant + number of buckets) whatever the swarm's size.
+
+BucketKey = tuple[str, bool, bool]
+"""(zone, complete, origin_seed): the peers of one bucket are interchangeable to the policy."""
+
+
+def bucket_key(peer: Peer) -> BucketKey:
+    """The bucket ``peer`` belongs in."""
+    return (peer.zone, peer.complete, peer.origin_seed)
 
 
 def peer_tier(peer: Peer, requester_zone: str) -> tuple[bool, bool, bool]:
@@ -454,16 +480,106 @@ def peer_tier(peer: Peer, requester_zone: str) -> tuple[bool, bool, bool]:
     return (peer.origin_seed, peer.zone != requester_zone, not peer.complete)
 
 
-def choose_peers(peers: Iterable[Peer], requester: Peer, numwant: int, rng: random.Random) -> list[Peer]:
-    """Choose at most ``numwant`` peers for ``requester``, best tier first, random within a tier.
+def handout_tiers(keys: Iterable[BucketKey], requester_zone: str) -> list[list[BucketKey]]:
+    """Group bucket keys into tiers, best first (the order of :func:`peer_tier`).
 
-    The requester itself (same address or same peer id) is never in its own list.
+    Buckets of every other zone share one tier: the policy prefers the requester's own
+    zone but has no order among the rest.  Keys are sorted within a tier so that a given
+    random generator makes the same choice whatever order the buckets were created in.
+    """
+    tiers: dict[tuple[bool, bool, bool], list[BucketKey]] = {}
+    for key in keys:
+        zone, complete, origin_seed = key
+        tiers.setdefault((origin_seed, zone != requester_zone, not complete), []).append(key)
+    return [sorted(tiers[t]) for t in sorted(tiers)]
+
+
+def _sample_tier(parts: Sequence[Sequence[Peer]], need: int, excluded: Callable[[Peer], bool],
+                 rng: random.Random) -> list[Peer]:
+    """Up to ``need`` peers drawn uniformly without replacement from the union of ``parts``.
+
+    A lazy Fisher-Yates shuffle over the virtual concatenation: only the positions drawn
+    are touched, so the cost is O(need + excluded peers met), never the tier's size.
+    """
+    starts = [0]
+    for part in parts:
+        starts.append(starts[-1] + len(part))
+    total = starts.pop()
+    swapped: dict[int, int] = {}
+    picked: list[Peer] = []
+    i = 0
+    while len(picked) < need and i < total:
+        j = rng.randrange(i, total)
+        pos = swapped.get(j, j)
+        swapped[j] = swapped.get(i, i)
+        i += 1
+        b = bisect.bisect_right(starts, pos) - 1
+        peer = parts[b][pos - starts[b]]
+        if not excluded(peer):
+            picked.append(peer)
+    return picked
+
+
+def sample_peers(buckets: Mapping[BucketKey, Sequence[Peer]], requester: Peer, numwant: int,
+                 rng: random.Random, gateways: Mapping[str, Sequence[Peer]] | None = None) -> list[Peer]:
+    """Choose at most ``numwant`` peers for ``requester``: best tier first, random within a tier.
+
+    ``buckets`` maps each :func:`bucket_key` to the peers in it; the sequences are only
+    indexed at random positions, never iterated.  The requester itself (same address or
+    same peer id, which catches a node that came back on another port) is never in its
+    own list.
+
+    ``gateways`` (each zone's first few peers in the swarm) bounds cross-zone traffic:
+    when the requester's zone holds other peers, only a gateway is handed peers of other
+    zones, and only their gateways.  Without it every node of a zone would pull across
+    the (slower, dearer) inter-zone link, and most of those bytes would be pieces its own
+    zone already has.  A requester alone in its zone gets other zones' peers freely.
     """
     if numwant <= 0:
         return []
-    candidates = [
-        p for p in peers if p.addr != requester.addr and p.peer_id != requester.peer_id
-    ]
-    keyed = [(peer_tier(p, requester.zone), rng.random(), i) for i, p in enumerate(candidates)]
-    best = heapq.nsmallest(numwant, keyed)
-    return [candidates[i] for _, _, i in best]
+
+    def excluded(p: Peer) -> bool:
+        return p.addr == requester.addr or p.peer_id == requester.peer_id
+
+    restrict = gateways is not None and _zone_has_others(buckets, requester)
+    is_gateway = restrict and any(p.addr == requester.addr for p in gateways.get(requester.zone, ()))
+    chosen: list[Peer] = []
+    for tier in handout_tiers(buckets.keys(), requester.zone):
+        if len(chosen) >= numwant:
+            break
+        zone, complete, origin_seed = tier[0]
+        if restrict and zone != requester.zone and not origin_seed:
+            if not is_gateway:
+                continue
+            # A handful of peers at most: sampled from a plain list, no bucket is touched.
+            parts = [[p for z, peers in gateways.items() if z != requester.zone for p in peers
+                      if p.complete == complete]]
+        else:
+            parts = [buckets[k] for k in tier]
+        chosen.extend(_sample_tier(parts, numwant - len(chosen), excluded, rng))
+    return chosen
+
+
+def _zone_has_others(buckets: Mapping[BucketKey, Sequence[Peer]], requester: Peer) -> bool:
+    """Whether the requester's zone holds a peer other than the requester (O(buckets))."""
+    same = sum(len(peers) for (zone, _, origin_seed), peers in buckets.items()
+               if zone == requester.zone and not origin_seed)
+    return same > 1 or (same == 1 and not any(
+        peers and peers[0].addr == requester.addr for (zone, _, o), peers in buckets.items()
+        if zone == requester.zone and not o))
+
+
+def bucket_peers(peers: Iterable[Peer]) -> dict[BucketKey, list[Peer]]:
+    """Sort a flat list of peers into buckets (O(n); the tracker keeps its buckets up to date instead)."""
+    buckets: dict[BucketKey, list[Peer]] = {}
+    for p in peers:
+        buckets.setdefault(bucket_key(p), []).append(p)
+    return buckets
+
+
+def choose_peers(peers: Iterable[Peer], requester: Peer, numwant: int, rng: random.Random) -> list[Peer]:
+    """:func:`sample_peers` over a flat list of peers, for callers that hold no buckets (tools, tests).
+
+    This one is O(len(peers)); the tracker's announce path calls :func:`sample_peers`.
+    """
+    return sample_peers(bucket_peers(peers), requester, numwant, rng)

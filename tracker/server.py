@@ -30,12 +30,14 @@ from modelcast.manifest import FileEntry, Manifest, canonical_json
 from modelcast.origin import Origin, open_origin
 from modelcast.reference import Reference, validate_digest, validate_name, validate_tag
 
-from .protocol import (ProtocolError, encode_announce, encode_failure, encode_scrape, normalize_ip, parse_announce,
-                       parse_scrape, set_announce)
-from .store import MAX_LIST_LIMIT, RegistryStore
+from .protocol import (ZONE_RE, ProtocolError, encode_announce, encode_failure, encode_scrape, normalize_ip,
+                       parse_announce, parse_scrape, set_announce, validate_node_id)
+from .store import MAX_LIST_LIMIT, ArtifactRecord, Found, RegistryStore
 from .swarm import SwarmRegistry
 from .firstcopy import HEADER as FIRST_COPY_HEADER, FirstCopyGate
 from .torrent_check import check_torrent
+from .federation import Upstream, UpstreamUnreachable, is_upstream_origin, validate_upstream
+from .udp import UdpTracker, UdpTrackerProtocol, start_udp_tracker
 
 log = logging.getLogger("modelcast.tracker")
 
@@ -87,6 +89,14 @@ STATS = web.AppKey("stats", Stats)
 ORIGINS = web.AppKey("origins", OriginCache)
 WEBSEED_CACHE = web.AppKey("webseed_cache", OrderedDict)
 FIRST_COPY = web.AppKey("first_copy", FirstCopyGate)
+# Held around every store write that changes which artifacts exist together with the
+# swarm allow-list update that follows it, so the allow-list changes in commit order (a
+# publish and a delete of one artifact racing must not leave a deleted artifact allowed).
+WRITE_LOCK = web.AppKey("write_lock", asyncio.Lock)
+# The parent registry when this one is a zone (TrackerConfig.upstream), else absent.
+UPSTREAM = web.AppKey("upstream", Upstream)
+# The BEP 15 endpoint when TrackerConfig.udp_port is set; tests read its bound port.
+UDP_TRACKER = web.AppKey("udp_tracker", UdpTrackerProtocol)
 
 
 # ---------------------------------------------------------------------------------------
@@ -122,18 +132,34 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
         )
 
 
-def _check_auth(request: web.Request) -> None:
-    token = request.app[CONFIG].token
-    if not token:
-        return
+def _check_auth(request: web.Request, *, read: bool = False) -> None:
+    """Raise Unauthorized unless the request's bearer token may write (or, with ``read``, read).
+
+    Writes need ``TrackerConfig.token``.  Reads are open unless ``read_token`` is set;
+    then they need it or the write token.  Announce and scrape never call this: BitTorrent
+    clients cannot send headers, and the private torrents' info-hash allow-list guards them.
+    """
+    cfg = request.app[CONFIG]
+    if read:
+        if not cfg.read_token:
+            return
+        tokens = [t for t in (cfg.read_token, cfg.token) if t]
+    else:
+        if not cfg.token:
+            return
+        tokens = [cfg.token]
     header = request.headers.get("Authorization", "")
     scheme, _, given = header.partition(" ")
     if scheme.lower() != "bearer" or not given:
         raise Unauthorized(f"{request.method} {request.path} needs 'Authorization: Bearer TOKEN' "
                            "(set MODELCAST_TOKEN or pass --token)")
-    # Constant-time comparison so the token cannot be guessed byte by byte from timings.
-    if not hmac.compare_digest(given.strip().encode(), token.encode()):
-        raise Unauthorized(f"{request.method} {request.path}: the bearer token is wrong")
+    # Constant-time comparison so the token cannot be guessed byte by byte from timings;
+    # every token is compared, so timing does not tell which one nearly matched either.
+    given_b = given.strip().encode("utf-8", "surrogateescape")
+    matches = [hmac.compare_digest(given_b, t.encode()) for t in tokens]
+    if not any(matches):
+        raise Unauthorized(f"{request.method} {request.path}: the bearer token is wrong"
+                           + (" (reads need the registry's read token or write token)" if read else ""))
 
 
 def _bencoded(body: bytes) -> web.Response:
@@ -143,7 +169,7 @@ def _bencoded(body: bytes) -> web.Response:
 def _parse_json_body(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object with 'manifest', 'torrent', 'origin' and 'tag'")
@@ -155,7 +181,11 @@ def _validate_origin(origin: Any) -> tuple[str, str | None]:
         raise BadRequest("'origin' must be an object with a 'url' (file:///DIR or s3://BUCKET/PREFIX)")
     url = origin["url"]
     endpoint = origin.get("s3_endpoint")
-    parsed = urlparse(url)
+    try:
+        parsed = urlparse(url)
+        endpoint_scheme = urlparse(endpoint).scheme if isinstance(endpoint, str) else None
+    except ValueError as exc:  # e.g. an unbalanced '[' in the host
+        raise BadRequest(f"origin {url!r} or its s3_endpoint is not a valid URL: {exc}") from None
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
             raise BadRequest(f"origin {url!r}: file URLs must be file:///absolute/path")
@@ -165,7 +195,7 @@ def _validate_origin(origin: Any) -> tuple[str, str | None]:
     else:
         raise BadRequest(f"origin {url!r}: expected file:///DIR or s3://BUCKET/PREFIX")
     if endpoint is not None:
-        if not isinstance(endpoint, str) or urlparse(endpoint).scheme not in ("http", "https"):
+        if not isinstance(endpoint, str) or endpoint_scheme not in ("http", "https"):
             raise BadRequest(f"origin s3_endpoint {endpoint!r} must be an http(s) URL or null")
     return url, endpoint
 
@@ -181,7 +211,11 @@ def _parse_manifest(obj: Any) -> Manifest:
         raise InvalidManifest(f"manifest is malformed: {exc}") from exc
     # The digest is the hash of the canonical form; if what was sent differs from it
     # (extra or defaulted fields), the publisher's idea of the digest would be wrong.
-    if canonical_json(obj) != manifest.canonical_bytes():
+    try:
+        canonical = manifest.canonical_bytes() == canonical_json(obj)
+    except (ValueError, RecursionError) as exc:  # lone surrogates cannot be UTF-8; absurd nesting
+        raise InvalidManifest(f"manifest cannot be serialised canonically: {exc.__class__.__name__}: {exc}") from None
+    if not canonical:
         extra = sorted(set(obj) - set(manifest.body()))
         raise InvalidManifest(
             "manifest is not in canonical form" + (f" (unknown fields: {', '.join(extra)})" if extra else "")
@@ -246,8 +280,9 @@ async def publish(request: web.Request) -> web.Response:
         validate_tag(tag)
     await asyncio.to_thread(check_torrent, torrent, manifest)
     store = request.app[STORE]
-    result = await asyncio.to_thread(store.publish, manifest, torrent, origin_url, s3_endpoint, tag)
-    request.app[SWARMS].allow(manifest.info_hash.tracker_keys())
+    async with request.app[WRITE_LOCK]:
+        result = await asyncio.to_thread(store.publish, manifest, torrent, origin_url, s3_endpoint, tag)
+        request.app[SWARMS].allow(manifest.info_hash.tracker_keys())
     log.info("published %s as %s%s (%s)", result.digest, manifest.name, f":{tag}" if tag else "",
              "new" if result.created else "existing")
     return web.json_response(
@@ -256,47 +291,53 @@ async def publish(request: web.Request) -> web.Response:
     )
 
 
+async def _lookup(app: web.Application, ref: Reference) -> Found:
+    """What ``ref`` names here, pulled through from the upstream registry if this is a zone."""
+    found = await asyncio.to_thread(app[STORE].lookup, ref)
+    upstream = app.get(UPSTREAM)
+    if upstream is not None and upstream.wants(ref, found):
+        found = await upstream.refresh(ref, found)
+    if found is None:
+        raise _not_found(str(ref))
+    if ref.name is not None and found.name != ref.name:
+        raise ArtifactNotFound(f"artifact {ref} not found in registry: digest {found.digest} is published as "
+                               f"{found.name!r}")
+    return found
+
+
 async def resolve(request: web.Request) -> web.Response:
     """``GET /v1/resolve?ref=``: a reference to its digest and manifest."""
+    _check_auth(request, read=True)
     ref_s = request.query.get("ref")
     if not ref_s:
         raise BadRequest("resolve needs ?ref=NAME:TAG, NAME@sha256:HEX or sha256:HEX")
-    ref = Reference.parse(ref_s)
-    store = request.app[STORE]
-    if ref.tag is not None:
-        digest = await asyncio.to_thread(store.resolve_tag, ref.name, ref.tag)
-        if digest is None:
-            raise _not_found(str(ref))
-    else:
-        digest = ref.digest
-        name = await asyncio.to_thread(store.artifact_name, digest)
-        if name is None:
-            raise _not_found(str(ref))
-        if ref.name is not None and name != ref.name:
-            raise ArtifactNotFound(f"artifact {ref} not found in registry: digest {digest} is published as {name!r}")
-    data = await asyncio.to_thread(store.manifest_bytes, digest)
-    if data is None:  # The artifact vanished between the two reads; artifacts are never deleted.
-        raise _not_found(str(ref))
-    manifest = json.loads(data)
-    return web.json_response({"digest": digest, "name": manifest["name"], "manifest": manifest})
+    found = await _lookup(request.app, Reference.parse(ref_s))
+    # One read gave digest and manifest together, so a tag never points at a missing manifest.
+    return web.json_response({"digest": found.digest, "name": found.name, "manifest": json.loads(found.manifest)})
+
+
+async def _record(app: web.Application, digest: str) -> ArtifactRecord:
+    """The stored artifact ``digest``, pulled through from the upstream registry if this is a zone."""
+    found = await _lookup(app, Reference(None, None, digest))
+    record = await asyncio.to_thread(app[STORE].get, found.digest)
+    if record is None:  # Deleted between the two reads.
+        raise _not_found(digest)
+    return record
 
 
 async def get_manifest(request: web.Request) -> web.Response:
     """``GET /v1/artifacts/{digest}``: the canonical manifest bytes, exactly as hashed."""
+    _check_auth(request, read=True)
     digest = _digest_param(request)
-    data = await asyncio.to_thread(request.app[STORE].manifest_bytes, digest)
-    if data is None:
-        raise _not_found(digest)
+    data = (await _lookup(request.app, Reference(None, None, digest))).manifest
     return web.Response(body=data, content_type="application/json",
                         headers={"Cache-Control": "public, max-age=31536000, immutable"})
 
 
 async def get_torrent(request: web.Request) -> web.Response:
     """``GET /v1/artifacts/{digest}/torrent``: the torrent, announcing to this registry."""
-    digest = _digest_param(request)
-    record = await asyncio.to_thread(request.app[STORE].get, digest)
-    if record is None:
-        raise _not_found(digest)
+    _check_auth(request, read=True)
+    record = await _record(request.app, _digest_param(request))
     # The announce URL follows how the client reached us, so a registry behind any
     # hostname or port hands out a tracker URL that the same client can reach.
     body = set_announce(record.torrent, f"{request.scheme}://{request.host}/announce")
@@ -305,6 +346,7 @@ async def get_torrent(request: web.Request) -> web.Response:
 
 async def list_artifacts(request: web.Request) -> web.Response:
     """``GET /v1/artifacts?name=&content_key=&limit=&after=``: one page, ordered by (name, digest)."""
+    _check_auth(request, read=True)
     q = request.query
     name = q.get("name") or None
     if name is not None:
@@ -313,12 +355,64 @@ async def list_artifacts(request: web.Request) -> web.Response:
     if content_key is not None:
         validate_digest(content_key)
     limit_s = q.get("limit") or "100"
-    if not limit_s.isdigit() or not 1 <= int(limit_s) <= MAX_LIST_LIMIT:
+    # isascii: str.isdigit() also accepts digits such as '²' that int() refuses.
+    if not (limit_s.isascii() and limit_s.isdigit() and len(limit_s) < 8) or not 1 <= int(limit_s) <= MAX_LIST_LIMIT:
         raise BadRequest(f"limit must be an integer from 1 to {MAX_LIST_LIMIT}, got {limit_s!r}")
     items, nxt = await asyncio.to_thread(
         request.app[STORE].list, name=name, content_key=content_key, limit=int(limit_s), after=q.get("after") or None
     )
     return web.json_response({"artifacts": items, "next": nxt})
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    value = request.query.get(name, "")
+    if value not in ("", "0", "1", "true", "false"):
+        raise BadRequest(f"?{name}= must be 1 or 0, got {value[:40]!r}")
+    return value in ("1", "true")
+
+
+async def delete_tag(request: web.Request) -> web.Response:
+    """``DELETE /v1/tags/{name}:{tag}``: remove a tag; the artifact stays, reachable by digest.
+
+    The name may contain '/', so the route takes the rest of the path as a ``NAME:TAG``
+    reference (the tag follows the last ':').
+    """
+    _check_auth(request)
+    ref = Reference.parse(request.match_info["ref"])
+    if ref.tag is None:
+        raise BadRequest(f"DELETE /v1/tags/ takes NAME:TAG, got {str(ref)!r}; "
+                         "delete an artifact with DELETE /v1/artifacts/{digest}")
+    digest = await asyncio.to_thread(request.app[STORE].delete_tag, ref.name, ref.tag)
+    if digest is None:
+        raise ArtifactNotFound(f"tag {ref} not found in registry")
+    log.info("deleted tag %s (was %s)", ref, digest)
+    return web.json_response({"name": ref.name, "tag": ref.tag, "digest": digest})
+
+
+async def delete_artifact(request: web.Request) -> web.Response:
+    """``DELETE /v1/artifacts/{digest}?force=&name=``: remove an artifact (409 while tagged, unless force).
+
+    With ``force=1`` its tags go too.  ``name=`` makes the delete apply only to the
+    artifact of that name (``modelcast rm NAME@DIGEST``).  Its info-hashes leave the swarm
+    allow-list unless another artifact has the same torrent.  Origin blobs are kept:
+    other artifacts may share them.
+    """
+    _check_auth(request)
+    digest = _digest_param(request)
+    force = _flag(request, "force")
+    name = request.query.get("name") or None
+    if name is not None:
+        validate_name(name)
+    app = request.app
+    async with app[WRITE_LOCK]:
+        deleted = await asyncio.to_thread(app[STORE].delete_artifact, digest, force=force, name=name)
+        if deleted is not None:
+            app[SWARMS].disallow(deleted.dropped_keys)
+    if deleted is None:
+        raise _not_found(f"{name}@{digest}" if name else digest)
+    app[WEBSEED_CACHE].pop(digest, None)
+    log.info("deleted %s (%s)%s", digest, deleted.name, f" and its tags {', '.join(deleted.tags)}" if deleted.tags else "")
+    return web.json_response({"digest": digest, "name": deleted.name, "tags_removed": deleted.tags})
 
 
 # ---------------------------------------------------------------------------------------
@@ -331,11 +425,9 @@ async def _webseed_artifact(app: web.Application, digest: str) -> WebseedArtifac
     if art is not None:
         cache.move_to_end(digest)
         return art
-    record = await asyncio.to_thread(app[STORE].get, digest)
-    if record is None:
-        raise _not_found(digest)
+    record = await _record(app, digest)
     manifest = Manifest.from_bytes(record.manifest)
-    # Artifacts are immutable, so a cached entry can never go stale.
+    # Artifacts are immutable, so a cached entry can only go stale by a delete, which evicts it.
     art = WebseedArtifact(record.origin_url, record.s3_endpoint, manifest.torrent_name,
                           {f.path: f for f in manifest.files})
     cache[digest] = art
@@ -377,8 +469,10 @@ async def webseed(request: web.Request) -> web.StreamResponse:
     """``GET /v1/webseed/{digest}/{torrent_name}/{path}``: file bytes from the origin.
 
     Nodes never hold origin credentials; the registry reads the origin for them.  A
-    file origin is served with sendfile; an S3 origin is streamed from a worker thread.
+    file origin is served with sendfile; an S3 origin is streamed from a worker thread;
+    an artifact pulled through from a parent registry is streamed from the parent's web seed.
     """
+    _check_auth(request, read=True)
     digest = _digest_param(request)
     tail = request.match_info["tail"]
     art = await _webseed_artifact(request.app, digest)
@@ -394,6 +488,8 @@ async def webseed(request: web.Request) -> web.StreamResponse:
         return web.json_response({"error": {"code": "served_elsewhere",
                                             "message": f"{tail} bytes {first_byte}-{last_byte} were just served to "
                                                        "another node; take them from peers"}}, status=409)
+    if is_upstream_origin(art.origin_url):
+        return await _stream_upstream(request, art, digest, tail, entry)
     origin = await request.app[ORIGINS].get(art.origin_url, art.s3_endpoint)
     local = origin.blob_local_path(entry.xxh3_128)
     if local is not None:
@@ -448,6 +544,51 @@ async def _stream_remote(request: web.Request, origin: Origin, entry: FileEntry)
         await asyncio.to_thread(chunks.close)
 
 
+async def _stream_upstream(request: web.Request, art: WebseedArtifact, digest: str, tail: str,
+                           entry: FileEntry) -> web.StreamResponse:
+    """Relay bytes of a pulled-through artifact from the parent registry's web seed."""
+    upstream = request.app.get(UPSTREAM)
+    if upstream is None:
+        raise UpstreamUnreachable(f"artifact {digest} was pulled through from {art.origin_url}, but this registry "
+                                  f"runs without --upstream; restart it with --upstream {art.origin_url}")
+    size = entry.size
+    span = _byte_range(request, size) if size else None
+    first, last = span if span is not None else (0, size - 1)
+    headers = {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+    if span is not None:
+        headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+    resp = web.StreamResponse(status=206 if span is not None else 200, headers=headers)
+    resp.content_length = last - first + 1 if size else 0
+    if size == 0 or request.method == "HEAD":
+        await resp.prepare(request)
+        await resp.write_eof()
+        return resp
+    sent = 0
+    try:
+        async with upstream.webseed(art.origin_url, digest, tail, first, last, size) as chunks:
+            # The first chunk arrives before our headers go out, so a parent that fails
+            # at once still gives the node a proper JSON error.
+            chunk = await anext(chunks, None)
+            await resp.prepare(request)
+            while chunk is not None:
+                await resp.write(chunk)
+                sent += len(chunk)
+                chunk = await anext(chunks, None)
+            if sent != resp.content_length:
+                raise UpstreamUnreachable(f"upstream {art.origin_url} sent {sent} of {resp.content_length} bytes "
+                                          f"of {tail} in {digest}")
+    except ModelcastError as exc:
+        if not resp.prepared:
+            raise
+        # Headers are gone: cut the connection so the node sees a short body and retries.
+        log.warning("web seed relay of %s aborted after %d bytes: %s", tail, sent, exc)
+        if request.transport is not None:
+            request.transport.close()
+        return resp
+    await resp.write_eof()
+    return resp
+
+
 async def _count_origin_bytes(request: web.Request, response: web.StreamResponse) -> None:
     route = request.match_info.route
     if (getattr(route, "name", None) == "webseed" and request.method == "GET"
@@ -489,6 +630,55 @@ async def scrape(request: web.Request) -> web.Response:
 
 
 # ---------------------------------------------------------------------------------------
+# Node liveness
+
+MAX_HEARTBEAT_BODY = 4096
+
+
+def _heartbeat_ttl(body: Any, cfg: TrackerConfig) -> float:
+    """The ttl a heartbeat body asks for, defaulted and capped by ``cfg``."""
+    if not isinstance(body, dict):
+        raise BadRequest('heartbeat body must be a JSON object like {"zone": "z1", "ttl_s": 3.0}')
+    zone = body.get("zone")
+    if zone is not None and not (isinstance(zone, str) and ZONE_RE.fullmatch(zone)):
+        raise BadRequest(f"heartbeat zone {str(zone)[:80]!r} is invalid: up to 64 letters, digits and . _ : -")
+    ttl = body.get("ttl_s", cfg.heartbeat_ttl_default_s)
+    # bool is an int; NaN and infinity compare in ways that would keep a node forever.
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < float("inf"):
+        raise BadRequest(f"heartbeat ttl_s must be a positive number of seconds, got {ttl!r}")
+    return min(float(ttl), cfg.heartbeat_ttl_max_s)
+
+
+async def node_heartbeat(request: web.Request) -> web.Response:
+    """``POST /v1/nodes/{node_id}/heartbeat``: keep every swarm entry of the node alive for ``ttl_s``.
+
+    Guarded like a read, not a write: a node holds at most the read token (it never
+    publishes), and its random node id, sent only to this tracker, is what ties the
+    heartbeat to its swarm entries, the same trust an announce gets.
+    """
+    _check_auth(request, read=True)
+    node_id = validate_node_id(request.match_info["node_id"])
+    if (request.content_length or 0) > MAX_HEARTBEAT_BODY:
+        raise BadRequest(f"heartbeat body is {request.content_length} bytes; at most {MAX_HEARTBEAT_BODY} are read")
+    try:
+        body = json.loads(await request.read() or b"{}")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadRequest(f"heartbeat body is not valid JSON: {exc}") from None
+    ttl = _heartbeat_ttl(body, request.app[CONFIG])
+    entries = request.app[SWARMS].heartbeat(node_id, time.monotonic(), ttl)
+    return web.json_response({"ok": True, "ttl_s": ttl, "entries": entries})
+
+
+async def node_leave(request: web.Request) -> web.Response:
+    """``DELETE /v1/nodes/{node_id}``: the node stops; its entries leave every swarm at once."""
+    _check_auth(request, read=True)
+    node_id = validate_node_id(request.match_info["node_id"])
+    removed = request.app[SWARMS].leave(node_id)
+    log.info("node %s left %d swarm entries", node_id, removed)
+    return web.json_response({"ok": True, "removed": removed})
+
+
+# ---------------------------------------------------------------------------------------
 # Application
 
 
@@ -523,30 +713,76 @@ def _tracker_keys(info_hash: dict) -> list[bytes]:
     return keys
 
 
-async def _expire_peers(app: web.Application) -> None:
-    """Drop peers that stopped announcing; off the announce path, on a timer."""
+async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Connect this zone's registry to its parent (``TrackerConfig.upstream``); see tracker/federation.py."""
     cfg = app[CONFIG]
-    period = max(0.1, min(cfg.peer_ttl_s / 4, 5.0))
+
+    async def save(manifest: Manifest, torrent: bytes, tag: str | None) -> None:
+        async with app[WRITE_LOCK]:
+            await asyncio.to_thread(app[STORE].pull_through, manifest, torrent, upstream.url, tag)
+            app[SWARMS].allow(manifest.info_hash.tracker_keys())
+
+    upstream = Upstream(cfg.upstream, cfg.upstream_token, app[STORE], save, tag_ttl_s=cfg.upstream_tag_ttl_s)
+    app[UPSTREAM] = upstream
+    log.info("zone registry: unknown references are pulled through from %s", upstream.url)
+    try:
+        yield
+    finally:
+        await upstream.close()
+
+
+async def _expire_peers(app: web.Application) -> None:
+    """Drop dead nodes and silent peers; off the announce path, on a timer.
+
+    Each tick costs only what is due (see :meth:`SwarmRegistry.expire`), so it can run
+    often enough that a dead node leaves the peer lists within its ttl plus one period.
+    """
+    cfg = app[CONFIG]
+    period = max(0.05, min(cfg.expiry_interval_s, cfg.peer_ttl_s / 4))
     while True:
         await asyncio.sleep(period)
         try:
             gone = app[SWARMS].expire(time.monotonic(), cfg.peer_ttl_s)
             if gone:
-                log.debug("expired %d silent peers", gone)
+                log.debug("expired %d swarm entries of dead nodes and silent peers", gone)
         except Exception:  # A bug here must not stop expiry for the life of the server.
             log.exception("peer expiry failed")
+
+
+async def _udp_tracker_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Serve the BEP 15 UDP tracker beside HTTP, on the same swarms, when configured."""
+    cfg = app[CONFIG]
+    if cfg.udp_port is None:
+        yield
+        return
+    tracker = UdpTracker(app[SWARMS], interval=cfg.announce_interval_s, default_numwant=cfg.default_numwant,
+                         max_numwant=cfg.max_numwant)
+    endpoint = await start_udp_tracker(tracker, cfg.udp_host or cfg.host, cfg.udp_port)
+    app[UDP_TRACKER] = endpoint
+    host, port = endpoint.address
+    log.info("UDP tracker on udp://%s:%d/announce", f"[{host}]" if ":" in host else host, port)
+    try:
+        yield
+    finally:
+        endpoint.close()
+        log.info("UDP tracker stopped: %s", tracker.stats)
 
 
 def make_app(cfg: TrackerConfig) -> web.Application:
     """Build the registry + tracker application for ``cfg`` (used by :func:`serve` and tests)."""
     app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
     app[CONFIG] = cfg
-    app[SWARMS] = SwarmRegistry()
+    app[SWARMS] = SwarmRegistry(zone_gateways=cfg.zone_gateways)
     app[STATS] = Stats()
     app[ORIGINS] = OriginCache(cfg.s3_endpoint)
     app[WEBSEED_CACHE] = OrderedDict()
     app[FIRST_COPY] = FirstCopyGate()
+    app[WRITE_LOCK] = asyncio.Lock()
     app.cleanup_ctx.append(_registry_ctx)
+    if cfg.upstream:
+        validate_upstream(cfg.upstream)  # a bad URL fails at start, not on the first pull
+        app.cleanup_ctx.append(_upstream_ctx)
+    app.cleanup_ctx.append(_udp_tracker_ctx)
     app.on_response_prepare.append(_count_origin_bytes)
     app.router.add_get("/v1/health", health)
     app.router.add_get("/v1/stats", stats)
@@ -557,8 +793,12 @@ def make_app(cfg: TrackerConfig) -> web.Application:
     app.router.add_get("/v1/artifacts/{digest}", get_manifest)
     app.router.add_get("/v1/artifacts/{digest}/torrent", get_torrent)
     app.router.add_get("/v1/webseed/{digest}/{tail:.*}", webseed, name="webseed")
+    app.router.add_delete("/v1/artifacts/{digest}", delete_artifact)
+    app.router.add_delete("/v1/tags/{ref:.+}", delete_tag)
     app.router.add_get("/announce", announce)
     app.router.add_get("/scrape", scrape)
+    app.router.add_post("/v1/nodes/{node_id}/heartbeat", node_heartbeat)
+    app.router.add_delete("/v1/nodes/{node_id}", node_leave)
     return app
 
 

@@ -4,6 +4,15 @@ The API is synchronous; the server calls it through ``asyncio.to_thread``.  One
 connection is shared behind a lock, which serialises writers the way SQLite does anyway
 and keeps every transaction on one connection.  WAL mode lets a reader run while a
 writer commits, and makes a crash mid-publish leave either the whole artifact or none.
+
+Every method is one statement or one transaction, so a reader never sees a tag pointing
+at an artifact that is not (yet, or any more) stored: a publish inserts the artifact and
+moves the tag together, and a delete removes the tags before the artifact they point at.
+
+Tags pulled through from an upstream registry (:mod:`tracker.federation`) are ordinary
+tags plus a row in ``pulled_tags`` saying where they came from and when they were last
+checked there; a local publish of the same ``name:tag`` deletes that row, making the tag
+local for good.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ from pathlib import Path
 
 from modelcast.errors import BadRequest, Conflict, ModelcastError
 from modelcast.manifest import Manifest
-from modelcast.reference import validate_digest, validate_name
+from modelcast.reference import Reference, validate_digest, validate_name
 
 DB_NAME = "registry.sqlite3"
 MAX_LIST_LIMIT = 500
@@ -45,6 +54,14 @@ CREATE TABLE IF NOT EXISTS tags (
     PRIMARY KEY (name, tag)
 );
 CREATE INDEX IF NOT EXISTS tags_digest ON tags(digest);
+CREATE TABLE IF NOT EXISTS pulled_tags (
+    name       TEXT NOT NULL,
+    tag        TEXT NOT NULL,
+    upstream   TEXT NOT NULL,
+    checked_at REAL NOT NULL,
+    PRIMARY KEY (name, tag),
+    FOREIGN KEY (name, tag) REFERENCES tags(name, tag) ON DELETE CASCADE
+);
 """
 
 
@@ -78,6 +95,35 @@ class ArtifactRecord:
     s3_endpoint: str | None
     total_size: int
     created: str
+
+
+@dataclass(frozen=True)
+class Found:
+    """What a reference resolves to, read in one statement: digest, name and manifest together.
+
+    ``pulled_from`` and ``checked_at`` are set when a tag was pulled through from an
+    upstream registry: its URL, and when (``time.time()``) the tag was last checked there.
+    """
+
+    digest: str
+    name: str
+    manifest: bytes
+    pulled_from: str | None = None
+    checked_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Deleted:
+    """The outcome of :meth:`RegistryStore.delete_artifact`.
+
+    ``dropped_keys`` are the tracker keys (20-byte info-hashes) that no stored artifact
+    has any more; artifacts with the same files share a torrent, so a delete may drop none.
+    """
+
+    digest: str
+    name: str
+    tags: list[str]
+    dropped_keys: list[bytes]
 
 
 def encode_cursor(name: str, digest: str) -> str:
@@ -165,11 +211,137 @@ class RegistryStore:
                     " ON CONFLICT(name, tag) DO UPDATE SET digest = excluded.digest",
                     (manifest.name, tag, digest),
                 )
+                # A tag published here is this registry's own from now on: an upstream
+                # refresh must never move it back.
+                db.execute("DELETE FROM pulled_tags WHERE name = ? AND tag = ?", (manifest.name, tag))
             return PublishResult(digest, manifest.name, tag, created)
 
         return self._run(tx, write=True)
 
+    def pull_through(self, manifest: Manifest, torrent: bytes, upstream: str, tag: str | None) -> PublishResult:
+        """Keep an artifact fetched from the upstream registry ``upstream``; with ``tag``, record it as pulled.
+
+        The artifact's origin is the upstream registry itself (its web seed serves the
+        bytes).  A tag that was published here meanwhile is left alone: a local tag
+        always wins over the upstream's.  Calling it again only refreshes ``checked_at``.
+        """
+        data = manifest.canonical_bytes()
+        digest = manifest.digest
+
+        def tx(db: sqlite3.Connection) -> PublishResult:
+            row = db.execute("SELECT manifest FROM artifacts WHERE digest = ?", (digest,)).fetchone()
+            if row is not None and bytes(row[0]) != data:
+                raise Conflict(f"artifact {digest} is stored with different manifest bytes")
+            if row is None:
+                db.execute(
+                    "INSERT INTO artifacts (digest, name, kind, content_key, manifest, torrent, origin_url,"
+                    " s3_endpoint, total_size, created, published_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (digest, manifest.name, manifest.kind, manifest.content_key, data, bytes(torrent),
+                     upstream, None, manifest.total_size, manifest.created, time.time()),
+                )
+            if tag is not None:
+                local = db.execute(
+                    "SELECT 1 FROM tags t WHERE name = ? AND tag = ? AND NOT EXISTS"
+                    " (SELECT 1 FROM pulled_tags p WHERE p.name = t.name AND p.tag = t.tag)",
+                    (manifest.name, tag)).fetchone()
+                if local is None:
+                    db.execute(
+                        "INSERT INTO tags (name, tag, digest) VALUES (?,?,?)"
+                        " ON CONFLICT(name, tag) DO UPDATE SET digest = excluded.digest",
+                        (manifest.name, tag, digest),
+                    )
+                    db.execute(
+                        "INSERT INTO pulled_tags (name, tag, upstream, checked_at) VALUES (?,?,?,?)"
+                        " ON CONFLICT(name, tag) DO UPDATE SET upstream = excluded.upstream,"
+                        " checked_at = excluded.checked_at",
+                        (manifest.name, tag, upstream, time.time()),
+                    )
+            return PublishResult(digest, manifest.name, tag, row is None)
+
+        return self._run(tx, write=True)
+
+    def drop_pulled_tag(self, name: str, tag: str, digest: str) -> bool:
+        """Remove ``name:tag`` if it is still the pulled-through tag pointing at ``digest``.
+
+        Used when the upstream no longer has the tag.  A tag published here, or moved
+        since the caller looked, is kept.  True if it was removed.
+        """
+        def tx(db: sqlite3.Connection) -> bool:
+            cur = db.execute(
+                "DELETE FROM tags WHERE name = ? AND tag = ? AND digest = ? AND EXISTS"
+                " (SELECT 1 FROM pulled_tags p WHERE p.name = tags.name AND p.tag = tags.tag)",
+                (name, tag, digest))
+            return cur.rowcount > 0
+
+        return self._run(tx, write=True)
+
+    def delete_tag(self, name: str, tag: str) -> str | None:
+        """Remove ``name:tag``; the digest it pointed at, or None if there was no such tag.
+
+        The artifact stays: it is still reachable by digest, and other tags may point at it.
+        """
+        def tx(db: sqlite3.Connection) -> str | None:
+            row = db.execute("SELECT digest FROM tags WHERE name = ? AND tag = ?", (name, tag)).fetchone()
+            if row is not None:
+                db.execute("DELETE FROM tags WHERE name = ? AND tag = ?", (name, tag))
+            return row[0] if row else None
+
+        return self._run(tx, write=True)
+
+    def delete_artifact(self, digest: str, *, force: bool = False, name: str | None = None) -> Deleted | None:
+        """Remove the artifact ``digest``; None if it is not stored (under ``name``, when given).
+
+        While tags point at it, the delete is refused with Conflict unless ``force``, which
+        removes those tags first (pointers before data, in the same transaction).  The
+        origin's blobs are not touched: other artifacts may share them.
+        """
+        def tx(db: sqlite3.Connection) -> Deleted | None:
+            row = db.execute("SELECT name, manifest FROM artifacts WHERE digest = ?", (digest,)).fetchone()
+            if row is None or (name is not None and row[0] != name):
+                return None
+            tags = [r[0] for r in db.execute("SELECT tag FROM tags WHERE digest = ? ORDER BY tag", (digest,))]
+            if tags and not force:
+                shown = ", ".join(f"{row[0]}:{t}" for t in tags[:5]) + (", ..." if len(tags) > 5 else "")
+                raise Conflict(
+                    f"artifact {digest} is still tagged {shown}; delete those tags first "
+                    f"(modelcast rm {row[0]}:{tags[0]}) or force the delete (modelcast rm --force {digest})"
+                )
+            db.execute("DELETE FROM tags WHERE digest = ?", (digest,))
+            db.execute("DELETE FROM artifacts WHERE digest = ?", (digest,))
+            info_hash = Manifest.from_bytes(bytes(row[1])).info_hash
+            # Artifacts of identical files share one torrent: keep a key another artifact
+            # still has, or its peers' announces would start failing.  The hex hash as a
+            # substring selects the few candidate manifests without parsing every one.
+            dropped = []
+            for hex_hash, key in zip([h for h in (info_hash.v1, info_hash.v2) if h], info_hash.tracker_keys()):
+                others = db.execute("SELECT manifest FROM artifacts WHERE instr(manifest, ?) > 0",
+                                    (hex_hash.encode(),)).fetchall()
+                if not any(key in Manifest.from_bytes(bytes(o[0])).info_hash.tracker_keys() for o in others):
+                    dropped.append(key)
+            return Deleted(digest, row[0], tags, dropped)
+
+        return self._run(tx, write=True)
+
     # -- reads ----------------------------------------------------------------------
+
+    def lookup(self, ref: Reference) -> Found | None:
+        """The artifact ``ref`` names, read in one statement, or None.
+
+        For ``name@digest`` the stored artifact is returned whatever its name; the caller
+        compares names, so that it can say under which name the digest is published.
+        """
+        if ref.tag is not None:
+            row = self._run(lambda db: db.execute(
+                "SELECT a.digest, a.name, a.manifest, p.upstream, p.checked_at FROM tags t"
+                " JOIN artifacts a ON a.digest = t.digest"
+                " LEFT JOIN pulled_tags p ON p.name = t.name AND p.tag = t.tag"
+                " WHERE t.name = ? AND t.tag = ?", (ref.name, ref.tag)).fetchone())
+        else:
+            row = self._run(lambda db: db.execute(
+                "SELECT digest, name, manifest, NULL, NULL FROM artifacts WHERE digest = ?", (ref.digest,)).fetchone())
+        if row is None:
+            return None
+        return Found(row[0], row[1], bytes(row[2]), row[3], row[4])
 
     def resolve_tag(self, name: str, tag: str) -> str | None:
         """The digest ``name:tag`` points at, or None."""

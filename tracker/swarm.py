@@ -4,42 +4,66 @@ Only swarms of published artifacts exist.  A hybrid (v1 + v2) torrent is announc
 two 20-byte keys (the SHA-1 info-hash and the truncated SHA-256 one); both map to the
 same :class:`Swarm`, so a peer that announces under either key sees every other peer.
 
+Liveness comes in two kinds:
+
+* A node daemon announces with ``node=ID`` and sends one heartbeat per node (not per
+  torrent).  While its heartbeat is live, none of its entries expires; when the heartbeat
+  lapses, or the node leaves, every entry of the node goes at once, in every swarm.
+* Any other client (aria2, a node whose heartbeat the registry refused) keeps the plain
+  per-peer TTL: an entry not re-announced for ``ttl_s`` seconds goes.
+
+No operation scans a whole swarm, or every swarm: announces touch one entry and sample
+the handout from per-tier buckets; expiry pops only what is due from a heap of node
+deadlines and from one last-seen-ordered index of entries.
+
 Nothing here does I/O or reads the clock: callers pass ``now`` (monotonic seconds), so
 expiry is tested without sleeping.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import random
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 from modelcast.errors import ArtifactNotFound
 
-from .protocol import Announce, Peer, SwarmCounts, choose_peers
+from .protocol import Announce, BucketKey, Peer, SwarmCounts, bucket_key, sample_peers
+
+Addr = tuple[str, int]
 
 
 class UnknownInfoHash(ArtifactNotFound):
     """An announce or scrape names an info-hash that no published artifact has."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Entry:
     peer: Peer
-    last_seen: float
+    node: str | None
 
 
 class Swarm:
-    """The peers of one torrent, with BEP 48 counters kept up to date on every change.
+    """The peers of one torrent, bucketed for the handout policy, with BEP 48 counters.
 
     Peers are keyed by (ip, port): a node that restarts with a new peer id replaces its
-    old entry instead of lingering as a ghost until it expires.  The dict is kept in
-    last-seen order, so expiry pops stale peers from the front without a full scan.
+    old entry instead of lingering as a ghost until it expires.  Each bucket is a list
+    with every peer's position recorded, so adding, removing (swap with the last) and
+    drawing at random are all O(1).
     """
 
-    def __init__(self) -> None:
-        self.peers: OrderedDict[tuple[str, int], _Entry] = OrderedDict()
+    def __init__(self, zone_gateways: int = 0) -> None:
+        self.peers: dict[Addr, _Entry] = {}
+        # Each zone's first ``zone_gateways`` peers (in join order; a leaver is replaced by
+        # another member of its zone): the only ones handed peers of other zones.  0: no
+        # limit, every peer sees every zone.
+        self.zone_gateways = zone_gateways
+        self.gateways: dict[str, list[Addr]] = {}
+        self.buckets: dict[BucketKey, list[Peer]] = {}
+        self._slot: dict[Addr, int] = {}
         self.complete = 0
         self.incomplete = 0
         self.downloaded = 0
@@ -53,39 +77,65 @@ class Swarm:
         else:
             self.incomplete += delta
 
-    def remove(self, addr: tuple[str, int]) -> bool:
-        """Drop the peer at ``addr``; True if it was there."""
+    def add(self, entry: _Entry) -> None:
+        """Insert ``entry``; its address must not be in the swarm."""
+        peer = entry.peer
+        self.peers[peer.addr] = entry
+        bucket = self.buckets.setdefault(bucket_key(peer), [])
+        self._slot[peer.addr] = len(bucket)
+        bucket.append(peer)
+        self._count(peer, +1)
+        if self.zone_gateways and not peer.origin_seed:
+            gw = self.gateways.setdefault(peer.zone, [])
+            if len(gw) < self.zone_gateways and peer.addr not in gw:
+                gw.append(peer.addr)
+
+    def gateway_peers(self) -> dict[str, list[Peer]] | None:
+        """Each zone's gateway peers, or None when zones are not limited (O(zones x gateways))."""
+        if not self.zone_gateways:
+            return None
+        return {zone: [self.peers[a].peer for a in gw] for zone, gw in self.gateways.items()}
+
+    def _replace_gateway(self, zone: str, addr: Addr) -> None:
+        gw = self.gateways.get(zone)
+        if gw is None or addr not in gw:
+            return
+        gw.remove(addr)
+        # Refill from the zone's buckets: a look at a few peers of each, never a scan.
+        for (z, _, origin_seed), bucket in self.buckets.items():
+            if z != zone or origin_seed:
+                continue
+            for peer in bucket[: self.zone_gateways + 1]:
+                if len(gw) >= self.zone_gateways:
+                    break
+                if peer.addr not in gw:
+                    gw.append(peer.addr)
+        if not gw:
+            del self.gateways[zone]
+
+    def remove(self, addr: Addr, replacing: bool = False) -> _Entry | None:
+        """Drop the peer at ``addr``; return its entry, or None if it was not there.
+
+        ``replacing``: the same peer announces again at once (same zone), so it keeps its
+        gateway role rather than handing it to another peer and back.
+        """
         entry = self.peers.pop(addr, None)
         if entry is None:
-            return False
+            return None
+        key = bucket_key(entry.peer)
+        bucket = self.buckets[key]
+        slot = self._slot.pop(addr)
+        last = bucket.pop()
+        if slot < len(bucket):
+            bucket[slot] = last
+            self._slot[last.addr] = slot
+        if not bucket:
+            # Empty buckets would still cost the handout a look on every announce.
+            del self.buckets[key]
         self._count(entry.peer, -1)
-        return True
-
-    def update(self, peer: Peer, event: str, now: float) -> None:
-        """Apply one announce of ``peer`` with ``event``; ``stopped`` removes it at once."""
-        if event == "stopped":
-            self.remove(peer.addr)
-            return
-        old = self.peers.pop(peer.addr, None)
-        if old is not None:
-            self._count(old.peer, -1)
-        # A "completed" counts as a download once per peer entry: a client that repeats
-        # the event (or a seed that announces it on start) must not inflate the counter.
-        if event == "completed" and (old is None or not old.peer.complete):
-            self.downloaded += 1
-        self.peers[peer.addr] = _Entry(peer, now)
-        self._count(peer, +1)
-
-    def expire(self, deadline: float) -> int:
-        """Drop peers last seen before ``deadline``; return how many went."""
-        removed = 0
-        while self.peers:
-            addr, entry = next(iter(self.peers.items()))
-            if entry.last_seen >= deadline:
-                break
-            self.remove(addr)
-            removed += 1
-        return removed
+        if not replacing:
+            self._replace_gateway(entry.peer.zone, addr)
+        return entry
 
     def peer_list(self) -> list[Peer]:
         return [e.peer for e in self.peers.values()]
@@ -99,14 +149,36 @@ class AnnounceResult:
     counts: SwarmCounts
 
 
-class SwarmRegistry:
-    """Every swarm this tracker serves, and the allow-list of info-hashes it accepts."""
+@dataclass(slots=True)
+class _Node:
+    """A node daemon the tracker knows of: its swarm entries and, if live, its heartbeat deadline."""
 
-    def __init__(self, rng: random.Random | None = None) -> None:
+    entries: set[tuple[Swarm, Addr]] = field(default_factory=set)
+    expires: float | None = None  # None: no heartbeat yet, so its entries use the per-peer TTL
+    queued: float = 0.0  # the deadline of this node's current item in the heap
+    seq: int = -1  # the sequence number of that item; older items of the node are stale
+
+
+class SwarmRegistry:
+    """Every swarm this tracker serves, the allow-list of info-hashes it accepts, and node liveness."""
+
+    def __init__(self, rng: random.Random | None = None, zone_gateways: int = 0) -> None:
         self._by_key: dict[bytes, Swarm] = {}
+        self.zone_gateways = zone_gateways
         self._rng = rng or random.Random()
         self.announces = 0
+        # Every entry, in last-announce order, for the per-peer TTL.  Entries of a node
+        # with a live heartbeat drop out of it when they reach the front (their node's
+        # heartbeat keeps them), and come back when they announce again.
+        self._last_seen: OrderedDict[tuple[Swarm, Addr], float] = OrderedDict()
+        self._nodes: dict[str, _Node] = {}
+        # (deadline, seq, node_id): one live item per heartbeating node.  A heartbeat only
+        # moves the node's deadline; the item is re-queued when it comes due, so a
+        # heartbeat is O(1) and expiry pops only what is due.
+        self._deadlines: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
 
+    # ---- swarms ----------------------------------------------------------------------
     def allow(self, keys: Iterable[bytes]) -> None:
         """Accept announces for ``keys``, all of which name the same torrent.
 
@@ -114,7 +186,7 @@ class SwarmRegistry:
         existing swarm is kept, so a re-publish never drops live peers.
         """
         keys = list(keys)
-        swarm = next((self._by_key[k] for k in keys if k in self._by_key), None) or Swarm()
+        swarm = next((self._by_key[k] for k in keys if k in self._by_key), None) or Swarm(self.zone_gateways)
         for k in keys:
             if len(k) != 20:
                 raise ValueError(f"tracker key must be 20 bytes, got {len(k)}")
@@ -131,15 +203,39 @@ class SwarmRegistry:
             )
         return swarm
 
+    def _drop(self, swarm: Swarm, addr: Addr, replacing: bool = False) -> _Entry | None:
+        """Remove one entry from its swarm and from every index."""
+        entry = swarm.remove(addr, replacing)
+        if entry is None:
+            return None
+        self._last_seen.pop((swarm, addr), None)
+        if entry.node is not None:
+            node = self._nodes.get(entry.node)
+            if node is not None:
+                node.entries.discard((swarm, addr))
+                if not node.entries and node.expires is None:
+                    del self._nodes[entry.node]
+        return entry
+
     def announce(self, a: Announce, ip: str, now: float) -> AnnounceResult:
         """Record ``a`` from address ``ip`` and choose the peers to hand back."""
         swarm = self._swarm(a.info_hash)
         self.announces += 1
         peer = Peer(peer_id=a.peer_id, ip=ip, port=a.port, left=a.left, zone=a.zone, origin_seed=a.origin_seed)
-        swarm.update(peer, a.event, now)
+        current = swarm.peers.get(peer.addr)
+        replacing = a.event != "stopped" and current is not None and current.peer.zone == peer.zone
+        old = self._drop(swarm, peer.addr, replacing)
         if a.event == "stopped":
             return AnnounceResult([], swarm.counts())
-        chosen = choose_peers(swarm.peer_list(), peer, a.numwant, self._rng)
+        # A "completed" counts as a download once per peer entry: a client that repeats
+        # the event (or a seed that announces it on start) must not inflate the counter.
+        if a.event == "completed" and (old is None or not old.peer.complete):
+            swarm.downloaded += 1
+        swarm.add(_Entry(peer, a.node))
+        self._last_seen[(swarm, peer.addr)] = now
+        if a.node is not None:
+            self._nodes.setdefault(a.node, _Node()).entries.add((swarm, peer.addr))
+        chosen = sample_peers(swarm.buckets, peer, a.numwant, self._rng, swarm.gateway_peers())
         return AnnounceResult(chosen, swarm.counts())
 
     def scrape(self, info_hashes: Iterable[bytes]) -> dict[bytes, SwarmCounts]:
@@ -154,11 +250,94 @@ class SwarmRegistry:
         """How many swarms have at least one peer."""
         return sum(1 for s in self.swarms() if s.peers)
 
-    def expire(self, now: float, ttl_s: float) -> int:
-        """Drop every peer not seen for ``ttl_s`` seconds; return how many went."""
-        deadline = now - ttl_s
-        return sum(s.expire(deadline) for s in self.swarms())
-
     def peers_of(self, info_hash: bytes) -> list[Peer]:
         """The peers currently in the swarm of ``info_hash`` (for stats and tests)."""
         return self._swarm(info_hash).peer_list()
+
+    # ---- node liveness ---------------------------------------------------------------
+    def heartbeat(self, node_id: str, now: float, ttl: float) -> int:
+        """Keep every entry of ``node_id`` alive until ``now + ttl``; return how many it has.
+
+        O(1): the heap is touched only when the new deadline is earlier than the queued
+        one (the node shortened its ttl) or the node had no heartbeat yet.
+        """
+        if ttl <= 0:
+            raise ValueError(f"heartbeat ttl must be positive, got {ttl}")
+        node = self._nodes.get(node_id)
+        if node is None:
+            node = self._nodes[node_id] = _Node()
+        node.expires = now + ttl
+        if node.seq < 0 or node.expires < node.queued:
+            self._queue(node_id, node, node.expires)
+        return len(node.entries)
+
+    def _queue(self, node_id: str, node: _Node, deadline: float) -> None:
+        node.seq = next(self._seq)
+        node.queued = deadline
+        heapq.heappush(self._deadlines, (deadline, node.seq, node_id))
+
+    def leave(self, node_id: str) -> int:
+        """Remove every entry of ``node_id`` from every swarm at once; return how many went."""
+        node = self._nodes.pop(node_id, None)
+        if node is None:
+            return 0
+        for swarm, addr in node.entries:
+            swarm.remove(addr)
+            self._last_seen.pop((swarm, addr), None)
+        # The node's heap item, if any, is now stale: its node is gone.
+        return len(node.entries)
+
+    def is_live(self, node_id: str) -> bool:
+        """Whether ``node_id`` has a heartbeat that has not been expired yet."""
+        node = self._nodes.get(node_id)
+        return node is not None and node.expires is not None
+
+    def live_nodes(self) -> int:
+        """How many nodes have a live heartbeat."""
+        return sum(1 for n in self._nodes.values() if n.expires is not None)
+
+    # ---- expiry ----------------------------------------------------------------------
+    def expire(self, now: float, ttl_s: float) -> int:
+        """Drop what is dead at ``now``; return how many entries went.
+
+        Two kinds of death: every entry of a node whose heartbeat is older than its ttl,
+        and each entry without a live heartbeat not announced for ``ttl_s`` seconds.
+        The cost is the number of due items, not the number of peers.
+        """
+        removed = 0
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, seq, node_id = heapq.heappop(self._deadlines)
+            node = self._nodes.get(node_id)
+            if node is None or node.seq != seq:
+                continue  # the node left, or was re-queued earlier
+            if node.expires is not None and node.expires > now:
+                self._queue(node_id, node, node.expires)  # heartbeats came in since it was queued
+                continue
+            removed += self.leave(node_id)
+        cutoff = now - ttl_s
+        while self._last_seen:
+            (swarm, addr), seen = next(iter(self._last_seen.items()))
+            if seen >= cutoff:
+                break
+            del self._last_seen[(swarm, addr)]
+            entry = swarm.peers.get(addr)
+            if entry is not None and entry.node is not None and self.is_live(entry.node):
+                continue  # its node's heartbeat keeps it; node expiry removes it when that lapses
+            if self._drop(swarm, addr) is not None:
+                removed += 1
+        return removed
+
+    # ---- registry deletes ------------------------------------------------------------
+    def disallow(self, keys: Iterable[bytes]) -> int:
+        """Stop accepting announces for ``keys`` (their artifact was deleted); return how many were allowed.
+
+        A swarm left without any key is emptied through :meth:`_drop`, so no index (last
+        seen, a node's entries) keeps its peers alive.  Unknown keys are ignored.
+        """
+        popped = [s for s in (self._by_key.pop(k, None) for k in set(keys)) if s is not None]
+        for swarm in {id(s): s for s in popped}.values():
+            if any(s is swarm for s in self._by_key.values()):
+                continue  # another key of it (a hybrid's other hash) is still allowed
+            for addr in list(swarm.peers):
+                self._drop(swarm, addr)
+        return len(popped)

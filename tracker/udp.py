@@ -1,0 +1,595 @@
+"""BEP 15 UDP tracker: packet parsing and encoding without sockets, and a thin asyncio adapter.
+
+The centre of this module is pure: :func:`parse_header` and :func:`parse_request` turn
+bytes into records, the ``encode_*`` functions turn records into bytes, and
+:class:`ConnectionIds` makes and checks connection IDs from a secret and the clock value
+it is given.  :class:`UdpTracker` ties them to a :class:`~tracker.swarm.SwarmRegistry`
+(in memory, no I/O) and maps one datagram to at most one answer, so the whole request
+path is tested without a socket.  :class:`UdpTrackerProtocol` is the asyncio adapter.
+
+The same :class:`~tracker.protocol.Announce` record as the HTTP tracker is used, so both
+paths share one swarm registry and one peer handout policy.  modelcast's ``zone=`` and
+``role=origin`` extensions travel in the BEP 41 URL data, which is how libtorrent sends
+the path and query of a ``udp://host:port/announce?zone=eu-1`` URL.
+
+Connection IDs are stateless: a keyed BLAKE2b MAC of the client's address and a time
+bucket, truncated to 64 bits.  Nothing is stored per client, so a flood of connects
+cannot grow memory, and a spoofed source address never learns a valid ID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+from urllib.parse import unquote_to_bytes
+
+from modelcast.errors import ModelcastError
+
+from .protocol import (DEFAULT_ZONE, ZONE_RE, Announce, Peer, ProtocolError, SwarmCounts, decode_compact_peers,
+                       normalize_ip)
+
+if TYPE_CHECKING:
+    from .swarm import SwarmRegistry
+
+log = logging.getLogger("modelcast.tracker.udp")
+
+PROTOCOL_ID = 0x41727101980
+ACTION_CONNECT = 0
+ACTION_ANNOUNCE = 1
+ACTION_SCRAPE = 2
+ACTION_ERROR = 3
+# BEP 15 event codes, mapped to the event names of the HTTP protocol.
+EVENTS = {0: "", 1: "completed", 2: "started", 3: "stopped"}
+EVENT_CODES = {name: code for code, name in EVENTS.items()}
+# "Up to about 74 torrents can be scraped at once" (BEP 15): the request stays in one
+# Ethernet frame.
+MAX_SCRAPE_HASHES = 74
+# Longer error texts are cut: an error answer must stay small, since it may go to a
+# spoofed source address.
+MAX_ERROR_BYTES = 200
+# The largest valid request is a full scrape (16 + 74 * 20 = 1496 bytes) or an announce
+# with BEP 41 options; anything longer is truncated by the kernel and then refused.
+MAX_DATAGRAM = 2048
+# A connection ID is accepted for CONNECTION_ID_BUCKETS whole buckets of
+# CONNECTION_ID_BUCKET_S seconds after the one it was issued in, so it stays valid for
+# 2 to 3 minutes: BEP 15 asks trackers to accept an ID for two minutes, clients to use
+# it for one.
+CONNECTION_ID_BUCKET_S = 60.0
+CONNECTION_ID_BUCKETS = 2
+
+_HEADER = struct.Struct(">QII")  # connection_id (or protocol id), action, transaction_id
+_ANNOUNCE = struct.Struct(">QII20s20sQQQIIIiH")  # 98 bytes
+_CONNECT_REPLY = struct.Struct(">IIQ")
+_ANNOUNCE_REPLY = struct.Struct(">IIIII")
+_SCRAPE_ITEM = struct.Struct(">III")
+_ERROR_HEAD = struct.Struct(">II")
+_PORT = struct.Struct(">H")
+
+# BEP 41 option types; every other type is followed by a one-byte length.
+_OPT_END = 0
+_OPT_NOP = 1
+_OPT_URL_DATA = 2
+
+
+class UdpProtocolError(ProtocolError):
+    """A UDP tracker packet is malformed; answered with an error action when it has a transaction ID.
+
+    ``transaction_id`` is None for a packet too short to carry one: such a packet is
+    dropped without an answer.
+    """
+
+    code = "udp_tracker_protocol"
+
+    def __init__(self, message: str, transaction_id: int | None = None):
+        super().__init__(message)
+        self.transaction_id = transaction_id
+
+
+# ---------------------------------------------------------------------------------------
+# Records
+
+
+@dataclass(frozen=True)
+class ConnectRequest:
+    """A BEP 15 connect request."""
+
+    transaction_id: int
+
+
+@dataclass(frozen=True)
+class AnnounceRequest:
+    """A BEP 15 announce, carrying the same :class:`Announce` record as the HTTP path.
+
+    ``announce.ip`` is the request's IPv4 address field (None when 0); ``url_data`` is
+    the BEP 41 URL data (path and query of the tracker URL), empty when absent.
+    """
+
+    connection_id: int
+    transaction_id: int
+    announce: Announce
+    url_data: bytes = b""
+
+
+@dataclass(frozen=True)
+class ScrapeRequest:
+    """A BEP 15 scrape of up to :data:`MAX_SCRAPE_HASHES` info-hashes, in request order."""
+
+    connection_id: int
+    transaction_id: int
+    info_hashes: tuple[bytes, ...]
+
+
+Request = ConnectRequest | AnnounceRequest | ScrapeRequest
+
+
+# ---------------------------------------------------------------------------------------
+# Parsing
+
+
+def parse_header(data: bytes) -> tuple[int, int, int]:
+    """Return ``(connection_id, action, transaction_id)`` of any request packet.
+
+    Raises :class:`UdpProtocolError` without a transaction ID for a packet shorter than
+    the 16 bytes every request starts with.
+    """
+    if len(data) < _HEADER.size:
+        raise UdpProtocolError(f"packet of {len(data)} bytes is shorter than the 16-byte BEP 15 header")
+    return _HEADER.unpack_from(data)
+
+
+def _query_params(url_data: bytes) -> dict[bytes, bytes]:
+    """The query parameters of BEP 41 URL data, percent-decoded; the first occurrence wins."""
+    _, sep, query = url_data.partition(b"?")
+    params: dict[bytes, bytes] = {}
+    if not sep:
+        return params
+    for part in query.split(b"&"):
+        name, _, value = part.partition(b"=")
+        if name:
+            params.setdefault(unquote_to_bytes(name), unquote_to_bytes(value))
+    return params
+
+
+def parse_options(data: bytes, offset: int = _ANNOUNCE.size) -> bytes:
+    """Return the BEP 41 URL data in the options after an announce, concatenated.
+
+    Parsing stops at EndOfOptions and at an option that runs past the end of the packet
+    (what came before it is kept): options are hints, and a client that pads or
+    truncates them must still be served.  Unknown option types are skipped by length.
+    """
+    url = bytearray()
+    end = len(data)
+    i = offset
+    while i < end:
+        kind = data[i]
+        if kind == _OPT_END:
+            break
+        if kind == _OPT_NOP:
+            i += 1
+            continue
+        if i + 1 >= end:
+            break
+        length = data[i + 1]
+        start = i + 2
+        if start + length > end:
+            break
+        if kind == _OPT_URL_DATA:
+            url += data[start : start + length]
+        i = start + length
+    return bytes(url)
+
+
+def _extensions(url_data: bytes, transaction_id: int) -> tuple[str, bool]:
+    """The modelcast ``zone`` and ``role=origin`` extensions from BEP 41 URL data."""
+    if b"?" not in url_data:
+        return DEFAULT_ZONE, False
+    params = _query_params(url_data)
+    zone_b = params.get(b"zone")
+    zone = DEFAULT_ZONE
+    if zone_b:
+        zone = zone_b.decode("utf-8", "replace")
+        if not ZONE_RE.match(zone):
+            raise UdpProtocolError(f"invalid zone {zone[:80]!r}: up to 64 letters, digits and . _ : -", transaction_id)
+    return zone, params.get(b"role") == b"origin"
+
+
+def parse_request(data: bytes, *, default_numwant: int = 50, max_numwant: int = 200) -> Request:
+    """Parse one request packet into a :class:`ConnectRequest`, :class:`AnnounceRequest` or :class:`ScrapeRequest`.
+
+    ``numwant`` below zero (BEP 15 uses -1) means ``default_numwant``; either is clamped
+    to ``max_numwant``, as on the HTTP path.  Raises :class:`UdpProtocolError` for anything
+    malformed, with the transaction ID set whenever the packet has one.
+    """
+    connection_id, action, tid = parse_header(data)
+    if action == ACTION_CONNECT:
+        if connection_id != PROTOCOL_ID:
+            raise UdpProtocolError("connect without the BEP 15 protocol id", tid)
+        return ConnectRequest(tid)
+    if action == ACTION_ANNOUNCE:
+        if len(data) < _ANNOUNCE.size:
+            raise UdpProtocolError(f"announce of {len(data)} bytes; BEP 15 needs 98", tid)
+        (_, _, _, info_hash, peer_id, downloaded, left, uploaded, event_code, ip, key, numwant,
+         port) = _ANNOUNCE.unpack_from(data)
+        event = EVENTS.get(event_code)
+        if event is None:
+            raise UdpProtocolError(f"unknown event {event_code}; expected 0 none, 1 completed, 2 started, 3 stopped",
+                                   tid)
+        if port == 0:
+            raise UdpProtocolError("announce with port 0; send the port the client listens on", tid)
+        url_data = parse_options(data) if len(data) > _ANNOUNCE.size else b""
+        zone, origin_seed = _extensions(url_data, tid)
+        announce = Announce(
+            info_hash=info_hash,
+            peer_id=peer_id,
+            port=port,
+            uploaded=uploaded,
+            downloaded=downloaded,
+            left=left,
+            event=event,
+            compact=True,
+            numwant=min(default_numwant if numwant < 0 else numwant, max_numwant),
+            ip=socket.inet_ntoa(data[84:88]) if ip else None,
+            zone=zone,
+            key=f"{key:08x}",
+            origin_seed=origin_seed,
+        )
+        return AnnounceRequest(connection_id, tid, announce, url_data)
+    if action == ACTION_SCRAPE:
+        body = len(data) - _HEADER.size
+        count = body // 20
+        if body % 20 or not 1 <= count <= MAX_SCRAPE_HASHES:
+            raise UdpProtocolError(
+                f"scrape body of {body} bytes; expected 1 to {MAX_SCRAPE_HASHES} info-hashes of 20 bytes", tid)
+        hashes = tuple(data[i : i + 20] for i in range(_HEADER.size, len(data), 20))
+        return ScrapeRequest(connection_id, tid, hashes)
+    raise UdpProtocolError(f"unknown action {action}", tid)
+
+
+# ---------------------------------------------------------------------------------------
+# Encoding
+
+
+def encode_connect(transaction_id: int, connection_id: int) -> bytes:
+    """A connect answer (action 0) handing out ``connection_id``."""
+    return _CONNECT_REPLY.pack(ACTION_CONNECT, transaction_id, connection_id)
+
+
+# Packed forms of peer addresses.  A fleet re-announces the same few thousand addresses
+# all day, and a dict hit costs a third of parsing the text again; the cache is emptied
+# when full, so a flood of new addresses cannot grow it without bound.
+_PACKED_IPS: dict[str, bytes] = {}
+_PACKED_IPS_MAX = 1 << 16
+
+
+def _packed_ip(ip: str) -> bytes:
+    packed = socket.inet_pton(socket.AF_INET6, ip) if ":" in ip else socket.inet_aton(ip)
+    if len(_PACKED_IPS) >= _PACKED_IPS_MAX:
+        _PACKED_IPS.clear()
+    _PACKED_IPS[ip] = packed
+    return packed
+
+
+def pack_peers(peers: Sequence[Peer], ipv6: bool) -> bytes:
+    """Pack peers of one address family: 6 bytes each for IPv4, 18 for IPv6 (BEP 15).
+
+    Peers of the other family are left out: an IPv4 answer has no room for IPv6
+    addresses, and a client reached over IPv6 asked for IPv6 peers.
+    """
+    size = 16 if ipv6 else 4
+    get = _PACKED_IPS.get
+    pack_port = _PORT.pack
+    out = []
+    for p in peers:
+        packed = get(p.ip) or _packed_ip(p.ip)
+        if len(packed) == size:
+            out.append(packed)
+            out.append(pack_port(p.port))
+    return b"".join(out)
+
+
+def encode_announce(transaction_id: int, interval: int, counts: SwarmCounts, peers: Sequence[Peer],
+                    *, ipv6: bool = False) -> bytes:
+    """An announce answer (action 1): interval, leechers, seeders and compact peers."""
+    head = _ANNOUNCE_REPLY.pack(ACTION_ANNOUNCE, transaction_id, interval, counts.incomplete, counts.complete)
+    return head + pack_peers(peers, ipv6) if peers else head
+
+
+def encode_scrape(transaction_id: int, counts: Sequence[SwarmCounts]) -> bytes:
+    """A scrape answer (action 2): seeders, completed and leechers per info-hash, in request order."""
+    return _ERROR_HEAD.pack(ACTION_SCRAPE, transaction_id) + b"".join(
+        _SCRAPE_ITEM.pack(c.complete, c.downloaded, c.incomplete) for c in counts)
+
+
+def encode_error(transaction_id: int, message: str) -> bytes:
+    """An error answer (action 3); clients show ``message`` as the tracker's error."""
+    text = message.encode("utf-8")[:MAX_ERROR_BYTES]
+    return _ERROR_HEAD.pack(ACTION_ERROR, transaction_id) + text
+
+
+def encode_connect_request(transaction_id: int) -> bytes:
+    """A client's connect request (for tests and benchmarks)."""
+    return _HEADER.pack(PROTOCOL_ID, ACTION_CONNECT, transaction_id)
+
+
+def encode_announce_request(connection_id: int, transaction_id: int, a: Announce, *, ip: str | None = None,
+                            key: int = 0, numwant: int | None = None, url_data: bytes = b"") -> bytes:
+    """A client's announce request for ``a`` (for tests and benchmarks).
+
+    ``url_data`` goes into BEP 41 URLData options of at most 255 bytes each.
+    """
+    packet = _ANNOUNCE.pack(
+        connection_id, ACTION_ANNOUNCE, transaction_id, a.info_hash, a.peer_id, a.downloaded, a.left, a.uploaded,
+        EVENT_CODES[a.event], struct.unpack(">I", socket.inet_aton(ip))[0] if ip else 0, key,
+        a.numwant if numwant is None else numwant, a.port,
+    )
+    if not url_data:
+        return packet
+    options = [packet]
+    for i in range(0, len(url_data), 255):
+        chunk = url_data[i : i + 255]
+        options.append(bytes((_OPT_URL_DATA, len(chunk))) + chunk)
+    options.append(bytes((_OPT_END,)))
+    return b"".join(options)
+
+
+def encode_scrape_request(connection_id: int, transaction_id: int, info_hashes: Sequence[bytes]) -> bytes:
+    """A client's scrape request (for tests and benchmarks)."""
+    return _HEADER.pack(connection_id, ACTION_SCRAPE, transaction_id) + b"".join(info_hashes)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A tracker answer as a client reads it; only the fields of its ``action`` are set."""
+
+    action: int
+    transaction_id: int
+    connection_id: int = 0
+    interval: int = 0
+    leechers: int = 0
+    seeders: int = 0
+    peers: tuple[tuple[str, int], ...] = ()
+    files: tuple[SwarmCounts, ...] = ()
+    message: str = ""
+
+
+def parse_reply(data: bytes, *, ipv6: bool = False) -> Reply:
+    """Parse a tracker answer (the client side, for tests and benchmarks).
+
+    ``ipv6`` says the announce went over IPv6, so peers are 18 bytes each (BEP 15).
+    """
+    if len(data) < _ERROR_HEAD.size:
+        raise UdpProtocolError(f"answer of {len(data)} bytes is shorter than 8")
+    action, tid = _ERROR_HEAD.unpack_from(data)
+    if action == ACTION_CONNECT and len(data) >= _CONNECT_REPLY.size:
+        return Reply(action, tid, connection_id=_CONNECT_REPLY.unpack_from(data)[2])
+    if action == ACTION_ANNOUNCE and len(data) >= _ANNOUNCE_REPLY.size:
+        _, _, interval, leechers, seeders = _ANNOUNCE_REPLY.unpack_from(data)
+        body = data[_ANNOUNCE_REPLY.size:]
+        peers = decode_compact_peers(b"", body) if ipv6 else decode_compact_peers(body)
+        return Reply(action, tid, interval=interval, leechers=leechers, seeders=seeders, peers=tuple(peers))
+    if action == ACTION_SCRAPE and (len(data) - _ERROR_HEAD.size) % _SCRAPE_ITEM.size == 0:
+        files = tuple(SwarmCounts(complete=s, downloaded=d, incomplete=l)
+                      for s, d, l in _SCRAPE_ITEM.iter_unpack(data[_ERROR_HEAD.size:]))
+        return Reply(action, tid, files=files)
+    if action == ACTION_ERROR:
+        return Reply(action, tid, message=data[_ERROR_HEAD.size:].decode("utf-8", "replace"))
+    raise UdpProtocolError(f"malformed answer: action {action}, {len(data)} bytes", tid)
+
+
+# ---------------------------------------------------------------------------------------
+# Connection IDs
+
+
+class ConnectionIds:
+    """Stateless, unforgeable BEP 15 connection IDs.
+
+    An ID is a keyed BLAKE2b MAC (a MAC by construction, one C call) of the client's
+    address and a time bucket, truncated to 64 bits.  It proves that the client received
+    our connect answer at that address, which is what stops a spoofed source address
+    from getting announce answers sent to a victim.  ``now`` is any clock in seconds
+    that does not go backwards; the secret is per process, so a restart invalidates
+    every ID and clients reconnect, as BEP 15 expects.
+    """
+
+    def __init__(self, secret: bytes | None = None, *, bucket_s: float = CONNECTION_ID_BUCKET_S,
+                 buckets: int = CONNECTION_ID_BUCKETS):
+        self._secret = secret if secret is not None else os.urandom(32)
+        if not 16 <= len(self._secret) <= 64:
+            raise ValueError("connection id secret must be 16 to 64 bytes")
+        self._bucket_s = bucket_s
+        self._buckets = buckets
+
+    def _mac(self, host: str, port: int, bucket: int) -> bytes:
+        msg = b"%s|%d|%d" % (host.encode(), port, bucket)
+        return hashlib.blake2b(msg, key=self._secret, digest_size=8).digest()
+
+    def issue(self, host: str, port: int, now: float) -> int:
+        """A connection ID for the client at ``(host, port)``."""
+        return int.from_bytes(self._mac(host, port, int(now // self._bucket_s)), "big")
+
+    def valid(self, connection_id: int, host: str, port: int, now: float) -> bool:
+        """True if ``connection_id`` was issued to ``(host, port)`` recently enough."""
+        given = connection_id.to_bytes(8, "big")
+        bucket = int(now // self._bucket_s)
+        for b in range(bucket, bucket - self._buckets - 1, -1):
+            # Constant-time comparison, so the MAC cannot be learnt byte by byte from timings.
+            if hmac.compare_digest(self._mac(host, port, b), given):
+                return True
+        return False
+
+
+# ---------------------------------------------------------------------------------------
+# The request path, still without sockets
+
+
+@dataclass
+class UdpStats:
+    """Counters of the UDP tracker, for logs, stats and benchmarks."""
+
+    packets: int = 0
+    connects: int = 0
+    announces: int = 0
+    scrapes: int = 0
+    errors: int = 0  # error actions sent
+    dropped: int = 0  # packets too short to answer
+    internal_errors: int = 0  # bugs: unexpected exceptions while answering
+    send_errors: int = 0  # sends refused by the OS or dropped under backpressure
+
+
+class UdpTracker:
+    """Maps one request datagram to at most one answer, against a swarm registry.
+
+    Never raises for bad input: malformed requests, expired connection IDs and unknown
+    info-hashes become error actions; a packet with no transaction ID gets no answer.
+    """
+
+    def __init__(self, swarms: SwarmRegistry, *, interval: int, default_numwant: int = 50,
+                 max_numwant: int = 200, ids: ConnectionIds | None = None):
+        self.swarms = swarms
+        self.interval = interval
+        self.default_numwant = default_numwant
+        self.max_numwant = max_numwant
+        self.ids = ids or ConnectionIds()
+        self.stats = UdpStats()
+
+    def handle(self, data: bytes, addr: tuple, now: float) -> bytes | None:
+        """The answer to ``data`` received from ``addr`` (a socket address tuple), or None."""
+        stats = self.stats
+        stats.packets += 1
+        host, port = addr[0], addr[1]
+        tid = None
+        try:
+            connection_id, action, tid = parse_header(data)
+            if action != ACTION_CONNECT and not self.ids.valid(connection_id, host, port, now):
+                # Checked before the body is parsed, so a sender that never received a
+                # connect answer learns nothing but this short message.
+                raise UdpProtocolError("connection id expired or invalid; connect again", tid)
+            req = parse_request(data, default_numwant=self.default_numwant, max_numwant=self.max_numwant)
+            if isinstance(req, ConnectRequest):
+                stats.connects += 1
+                return encode_connect(tid, self.ids.issue(host, port, now))
+            if isinstance(req, AnnounceRequest):
+                stats.announces += 1
+                return self._announce(req, host, now)
+            stats.scrapes += 1
+            found = self.swarms.scrape(req.info_hashes)
+            zero = SwarmCounts()
+            return encode_scrape(tid, [found.get(ih, zero) for ih in req.info_hashes])
+        except ModelcastError as exc:
+            if tid is None:
+                stats.dropped += 1
+                return None
+            stats.errors += 1
+            return encode_error(tid, str(exc))
+        except Exception:
+            stats.internal_errors += 1
+            # A bug, not bad input; logged sparingly so a flood cannot fill the disk.
+            if stats.internal_errors in (1, 10, 100) or stats.internal_errors % 10_000 == 0:
+                log.exception("UDP tracker failed on a %d-byte packet from %s (%d such failures)",
+                              len(data), host, stats.internal_errors)
+            if tid is None:
+                return None
+            stats.errors += 1
+            return encode_error(tid, "internal error in the tracker")
+
+    def _announce(self, req: AnnounceRequest, host: str, now: float) -> bytes:
+        # The kernel writes IPv4 addresses in canonical form; only IPv6 ones (scope
+        # ids, IPv4-mapped addresses of a dual-stack socket) need normalising.
+        ipv6 = ":" in host
+        if ipv6:
+            host = normalize_ip(host) or host
+            ipv6 = ":" in host
+        a = req.announce
+        # The 32-bit address field cannot name an IPv6 peer (BEP 15); for IPv4 it is
+        # honoured like the HTTP ``ip=`` parameter (libtorrent's announce_ip).
+        ip = a.ip if a.ip and not ipv6 else host
+        result = self.swarms.announce(a, ip, now)
+        return encode_announce(req.transaction_id, self.interval, result.counts, result.peers, ipv6=ipv6)
+
+
+# ---------------------------------------------------------------------------------------
+# asyncio adapter
+
+
+class UdpTrackerProtocol(asyncio.DatagramProtocol):
+    """The asyncio adapter: one datagram in, at most one out, on the event loop thread.
+
+    ``datagram_received`` never raises.  While the transport's send buffer is full
+    (``pause_writing``), answers are dropped instead of queued: UDP clients retry, and
+    an unbounded queue would let a flood exhaust memory.
+    """
+
+    def __init__(self, tracker: UdpTracker, clock=time.monotonic):
+        self.tracker = tracker
+        self.transport: asyncio.DatagramTransport | None = None
+        self._clock = clock
+        self._paused = False
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port)."""
+        assert self.transport is not None, "the UDP tracker is not started"
+        sockname = self.transport.get_extra_info("sockname")
+        return sockname[0], sockname[1]
+
+    @property
+    def port(self) -> int:
+        return self.address[1]
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        self.transport = transport
+        # asyncio reads every datagram into a fresh 256 KiB buffer by default; BEP 15
+        # packets fit in MAX_DATAGRAM.
+        if hasattr(transport, "max_size"):
+            transport.max_size = MAX_DATAGRAM
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        try:
+            answer = self.tracker.handle(data, addr, self._clock())
+            if answer is not None:
+                if self._paused:
+                    self.tracker.stats.send_errors += 1
+                else:
+                    self.transport.sendto(answer, addr)
+        except Exception:  # Never let one datagram take the endpoint down.
+            self.tracker.stats.internal_errors += 1
+            log.debug("UDP tracker could not answer %s", addr, exc_info=True)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable from a client that went away, and the like.
+        self.tracker.stats.send_errors += 1
+        log.debug("UDP tracker socket error: %s", exc)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def start_udp_tracker(tracker: UdpTracker, host: str, port: int) -> UdpTrackerProtocol:
+    """Bind a UDP tracker endpoint on ``host:port`` (0 for an ephemeral port) and start serving."""
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    _, protocol = await loop.create_datagram_endpoint(lambda: UdpTrackerProtocol(tracker), local_addr=(host, port),
+                                                      family=family)
+    sock = protocol.transport.get_extra_info("socket")
+    try:
+        # A larger receive buffer absorbs bursts (a fleet re-announcing at once) that the
+        # event loop drains a moment later; the kernel caps it at net.core.rmem_max.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+    except OSError:
+        pass
+    return protocol
