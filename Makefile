@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # Debian tools some tests drive as real peers or readers (skipped, with the reason printed, without them).
-SYSTEM_TOOLS := aria2c:aria2 skopeo:skopeo tc:iproute2
+SYSTEM_TOOLS := aria2c:aria2 skopeo:skopeo tc:iproute2 opentracker:opentracker
 
 .PHONY: install system-tools demo test bench runtime-cuda-full clean
 
@@ -25,6 +25,8 @@ system-tools:
 	  echo "installing$$missing"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) >/dev/null 2>&1 \
 	    || echo "could not install$$missing; the tests that need them will say so and skip"; \
+	  case "$$missing" in *opentracker*) \
+	    command -v systemctl >/dev/null 2>&1 && systemctl disable --now opentracker >/dev/null 2>&1 || true;; esac; \
 	fi
 
 demo: $(STAMP)
@@ -33,13 +35,14 @@ demo: $(STAMP)
 test: $(STAMP) system-tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-bench: $(STAMP)
+bench: $(STAMP) system-tools
 	$(BIN)/python benchmarks/publish.py
 	$(BIN)/python benchmarks/node_cache.py
 	$(BIN)/python benchmarks/fanout.py
 	$(BIN)/python benchmarks/fanout.py --nodes 16 --no-baseline
 	$(BIN)/python benchmarks/fanout.py --zones 2 --no-baseline
 	$(BIN)/python benchmarks/serve_start.py
+	$(BIN)/python benchmarks/tracker_load.py
 
 # The full CUDA variant: onnxruntime-gpu with its CUDA 13 / cuDNN wheels (~1.5 GB download,
 # 2.6 GB layer), outside `make test`; runs the model on CUDAExecutionProvider where a GPU is.
