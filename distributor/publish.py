@@ -185,7 +185,7 @@ async def publish(path: Path, ref: Reference, cfg: PublishConfig, *, kind: str =
         try:
             (torrent, info_hash, torrent_s), blobs = await asyncio.gather(
                 asyncio.to_thread(make_torrent, files, torrent_name, piece_length, registry.announce_url(),
-                                  bar.callback("pieces"), stop),
+                                  bar.callback("pieces"), stop, cfg.torrent_format == "v1"),
                 asyncio.to_thread(hash_and_store, files, origin, cfg.hash_workers, cfg.upload_workers,
                                   on_hashed=bar.callback("xxh3"), on_uploaded=bar.callback("upload"), stop=stop),
             )

@@ -46,8 +46,21 @@ def info_hashes(torrent: bytes) -> InfoHashes:
                       v2=str(hashes.v2) if hashes.has_v2() else None)
 
 
+def torrent_flags(v1_only: bool = False) -> int:
+    """libtorrent ``create_torrent`` flags: hybrid by default, or v1 only with pad files.
+
+    A hybrid torrent (no flag) is what every modelcast node reads; v1 only is for clients
+    that cannot read v2 metadata (aria2 before 1.37 computes a wrong info-hash for hybrid
+    torrents).  ``canonical_files`` keeps the pad files that align every file to a piece.
+    """
+    import libtorrent as lt
+
+    return (lt.create_torrent.v1_only | lt.create_torrent.canonical_files) if v1_only else 0
+
+
 def build_torrent(files: list[tuple[str, str, int]], torrent_name: str, piece_length: int,
-                  announce: str | None = None, on_piece: Callable[[int], None] | None = None) -> bytes:
+                  announce: str | None = None, on_piece: Callable[[int], None] | None = None,
+                  v1_only: bool = False) -> bytes:
     """Hash every piece of ``files`` (``(path in artifact, source path, size)``) and return the torrent.
 
     Hybrid (libtorrent's default; no v1_only/v2_only flag), so v1-only clients (aria2) can
@@ -58,7 +71,7 @@ def build_torrent(files: list[tuple[str, str, int]], torrent_name: str, piece_le
     import libtorrent as lt
 
     entries = [lt.create_file_entry(f"{torrent_name}/{path}", size) for path, _, size in files]
-    ct = lt.create_torrent(entries, piece_length, 0)
+    ct = lt.create_torrent(entries, piece_length, torrent_flags(v1_only))
     ct.set_priv(True)
     ct.set_creation_date(0)
     if announce:
@@ -80,7 +93,7 @@ def build_torrent(files: list[tuple[str, str, int]], torrent_name: str, piece_le
 
 def make_torrent(files: list[ScannedFile], torrent_name: str, piece_length: int, announce: str | None = None,
                  progress: Callable[[int], None] | None = None,
-                 stop: threading.Event | None = None) -> tuple[bytes, InfoHashes, float]:
+                 stop: threading.Event | None = None, v1_only: bool = False) -> tuple[bytes, InfoHashes, float]:
     """Make the torrent in a child process; return (torrent bytes, info-hashes, seconds).
 
     ``progress`` receives bytes hashed (in piece-sized steps); setting ``stop`` kills the
@@ -88,7 +101,7 @@ def make_torrent(files: list[ScannedFile], torrent_name: str, piece_length: int,
     """
     t0 = time.monotonic()
     total = sum(f.size for f in files)
-    request = json.dumps({"torrent_name": torrent_name, "piece_length": piece_length, "announce": announce,
+    request = json.dumps({"torrent_name": torrent_name, "piece_length": piece_length, "announce": announce, "v1_only": v1_only,
                           "files": [[f.path, str(f.source), f.size] for f in files]}).encode()
     # This very package first on the child's path: with ``-m`` the working directory would
     # come first, and another checkout's ``distributor`` there would be imported instead.
@@ -141,10 +154,11 @@ def _child_main() -> int:
     import libtorrent as lt
 
     num_pieces = lt.create_torrent([lt.create_file_entry(f"{req['torrent_name']}/{p}", s) for p, _, s in files],
-                                   req["piece_length"], 0).num_pieces()
+                                   req["piece_length"], torrent_flags(req["v1_only"])).num_pieces()
     out.write(b"pieces %d\n" % num_pieces)
     try:
-        data = build_torrent(files, req["torrent_name"], req["piece_length"], req["announce"], on_piece)
+        data = build_torrent(files, req["torrent_name"], req["piece_length"], req["announce"], on_piece,
+                             req["v1_only"])
     except (RuntimeError, OSError) as exc:
         print(f"{exc.__class__.__name__}: {exc}", file=sys.stderr)
         return 1

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--origin", required=True, help="file:///DIR or s3://BUCKET/PREFIX")
     p.add_argument("--s3-endpoint", help="S3 endpoint URL (env MODELCAST_S3_ENDPOINT)")
     p.add_argument("--kind", default="model", choices=["model", "runtime"])
+    p.add_argument("--torrent", default="hybrid", choices=["hybrid", "v1"],
+                   help="torrent format: hybrid v1+v2 (default), or v1 only for clients that cannot read v2 "
+                        "(aria2 < 1.37)")
     p.add_argument("--annotation", action="append", default=[], metavar="KEY=VALUE")
     _client_args(p, registry=True, token=True)
 
@@ -207,7 +210,8 @@ def cmd_publish(args) -> int:
     if ref.tag is None:
         raise ModelcastError(f"publish needs NAME:TAG, got {args.ref!r}")
     cfg = PublishConfig(registry=client.registry, origin=args.origin,
-                        s3_endpoint=args.s3_endpoint or env_str(ENV_S3_ENDPOINT), token=client.token)
+                        s3_endpoint=args.s3_endpoint or env_str(ENV_S3_ENDPOINT), token=client.token,
+                        torrent_format=args.torrent)
     result = publish_sync(args.path, ref, cfg, kind=args.kind, annotations=_parse_annotations(args.annotation),
                           progress=sys.stderr.isatty())
     print(result.digest)

@@ -169,6 +169,8 @@ class PublishConfig:
     token: str | None = None
     hash_workers: int = field(default_factory=lambda: max(2, os.cpu_count() or 2))
     upload_workers: int = 8
+    # "hybrid" (v1 + v2, the default) or "v1": for BitTorrent clients that cannot read v2.
+    torrent_format: str = "hybrid"
 
 
 @dataclass(frozen=True)

@@ -10,27 +10,24 @@ for every hybrid torrent, announces a swarm nobody is in and handshakes for a to
 peer has (fixed upstream by aria2/aria2#1905).  No tracker or torrent change can make up
 for that: the handshake carries the hash.  So the hybrid test checks that this, and only
 this, is what goes wrong with such an aria2, and marks itself as an expected failure;
-the second test registers the same files with a v1-only torrent (pad files aligned the
-same way), which a buggy aria2 hashes right, and runs the whole download.
+the second test publishes the files with ``modelcast publish --torrent v1`` (v1 only, pad
+files aligned the same way), which a buggy aria2 hashes right, and runs the whole download.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from modelcast.manifest import InfoHashes, Manifest
+from modelcast.manifest import Manifest
 from modelcast.procs import free_port
 from tracker.protocol import bdecode, bencode, torrent_info_bytes
 
@@ -146,44 +143,19 @@ def test_aria2c_downloads_a_published_hybrid_artifact_from_a_node(tracker, node_
     assert elapsed < ARIA2_TIMEOUT_S
 
 
-def _v1_torrent(model: Path, name: str, piece_length: int) -> bytes:
-    """A private v1-only torrent of ``model`` whose files are padded to pieces like a hybrid's."""
-    import libtorrent as lt
-
-    files = sorted(p.relative_to(model).as_posix() for p in model.rglob("*") if p.is_file())
-    entries = [lt.create_file_entry(f"{name}/{rel}", (model / rel).stat().st_size) for rel in files]
-    ct = lt.create_torrent(entries, piece_length, lt.create_torrent.v1_only | lt.create_torrent.canonical_files)
-    ct.set_priv(True)
-    ct.set_creation_date(0)
-    with tempfile.TemporaryDirectory(prefix="modelcast-v1-") as parent:
-        os.symlink(model.resolve(), Path(parent, name))
-        lt.set_piece_hashes(ct, parent)
-    return lt.bencode(ct.generate())
-
-
 def test_aria2c_downloads_a_v1_torrent_from_a_node(tracker, node_factory, tmp_path):
     model = make_model(tmp_path / "model", SIZES, seed=2)
-    origin = (tmp_path / "origin").as_uri()
-    hybrid_digest = publish(tracker.url, model, "interop/aria2:hybrid", origin)
-    hybrid = Manifest.from_bytes(_http(f"{tracker.url}/v1/artifacts/{hybrid_digest}"), expected_digest=hybrid_digest)
-
-    # The same files (their blobs are at the origin already) under a v1-only torrent,
-    # registered through the same API publish uses; the registry checks the pair.
-    torrent = _v1_torrent(model, hybrid.torrent_name, hybrid.piece_length)
-    import libtorrent as lt
-
-    v1 = str(lt.torrent_info(torrent).info_hashes().v1)
-    manifest = Manifest(kind="model", name="interop/aria2", files=hybrid.files, piece_length=hybrid.piece_length,
-                        info_hash=InfoHashes(v1=v1), torrent_name=hybrid.torrent_name, created=hybrid.created)
-    answer = json.loads(_http(f"{tracker.url}/v1/artifacts", {
-        "manifest": manifest.body(), "torrent": base64.b64encode(torrent).decode(),
-        "origin": {"url": origin, "s3_endpoint": None}, "tag": "v1only"}))
-    assert answer["digest"] == manifest.digest
+    # `publish --torrent v1`: the artifact's torrent is v1 only (pad files kept), which aria2
+    # of any version reads; the nodes pull it like any other.
+    digest = publish(tracker.url, model, "interop/aria2:v1only", (tmp_path / "origin").as_uri(), "--torrent", "v1")
+    manifest = Manifest.from_bytes(_http(f"{tracker.url}/v1/artifacts/{digest}"), expected_digest=digest)
+    assert manifest.info_hash.v1 and manifest.info_hash.v2 is None
+    v1 = manifest.info_hash.v1
 
     node = node_factory(tracker.url, "n1")
     _pull_on_node(node, "interop/aria2:v1only")
     torrent_path = tmp_path / "artifact.torrent"
-    meta = _fetch_torrent(tracker.url, manifest.digest, torrent_path)
+    meta = _fetch_torrent(tracker.url, digest, torrent_path)
     assert _aria2_info_hash(torrent_path) == v1
     elapsed = _aria2c_download(tracker, torrent_path, meta[b"info"][b"name"].decode(), model, tmp_path)
     assert elapsed < ARIA2_TIMEOUT_S

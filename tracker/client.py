@@ -24,9 +24,12 @@ answers reads of references it does not hold from its parent, and keeps them
                                             tags point at it unless ``force=1`` (they go too); origin blobs stay
 ``GET  /v1/stats``                          -> ``{"origin_bytes_served", "origin_requests", "announces", "swarms"}``
 ``GET  /announce``, ``GET /scrape``         BitTorrent (BEP 3/23/48); extra query ``zone=`` and ``node=`` on announce
-``POST /v1/nodes/{node_id}/heartbeat``      body ``{"zone": z, "ttl_s": 3.0}`` -> ``{"ok": true}``: keeps every swarm
-                                            entry announced with ``node=node_id`` alive for ``ttl_s`` more seconds
-``DELETE /v1/nodes/{node_id}``              the node leaves: its entries leave every swarm at once
+``POST /v1/nodes/{node_id}/heartbeat``      body ``{"zone": z, "ttl_s": 3.0}`` -> ``{"ok": true, "ttl_s", "entries"}``:
+                                            keeps every swarm entry announced with ``node=node_id`` alive for
+                                            ``ttl_s`` more seconds (capped by ``--max-heartbeat-ttl``); guarded
+                                            like a read
+``DELETE /v1/nodes/{node_id}``              -> ``{"ok": true, "removed": n}``: the node leaves every swarm at once
+UDP (BEP 15, ``--udp-listen``)              connect, announce, scrape; ``zone=`` as BEP 41 URL data
 """
 
 from __future__ import annotations
