@@ -503,9 +503,13 @@ async def webseed(request: web.Request) -> web.StreamResponse:
     return await _stream_remote(request, origin, entry)
 
 
-async def _stream_remote(request: web.Request, origin: Origin, entry: FileEntry) -> web.StreamResponse:
-    size = entry.size
-    span = _byte_range(request, size)
+async def _range_response(request: web.Request, size: int) -> tuple[web.StreamResponse, int, int]:
+    """A streamed answer for the asked byte range of a ``size``-byte file: (response, first, last).
+
+    An empty file or a HEAD request is answered at once (the response comes back prepared,
+    with nothing more to send); otherwise the caller prepares and writes it.
+    """
+    span = _byte_range(request, size) if size else None
     first, last = span if span is not None else (0, size - 1)
     headers = {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
     if span is not None:
@@ -515,6 +519,12 @@ async def _stream_remote(request: web.Request, origin: Origin, entry: FileEntry)
     if size == 0 or request.method == "HEAD":
         await resp.prepare(request)
         await resp.write_eof()
+    return resp, first, last
+
+
+async def _stream_remote(request: web.Request, origin: Origin, entry: FileEntry) -> web.StreamResponse:
+    resp, first, last = await _range_response(request, entry.size)
+    if resp.prepared:
         return resp
     chunks = origin.read_blob(entry.xxh3_128, first, last)
     try:
@@ -551,21 +561,12 @@ async def _stream_upstream(request: web.Request, art: WebseedArtifact, digest: s
     if upstream is None:
         raise UpstreamUnreachable(f"artifact {digest} was pulled through from {art.origin_url}, but this registry "
                                   f"runs without --upstream; restart it with --upstream {art.origin_url}")
-    size = entry.size
-    span = _byte_range(request, size) if size else None
-    first, last = span if span is not None else (0, size - 1)
-    headers = {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
-    if span is not None:
-        headers["Content-Range"] = f"bytes {first}-{last}/{size}"
-    resp = web.StreamResponse(status=206 if span is not None else 200, headers=headers)
-    resp.content_length = last - first + 1 if size else 0
-    if size == 0 or request.method == "HEAD":
-        await resp.prepare(request)
-        await resp.write_eof()
+    resp, first, last = await _range_response(request, entry.size)
+    if resp.prepared:
         return resp
     sent = 0
     try:
-        async with upstream.webseed(art.origin_url, digest, tail, first, last, size) as chunks:
+        async with upstream.webseed(art.origin_url, digest, tail, first, last, entry.size) as chunks:
             # The first chunk arrives before our headers go out, so a parent that fails
             # at once still gives the node a proper JSON error.
             chunk = await anext(chunks, None)
