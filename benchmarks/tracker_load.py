@@ -617,6 +617,7 @@ PROFILE_GROUPS = [
     ("aiohttp response (headers, write)", ("web_response.py", "http_writer.py", "helpers.py")),
     ("aiohttp request object / routing", ("web_request.py", "web_urldispatcher.py", "web_app.py")),
     ("aiohttp HTTP parser / protocol", ("web_protocol.py", "http_parser.py", "_http_parser", "streams.py")),
+    ("HTTP fast path (framing, answer, timers)", ("fastpath.py",)),
     ("asyncio event loop / transports", ("asyncio/",)),
 ]
 

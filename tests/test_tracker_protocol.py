@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tracker.protocol import (Announce, Peer, ProtocolError, SwarmCounts, bdecode, bencode, choose_peers,
+from tracker.protocol import (Announce, Peer, ProtocolError, SwarmCounts, bdecode, bencode, choose_peers, pack_addr,
                               decode_compact_peers, encode_announce, encode_failure, encode_scrape, parse_announce,
                               parse_scrape, set_announce, torrent_info_bytes)
 from tracker.swarm import SwarmRegistry, UnknownInfoHash
@@ -376,3 +376,148 @@ def test_sample_peers_never_scans_a_swarm():
     chosen = sample_peers(buckets, me, 50, random.Random(3))
     assert len(chosen) == 50 and all(p.zone == "a" and p.complete for p in chosen)
     assert [b.reads for b in buckets.values()] == [50, 0, 0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(_handout_case())
+def test_sample_peers_sole_is_the_same_choice(case):
+    """``sole`` (exclusion by identity, as the swarm vouches) changes nothing where its promise holds."""
+    from tracker.protocol import bucket_peers, sample_peers
+
+    peers, me, numwant, seed = case
+    if not any(p is me for p in peers):
+        me = Peer(b"\xfe" * 20, "10.9.9.8", 2, 5, me.zone)  # not in the swarm: no peer shares its address or id
+    buckets = bucket_peers(peers)
+    assert (sample_peers(buckets, me, numwant, random.Random(seed), sole=True)
+            == sample_peers(buckets, me, numwant, random.Random(seed)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(_handout_case())
+def test_single_zone_gateways_change_nothing(case):
+    """With one zone of ordinary peers, gateways limit nothing: the swarm skips building them."""
+    from tracker.protocol import bucket_peers, sample_peers
+
+    peers, me, numwant, seed = case
+    peers = [p if p.origin_seed else Peer(p.peer_id, p.ip, p.port, p.left, "a") for p in peers]
+    if me.origin_seed or any(p.peer_id == me.peer_id for p in peers):
+        me = next(p for p in peers if p.peer_id == me.peer_id) if not me.origin_seed else me
+    else:
+        me = Peer(me.peer_id, me.ip, me.port, me.left, "a")
+        peers.append(me)  # the tracker adds the requester before choosing
+    buckets = bucket_peers(peers)
+    gateways = {"a": [p for p in peers if not p.origin_seed][:2]}
+    assert (sample_peers(buckets, me, numwant, random.Random(seed), gateways)
+            == sample_peers(buckets, me, numwant, random.Random(seed)))
+
+
+def _zone_ann(ih: bytes, n: int, zone: str, *, event: str = "", numwant: int = 200) -> Announce:
+    return Announce(ih, bytes([n]) * 20, 6000 + n, 0, 0, 0, event, True, numwant, None, zone, None)
+
+
+def test_zone_gateways_bound_cross_zone_handout():
+    ih = b"\x66" * 20
+    reg = SwarmRegistry(random.Random(0), zone_gateways=2)
+    reg.allow([ih])
+    zone_of = {**{n: "a" for n in range(1, 6)}, **{n: "b" for n in range(11, 16)}}
+    for n, zone in zone_of.items():
+        reg.announce(_zone_ann(ih, n, zone, event="started", numwant=0), f"10.0.0.{n}", now=0)
+
+    def handout(n: int) -> set[int]:
+        res = reg.announce(_zone_ann(ih, n, zone_of[n]), f"10.0.0.{n}", now=1)
+        return {p.port - 6000 for p in res.peers}
+
+    # Each zone's first two peers are its gateways: only they get other zones, and only their gateways.
+    assert handout(3) == {1, 2, 4, 5}
+    assert handout(1) == {2, 3, 4, 5, 11, 12}
+    assert handout(14) == {11, 12, 13, 15}
+    # A peer alone in its zone gets every other zone's peers; it is its zone's gateway.
+    zone_of[21] = "c"
+    assert handout(21) == set(range(1, 6)) | set(range(11, 16))
+    assert handout(12) == {11, 13, 14, 15, 1, 2, 21}
+    # A gateway that leaves hands its role to another peer of its zone.
+    reg.announce(_zone_ann(ih, 1, "a", event="stopped"), "10.0.0.1", now=2)
+    del zone_of[1]
+    seeing_b = [n for n in (2, 3, 4, 5) if 11 in handout(n)]
+    assert len(seeing_b) == 2 and 2 in seeing_b
+    # A gateway that turns into the origin's seed hands its role on: the origin's seed is never one.
+    origin = Announce(ih, bytes([2]) * 20, 6002, 0, 0, 0, "", True, 0, None, "a", None, False, True, None)
+    reg.announce(origin, "10.0.0.2", now=3)
+    gateways_a = reg.swarms()[0].gateway_peers()["a"]
+    assert len(gateways_a) == 2 and not any(p.origin_seed for p in gateways_a)
+
+
+def _check_swarm_invariants(reg: SwarmRegistry) -> None:
+    """The indexes of every swarm agree with its entries (what the O(1) bookkeeping must keep true)."""
+    from tracker.protocol import bucket_key
+
+    live = set()
+    for swarm in reg.swarms():
+        entries = list(swarm.peers.values())
+        live.update(map(id, entries))
+        assert sum(len(b) for b in swarm.buckets.values()) == len(entries) and all(swarm.buckets.values())
+        for key, entry in swarm.peers.items():
+            assert entry.swarm is swarm and entry.peer.packed == key
+            assert swarm.buckets[bucket_key(entry.peer)][entry.slot] is entry.peer
+        assert swarm.complete == sum(e.peer.complete for e in entries)
+        assert swarm.incomplete == len(entries) - swarm.complete
+        ids: dict[bytes, int] = {}
+        for e in entries:
+            ids[e.peer.peer_id] = ids.get(e.peer.peer_id, 0) + 1
+        assert swarm.ids == ids
+        zones = {e.peer.zone for e in entries if not e.peer.origin_seed}
+        # Every zone of ordinary peers has a gateway, no other zone does (none at all without the limit).
+        assert set(swarm.gateways) == (zones if swarm.zone_gateways else set())
+        for zone, gw in swarm.gateways.items():
+            assert 1 <= len(gw) <= swarm.zone_gateways and len(set(gw)) == len(gw)
+            assert all(swarm.peers[k].peer.zone == zone and not swarm.peers[k].peer.origin_seed for k in gw)
+    assert all(id(e) in live for e in reg._last_seen)
+    for node_id, node in reg._nodes.items():
+        assert all(id(e) in live and e.node == node_id for e in node.entries)
+    for swarm in reg.swarms():
+        for e in swarm.peers.values():
+            # An entry outside the last-seen index must be kept by a live node, or it would never expire.
+            assert e in reg._last_seen or (e.node is not None and reg.is_live(e.node))
+            if e.node is not None:
+                assert e in reg._nodes[e.node].entries
+
+
+_op = st.one_of(
+    st.tuples(st.just("announce"), st.integers(0, 1), st.integers(1, 6), st.integers(1, 3), st.sampled_from("ab"),
+              st.sampled_from((0, 5)), st.booleans(), st.sampled_from(("", "started", "completed", "stopped")),
+              st.sampled_from((None, "n1", "n2"))),
+    st.tuples(st.just("heartbeat"), st.sampled_from(("n1", "n2"))),
+    st.tuples(st.just("leave"), st.sampled_from(("n1", "n2"))),
+    st.tuples(st.just("expire")),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_op, max_size=60), st.integers(0, 2))
+def test_swarm_indexes_stay_consistent(ops, gateways):
+    """Random announces (re-announces in place, moves between buckets and zones, new peer ids
+    on an old address), heartbeats, leaves and expiry keep every index in agreement."""
+    hashes = [b"\x71" * 20, b"\x72" * 20]
+    reg = SwarmRegistry(random.Random(0), zone_gateways=gateways)
+    for ih in hashes:
+        reg.allow([ih])
+    now = 0.0
+    for op in ops:
+        now += 1.0
+        if op[0] == "announce":
+            _, swarm_i, host, pid, zone, left, origin, event, node = op
+            a = Announce(hashes[swarm_i], bytes([pid]) * 20, 6000 + host % 2, 0, 0, left, event, True, 50, None, zone,
+                         None, False, origin, node)
+            res = reg.announce(a, f"10.0.0.{host}", now)
+            assert all(p.packed != pack_addr(f"10.0.0.{host}", 6000 + host % 2) for p in res.peers)
+            assert all(p.peer_id != a.peer_id for p in res.peers)
+        elif op[0] == "heartbeat":
+            reg.heartbeat(op[1], now, 3.0)
+        elif op[0] == "leave":
+            reg.leave(op[1])
+        else:
+            reg.expire(now, 5.0)
+        _check_swarm_invariants(reg)
+    reg.expire(now + 100, 5.0)
+    _check_swarm_invariants(reg)
+    assert all(not s.peers for s in reg.swarms())

@@ -11,13 +11,13 @@ one heartbeat keeps all its entries alive; see :mod:`tracker.swarm`).
 
 from __future__ import annotations
 
-import bisect
+import functools
 import ipaddress
 import random
 import re
+import socket
 import struct
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 from urllib.parse import unquote_to_bytes
 
 from modelcast.errors import BadRequest
@@ -42,8 +42,12 @@ class ProtocolError(BadRequest):
 # Records
 
 
-@dataclass(frozen=True)
-class Announce:
+# The records are NamedTuples rather than frozen dataclasses: just as immutable and
+# comparable, but one is built per announce on the hot path, and a NamedTuple is built
+# in a fifth of the time a frozen dataclass of this many fields takes.
+
+
+class Announce(NamedTuple):
     """One parsed announce request (BEP 3), plus modelcast's ``zone`` and ``role`` extensions."""
 
     info_hash: bytes
@@ -63,16 +67,50 @@ class Announce:
     node: str | None = None
 
 
-@dataclass(frozen=True)
-class Peer:
-    """One peer of a swarm as the tracker knows it."""
+def pack_addr(ip: str, port: int) -> bytes:
+    """The compact form of a peer address: 6 bytes for IPv4 (BEP 23), 18 for IPv6 (BEP 7).
 
+    ``ip`` must be a canonical IP literal (what :func:`normalize_ip` returns).
+    """
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, ip) if ":" in ip else socket.inet_aton(ip)
+    except OSError:
+        raise ValueError(f"peer address {ip!r} is not an IP literal") from None
+    return packed + port.to_bytes(2, "big")
+
+
+class _PeerFields(NamedTuple):
     peer_id: bytes
     ip: str
     port: int
     left: int
-    zone: str = DEFAULT_ZONE
-    origin_seed: bool = False
+    zone: str
+    origin_seed: bool
+    packed: bytes
+
+
+class Peer(_PeerFields):
+    """One peer of a swarm as the tracker knows it: ``Peer(peer_id, ip, port, left, zone, origin_seed)``.
+
+    ``packed`` is not an argument: it is the address in compact form (:func:`pack_addr`),
+    made once when the peer announces, so an answer that hands the peer out is a join of
+    bytes rather than parsing its IP again, and the swarm keys the peer by it.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, peer_id: bytes, ip: str, port: int, left: int, zone: str = DEFAULT_ZONE,
+                origin_seed: bool = False) -> Peer:
+        return tuple.__new__(cls, (peer_id, ip, port, left, zone, origin_seed, pack_addr(ip, port)))
+
+    def _replace(self, **changes: Any) -> Peer:
+        # NamedTuple's own _replace would copy ``packed`` unchanged when ip or port change.
+        fields = {name: getattr(self, name) for name in _PeerFields._fields if name != "packed"}
+        fields.update(changes)
+        return Peer(**fields)
+
+    def __getnewargs__(self) -> tuple:
+        return tuple(self)[:6]  # for pickle and copy: ``packed`` is made again, not passed
 
     @property
     def complete(self) -> bool:
@@ -83,8 +121,7 @@ class Peer:
         return (self.ip, self.port)
 
 
-@dataclass(frozen=True)
-class SwarmCounts:
+class SwarmCounts(NamedTuple):
     """BEP 48 counters of one swarm: seeds, leechers and completed downloads."""
 
     complete: int = 0
@@ -244,13 +281,13 @@ def torrent_info_bytes(torrent: bytes) -> bytes:
 # Requests
 
 
-def _split_query(raw_query: str | bytes) -> list[tuple[str, bytes]]:
-    """Split a raw query string into (name, value bytes), percent-decoding each part alone.
+# Bytes are searched for these as ints: ``b"%" in data`` first tries the needle as an
+# int, fails with an exception and clears it, which costs five times the search itself.
+_PERCENT = ord("%")
+_PLUS = ord("+")
 
-    Decoding per parameter is the point: a binary info_hash may contain bytes that look
-    like ``&`` or ``=`` once decoded, and it is not valid UTF-8, so a generic query
-    parser (aiohttp's ``request.query``) would mangle it.
-    """
+
+def _query_bytes(raw_query: str | bytes) -> bytes:
     if isinstance(raw_query, str):
         try:
             raw = raw_query.encode("ascii")
@@ -260,17 +297,77 @@ def _split_query(raw_query: str | bytes) -> list[tuple[str, bytes]]:
         raw = bytes(raw_query)
     if len(raw) > MAX_QUERY_LEN:
         raise ProtocolError(f"query string is {len(raw)} bytes, more than the {MAX_QUERY_LEN} allowed")
+    return raw
+
+
+def _unquote(value: bytes) -> bytes:
+    """Percent-decode ``value`` exactly as ``unquote_to_bytes`` does, faster for what clients send.
+
+    Clients escape a binary info_hash or peer_id byte by byte (``%12%AB...``); such a
+    value is decoded by one ``bytes.fromhex`` instead of a Python loop over its escapes.
+    """
+    if _PERCENT not in value:
+        return value
+    n = len(value) // 3
+    if len(value) == 3 * n and value[::3] == b"%" * n:
+        try:
+            decoded = bytes.fromhex(value.replace(b"%", b" ").decode("latin-1"))
+        except ValueError:
+            pass
+        else:
+            # fromhex skips whitespace, so "% 4" would decode to fewer bytes: then it was not a clean escape.
+            if len(decoded) == n:
+                return decoded
+    return unquote_to_bytes(value)
+
+
+def _param_name(name: bytes) -> str:
+    try:
+        if _PERCENT in name or _PLUS in name:
+            return unquote_to_bytes(name.replace(b"+", b" ")).decode("utf-8")
+        return name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("query parameter name is not UTF-8") from None
+
+
+def _split_query(raw_query: str | bytes) -> list[tuple[str, bytes]]:
+    """Split a raw query string into (name, value bytes), percent-decoding each part alone.
+
+    Decoding per parameter is the point: a binary info_hash may contain bytes that look
+    like ``&`` or ``=`` once decoded, and it is not valid UTF-8, so a generic query
+    parser (aiohttp's ``request.query``) would mangle it.
+    """
     pairs = []
-    for part in raw.split(b"&"):
+    for part in _query_bytes(raw_query).split(b"&"):
         if not part:
             continue
         name, _, value = part.partition(b"=")
-        try:
-            key = unquote_to_bytes(name.replace(b"+", b" ")).decode("utf-8")
-        except UnicodeDecodeError:
-            raise ProtocolError("query parameter name is not UTF-8") from None
-        pairs.append((key, unquote_to_bytes(value)))
+        pairs.append((_param_name(name), _unquote(value)))
     return pairs
+
+
+def _query_params(raw_query: str | bytes) -> dict[str, bytes]:
+    """:func:`_split_query` as a dict in which the first occurrence of a name wins.
+
+    Repeats are legal in a query string but meaningless in an announce; a repeat's value
+    is not even decoded.
+    """
+    params: dict[str, bytes] = {}
+    for part in _query_bytes(raw_query).split(b"&"):
+        if not part:
+            continue
+        name, _, value = part.partition(b"=")
+        # _param_name and _unquote inlined for the common case: this loop runs ~10 times per announce.
+        if _PERCENT in name or _PLUS in name:
+            key = _param_name(name)
+        else:
+            try:
+                key = name.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ProtocolError("query parameter name is not UTF-8") from None
+        if key not in params:
+            params[key] = _unquote(value) if _PERCENT in value else value
+    return params
 
 
 def _text(params: dict[str, bytes], name: str) -> str | None:
@@ -284,14 +381,15 @@ def _text(params: dict[str, bytes], name: str) -> str | None:
 
 
 def _int(params: dict[str, bytes], name: str, default: int | None, lo: int = 0, hi: int = 2**63 - 1) -> int:
-    text = _text(params, name)
-    if text is None or text == "":
+    raw = params.get(name)
+    if not raw:
         if default is None:
             raise ProtocolError(f"missing parameter {name}")
         return default
-    if not text.isascii() or not text.isdigit():
+    if not raw.isdigit():  # bytes.isdigit: ASCII digits only
+        text = _text(params, name)
         raise ProtocolError(f"parameter {name}={text[:40]!r} is not a non-negative integer")
-    value = int(text)
+    value = int(raw)
     if not lo <= value <= hi:
         raise ProtocolError(f"parameter {name}={value} is out of range {lo}..{hi}")
     return value
@@ -305,8 +403,13 @@ def _hash20(value: bytes | None, name: str) -> bytes:
     return value
 
 
+@functools.lru_cache(maxsize=4096)
 def normalize_ip(text: str | None) -> str | None:
-    """Return the canonical form of an IP literal (IPv4-mapped IPv6 as IPv4), or None."""
+    """Return the canonical form of an IP literal (IPv4-mapped IPv6 as IPv4), or None.
+
+    Cached: the server normalises every request's source address, and a fleet comes
+    from the same few thousand addresses all day.
+    """
     if not text:
         return None
     try:
@@ -333,10 +436,7 @@ def parse_announce(raw_query: str | bytes, *, default_numwant: int = 50, max_num
     ignored (BEP 3 allows DNS names, which a private tracker has no reason to trust).
     Raises :class:`ProtocolError` for anything malformed.
     """
-    params: dict[str, bytes] = {}
-    for name, value in _split_query(raw_query):
-        # The first occurrence wins; repeats are legal in a query string but meaningless here.
-        params.setdefault(name, value)
+    params = _query_params(raw_query)
     info_hash = _hash20(params.get("info_hash"), "info_hash")
     peer_id = _hash20(params.get("peer_id"), "peer_id")
     port = _int(params, "port", None, 1, 65535)
@@ -349,29 +449,22 @@ def parse_announce(raw_query: str | bytes, *, default_numwant: int = 50, max_num
     compact = (_text(params, "compact") or "1") != "0"
     numwant = min(_int(params, "numwant", default_numwant), max_numwant)
     zone = _text(params, "zone") or DEFAULT_ZONE
-    if not ZONE_RE.match(zone):
+    # fullmatch, not match: "$" would let a trailing newline in.
+    if zone != DEFAULT_ZONE and not ZONE_RE.fullmatch(zone):
         raise ProtocolError(f"invalid zone {zone[:80]!r}: up to 64 letters, digits and . _ : -")
     # Opaque, not text: aria2 sends 8 raw bytes (the tail of its binary peer_id); latin-1 keeps every byte.
-    key = None if params.get("key") is None else params["key"].decode("latin-1")
-    if key is not None and len(key) > 64:
-        raise ProtocolError("parameter key is longer than 64 characters")
-    return Announce(
-        info_hash=info_hash,
-        peer_id=peer_id,
-        port=port,
-        uploaded=uploaded,
-        downloaded=downloaded,
-        left=left,
-        event="" if event == "paused" else event,
-        compact=compact,
-        numwant=numwant,
-        ip=normalize_ip(_text(params, "ip")),
-        zone=zone,
-        key=key,
-        no_peer_id=(_text(params, "no_peer_id") or "0") != "0",
-        origin_seed=_text(params, "role") == "origin",
-        node=validate_node_id(node) if (node := _text(params, "node")) else None,
-    )
+    key = params.get("key")
+    if key is not None:
+        key = key.decode("latin-1")
+        if len(key) > 64:
+            raise ProtocolError("parameter key is longer than 64 characters")
+    ip = _text(params, "ip")
+    node = _text(params, "node")
+    # Positional: this runs on every announce, and keywords cost a third more.
+    return Announce(info_hash, peer_id, port, uploaded, downloaded, left, "" if event == "paused" else event, compact,
+                    numwant, normalize_ip(ip) if ip else None, zone, key,
+                    (_text(params, "no_peer_id") or "0") != "0", _text(params, "role") == "origin",
+                    validate_node_id(node) if node else None)
 
 
 def parse_scrape(raw_query: str | bytes) -> list[bytes]:
@@ -404,32 +497,26 @@ def encode_announce(peers: Sequence[Peer], counts: SwarmCounts, *, interval: int
     Compact answers pack IPv4 peers into ``peers`` (BEP 23, 6 bytes each) and IPv6 peers
     into ``peers6`` (BEP 7, 18 bytes each); otherwise ``peers`` is a list of dicts.
     """
-    answer: dict[str, Any] = {
-        "interval": interval,
-        "min interval": min_interval,
-        "complete": counts.complete,
-        "incomplete": counts.incomplete,
-    }
-    if compact:
-        v4, v6 = [], []
-        for p in peers:
-            addr = ipaddress.ip_address(p.ip)
-            if addr.version == 4:
-                v4.append(addr.packed + struct.pack("!H", p.port))
-            else:
-                v6.append(addr.packed + struct.pack("!H", p.port))
-        answer["peers"] = b"".join(v4)
-        if v6:
-            answer["peers6"] = b"".join(v6)
-    else:
+    if not compact:
         items = []
         for p in peers:
             item: dict[str, Any] = {"ip": p.ip, "port": p.port}
             if not no_peer_id:
                 item["peer id"] = p.peer_id
             items.append(item)
-        answer["peers"] = items
-    return bencode(answer)
+        return bencode({"interval": interval, "min interval": min_interval, "complete": counts.complete,
+                        "incomplete": counts.incomplete, "peers": items})
+    v4 = b"".join([p.packed for p in peers])
+    v6 = b""
+    if len(v4) != 6 * len(peers):  # some IPv6 peers: split the two families
+        v4 = b"".join([p.packed for p in peers if len(p.packed) == 6])
+        v6 = b"".join([p.packed for p in peers if len(p.packed) != 6])
+    # The keys of the dict in bencode's sorted order, written out: this runs on every announce.
+    body = b"d8:completei%de10:incompletei%de8:intervali%de12:min intervali%de5:peers%d:%b" % (
+        counts.complete, counts.incomplete, interval, min_interval, len(v4), v4)
+    if v6:
+        body += b"6:peers6%d:%b" % (len(v6), v6)
+    return body + b"e"
 
 
 def encode_scrape(stats: dict[bytes, SwarmCounts]) -> bytes:
@@ -480,93 +567,136 @@ def peer_tier(peer: Peer, requester_zone: str) -> tuple[bool, bool, bool]:
     return (peer.origin_seed, peer.zone != requester_zone, not peer.complete)
 
 
-def handout_tiers(keys: Iterable[BucketKey], requester_zone: str) -> list[list[BucketKey]]:
-    """Group bucket keys into tiers, best first (the order of :func:`peer_tier`).
+def _tier_of_key(key: BucketKey, requester_zone: str) -> int:
+    """The tier of a bucket as an index 0..7, in :func:`peer_tier` order (bits: origin, other zone, incomplete)."""
+    zone, complete, origin_seed = key
+    return (4 if origin_seed else 0) + (2 if zone != requester_zone else 0) + (0 if complete else 1)
 
-    Buckets of every other zone share one tier: the policy prefers the requester's own
-    zone but has no order among the rest.  Keys are sorted within a tier so that a given
-    random generator makes the same choice whatever order the buckets were created in.
+
+def _is_requester(p: Peer, requester: Peer) -> bool:
+    # Same address or same peer id (a node that came back on another port).
+    return p.packed == requester.packed or p.peer_id == requester.peer_id
+
+
+def _sample_tier(parts: Sequence[Sequence[Peer]], need: int, requester: Peer, sole: bool, rng: random.Random,
+                 out: list[Peer]) -> None:
+    """Append up to ``need`` peers drawn uniformly without replacement from the union of ``parts``.
+
+    The requester is never drawn (``sole``: it is excluded by identity alone, see
+    :func:`sample_peers`).  The cost is O(need), never the tier's size: a tier that holds
+    at most twice what is needed is read whole (and taken whole when it fits, which
+    needs no random draws at all; the client receives a set), a bigger one is sampled by
+    drawing positions and reading only those.
     """
-    tiers: dict[tuple[bool, bool, bool], list[BucketKey]] = {}
-    for key in keys:
-        zone, complete, origin_seed = key
-        tiers.setdefault((origin_seed, zone != requester_zone, not complete), []).append(key)
-    return [sorted(tiers[t]) for t in sorted(tiers)]
+    rp, rid = requester.packed, requester.peer_id
+    lens = [len(part) for part in parts]
+    total = sum(lens)
+    if total <= 2 * need + 2:
+        if sole:
+            pool = [p for part in parts for p in part if p is not requester]
+        else:
+            pool = [p for part in parts for p in part if p.packed != rp and p.peer_id != rid]
+        out.extend(pool if len(pool) <= need else rng.sample(pool, need))
+        return
+    # Sparse (need < total / 2): positions drawn in batches of what is still missing,
+    # repeats and the requester dropped, until enough.  random() * total is uniform to
+    # within total / 2**53, and one C call instead of randrange's several.
+    rand = rng.random
+    seen: dict[int, None] = {}
+    got: list[Peer] = []
+    while len(got) < need and len(seen) < total:
+        fresh = [i for i in dict.fromkeys([int(rand() * total) for _ in range(need - len(got))])
+                 if i not in seen]
+        seen.update(dict.fromkeys(fresh))
+        if len(parts) == 1:
+            part = parts[0]
+            drawn = [part[i] for i in fresh]
+        else:
+            drawn = [_at(parts, lens, i) for i in fresh]
+        if sole:
+            got += [p for p in drawn if p is not requester]
+        else:
+            got += [p for p in drawn if p.packed != rp and p.peer_id != rid]
+    out += got
 
 
-def _sample_tier(parts: Sequence[Sequence[Peer]], need: int, excluded: Callable[[Peer], bool],
-                 rng: random.Random) -> list[Peer]:
-    """Up to ``need`` peers drawn uniformly without replacement from the union of ``parts``.
-
-    A lazy Fisher-Yates shuffle over the virtual concatenation: only the positions drawn
-    are touched, so the cost is O(need + excluded peers met), never the tier's size.
-    """
-    starts = [0]
-    for part in parts:
-        starts.append(starts[-1] + len(part))
-    total = starts.pop()
-    swapped: dict[int, int] = {}
-    picked: list[Peer] = []
-    i = 0
-    while len(picked) < need and i < total:
-        j = rng.randrange(i, total)
-        pos = swapped.get(j, j)
-        swapped[j] = swapped.get(i, i)
-        i += 1
-        b = bisect.bisect_right(starts, pos) - 1
-        peer = parts[b][pos - starts[b]]
-        if not excluded(peer):
-            picked.append(peer)
-    return picked
+def _at(parts: Sequence[Sequence[Peer]], lens: list[int], i: int) -> Peer:
+    """Position ``i`` of the virtual concatenation of ``parts``."""
+    for part, n in zip(parts, lens):
+        if i < n:
+            return part[i]
+        i -= n
+    raise IndexError(i)
 
 
 def sample_peers(buckets: Mapping[BucketKey, Sequence[Peer]], requester: Peer, numwant: int,
-                 rng: random.Random, gateways: Mapping[str, Sequence[Peer]] | None = None) -> list[Peer]:
+                 rng: random.Random, gateways: Mapping[str, Sequence[Peer]] | None = None, *,
+                 sole: bool = False) -> list[Peer]:
     """Choose at most ``numwant`` peers for ``requester``: best tier first, random within a tier.
 
-    ``buckets`` maps each :func:`bucket_key` to the peers in it; the sequences are only
-    indexed at random positions, never iterated.  The requester itself (same address or
-    same peer id, which catches a node that came back on another port) is never in its
-    own list.
+    ``buckets`` maps each :func:`bucket_key` to the peers in it; a bucket larger than
+    twice ``numwant`` is only indexed at random positions, never iterated.  The
+    requester itself (same address or same peer id, which catches a node that came back
+    on another port) is never in its own list.  Buckets of every other zone share one
+    tier: the policy prefers the requester's own zone but has no order among the rest;
+    their keys are sorted within the tier, so that a given random generator makes the
+    same choice whatever order the buckets were created in.
 
     ``gateways`` (each zone's first few peers in the swarm) bounds cross-zone traffic:
     when the requester's zone holds other peers, only a gateway is handed peers of other
     zones, and only their gateways.  Without it every node of a zone would pull across
     the (slower, dearer) inter-zone link, and most of those bytes would be pieces its own
     zone already has.  A requester alone in its zone gets other zones' peers freely.
+
+    ``sole``: the caller vouches that no peer in ``buckets`` but ``requester`` itself
+    (this very object, if it is there at all) has the requester's address or peer id,
+    as the tracker's swarms do (keyed by address, counting peer ids).  The requester is
+    then left out by identity, without reading the other peers' fields: in a swarm of
+    cold records that saves a cache miss or two per peer handed out.
     """
     if numwant <= 0:
         return []
-
-    def excluded(p: Peer) -> bool:
-        return p.addr == requester.addr or p.peer_id == requester.peer_id
-
+    zone = requester.zone
+    tiers: list[list[BucketKey] | None] = [None] * 8
+    for key in buckets:
+        t = _tier_of_key(key, zone)
+        keys = tiers[t]
+        if keys is None:
+            tiers[t] = [key]
+        else:
+            keys.append(key)
     restrict = gateways is not None and _zone_has_others(buckets, requester)
-    is_gateway = restrict and any(p.addr == requester.addr for p in gateways.get(requester.zone, ()))
+    is_gateway = restrict and any(p.packed == requester.packed for p in gateways.get(zone, ()))
     chosen: list[Peer] = []
-    for tier in handout_tiers(buckets.keys(), requester.zone):
-        if len(chosen) >= numwant:
+    for t, keys in enumerate(tiers):
+        if keys is None:
+            continue
+        need = numwant - len(chosen)
+        if need <= 0:
             break
-        zone, complete, origin_seed = tier[0]
-        if restrict and zone != requester.zone and not origin_seed:
+        if restrict and t in (2, 3):  # other zones, not the origin's seed
             if not is_gateway:
                 continue
+            complete = t == 2
             # A handful of peers at most: sampled from a plain list, no bucket is touched.
-            parts = [[p for z, peers in gateways.items() if z != requester.zone for p in peers
-                      if p.complete == complete]]
+            parts = [[p for z, peers in gateways.items() if z != zone for p in peers if p.complete == complete]]
         else:
-            parts = [buckets[k] for k in tier]
-        chosen.extend(_sample_tier(parts, numwant - len(chosen), excluded, rng))
+            if len(keys) > 1:
+                keys.sort()
+            parts = [buckets[k] for k in keys]
+        _sample_tier(parts, need, requester, sole, rng, chosen)
     return chosen
 
 
 def _zone_has_others(buckets: Mapping[BucketKey, Sequence[Peer]], requester: Peer) -> bool:
     """Whether the requester's zone holds a peer other than the requester (O(buckets))."""
-    same = sum(len(peers) for (zone, _, origin_seed), peers in buckets.items()
-               if zone == requester.zone and not origin_seed)
-    return same > 1 or (same == 1 and not any(
-        peers and peers[0].addr == requester.addr for (zone, _, o), peers in buckets.items()
-        if zone == requester.zone and not o))
+    same = 0
+    only: Peer | None = None
+    for (zone, _, origin_seed), peers in buckets.items():
+        if zone == requester.zone and not origin_seed and peers:
+            same += len(peers)
+            only = peers[0]
+    return same > 1 or (same == 1 and not _is_requester(only, requester))
 
 
 def bucket_peers(peers: Iterable[Peer]) -> dict[BucketKey, list[Peer]]:

@@ -4,6 +4,10 @@ Handlers are thin: they parse with :mod:`tracker.protocol` or :mod:`modelcast`, 
 store (in a thread: SQLite blocks) or the swarm registry (in memory, fast), and encode the
 answer.  Errors become ``{"error": {"code", "message"}}`` JSON in one middleware; tracker
 routes answer a bencoded ``failure reason`` instead, as BitTorrent clients expect.
+
+:func:`serve` puts :mod:`tracker.fastpath` in front of aiohttp on the same socket: plain
+announce and scrape GETs are answered there, through the same :class:`TrackerEndpoint`
+as the aiohttp handlers, and every other request goes to aiohttp.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import binascii
 import hmac
 import json
 import logging
+import signal
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -38,6 +43,7 @@ from .firstcopy import HEADER as FIRST_COPY_HEADER, FirstCopyGate
 from .torrent_check import check_torrent
 from .federation import Upstream, UpstreamUnreachable, is_upstream_origin, validate_upstream
 from .udp import UdpTracker, UdpTrackerProtocol, start_udp_tracker
+from .fastpath import HEAD_TIMEOUT_S, KEEPALIVE_TIMEOUT_S, FastPathServer
 
 log = logging.getLogger("modelcast.tracker")
 
@@ -603,31 +609,51 @@ async def _count_origin_bytes(request: web.Request, response: web.StreamResponse
 # BitTorrent tracker
 
 
+class TrackerEndpoint:
+    """Announce and scrape from raw query to bencoded answer, shared by the aiohttp handlers and the fast path.
+
+    Never raises for bad input: a malformed request or an unknown info-hash becomes a
+    bencoded ``failure reason``, as BitTorrent clients expect.
+    """
+
+    def __init__(self, cfg: TrackerConfig, swarms: SwarmRegistry) -> None:
+        self._cfg = cfg
+        self._swarms = swarms
+
+    def announce(self, raw_query: str | bytes, remote: str | None) -> bytes:
+        """``GET /announce`` (BEP 3/23/7), with modelcast's extensions; ``remote``: the client's socket address."""
+        cfg = self._cfg
+        try:
+            a = parse_announce(raw_query, default_numwant=cfg.default_numwant, max_numwant=cfg.max_numwant)
+            ip = a.ip or normalize_ip(remote)
+            if ip is None:
+                raise ProtocolError("cannot tell the client's IP address; pass ip=")
+            result = self._swarms.announce(a, ip, time.monotonic())
+        except ModelcastError as exc:
+            return encode_failure(str(exc))
+        return encode_announce(result.peers, result.counts, interval=cfg.announce_interval_s,
+                               min_interval=cfg.min_announce_interval_s, compact=a.compact, no_peer_id=a.no_peer_id)
+
+    def scrape(self, raw_query: str | bytes, remote: str | None = None) -> bytes:
+        """``GET /scrape`` (BEP 48)."""
+        try:
+            hashes = parse_scrape(raw_query)
+        except ModelcastError as exc:
+            return encode_failure(str(exc))
+        return encode_scrape(self._swarms.scrape(hashes))
+
+
+TRACKER = web.AppKey("tracker", TrackerEndpoint)
+
+
 async def announce(request: web.Request) -> web.Response:
-    """``GET /announce`` (BEP 3/23/7), with modelcast's ``zone=`` extension."""
-    cfg = request.app[CONFIG]
-    try:
-        a = parse_announce(request.rel_url.raw_query_string, default_numwant=cfg.default_numwant,
-                           max_numwant=cfg.max_numwant)
-        ip = a.ip or normalize_ip(request.remote)
-        if ip is None:
-            raise ProtocolError("cannot tell the client's IP address; pass ip=")
-        result = request.app[SWARMS].announce(a, ip, time.monotonic())
-    except ModelcastError as exc:
-        return _bencoded(encode_failure(str(exc)))
-    return _bencoded(encode_announce(
-        result.peers, result.counts, interval=cfg.announce_interval_s, min_interval=cfg.min_announce_interval_s,
-        compact=a.compact, no_peer_id=a.no_peer_id,
-    ))
+    """``GET /announce`` through aiohttp (the fast path answers most announces before they get here)."""
+    return _bencoded(request.app[TRACKER].announce(request.rel_url.raw_query_string, request.remote))
 
 
 async def scrape(request: web.Request) -> web.Response:
-    """``GET /scrape`` (BEP 48)."""
-    try:
-        hashes = parse_scrape(request.rel_url.raw_query_string)
-    except ModelcastError as exc:
-        return _bencoded(encode_failure(str(exc)))
-    return _bencoded(encode_scrape(request.app[SWARMS].scrape(hashes)))
+    """``GET /scrape`` through aiohttp."""
+    return _bencoded(request.app[TRACKER].scrape(request.rel_url.raw_query_string))
 
 
 # ---------------------------------------------------------------------------------------
@@ -774,6 +800,7 @@ def make_app(cfg: TrackerConfig) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
     app[CONFIG] = cfg
     app[SWARMS] = SwarmRegistry(zone_gateways=cfg.zone_gateways)
+    app[TRACKER] = TrackerEndpoint(cfg, app[SWARMS])
     app[STATS] = Stats()
     app[ORIGINS] = OriginCache(cfg.s3_endpoint)
     app[WEBSEED_CACHE] = OrderedDict()
@@ -803,10 +830,73 @@ def make_app(cfg: TrackerConfig) -> web.Application:
     return app
 
 
+SHUTDOWN_TIMEOUT_S = 5.0
+
+
+@dataclass
+class RunningServer:
+    """A started registry + tracker: aiohttp behind the announce fast path, on one listening socket."""
+
+    runner: web.AppRunner
+    server: asyncio.Server
+    fast: FastPathServer
+
+    @property
+    def port(self) -> int:
+        return self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Stop listening, close the fast path's connections, then aiohttp's; cleanup_ctx runs last."""
+        self.server.close()
+        self.fast.close()
+        log.info("fast path answered %d tracker requests; %d connections went on to aiohttp",
+                 self.fast.answered, self.fast.handed_off)
+        await self.runner.cleanup()
+
+
+async def start_server(app: web.Application, host: str, port: int, *, head_timeout_s: float = HEAD_TIMEOUT_S,
+                       keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S) -> RunningServer:
+    """Start ``app`` (from :func:`make_app`) on ``host:port`` (0: any free port), as :func:`serve` runs it.
+
+    Each connection is sniffed: plain announce and scrape GETs are answered by
+    :mod:`tracker.fastpath`, everything else is handed to aiohttp's request handler.
+    """
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    await runner.setup()
+    try:
+        endpoint = app[TRACKER]
+        fast = FastPathServer(runner.server, {b"/announce": endpoint.announce, b"/scrape": endpoint.scrape},
+                              head_timeout_s=head_timeout_s, keepalive_timeout_s=keepalive_timeout_s)
+        server = await asyncio.get_running_loop().create_server(fast, host, port)
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return RunningServer(runner, server, fast)
+
+
 def serve(cfg: TrackerConfig) -> None:
     """Run the registry and tracker on ``cfg.host:cfg.port`` until SIGTERM or SIGINT."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # run_app turns SIGINT and SIGTERM into a graceful exit that runs cleanup_ctx, so
-    # the database is closed cleanly and the process exits with status 0.
-    web.run_app(make_app(cfg), host=cfg.host, port=cfg.port, access_log=None, shutdown_timeout=5.0,
-                print=lambda msg: log.info("%s", msg.strip()))
+    asyncio.run(_serve(cfg))
+
+
+async def _serve(cfg: TrackerConfig) -> None:
+    # SIGINT and SIGTERM end the wait; the finally then runs cleanup_ctx, so the
+    # database is closed cleanly and the process exits with status 0.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    try:
+        running = await start_server(make_app(cfg), cfg.host, cfg.port)
+    except OSError as exc:
+        # A taken port or an address this host lacks: one line the operator can act on.
+        raise ModelcastError(f"cannot listen on {host}:{cfg.port}: {exc.strerror or exc}; "
+                             "choose another --listen address or port") from exc
+    try:
+        log.info("registry and tracker on http://%s:%d", host, running.port)
+        await stop.wait()
+        log.info("stopping: closing connections, then the database")
+    finally:
+        await running.stop()

@@ -27,43 +27,56 @@ import itertools
 import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 from modelcast.errors import ArtifactNotFound
 
 from .protocol import Announce, BucketKey, Peer, SwarmCounts, bucket_key, sample_peers
 
-Addr = tuple[str, int]
+Key = bytes
+"""A peer's address in compact form (:attr:`Peer.packed`): how a swarm keys its peers.
+
+Bytes cache their hash, so a lookup costs no tuple building and no rehashing."""
 
 
 class UnknownInfoHash(ArtifactNotFound):
     """An announce or scrape names an info-hash that no published artifact has."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Entry:
+    """One peer's place in one swarm.
+
+    Mutable and hashed by identity: a re-announce updates the entry in place, so the
+    indexes that hold it (last-seen order, its node's entries) need no rekeying.
+    """
+
+    swarm: Swarm
     peer: Peer
-    node: str | None
+    node: str | None = None
+    slot: int = -1  # the peer's position in its bucket
 
 
 class Swarm:
     """The peers of one torrent, bucketed for the handout policy, with BEP 48 counters.
 
-    Peers are keyed by (ip, port): a node that restarts with a new peer id replaces its
+    Peers are keyed by address: a node that restarts with a new peer id replaces its
     old entry instead of lingering as a ghost until it expires.  Each bucket is a list
-    with every peer's position recorded, so adding, removing (swap with the last) and
-    drawing at random are all O(1).
+    with every peer's position recorded, so adding, removing (swap with the last),
+    replacing and drawing at random are all O(1).
     """
 
     def __init__(self, zone_gateways: int = 0) -> None:
-        self.peers: dict[Addr, _Entry] = {}
+        self.peers: dict[Key, _Entry] = {}
         # Each zone's first ``zone_gateways`` peers (in join order; a leaver is replaced by
         # another member of its zone): the only ones handed peers of other zones.  0: no
         # limit, every peer sees every zone.
         self.zone_gateways = zone_gateways
-        self.gateways: dict[str, list[Addr]] = {}
+        self.gateways: dict[str, list[Key]] = {}
         self.buckets: dict[BucketKey, list[Peer]] = {}
-        self._slot: dict[Addr, int] = {}
+        # How many entries have each peer id: more than one means a node came back on
+        # another address, and the handout must then compare peer ids to leave out both.
+        self.ids: dict[bytes, int] = {}
         self.complete = 0
         self.incomplete = 0
         self.downloaded = 0
@@ -71,36 +84,59 @@ class Swarm:
     def counts(self) -> SwarmCounts:
         return SwarmCounts(self.complete, self.incomplete, self.downloaded)
 
-    def _count(self, peer: Peer, delta: int) -> None:
-        if peer.complete:
-            self.complete += delta
-        else:
-            self.incomplete += delta
-
     def add(self, entry: _Entry) -> None:
         """Insert ``entry``; its address must not be in the swarm."""
         peer = entry.peer
-        self.peers[peer.addr] = entry
-        bucket = self.buckets.setdefault(bucket_key(peer), [])
-        self._slot[peer.addr] = len(bucket)
+        self.peers[peer.packed] = entry
+        key = bucket_key(peer)
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            bucket = self.buckets[key] = []
+        entry.slot = len(bucket)
         bucket.append(peer)
-        self._count(peer, +1)
+        self.ids[peer.peer_id] = self.ids.get(peer.peer_id, 0) + 1
+        if peer.left == 0:
+            self.complete += 1
+        else:
+            self.incomplete += 1
         if self.zone_gateways and not peer.origin_seed:
-            gw = self.gateways.setdefault(peer.zone, [])
-            if len(gw) < self.zone_gateways and peer.addr not in gw:
-                gw.append(peer.addr)
+            gw = self.gateways.get(peer.zone)
+            if gw is None:
+                gw = self.gateways[peer.zone] = []
+            if len(gw) < self.zone_gateways and peer.packed not in gw:
+                gw.append(peer.packed)
+
+    def update(self, entry: _Entry, peer: Peer) -> None:
+        """Replace the peer of ``entry`` by ``peer``, of the same address and the same bucket."""
+        old = entry.peer
+        self.buckets[bucket_key(peer)][entry.slot] = peer
+        entry.peer = peer
+        if old.peer_id != peer.peer_id:
+            self._forget_id(old.peer_id)
+            self.ids[peer.peer_id] = self.ids.get(peer.peer_id, 0) + 1
+
+    def _forget_id(self, peer_id: bytes) -> None:
+        left = self.ids.pop(peer_id) - 1
+        if left:
+            self.ids[peer_id] = left
 
     def gateway_peers(self) -> dict[str, list[Peer]] | None:
-        """Each zone's gateway peers, or None when zones are not limited (O(zones x gateways))."""
-        if not self.zone_gateways:
-            return None
-        return {zone: [self.peers[a].peer for a in gw] for zone, gw in self.gateways.items()}
+        """Each zone's gateway peers, or None when that cannot limit the handout (O(zones x gateways)).
 
-    def _replace_gateway(self, zone: str, addr: Addr) -> None:
+        With one zone or none, every peer that is not the origin's seed is in that zone,
+        so there is no other zone to keep anyone from: the handout is the same without
+        the limit, and this is skipped on every announce of a single-zone swarm.
+        """
+        if not self.zone_gateways or len(self.gateways) < 2:
+            return None
+        peers = self.peers
+        return {zone: [peers[k].peer for k in gw] for zone, gw in self.gateways.items()}
+
+    def _replace_gateway(self, zone: str, key: Key) -> None:
         gw = self.gateways.get(zone)
-        if gw is None or addr not in gw:
+        if gw is None or key not in gw:
             return
-        gw.remove(addr)
+        gw.remove(key)
         # Refill from the zone's buckets: a look at a few peers of each, never a scan.
         for (z, _, origin_seed), bucket in self.buckets.items():
             if z != zone or origin_seed:
@@ -108,41 +144,45 @@ class Swarm:
             for peer in bucket[: self.zone_gateways + 1]:
                 if len(gw) >= self.zone_gateways:
                     break
-                if peer.addr not in gw:
-                    gw.append(peer.addr)
+                if peer.packed not in gw:
+                    gw.append(peer.packed)
         if not gw:
             del self.gateways[zone]
 
-    def remove(self, addr: Addr, replacing: bool = False) -> _Entry | None:
-        """Drop the peer at ``addr``; return its entry, or None if it was not there.
+    def remove(self, key: Key, replacing: bool = False) -> _Entry | None:
+        """Drop the peer at address ``key``; return its entry, or None if it was not there.
 
         ``replacing``: the same peer announces again at once (same zone), so it keeps its
         gateway role rather than handing it to another peer and back.
         """
-        entry = self.peers.pop(addr, None)
+        entry = self.peers.pop(key, None)
         if entry is None:
             return None
-        key = bucket_key(entry.peer)
-        bucket = self.buckets[key]
-        slot = self._slot.pop(addr)
+        peer = entry.peer
+        bkey = bucket_key(peer)
+        bucket = self.buckets[bkey]
+        slot = entry.slot
         last = bucket.pop()
         if slot < len(bucket):
             bucket[slot] = last
-            self._slot[last.addr] = slot
+            self.peers[last.packed].slot = slot
         if not bucket:
             # Empty buckets would still cost the handout a look on every announce.
-            del self.buckets[key]
-        self._count(entry.peer, -1)
-        if not replacing:
-            self._replace_gateway(entry.peer.zone, addr)
+            del self.buckets[bkey]
+        self._forget_id(peer.peer_id)
+        if peer.left == 0:
+            self.complete -= 1
+        else:
+            self.incomplete -= 1
+        if not replacing and self.zone_gateways:
+            self._replace_gateway(peer.zone, key)
         return entry
 
     def peer_list(self) -> list[Peer]:
         return [e.peer for e in self.peers.values()]
 
 
-@dataclass(frozen=True)
-class AnnounceResult:
+class AnnounceResult(NamedTuple):
     """What the tracker answers one announce with."""
 
     peers: list[Peer]
@@ -153,7 +193,7 @@ class AnnounceResult:
 class _Node:
     """A node daemon the tracker knows of: its swarm entries and, if live, its heartbeat deadline."""
 
-    entries: set[tuple[Swarm, Addr]] = field(default_factory=set)
+    entries: set[_Entry] = field(default_factory=set)
     expires: float | None = None  # None: no heartbeat yet, so its entries use the per-peer TTL
     queued: float = 0.0  # the deadline of this node's current item in the heap
     seq: int = -1  # the sequence number of that item; older items of the node are stale
@@ -170,7 +210,7 @@ class SwarmRegistry:
         # Every entry, in last-announce order, for the per-peer TTL.  Entries of a node
         # with a live heartbeat drop out of it when they reach the front (their node's
         # heartbeat keeps them), and come back when they announce again.
-        self._last_seen: OrderedDict[tuple[Swarm, Addr], float] = OrderedDict()
+        self._last_seen: OrderedDict[_Entry, float] = OrderedDict()
         self._nodes: dict[str, _Node] = {}
         # (deadline, seq, node_id): one live item per heartbeating node.  A heartbeat only
         # moves the node's deadline; the item is re-queued when it comes due, so a
@@ -203,39 +243,68 @@ class SwarmRegistry:
             )
         return swarm
 
-    def _drop(self, swarm: Swarm, addr: Addr, replacing: bool = False) -> _Entry | None:
-        """Remove one entry from its swarm and from every index."""
-        entry = swarm.remove(addr, replacing)
-        if entry is None:
-            return None
-        self._last_seen.pop((swarm, addr), None)
+    def _drop(self, entry: _Entry, replacing: bool = False) -> bool:
+        """Remove one entry from its swarm and from every index; False if it was gone already."""
+        swarm = entry.swarm
+        if swarm.peers.get(entry.peer.packed) is not entry:
+            return False
+        swarm.remove(entry.peer.packed, replacing)
+        self._last_seen.pop(entry, None)
+        self._set_node(entry, None)
+        return True
+
+    def _set_node(self, entry: _Entry, node_id: str | None) -> None:
+        """Move ``entry`` to the entries of ``node_id`` (None: of no node)."""
         if entry.node is not None:
             node = self._nodes.get(entry.node)
             if node is not None:
-                node.entries.discard((swarm, addr))
+                node.entries.discard(entry)
                 if not node.entries and node.expires is None:
                     del self._nodes[entry.node]
-        return entry
+        entry.node = node_id
+        if node_id is not None:
+            node = self._nodes.get(node_id)
+            if node is None:
+                node = self._nodes[node_id] = _Node()
+            node.entries.add(entry)
 
     def announce(self, a: Announce, ip: str, now: float) -> AnnounceResult:
         """Record ``a`` from address ``ip`` and choose the peers to hand back."""
         swarm = self._swarm(a.info_hash)
         self.announces += 1
-        peer = Peer(peer_id=a.peer_id, ip=ip, port=a.port, left=a.left, zone=a.zone, origin_seed=a.origin_seed)
-        current = swarm.peers.get(peer.addr)
-        replacing = a.event != "stopped" and current is not None and current.peer.zone == peer.zone
-        old = self._drop(swarm, peer.addr, replacing)
+        peer = Peer(a.peer_id, ip, a.port, a.left, a.zone, a.origin_seed)
+        entry = swarm.peers.get(peer.packed)
         if a.event == "stopped":
+            if entry is not None:
+                self._drop(entry)
             return AnnounceResult([], swarm.counts())
         # A "completed" counts as a download once per peer entry: a client that repeats
         # the event (or a seed that announces it on start) must not inflate the counter.
-        if a.event == "completed" and (old is None or not old.peer.complete):
+        if a.event == "completed" and (entry is None or not entry.peer.complete):
             swarm.downloaded += 1
-        swarm.add(_Entry(peer, a.node))
-        self._last_seen[(swarm, peer.addr)] = now
-        if a.node is not None:
-            self._nodes.setdefault(a.node, _Node()).entries.add((swarm, peer.addr))
-        chosen = sample_peers(swarm.buckets, peer, a.numwant, self._rng, swarm.gateway_peers())
+        last_seen = self._last_seen
+        if entry is not None and bucket_key(entry.peer) == bucket_key(peer):
+            # The common re-announce: same address, same bucket.  Updated in place.
+            swarm.update(entry, peer)
+            if entry.node != a.node:
+                self._set_node(entry, a.node)
+            last_seen.pop(entry, None)  # and back in at the end: last-announce order
+            last_seen[entry] = now
+        else:
+            if entry is not None:
+                # Same zone: the peer keeps its gateway role rather than handing it on and back
+                # (unless it became the origin's seed, which is never a gateway).
+                old = entry.peer
+                self._drop(entry, replacing=old.zone == peer.zone and old.origin_seed == peer.origin_seed)
+            entry = _Entry(swarm, peer)
+            swarm.add(entry)
+            last_seen[entry] = now
+            if a.node is not None:
+                self._set_node(entry, a.node)
+        # As many distinct peer ids as entries: no peer id is shared, no look-up needed.
+        sole = len(swarm.ids) == len(swarm.peers) or swarm.ids[peer.peer_id] == 1
+        chosen = (sample_peers(swarm.buckets, peer, a.numwant, self._rng, swarm.gateway_peers(), sole=sole)
+                  if a.numwant > 0 else [])
         return AnnounceResult(chosen, swarm.counts())
 
     def scrape(self, info_hashes: Iterable[bytes]) -> dict[bytes, SwarmCounts]:
@@ -281,9 +350,9 @@ class SwarmRegistry:
         node = self._nodes.pop(node_id, None)
         if node is None:
             return 0
-        for swarm, addr in node.entries:
-            swarm.remove(addr)
-            self._last_seen.pop((swarm, addr), None)
+        for entry in node.entries:
+            entry.swarm.remove(entry.peer.packed)
+            self._last_seen.pop(entry, None)
         # The node's heap item, if any, is now stale: its node is gone.
         return len(node.entries)
 
@@ -315,15 +384,15 @@ class SwarmRegistry:
                 continue
             removed += self.leave(node_id)
         cutoff = now - ttl_s
-        while self._last_seen:
-            (swarm, addr), seen = next(iter(self._last_seen.items()))
+        last_seen = self._last_seen
+        while last_seen:
+            entry, seen = next(iter(last_seen.items()))
             if seen >= cutoff:
                 break
-            del self._last_seen[(swarm, addr)]
-            entry = swarm.peers.get(addr)
-            if entry is not None and entry.node is not None and self.is_live(entry.node):
+            del last_seen[entry]
+            if entry.node is not None and self.is_live(entry.node):
                 continue  # its node's heartbeat keeps it; node expiry removes it when that lapses
-            if self._drop(swarm, addr) is not None:
+            if self._drop(entry):
                 removed += 1
         return removed
 
@@ -338,6 +407,6 @@ class SwarmRegistry:
         for swarm in {id(s): s for s in popped}.values():
             if any(s is swarm for s in self._by_key.values()):
                 continue  # another key of it (a hybrid's other hash) is still allowed
-            for addr in list(swarm.peers):
-                self._drop(swarm, addr)
+            for entry in list(swarm.peers.values()):
+                self._drop(entry)
         return len(popped)

@@ -71,7 +71,6 @@ _CONNECT_REPLY = struct.Struct(">IIQ")
 _ANNOUNCE_REPLY = struct.Struct(">IIIII")
 _SCRAPE_ITEM = struct.Struct(">III")
 _ERROR_HEAD = struct.Struct(">II")
-_PORT = struct.Struct(">H")
 
 # BEP 41 option types; every other type is followed by a one-byte length.
 _OPT_END = 0
@@ -196,7 +195,7 @@ def _extensions(url_data: bytes, transaction_id: int) -> tuple[str, bool]:
     zone = DEFAULT_ZONE
     if zone_b:
         zone = zone_b.decode("utf-8", "replace")
-        if not ZONE_RE.match(zone):
+        if not ZONE_RE.fullmatch(zone):
             raise UdpProtocolError(f"invalid zone {zone[:80]!r}: up to 64 letters, digits and . _ : -", transaction_id)
     return zone, params.get(b"role") == b"origin"
 
@@ -262,37 +261,17 @@ def encode_connect(transaction_id: int, connection_id: int) -> bytes:
     return _CONNECT_REPLY.pack(ACTION_CONNECT, transaction_id, connection_id)
 
 
-# Packed forms of peer addresses.  A fleet re-announces the same few thousand addresses
-# all day, and a dict hit costs a third of parsing the text again; the cache is emptied
-# when full, so a flood of new addresses cannot grow it without bound.
-_PACKED_IPS: dict[str, bytes] = {}
-_PACKED_IPS_MAX = 1 << 16
-
-
-def _packed_ip(ip: str) -> bytes:
-    packed = socket.inet_pton(socket.AF_INET6, ip) if ":" in ip else socket.inet_aton(ip)
-    if len(_PACKED_IPS) >= _PACKED_IPS_MAX:
-        _PACKED_IPS.clear()
-    _PACKED_IPS[ip] = packed
-    return packed
-
-
 def pack_peers(peers: Sequence[Peer], ipv6: bool) -> bytes:
     """Pack peers of one address family: 6 bytes each for IPv4, 18 for IPv6 (BEP 15).
 
     Peers of the other family are left out: an IPv4 answer has no room for IPv6
     addresses, and a client reached over IPv6 asked for IPv6 peers.
     """
-    size = 16 if ipv6 else 4
-    get = _PACKED_IPS.get
-    pack_port = _PORT.pack
-    out = []
-    for p in peers:
-        packed = get(p.ip) or _packed_ip(p.ip)
-        if len(packed) == size:
-            out.append(packed)
-            out.append(pack_port(p.port))
-    return b"".join(out)
+    size = 18 if ipv6 else 6
+    out = b"".join([p.packed for p in peers])
+    if len(out) == size * len(peers):
+        return out
+    return b"".join([p.packed for p in peers if len(p.packed) == size])
 
 
 def encode_announce(transaction_id: int, interval: int, counts: SwarmCounts, peers: Sequence[Peer],

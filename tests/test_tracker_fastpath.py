@@ -1,0 +1,341 @@
+"""The announce fast path in front of aiohttp (tracker/fastpath.py).
+
+Three layers: the pure request-head parser; the server built exactly as ``serve()``
+builds it (``start_server``: aiohttp's AppRunner behind the sniffing protocol, on
+127.0.0.1:0), spoken to over raw sockets, so keep-alive, pipelining, HTTP/1.0, hand-off
+to aiohttp and the timeouts are seen byte for byte; and a real ``modelcast tracker``
+process for graceful shutdown with fast-path connections open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import time
+import urllib.request
+from urllib.parse import quote_from_bytes
+
+import pytest
+
+from modelcast.config import TrackerConfig
+from modelcast.procs import ServiceProcess, free_port, modelcast_argv
+from tracker.fastpath import MAX_PIPELINED, parse_head
+from tracker.protocol import bdecode, decode_compact_peers
+from tracker.server import SWARMS, make_app, start_server
+
+IH = bytes([0x26, 0x3D, 0x25, 0x2B, 0x00, 0xFF]) + bytes(range(14))  # '&', '=', '%', '+', NUL, 0xff
+PATHS = frozenset({b"/announce", b"/scrape"})
+
+
+def announce_target(n: int, *, event: str = "", numwant: int = 50, left: int = 0, ih: bytes = IH) -> str:
+    peer_id = b"-FP0001-%012d" % n
+    return (f"/announce?info_hash={quote_from_bytes(ih, safe='')}&peer_id={quote_from_bytes(peer_id, safe='')}"
+            f"&port={10000 + n}&uploaded=0&downloaded=0&left={left}&compact=1&numwant={numwant}"
+            + (f"&event={event}" if event else ""))
+
+
+def get(target: str, *, version: str = "1.1", headers: str = "Host: t\r\n") -> bytes:
+    return f"GET {target} HTTP/{version}\r\n{headers}\r\n".encode()
+
+
+# -- the pure head parser ----------------------------------------------------------------
+
+
+def test_parse_head_accepts_plain_tracker_gets():
+    head = parse_head(b"GET /announce?info_hash=%26x&port=1 HTTP/1.1\r\nHost: t\r\nUser-Agent: lt", PATHS)
+    assert head is not None and head.path == b"/announce" and head.query == b"info_hash=%26x&port=1"
+    assert head.http11 and head.keep_alive
+    assert parse_head(b"GET /scrape?info_hash=x HTTP/1.1\r\nhost: t\r\nConnection: Close", PATHS).keep_alive is False
+    one_oh = parse_head(b"GET /announce?a=1 HTTP/1.0", PATHS)
+    assert one_oh is not None and not one_oh.http11 and not one_oh.keep_alive
+    assert parse_head(b"GET /announce HTTP/1.1\r\nHost: t\r\nContent-Length: 0", PATHS).query == b""
+
+
+@pytest.mark.parametrize("head", [
+    b"POST /announce?a=1 HTTP/1.1\r\nHost: t",
+    b"GET /v1/health HTTP/1.1\r\nHost: t",
+    b"GET /announce?a=1 HTTP/2.0\r\nHost: t",
+    b"GET /announce?a=1 HTTP/1.1",  # HTTP/1.1 without Host
+    b"GET /announce?a=1 HTTP/1.1\r\nHost: t\r\nHost: u",
+    b"GET /announce?a=1  HTTP/1.1\r\nHost: t",
+    b"GET /announce?a=\x01 HTTP/1.1\r\nHost: t",
+    b"GET /announce?a=\xff HTTP/1.1\r\nHost: t",
+    b"GET /announce?a=1#frag HTTP/1.1\r\nHost: t",
+    b"GET /announce?a=1 HTTP/1.1\nHost: t",  # bare LF
+    b"GET /announce?a=1 HTTP/1.1\r\nHost: t\rX: y",  # bare CR
+    b"GET /announce?a=1 HTTP/1.1\r\nHost: t\r\n folded",
+    b"GET /announce?a=1 HTTP/1.1\r\nHost : t",
+    b"GET /announce?a=1 HTTP/1.1\r\nHost: t\r\nno colon",
+    b"GET /announce?a=1 HTTP/1.1\r\nHost: t\r\nContent-Length: 5",
+    b"GET /announce?a=1 HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked",
+    b"GET /announce?a=1 HTTP/1.1\r\nHost: t\r\nUpgrade: websocket",
+    b"GET /announce?" + b"a" * 9000 + b" HTTP/1.1\r\nHost: t",
+])
+def test_parse_head_leaves_everything_else_to_aiohttp(head):
+    assert parse_head(head, PATHS) is None
+
+
+# -- the server, built as serve() builds it --------------------------------------------
+
+
+class Conn:
+    """A raw HTTP/1.x client connection that reads answers framed by Content-Length."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> Conn:
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def answer(self, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), timeout)
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ")[1])
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+        body = await asyncio.wait_for(self.reader.readexactly(int(headers["content-length"])), timeout)
+        return status, headers | {"status-line": lines[0]}, body
+
+    async def closed(self, timeout: float = 5.0) -> bool:
+        """True once the server has closed the connection (after any answers still unread)."""
+        return await asyncio.wait_for(self.reader.read(), timeout) == b""
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@pytest.fixture
+async def server(request, tmp_path):
+    """The server with short timeouts; ``parametrize("server", [{...}], indirect=True)`` changes them."""
+    limits = {"head_timeout_s": 0.5, "keepalive_timeout_s": 1.0, **getattr(request, "param", {})}
+    app = make_app(TrackerConfig(host="127.0.0.1", port=0, data_dir=tmp_path / "registry", token="secret"))
+    running = await start_server(app, "127.0.0.1", 0, **limits)
+    app[SWARMS].allow([IH])
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+async def test_keepalive_announces_on_one_connection(server):
+    conn = await Conn.open(server.port)
+    for n in range(20):
+        await conn.send(get(announce_target(n, event="started")))
+        status, headers, body = await conn.answer()
+        answer = bdecode(body)
+        assert status == 200 and headers["status-line"] == "HTTP/1.1 200 OK" and "connection" not in headers
+        assert headers["content-type"] == "text/plain" and "date" in headers
+        assert answer[b"complete"] == n + 1 and len(decode_compact_peers(answer[b"peers"])) == n
+    conn.close()
+    assert (server.fast.answered, server.fast.handed_off) == (20, 0)
+
+
+async def test_pipelined_announces_are_answered_in_order(server):
+    conn = await Conn.open(server.port)
+    count = 3 * MAX_PIPELINED + 5  # more than one read may answer at once
+    await conn.send(b"".join(get(announce_target(n, event="started", numwant=200)) for n in range(count)))
+    for n in range(count):
+        status, _, body = await conn.answer()
+        assert status == 200 and bdecode(body)[b"complete"] == n + 1  # each answer saw the ones before it
+    conn.close()
+
+
+@pytest.mark.parametrize("server", [{"keepalive_timeout_s": 30.0}], indirect=True)
+async def test_pipelined_flood_waits_for_a_client_that_does_not_read(server):
+    import socket
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)  # small, so the server's side fills up
+    sock.connect(("127.0.0.1", server.port))
+    conn = Conn(*await asyncio.open_connection(sock=sock, limit=16 * 1024))
+    for n in range(50):
+        await conn.send(get(announce_target(n, event="started")))
+        await conn.answer()
+    count = 20_000  # ~8 MB of answers, more than the socket buffers hold (the kernel grows them to 4 MB)
+    sender = asyncio.create_task(conn.send(b"".join(get(announce_target(n % 50, numwant=200)) for n in range(count))))
+    await asyncio.sleep(1.5)  # not reading: the server has to stop writing, then stop reading
+    paused = [c for c in server.fast.connections if c._write_paused and c._read_paused]
+    assert server.fast.answered < 50 + count
+    for _ in range(count):
+        status, _, body = await conn.answer()
+        assert status == 200 and len(bdecode(body)[b"peers"]) == 49 * 6
+    await sender
+    assert paused, "the test did not fill the buffers; the server never had to wait"
+    conn.close()
+
+
+async def test_client_that_reads_no_answers_is_dropped_after_the_keepalive_timeout(server):
+    import socket
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+    sock.connect(("127.0.0.1", server.port))
+    conn = Conn(*await asyncio.open_connection(sock=sock, limit=16 * 1024))
+    sender = asyncio.create_task(conn.send(b"".join(get(announce_target(n % 50, numwant=200)) for n in range(20_000))))
+    await asyncio.sleep(2.5)  # keepalive_timeout_s=1.0 in the fixture
+    assert not server.fast.connections
+    sender.cancel()
+    conn.close()
+
+
+async def test_http10_and_connection_close_get_one_answer_then_eof(server):
+    for request, status_line in [(get(announce_target(1), version="1.0", headers=""), "HTTP/1.0 200 OK"),
+                                 (get(announce_target(2), headers="Host: t\r\nConnection: close\r\n"),
+                                  "HTTP/1.1 200 OK")]:
+        conn = await Conn.open(server.port)
+        # A second request behind the first is not answered: the connection ends with the first.
+        await conn.send(request + get(announce_target(3)))
+        status, headers, body = await conn.answer()
+        assert headers["status-line"] == status_line and headers["connection"] == "close"
+        assert b"peers" in bdecode(body)
+        assert await conn.closed()
+        conn.close()
+
+
+async def test_bad_announce_gets_a_bencoded_failure_and_keeps_the_connection(server):
+    conn = await Conn.open(server.port)
+    await conn.send(get("/announce?peer_id=x"))
+    status, _, body = await conn.answer()
+    assert status == 200 and bdecode(body) == {b"failure reason": b"missing parameter info_hash"}
+    await conn.send(get("/scrape"))
+    status, _, body = await conn.answer()
+    assert b"full scrapes are not served" in bdecode(body)[b"failure reason"]
+    await conn.send(get(announce_target(5, ih=b"\x01" * 20)))
+    status, _, body = await conn.answer()
+    assert status == 200 and bdecode(body)[b"failure reason"].startswith(b"unknown info_hash 0101")
+    conn.close()
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GARBAGE\r\n\r\n",
+    b"GET /announce?info_hash=\x01 HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"GET /announce?a=1 HTTP/1.1 extra\r\nHost: t\r\n\r\n",
+    b"GET /announce?a=1 HTTP/1.1\r\n\r\n",  # no Host
+    b"GET /announce?a=1 HTTP/1.1\r\nHost: t\r\nX-Big: " + b"x" * 40_000 + b"\r\n\r\n",  # oversize header
+])
+async def test_malformed_requests_get_aiohttps_400(server, request_bytes):
+    conn = await Conn.open(server.port)
+    await conn.send(request_bytes)
+    status, _, body = await conn.answer()
+    assert status == 400 and b"Traceback" not in body
+    conn.close()
+    assert server.fast.handed_off == 1 and server.fast.answered == 0
+
+
+async def test_registry_routes_after_an_announce_on_the_same_connection(server):
+    conn = await Conn.open(server.port)
+    await conn.send(get(announce_target(7, event="started")))
+    status, _, body = await conn.answer()
+    assert status == 200 and bdecode(body)[b"complete"] == 1
+    # The next request is not the tracker's: the connection goes to aiohttp, which answers
+    # it and, from then on, announces too (its own handler, the same answers).
+    await conn.send(get("/v1/health") + get(announce_target(8, event="started")))
+    status, headers, body = await conn.answer()
+    assert status == 200 and headers["content-type"].startswith("application/json") and json.loads(body) == {"ok": True}
+    status, headers, body = await conn.answer()
+    assert status == 200 and "aiohttp" in headers.get("server", "") and bdecode(body)[b"complete"] == 2
+    await conn.send(get("/v1/artifacts", headers="Host: t\r\nConnection: close\r\n"))
+    status, _, _ = await conn.answer()
+    assert status == 200 and await conn.closed()
+    conn.close()
+    assert (server.fast.answered, server.fast.handed_off) == (1, 1)
+
+
+async def test_partial_request_times_out_with_408(server):
+    conn = await Conn.open(server.port)
+    t0 = time.monotonic()
+    await conn.send(b"GET /announce?info_hash=")  # and never the rest
+    status, headers, _ = await conn.answer()
+    assert status == 408 and headers["connection"] == "close" and await conn.closed()
+    assert 0.4 < time.monotonic() - t0 < 3.0  # head_timeout_s=0.5 in the fixture
+    conn.close()
+
+
+async def test_trickled_request_is_bounded_by_its_first_byte(server):
+    conn = await Conn.open(server.port)
+    request = get(announce_target(1))
+
+    async def trickle() -> None:  # a byte every 50 ms: the whole request would take about 10 s
+        for i in range(len(request)):
+            conn.writer.write(request[i:i + 1])
+            await asyncio.sleep(0.05)
+
+    sender = asyncio.create_task(trickle())
+    t0 = time.monotonic()
+    status, _, _ = await conn.answer(timeout=5)
+    assert status == 408 and time.monotonic() - t0 < 2.0  # head_timeout_s=0.5 in the fixture, from the first byte
+    sender.cancel()
+    conn.close()
+
+
+async def test_idle_keepalive_connection_is_closed(server):
+    conn = await Conn.open(server.port)
+    await conn.send(get(announce_target(1)))
+    await conn.answer()
+    t0 = time.monotonic()
+    assert await conn.closed(timeout=5)
+    assert 0.8 < time.monotonic() - t0 < 3.0  # keepalive_timeout_s=1.0 in the fixture
+    conn.close()
+
+
+async def test_stop_closes_fast_path_connections_and_runs_cleanup(tmp_path):
+    app = make_app(TrackerConfig(host="127.0.0.1", port=0, data_dir=tmp_path / "registry", token="secret"))
+    running = await start_server(app, "127.0.0.1", 0)
+    app[SWARMS].allow([IH])
+    conn = await Conn.open(running.port)
+    await conn.send(get(announce_target(1)))
+    assert (await conn.answer())[0] == 200
+    await running.stop()
+    assert await conn.closed(timeout=2)
+    assert not running.fast.connections
+    conn.close()
+
+
+def _read_answer(sock, buf: bytes) -> tuple[bytes, bytes, bytes]:
+    """(head, body, what follows) of the next answer on a blocking socket, framed by Content-Length."""
+    while True:
+        head, sep, rest = buf.partition(b"\r\n\r\n")
+        if sep:
+            length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+            if len(rest) >= length:
+                return head, rest[:length], rest[length:]
+        data = sock.recv(65536)
+        assert data, f"connection closed after {buf!r}"
+        buf += data
+
+
+def test_tracker_process_serves_the_fast_path_and_stops_cleanly(tmp_path):
+    """A real ``modelcast tracker``: announces over keep-alive, then SIGTERM with the connection open."""
+    import socket
+
+    port = free_port()
+    svc = ServiceProcess(modelcast_argv("tracker", "--listen", f"127.0.0.1:{port}", "--data", str(tmp_path / "reg"),
+                                        "--token", "secret"),
+                         health_url=f"http://127.0.0.1:{port}/v1/health", log_path=tmp_path / "tracker.log",
+                         name="tracker").start()
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        buf = b""
+        for n in range(3):
+            # No artifact is published: each answer is a bencoded failure, on the same kept-alive connection.
+            sock.sendall(get(announce_target(n)))
+            head, body, buf = _read_answer(sock, buf)
+            assert head.startswith(b"HTTP/1.1 200") and b"unknown info_hash" in bdecode(body)[b"failure reason"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=5) as resp:
+            assert json.load(resp) == {"ok": True}
+        t0 = time.monotonic()
+        svc.proc.send_signal(signal.SIGTERM)
+        assert svc.proc.wait(10) == 0  # graceful: cleanup_ctx ran, the database is closed
+        assert time.monotonic() - t0 < 6.0
+        assert sock.recv(100) == b""  # the idle keep-alive connection was closed, not left hanging
+        sock.close()
+        log = (tmp_path / "tracker.log").read_text()
+        assert "fast path answered 3 tracker requests" in log and "Traceback" not in log
+    finally:
+        svc.stop()

@@ -1,0 +1,394 @@
+"""A lean HTTP/1.1 path for tracker announces and scrapes, in front of aiohttp on the same socket.
+
+Announces are most of what a tracker serves, and each is tiny: through aiohttp, its
+request object, router, middleware and response machinery cost several times the
+announce itself.  :class:`FastPathProtocol` sniffs each request on a connection: a plain
+``GET /announce?...`` or ``GET /scrape?...`` is answered here, with the same pure
+functions as the aiohttp handlers; at the first request that is anything else, the
+connection is handed to aiohttp's own request handler, bytes and all, so every other
+route (and every odd request, which aiohttp answers with its usual 400) still goes
+through aiohttp.
+
+What this path answers is deliberately narrow: ``GET``, HTTP/1.0 or 1.1, a request
+target of printable ASCII, header lines of ``name: value`` ended by CRLF, no body
+(no ``Transfer-Encoding``, no ``Content-Length`` but 0, no ``Expect``/``Upgrade``), and
+a ``Host`` header on HTTP/1.1.  Keep-alive follows HTTP/1.1 (``Connection: close``
+closes); HTTP/1.0 always closes.  Requests may be pipelined; answers go out in order,
+at most :data:`MAX_PIPELINED` per read, and reading pauses while the client does not
+read them.  A request that has not arrived whole within ``head_timeout_s`` of its first
+byte closes the connection with a 408; a connection idle for ``keepalive_timeout_s``
+closes, and one whose client has read none of our answers for that long is aborted.
+Bytes held per connection stay bounded: a head longer than :data:`MAX_HEAD` goes to
+aiohttp (which refuses it), and nothing more is read while answers wait to be sent.
+
+The request parsing is :func:`parse_head`, pure and tested without sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import re
+import time
+from typing import Callable, Mapping, NamedTuple
+
+from .protocol import encode_failure
+
+log = logging.getLogger("modelcast.tracker.fastpath")
+
+# aiohttp's own limit on a request line (and on one header line); a longer request goes to
+# aiohttp, which answers it with a 400 as it always did.
+MAX_LINE = 8190
+MAX_HEAD = 32 * 1024
+# How many pipelined requests are answered before the loop serves other connections.
+MAX_PIPELINED = 64
+HEAD_TIMEOUT_S = 10.0
+KEEPALIVE_TIMEOUT_S = 75.0  # aiohttp's default
+
+# Given the request target's query (after "?", raw bytes) and the client's IP address
+# (as the socket reports it, or None), return the bencoded answer.  Must not raise for
+# bad input: malformed requests become a bencoded "failure reason" answer.
+Route = Callable[[bytes, "str | None"], bytes]
+
+# Printable ASCII but "#": a target with anything else goes to aiohttp, which decides.
+_TARGET_BYTES = bytes(b for b in range(0x21, 0x7F) if b != ord("#"))
+# One header line: a token, a colon, a value without CR, LF or NUL, each within aiohttp's limits.
+_FIELD = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}:[^\r\n\x00]{0," + str(MAX_LINE).encode() + rb"}"
+_HEADERS_RE = re.compile(_FIELD + rb"(?:\r\n" + _FIELD + rb")*")
+# A body, or a protocol switch: not for this path.
+_BODY_HEADERS = (b"\r\ntransfer-encoding:", b"\r\nexpect:", b"\r\nupgrade:")
+
+
+class Head(NamedTuple):
+    """A request head this path answers."""
+
+    path: bytes
+    query: bytes
+    http11: bool
+    keep_alive: bool
+
+
+def parse_head(head: bytes, paths: frozenset[bytes] | set[bytes]) -> Head | None:
+    """Parse a request head (everything before the blank line, CRLFs inside) for this path.
+
+    Returns None for anything this path leaves to aiohttp: another method or path, a
+    body, odd framing (bare CR or LF, NUL, folded or malformed header lines), a missing
+    or repeated ``Host`` on HTTP/1.1, or a request line longer than :data:`MAX_LINE`.
+    """
+    line_end = head.find(b"\r\n")
+    line = head if line_end < 0 else head[:line_end]
+    if len(line) > MAX_LINE:
+        return None
+    parts = line.split(b" ")
+    if len(parts) != 3 or parts[0] != b"GET":
+        return None
+    target, version = parts[1], parts[2]
+    if version == b"HTTP/1.1":
+        http11 = True
+    elif version == b"HTTP/1.0":
+        http11 = False
+    else:
+        return None
+    # Printable ASCII only, so no CR, LF or NUL hides in the request line either (what
+    # is left after deleting the allowed bytes must be nothing).
+    if not target.startswith(b"/") or target.translate(None, _TARGET_BYTES):
+        return None
+    path, _, query = target.partition(b"?")
+    if path not in paths:
+        return None
+    keep_alive = http11
+    hosts = 0
+    if line_end >= 0:
+        block = head[line_end + 2:]
+        # Every line "token: value" (one regex over the block, not a loop over lines).
+        if not _HEADERS_RE.fullmatch(block):
+            return None
+        # Searched as "\r\nname:" in the lowered block, so a name matches only whole, at a line start.
+        block = b"\r\n" + block.lower()
+        for name in _BODY_HEADERS:
+            if block.find(name) >= 0:
+                return None
+        at = block.find(b"\r\ncontent-length:")
+        if at >= 0:
+            end = block.find(b"\r\n", at + 2)
+            if (block[at + 17:end if end >= 0 else None].strip() != b"0"
+                    or block.find(b"\r\ncontent-length:", at + 2) >= 0):
+                return None
+        at = block.find(b"\r\nconnection:")
+        while at >= 0:
+            end = block.find(b"\r\n", at + 2)
+            if block.find(b"close", at + 14, end if end >= 0 else len(block)) >= 0:
+                keep_alive = False
+            at = block.find(b"\r\nconnection:", at + 2)
+        hosts = block.count(b"\r\nhost:")
+    if http11 and hosts != 1:
+        return None
+    return Head(path, query, http11, keep_alive)
+
+
+_PREFIXES = (b"GET /announce?", b"GET /announce ", b"GET /scrape?", b"GET /scrape ")
+
+
+def _sniff(buf: bytes) -> bool | None:
+    """Whether the request that ``buf`` starts with may be for this path; None: too short to tell."""
+    if buf.startswith(_PREFIXES):
+        return True
+    if len(buf) < 14 and any(p.startswith(buf) for p in _PREFIXES):
+        return None
+    return False
+
+
+class _HttpDate:
+    """The ``Date`` header value, formatted once a second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = b""
+
+    def __call__(self) -> bytes:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._value = email.utils.formatdate(now, usegmt=True).encode("ascii")
+        return self._value
+
+
+_http_date = _HttpDate()
+
+
+def _response(status: bytes, body: bytes, http11: bool, keep_alive: bool) -> bytes:
+    return b"HTTP/1.%d %b\r\nContent-Type: text/plain\r\nContent-Length: %d\r\nDate: %b\r\n%b\r\n%b" % (
+        1 if http11 else 0, status, len(body), _http_date(), b"" if keep_alive else b"Connection: close\r\n", body)
+
+
+class FastPathServer:
+    """The protocol factory for ``loop.create_server``, and the set of connections still on this path.
+
+    ``fallback`` makes the protocol that takes over a connection this path does not
+    answer: aiohttp's ``AppRunner.server`` (a ``web.Server``, whose call makes a
+    ``RequestHandler``).  ``routes`` maps a path (``b"/announce"``) to its :data:`Route`.
+    """
+
+    def __init__(self, fallback: Callable[[], asyncio.Protocol], routes: Mapping[bytes, Route], *,
+                 head_timeout_s: float = HEAD_TIMEOUT_S, keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S) -> None:
+        self.fallback = fallback
+        self.routes = dict(routes)
+        self.paths = frozenset(self.routes)
+        self.head_timeout_s = head_timeout_s
+        self.keepalive_timeout_s = keepalive_timeout_s
+        self.connections: set[FastPathProtocol] = set()
+        self.answered = 0
+        self.handed_off = 0
+
+    def __call__(self) -> FastPathProtocol:
+        return FastPathProtocol(self)
+
+    def close(self) -> None:
+        """Close every connection still on this path; answers already written go out first."""
+        for conn in list(self.connections):
+            conn.close()
+
+
+class FastPathProtocol(asyncio.Protocol):
+    """One client connection: tracker requests answered here until one is not, then aiohttp's."""
+
+    def __init__(self, server: FastPathServer) -> None:
+        self._server = server
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._remote: str | None = None
+        self._buf = b""
+        self._closing = False
+        self._write_paused = False
+        self._read_paused = False
+        self._idle_since = 0.0  # when the buffer last became empty
+        self._head_since = 0.0  # when the request now in the buffer began
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+
+    # ---- asyncio.Protocol ----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self._remote = peer[0] if isinstance(peer, tuple) and peer else None
+        self._server.connections.add(self)
+        self._idle_since = time.monotonic()
+        self._arm(self._idle_since + self._server.keepalive_timeout_s)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        fresh = not self._buf
+        self._buf = self._buf + data if self._buf else data
+        if self._write_paused:
+            # The client sends more while our answers have not drained: stop reading.
+            if not self._read_paused:
+                self._read_paused = True
+                self._transport.pause_reading()
+            return
+        self._process(fresh)
+
+    def eof_received(self) -> bool | None:
+        return None  # close; answers already written are sent first
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._detach()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._resume()
+
+    # ---- the request loop --------------------------------------------------------------
+    def _process(self, fresh: bool) -> None:
+        """Answer the complete requests in the buffer; ``fresh``: the buffer was empty before this read."""
+        try:
+            self._answer_all(fresh)
+        except Exception:  # a bug here must cost one connection, not leak a trace to the client
+            log.exception("fast path failed on a connection from %s", self._remote)
+            self._buf = b""
+            self.close()
+
+    def _answer_all(self, fresh: bool) -> None:
+        server = self._server
+        buf = self._buf
+        out: list[bytes] = []
+        answered = 0
+        while buf:
+            ours = _sniff(buf)
+            if ours is None:
+                break
+            if not ours:
+                self._flush(out)
+                self._hand_off(buf)
+                return
+            end = buf.find(b"\r\n\r\n", 0, MAX_HEAD)
+            if end < 0:
+                if len(buf) >= MAX_HEAD:
+                    self._flush(out)
+                    self._hand_off(buf)  # aiohttp answers an oversize head with its 400
+                    return
+                break
+            head = parse_head(buf[:end], server.paths)
+            if head is None:
+                self._flush(out)
+                self._hand_off(buf)
+                return
+            buf = buf[end + 4:]
+            try:
+                body = server.routes[head.path](head.query, self._remote)
+                status = b"200 OK"
+            except Exception as exc:  # a bug, not bad input: the routes answer bad input themselves
+                log.exception("unexpected error on GET %s", head.path.decode("ascii", "replace"))
+                body = encode_failure(f"internal error in the tracker: {exc.__class__.__name__}: {exc}")
+                status = b"500 Internal Server Error"
+                head = head._replace(keep_alive=False)
+            out.append(_response(status, body, head.http11, head.keep_alive))
+            server.answered += 1
+            answered += 1
+            if not head.keep_alive:
+                self._buf = b""
+                self._flush(out)
+                self.close()
+                return
+            if answered >= MAX_PIPELINED:
+                break
+        self._buf = buf
+        self._flush(out)
+        now = time.monotonic()
+        if answered or not buf:
+            self._idle_since = now
+        if not buf:
+            return
+        # A request has begun (in this read, or after the ones just answered): it must
+        # arrive whole within head_timeout_s.
+        if fresh or answered:
+            self._head_since = now
+            self._arm(now + server.head_timeout_s)
+        if answered >= MAX_PIPELINED or self._write_paused:
+            # Many pipelined requests: let other connections have the loop (and, if our
+            # answers are not draining, wait for them), reading nothing meanwhile.
+            if not self._read_paused:
+                self._read_paused = True
+                self._transport.pause_reading()
+            if not self._write_paused:
+                self._loop.call_soon(self._resume)
+
+    def _resume(self) -> None:
+        if self._write_paused or self._transport is None or self._closing:
+            return
+        if self._read_paused:
+            self._read_paused = False
+            self._transport.resume_reading()
+        if self._buf:
+            self._process(True)
+
+    def _flush(self, out: list[bytes]) -> None:
+        if out:
+            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+
+    def _hand_off(self, data: bytes) -> None:
+        """Give the connection to aiohttp from this request on, with the bytes read so far."""
+        transport = self._transport
+        self._detach()
+        self._server.handed_off += 1
+        handler = self._server.fallback()
+        handler.connection_made(transport)
+        transport.set_protocol(handler)
+        if self._read_paused:
+            transport.resume_reading()
+        handler.data_received(data)
+
+    # ---- timeouts and closing ----------------------------------------------------------
+    # One timer per connection.  A request only records the time (one C call); the timer,
+    # when it fires, works out the deadline that applies now and sleeps again until then,
+    # so a busy keep-alive connection costs no timer churn.
+    def _arm(self, deadline: float) -> None:
+        if self._timer is not None:
+            if self._timer_at <= deadline:
+                return
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self._loop.call_later(max(0.0, deadline - time.monotonic()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._transport is None or self._closing:
+            return
+        server = self._server
+        # A partial request must complete within head_timeout_s; a connection that is idle,
+        # or whose client reads none of our answers, goes after keepalive_timeout_s.
+        waiting_for_client_to_read = self._read_paused or self._write_paused
+        partial = self._buf and not waiting_for_client_to_read
+        deadline = (self._head_since + server.head_timeout_s if partial
+                    else self._idle_since + server.keepalive_timeout_s)
+        if time.monotonic() < deadline:
+            self._arm(deadline)
+            return
+        if partial:
+            # Slowloris: a request that never completes.  Tell the client why, then close.
+            self._transport.write(_response(b"408 Request Timeout", b"", True, False))
+        elif waiting_for_client_to_read:
+            # Closing would wait for our unread answers to drain, which they never do.
+            self._closing = True
+            self._transport.abort()
+            return
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection after what was written (while it is still on this path)."""
+        if self._transport is not None and not self._closing:
+            self._closing = True
+            self._transport.close()
+
+    def _detach(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._server.connections.discard(self)
+        self._transport = None
