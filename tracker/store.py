@@ -141,6 +141,25 @@ def decode_cursor(cursor: str) -> tuple[str, str]:
         raise BadRequest(f"invalid list cursor {cursor!r}: pass back the 'next' value of the previous page") from None
 
 
+def _insert_artifact(db: sqlite3.Connection, manifest: Manifest, data: bytes, torrent: bytes, origin_url: str,
+                     s3_endpoint: str | None) -> bool:
+    """Store the artifact in the open transaction unless it is there; True if it was new."""
+    digest = manifest.digest
+    row = db.execute("SELECT manifest FROM artifacts WHERE digest = ?", (digest,)).fetchone()
+    if row is not None:
+        if bytes(row[0]) != data:
+            # Unreachable short of a SHA-256 collision; refusing beats overwriting.
+            raise Conflict(f"artifact {digest} is stored with different manifest bytes")
+        return False
+    db.execute(
+        "INSERT INTO artifacts (digest, name, kind, content_key, manifest, torrent, origin_url,"
+        " s3_endpoint, total_size, created, published_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        (digest, manifest.name, manifest.kind, manifest.content_key, data, bytes(torrent),
+         origin_url, s3_endpoint, manifest.total_size, manifest.created, time.time()),
+    )
+    return True
+
+
 class RegistryStore:
     """SQLite-backed registry: immutable artifacts by digest, mutable tags by name."""
 
@@ -193,18 +212,7 @@ class RegistryStore:
         digest = manifest.digest
 
         def tx(db: sqlite3.Connection) -> PublishResult:
-            row = db.execute("SELECT manifest FROM artifacts WHERE digest = ?", (digest,)).fetchone()
-            created = row is None
-            if row is not None and bytes(row[0]) != data:
-                # Unreachable short of a SHA-256 collision; refusing beats overwriting.
-                raise Conflict(f"artifact {digest} is stored with different manifest bytes")
-            if created:
-                db.execute(
-                    "INSERT INTO artifacts (digest, name, kind, content_key, manifest, torrent, origin_url,"
-                    " s3_endpoint, total_size, created, published_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    (digest, manifest.name, manifest.kind, manifest.content_key, data, bytes(torrent),
-                     origin_url, s3_endpoint, manifest.total_size, manifest.created, time.time()),
-                )
+            created = _insert_artifact(db, manifest, data, torrent, origin_url, s3_endpoint)
             if tag is not None:
                 db.execute(
                     "INSERT INTO tags (name, tag, digest) VALUES (?,?,?)"
@@ -229,16 +237,7 @@ class RegistryStore:
         digest = manifest.digest
 
         def tx(db: sqlite3.Connection) -> PublishResult:
-            row = db.execute("SELECT manifest FROM artifacts WHERE digest = ?", (digest,)).fetchone()
-            if row is not None and bytes(row[0]) != data:
-                raise Conflict(f"artifact {digest} is stored with different manifest bytes")
-            if row is None:
-                db.execute(
-                    "INSERT INTO artifacts (digest, name, kind, content_key, manifest, torrent, origin_url,"
-                    " s3_endpoint, total_size, created, published_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    (digest, manifest.name, manifest.kind, manifest.content_key, data, bytes(torrent),
-                     upstream, None, manifest.total_size, manifest.created, time.time()),
-                )
+            created = _insert_artifact(db, manifest, data, torrent, upstream, None)
             if tag is not None:
                 local = db.execute(
                     "SELECT 1 FROM tags t WHERE name = ? AND tag = ? AND NOT EXISTS"
@@ -256,7 +255,7 @@ class RegistryStore:
                         " checked_at = excluded.checked_at",
                         (manifest.name, tag, upstream, time.time()),
                     )
-            return PublishResult(digest, manifest.name, tag, row is None)
+            return PublishResult(digest, manifest.name, tag, created)
 
         return self._run(tx, write=True)
 
