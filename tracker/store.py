@@ -342,21 +342,6 @@ class RegistryStore:
             return None
         return Found(row[0], row[1], bytes(row[2]), row[3], row[4])
 
-    def resolve_tag(self, name: str, tag: str) -> str | None:
-        """The digest ``name:tag`` points at, or None."""
-        row = self._run(lambda db: db.execute(
-            "SELECT digest FROM tags WHERE name = ? AND tag = ?", (name, tag)).fetchone())
-        return row[0] if row else None
-
-    def artifact_name(self, digest: str) -> str | None:
-        """The name of the artifact ``digest``, or None if it is not stored."""
-        row = self._run(lambda db: db.execute("SELECT name FROM artifacts WHERE digest = ?", (digest,)).fetchone())
-        return row[0] if row else None
-
-    def manifest_bytes(self, digest: str) -> bytes | None:
-        row = self._run(lambda db: db.execute("SELECT manifest FROM artifacts WHERE digest = ?", (digest,)).fetchone())
-        return bytes(row[0]) if row else None
-
     def get(self, digest: str) -> ArtifactRecord | None:
         """The whole stored artifact ``digest``, or None."""
         row = self._run(lambda db: db.execute(
