@@ -313,6 +313,10 @@ class TorrentEngine:
         have = handle.status(lt.status_flags_t.query_pieces).pieces
         missing = [i for i, h in enumerate(have) if not h]
         avail = handle.piece_availability()
+        if len(avail) < len(have):
+            # libtorrent answers an empty list while the torrent has no piece picker yet
+            # (just added, or between states); then no peer is known to have anything.
+            avail = [0] * len(have)
         in_flight = {p["piece_index"] for p in handle.get_download_queue()}
         return missing, avail, in_flight
 
