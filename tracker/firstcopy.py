@@ -1,19 +1,60 @@
-"""The origin's first-copy gate: serve each piece to one node, let the swarm spread it.
+"""The origin's first-copy gate: serve each piece once, let the swarm (and a relay) spread it.
 
 Nodes pulling together each pick, at random, pieces no peer has yet; two may pick the same
-piece before either's HAVE reaches the other. A node marks such requests "first copy"
+piece before either's HAVE reaches the other.  A node marks such requests "first copy"
 (header ``X-Modelcast-First-Copy: 1``); the gate answers one whose byte range lies inside a
 range served within ``window_s`` with 409, and the node takes that piece from its peers.
 Every served range is remembered, with the header or without; requests without it (a lone
 or stalled node, a plain BEP 19 client) are always served.
+
+Zones.  The tracker hands a node only its own zone's peers, so a piece served to one zone
+never reaches another through the swarm.  A node names its zone (``X-Modelcast-Zone``) and
+the URL where it serves pieces (``X-Modelcast-Relay``).  When a first-copy request from
+zone B asks for bytes just served to a node of zone A, the gate answers 409 with that
+node's URL (``X-Modelcast-Relay-From``) to the first requester of zone B only: that node
+fetches the piece from the holder, and zone B's swarm spreads it.  Better still, when the
+gate serves bytes to a node of zone A while nodes of zone B are pulling the same artifact
+(they asked within the window), it names one of them per other zone
+(``X-Modelcast-Relay-To``, round robin) and the served node pushes the bytes there as soon
+as it has them: the other zone gets them without asking, at the pace the origin serves.
+Either way one copy crosses between zones, chosen by the gate rather than by each node's
+piece picker.  Bytes served to another zone by a node that named no relay URL are served
+again: one copy per zone.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
+from dataclasses import dataclass
 
 HEADER = "X-Modelcast-First-Copy"
+ZONE_HEADER = "X-Modelcast-Zone"
+RELAY_HEADER = "X-Modelcast-Relay"  # where the requester serves pieces: <base>/v1/artifacts/<digest>/pieces/<n>
+RELAY_FROM_HEADER = "X-Modelcast-Relay-From"  # in a 409: fetch the piece from this node instead
+RELAY_TO_HEADER = "X-Modelcast-Relay-To"  # with served bytes: push them to these nodes (space-separated)
+MAX_NODES_PER_ZONE = 1000
+MAX_ZONES = 256  # per artifact; nodes of further zones are not pushed to (they still fetch)
+
+
+@dataclass(eq=False)
+class _Served:
+    start: int
+    end: int
+    at: float
+    zone: str | None  # None: a client that named no zone
+    holder: str | None  # the relay URL of the node it went to, if it named one
+
+
+@dataclass(frozen=True)
+class Admission:
+    serve: bool
+    relay_from: str | None = None  # with serve False: fetch from this node; None: from your peers
+    relay_to: tuple[str, ...] = ()  # with serve True: push the bytes to these nodes, one per other zone
+
+
+SERVE = Admission(True)
+ELSEWHERE = Admission(False)
 
 
 class FirstCopyGate:
@@ -22,31 +63,103 @@ class FirstCopyGate:
     def __init__(self, window_s: float = 30.0, max_ranges: int = 200_000):
         self.window_s = window_s
         self.max_ranges = max_ranges
-        self._order: deque[tuple[float, tuple[str, str], int, int]] = deque()
-        self._ranges: OrderedDict[tuple[str, str], list[tuple[int, int, float]]] = OrderedDict()
+        self._order: deque[tuple[tuple[str, str], _Served]] = deque()
+        self._ranges: OrderedDict[tuple[str, str], list[_Served]] = OrderedDict()
+        # Per artifact and zone, the relay URLs of nodes that asked lately (LRU order).
+        self._pulling: dict[str, dict[str, OrderedDict[str, float]]] = {}
+        self._turn: dict[tuple[str, str], int] = {}
         self.refused = 0
+        self.relayed = 0
+        self.pushed = 0
 
     def _expire(self, now: float) -> None:
-        while self._order and (now - self._order[0][0] > self.window_s or len(self._order) > self.max_ranges):
-            at, key, start, end = self._order.popleft()
+        while self._order and (now - self._order[0][1].at > self.window_s or len(self._order) > self.max_ranges):
+            key, served = self._order.popleft()
             ranges = self._ranges.get(key)
             if ranges:
                 try:
-                    ranges.remove((start, end, at))
+                    ranges.remove(served)
                 except ValueError:
                     pass
                 if not ranges:
                     del self._ranges[key]
 
     def admit(self, artifact: str, path: str, start: int, end: int, first_copy: bool,
-              now: float | None = None) -> bool:
-        """True if bytes ``start..end`` of ``path`` may be served now (and remembers them)."""
+              now: float | None = None, *, zone: str | None = None, relay: str | None = None) -> Admission:
+        """Whether bytes ``start..end`` of ``path`` may be served now (remembering them if so).
+
+        ``zone`` and ``relay`` are the requester's zone and relay URL, if it named them.
+        """
         now = time.monotonic() if now is None else now
         self._expire(now)
         key = (artifact, path)
-        if first_copy and any(s <= start and end <= e for s, e, _ in self._ranges.get(key, ())):
+        if zone is not None and relay is not None:
+            self._seen(artifact, zone, relay, now)
+        decision = SERVE
+        if first_copy:
+            covering = [s for s in self._ranges.get(key, ()) if s.start <= start and end <= s.end]
+            if covering:
+                decision = self._elsewhere(covering, zone)
+                if decision is ELSEWHERE:
+                    return decision
+        # Served, or on its way to the requester from a node of another zone: either way
+        # the requester's zone has these bytes now.
+        self._remember(key, _Served(start, end, now, zone, relay))
+        if decision is SERVE and zone is not None and relay is not None:
+            targets = self._push_targets(artifact, zone, now)
+            if targets:
+                for other, url in targets:
+                    self._remember(key, _Served(start, end, now, other, url))
+                self.pushed += len(targets)
+                return Admission(True, relay_to=tuple(url for _, url in targets))
+        return decision
+
+    def _remember(self, key: tuple[str, str], served: _Served) -> None:
+        self._ranges.setdefault(key, []).append(served)
+        self._order.append((key, served))
+
+    def _seen(self, artifact: str, zone: str, relay: str, now: float) -> None:
+        zones = self._pulling.get(artifact)
+        if zones is None:
+            zones = self._pulling[artifact] = {}
+            while len(self._pulling) > self.max_ranges // 100:  # bounded like the ranges
+                del self._pulling[next(iter(self._pulling))]
+        nodes = zones.get(zone)
+        if nodes is None:
+            if len(zones) >= MAX_ZONES:
+                return
+            nodes = zones[zone] = OrderedDict()
+        nodes[relay] = now
+        nodes.move_to_end(relay)
+        if len(nodes) > MAX_NODES_PER_ZONE:
+            nodes.popitem(last=False)
+
+    def _push_targets(self, artifact: str, zone: str, now: float) -> list[tuple[str, str]]:
+        """One node per other zone pulling ``artifact`` lately, in turn: (zone, relay URL)."""
+        targets = []
+        for other, nodes in list(self._pulling.get(artifact, {}).items()):
+            if other == zone:
+                continue
+            while nodes and now - next(iter(nodes.values())) > self.window_s:
+                nodes.popitem(last=False)  # it stopped asking: done, or gone
+            if not nodes:
+                del self._pulling[artifact][other]
+                self._turn.pop((artifact, other), None)
+                continue
+            turn = self._turn.get((artifact, other), 0)
+            self._turn[(artifact, other)] = turn + 1
+            urls = list(nodes)
+            targets.append((other, urls[turn % len(urls)]))
+        return targets
+
+    def _elsewhere(self, covering: list[_Served], zone: str | None) -> Admission:
+        """The answer for bytes already served: from peers, from a holder, or (SERVE) again."""
+        if zone is None or any(s.zone is None or s.zone == zone for s in covering):
+            # Served to this zone (or to a client of unknown zone): the swarm brings it.
             self.refused += 1
-            return False
-        self._ranges.setdefault(key, []).append((start, end, now))
-        self._order.append((now, key, start, end))
-        return True
+            return ELSEWHERE
+        holder = next((s.holder for s in covering if s.holder), None)
+        if holder is None:
+            return SERVE  # only nodes of other zones that serve no relay have it: this zone's own copy
+        self.relayed += 1
+        return Admission(False, holder)

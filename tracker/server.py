@@ -24,7 +24,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit
 
 from aiohttp import web
 
@@ -39,7 +39,8 @@ from .protocol import (ZONE_RE, ProtocolError, encode_announce, encode_failure, 
                        parse_announce, parse_scrape, set_announce, validate_node_id)
 from .store import MAX_LIST_LIMIT, ArtifactRecord, Found, RegistryStore
 from .swarm import SwarmRegistry
-from .firstcopy import HEADER as FIRST_COPY_HEADER, FirstCopyGate
+from .firstcopy import (HEADER as FIRST_COPY_HEADER, RELAY_FROM_HEADER, RELAY_HEADER, RELAY_TO_HEADER, ZONE_HEADER,
+                        FirstCopyGate)
 from .torrent_check import check_torrent
 from .federation import Upstream, UpstreamUnreachable, is_upstream_origin, validate_upstream
 from .udp import UdpTracker, UdpTrackerProtocol, start_udp_tracker
@@ -95,6 +96,7 @@ STATS = web.AppKey("stats", Stats)
 ORIGINS = web.AppKey("origins", OriginCache)
 WEBSEED_CACHE = web.AppKey("webseed_cache", OrderedDict)
 FIRST_COPY = web.AppKey("first_copy", FirstCopyGate)
+RELAY_TO = "modelcast.relay_to"  # request key: the nodes a web-seed answer's bytes go on to
 # Held around every store write that changes which artifacts exist together with the
 # swarm allow-list update that follows it, so the allow-list changes in commit order (a
 # publish and a delete of one artifact racing must not leave a deleted artifact allowed).
@@ -261,6 +263,8 @@ async def stats(request: web.Request) -> web.Response:
         "origin_bytes_served": app[STATS].origin_bytes_served,
         "origin_requests": app[STATS].origin_requests,
         "origin_refused_repeats": app[FIRST_COPY].refused,
+        "origin_relayed_across_zones": app[FIRST_COPY].relayed,
+        "origin_pushed_across_zones": app[FIRST_COPY].pushed,
         "announces": swarms.announces,
         "swarms": swarms.active_swarms(),
     })
@@ -471,6 +475,21 @@ def _byte_range(request: web.Request, size: int) -> tuple[int, int] | None:
     return first, last
 
 
+def _relay_url(value: str | None) -> str | None:
+    """A node's relay URL as given in its header, if it is a plain http(s)://host[:port] URL."""
+    if not value or len(value) > 256:
+        return None
+    try:
+        parts = urlsplit(value)
+        _ = parts.port  # raises ValueError on a bad port
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.query or parts.fragment \
+            or parts.path not in ("", "/"):
+        return None
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 async def webseed(request: web.Request) -> web.StreamResponse:
     """``GET /v1/webseed/{digest}/{torrent_name}/{path}``: file bytes from the origin.
 
@@ -488,12 +507,24 @@ async def webseed(request: web.Request) -> web.StreamResponse:
         raise ArtifactNotFound(f"file {tail!r} is not in artifact {digest} (paths start with {prefix!r})")
     span = _byte_range(request, entry.size) if entry.size else None
     first_byte, last_byte = span if span is not None else (0, max(entry.size - 1, 0))
-    if not request.app[FIRST_COPY].admit(digest, tail, first_byte, last_byte,
-                                         first_copy=request.headers.get(FIRST_COPY_HEADER) == "1"):
-        # Another node fetched these bytes moments ago; they will come from the swarm.
+    zone = request.headers.get(ZONE_HEADER)
+    admission = request.app[FIRST_COPY].admit(
+        digest, tail, first_byte, last_byte, first_copy=request.headers.get(FIRST_COPY_HEADER) == "1",
+        zone=zone if zone is not None and ZONE_RE.fullmatch(zone) else None,
+        relay=_relay_url(request.headers.get(RELAY_HEADER)))
+    if not admission.serve:
+        # Another node fetched these bytes moments ago: they come from the swarm, or, for
+        # the first node of another zone to ask, from that node (tracker/firstcopy.py).
+        if admission.relay_from:
+            return web.json_response({"error": {"code": "relay", "message": f"{tail} bytes {first_byte}-{last_byte} "
+                                                f"were just served to a node of another zone; fetch them from it "
+                                                f"({admission.relay_from})"}},
+                                     status=409, headers={RELAY_FROM_HEADER: admission.relay_from})
         return web.json_response({"error": {"code": "served_elsewhere",
                                             "message": f"{tail} bytes {first_byte}-{last_byte} were just served to "
                                                        "another node; take them from peers"}}, status=409)
+    if admission.relay_to:
+        request[RELAY_TO] = " ".join(admission.relay_to)  # added as the response is prepared
     if is_upstream_origin(art.origin_url):
         return await _stream_upstream(request, art, digest, tail, entry)
     origin = await request.app[ORIGINS].get(art.origin_url, art.s3_endpoint)
@@ -603,6 +634,9 @@ async def _count_origin_bytes(request: web.Request, response: web.StreamResponse
         stats = request.app[STATS]
         stats.origin_requests += 1
         stats.origin_bytes_served += response.content_length or 0
+        relay_to = request.get(RELAY_TO)
+        if relay_to:
+            response.headers[RELAY_TO_HEADER] = relay_to
 
 
 # ---------------------------------------------------------------------------------------
