@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap on the ttl a node's heartbeat may ask for: a dead node is gone within this")
     p.add_argument("--udp-listen", metavar="HOST:PORT", help="also serve the BEP 15 UDP tracker on HOST:PORT")
     p.add_argument("--zone-gateways", type=int, default=TrackerConfig.zone_gateways, metavar="N",
-                   help="per swarm, only each zone's first N peers are handed peers of other zones (0: no limit)")
+                   help="per swarm, only each zone's first N peers are handed peers of other zones while their zone "
+                        "has others (0, the default: none, pieces cross zones through origin relays; -1: no limit)")
 
     p = sub.add_parser("publish", help="publish a model directory as an artifact")
     p.add_argument("path", type=Path)
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api", default="127.0.0.1:7071", help="HOST:PORT of the local HTTP API")
     p.add_argument("--peer-listen", default="127.0.0.1:6881", help="HOST:PORT for BitTorrent peers")
     p.add_argument("--zone", default="default")
+    p.add_argument("--relay-url", metavar="URL",
+                   help="http://HOST:PORT where nodes of other zones reach this node's API to fetch the pieces the "
+                        "origin directs them to (default: the API address, when others can reach it; '' = never)")
     p.add_argument("--token", help="bearer token for the registry (env MODELCAST_TOKEN); without it a registry "
                                    "with a token refuses this node's heartbeats")
     p.add_argument("--heartbeat-interval", type=float, default=NodeConfig.heartbeat_interval_s,
@@ -239,7 +243,7 @@ def cmd_node(args) -> int:
                      upload_limit=parse_size(args.upload_limit), download_limit=parse_size(args.download_limit),
                      webseed_grace_s=args.webseed_grace, quota=parse_size(args.quota), p2p=not args.no_p2p,
                      accel_root=args.accel_root, heartbeat_interval_s=args.heartbeat_interval,
-                     heartbeat_ttl_s=args.heartbeat_ttl))
+                     heartbeat_ttl_s=args.heartbeat_ttl, relay_url=args.relay_url))
     return 0
 
 

@@ -111,9 +111,10 @@ class TrackerConfig:
     default_numwant: int = 50
     max_numwant: int = 200
     # Per swarm, each zone's first N peers are its gateways, the only ones handed peers of
-    # other zones (while their zone has other peers): about one copy crosses between
-    # zones instead of one per node.  0: no limit.
-    zone_gateways: int = 2
+    # other zones (while their zone has other peers).  0: none, strict zones; pieces cross
+    # zones only as the origin's first-copy gate relays them (tracker/firstcopy.py), about
+    # one copy in all.  -1: no limit, every node links across zones.
+    zone_gateways: int = 0
     s3_endpoint: str | None = None
     # BEP 15 UDP tracker: None = off, 0 = an ephemeral port (tests); udp_host None = host.
     udp_port: int | None = None
@@ -154,6 +155,10 @@ class NodeConfig:
     quota: int = 0  # bytes; 0 = no quota
     # Off: no tracker, no peers; every byte from the origin (the baseline of benchmarks/fanout.py).
     p2p: bool = True
+    # Where nodes of other zones fetch pieces the origin directs them to take from this node
+    # (http://HOST:PORT of this node's API); None: the API address if others can reach it,
+    # "": never (node_cache/daemon.py relay_url).
+    relay_url: str | None = None
     # Where accelerator detection looks for /proc/driver/nvidia, /dev/davinci* and driver
     # version files; tests point it at a faked tree (node_cache/runtime.py).
     accel_root: Path = Path("/")

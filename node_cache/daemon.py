@@ -5,6 +5,14 @@ endpoint) only when no connected peer has it and nobody is sending it to us, cho
 random among such pieces.  Nodes that pull together thus split the first copy between
 them instead of each taking a whole copy from the origin.
 
+Zones: the tracker hands a node only peers of its own zone, and pieces cross zones as the
+origin's first-copy gate directs (tracker/firstcopy.py): a node the origin serves pushes
+the piece to the node of each other zone the gate names (``PUT
+/v1/artifacts/{digest}/pieces/{n}`` on that node's API), and a node asking for a piece
+already served to another zone is told which node holds it and fetches it from there
+(``GET`` of the same path).  Each zone's swarm spreads what enters it; about one copy
+crosses between zones.
+
 Trust: an artifact is complete only once every file matched its xxh3 and it was renamed
 into place (LAYOUT.md).  After a crash, partial downloads are re-checked piece by piece
 (resume data may be stale); after a clean stop, the resume data written at stop is used.
@@ -14,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import os
 import random
@@ -24,14 +33,15 @@ import aiohttp
 from aiohttp import web
 
 from modelcast.config import NodeConfig
-from modelcast.errors import (ArtifactNotFound, BadRequest, IntegrityError, InvalidManifest, ModelcastError,
-                              PullFailed, Unreachable, error_body)
+from modelcast.errors import (ArtifactNotFound, BadRequest, Conflict, IntegrityError, InvalidManifest,
+                              ModelcastError, PullFailed, Unreachable, error_body)
 from modelcast.http import bearer
 from modelcast.manifest import Manifest
 from modelcast.progress import human_bytes
 from modelcast.reference import Reference
 from tracker.client import RegistryClient
-from tracker.firstcopy import HEADER as FIRST_COPY_HEADER
+from tracker.firstcopy import (HEADER as FIRST_COPY_HEADER, RELAY_FROM_HEADER, RELAY_HEADER, RELAY_TO_HEADER,
+                               ZONE_HEADER)
 
 from .engine import PieceSpan, TorrentEngine, check_torrent, piece_spans
 from .runtime import add_runtime_routes
@@ -42,6 +52,9 @@ log = logging.getLogger("modelcast.node")
 ORIGIN_PARALLEL = 4  # origin requests in flight at once per node with no peers
 ORIGIN_PARALLEL_SWARM = 2  # ... and with peers
 ORIGIN_RUN_BYTES = 8 << 20  # a node with no peers asks the origin for up to this much per request
+RELAY_PARALLEL = 8  # pieces fetched at once from nodes of other zones
+RELAY_WAIT_S = 10.0  # a relay request waits this long for the holder to have the piece
+PUSH_PARALLEL = 8  # pieces pushed at once to nodes of other zones, as the origin directs
 STALL_S = 5.0  # without progress for this long, fetch from the origin even what peers claim to have
 REMOVE_TIMEOUT_S = 10.0
 PERSIST_INTERVAL_S = 1.0  # resume data and LRU order are saved this often
@@ -65,6 +78,39 @@ class QuotaExceeded(PullFailed):
 
 class ServedElsewhere(Exception):
     """The origin served this piece to another node moments ago; take it from peers."""
+
+
+class RelayFrom(Exception):
+    """The origin served this piece to a node of another zone moments ago: fetch it from that node."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+def relay_url(cfg: NodeConfig) -> str | None:
+    """The base URL where nodes of other zones fetch pieces from this node, if any can.
+
+    ``cfg.relay_url`` if set ("" turns relaying off); else the API address, or the peer
+    address when the API listens on every interface.  A loopback API on a node whose
+    peers reach it at another address is not reachable from them: no relay then.
+    """
+    if cfg.relay_url is not None:
+        return cfg.relay_url.rstrip("/") or None
+    wildcard = ("", "0.0.0.0", "::")
+    host = cfg.peer_host if cfg.api_host in wildcard else cfg.api_host
+    if host in wildcard or not cfg.api_port:
+        return None
+
+    def loopback(h: str) -> bool:
+        try:
+            return ipaddress.ip_address(h).is_loopback
+        except ValueError:
+            return h == "localhost"
+
+    if loopback(host) and cfg.peer_host not in wildcard and not loopback(cfg.peer_host):
+        return None
+    return f"http://[{host}]:{cfg.api_port}" if ":" in host else f"http://{host}:{cfg.api_port}"
 
 
 class TokenBucket:
@@ -98,6 +144,7 @@ class PullJob:
     finished: float | None = None
     bytes_from_origin: int = 0
     bytes_from_peers: int = 0
+    bytes_from_relay: int = 0  # pieces fetched from a node of another zone (tracker/firstcopy.py)
     done_bytes: int = 0
     download_rate: int = 0
     upload_rate: int = 0
@@ -118,6 +165,7 @@ class PullJob:
             "path": self.path, "total_bytes": total,
             "done_bytes": total if self.state == "ready" else self.done_bytes,
             "bytes_from_peers": self.bytes_from_peers, "bytes_from_origin": self.bytes_from_origin,
+            "bytes_from_relay": self.bytes_from_relay,
             "download_rate": self.download_rate, "upload_rate": self.upload_rate, "peers": self.peers,
             "started": self.started, "finished": self.finished,
             "seconds": (self.finished - self.started) if self.finished else None,
@@ -131,6 +179,8 @@ class Metrics:
     def __init__(self) -> None:
         self.bytes_from_peers = 0
         self.bytes_from_origin = 0
+        self.bytes_from_relay = 0
+        self.bytes_relayed = 0  # pieces this node served to nodes of other zones
         self.pulls = {"ready": 0, "failed": 0}
         self.pull_seconds_sum = 0.0
         self.pull_buckets = [0] * len(PULL_BUCKETS)
@@ -170,6 +220,12 @@ class NodeDaemon:
                            if cfg.download_limit else ORIGIN_RUN_BYTES)
         self._space_lock = asyncio.Lock()
         self.node_id = self.store.node_id()
+        self.relay_url = relay_url(cfg)
+        self._relay_slots = asyncio.Semaphore(RELAY_PARALLEL)
+        self._push_slots = asyncio.Semaphore(PUSH_PARALLEL)
+        self._pushes: set[asyncio.Task] = set()
+        # Sent with every origin request: the gate relays other zones from this node.
+        self._origin_headers = {ZONE_HEADER: cfg.zone, **({RELAY_HEADER: self.relay_url} if self.relay_url else {})}
 
     # ---- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -178,7 +234,11 @@ class NodeDaemon:
         marker.unlink(missing_ok=True)
         self.engine = TorrentEngine(self.cfg.peer_host, self.cfg.peer_port, upload_limit=self.cfg.upload_limit,
                                     download_limit=self.cfg.download_limit, connections=self.cfg.peer_connections)
-        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300, sock_read=30))
+        # Origin and relay fetches leave from the node's peer address, like its peer
+        # connections: other nodes and the network see one address per node.
+        specific = self.cfg.peer_host not in ("", "0.0.0.0", "::")
+        connector = aiohttp.TCPConnector(local_addr=(self.cfg.peer_host, 0)) if specific else None
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300, sock_read=30), connector=connector)
         self._tasks = [asyncio.create_task(self._pump()), asyncio.create_task(self._heartbeat()),
                        asyncio.create_task(self._persist())]
         await asyncio.to_thread(self.store.empty_trash)
@@ -549,6 +609,7 @@ class NodeDaemon:
             await asyncio.sleep(0.05)
         base = self.registry.webseed_url(job.digest)
         claimed: dict[int, asyncio.Task] = {}  # piece -> the fetch that covers it
+        relays: set[asyncio.Task] = set()  # fetches from nodes of other zones, among claimed's
         fetched_at: dict[int, float] = {}
         last_done, last_change = -1, time.monotonic()
         rng = random.Random()
@@ -570,7 +631,7 @@ class NodeDaemon:
             # Alone, several runs at once fill the pipe; in a swarm the origin is shared, and
             # fewer requests in flight each finish sooner, so new pieces reach peers sooner.
             parallel = ORIGIN_PARALLEL if alone else ORIGIN_PARALLEL_SWARM
-            while candidates and len(set(claimed.values())) < parallel:
+            while candidates and len(set(claimed.values()) - relays) < parallel:
                 first = candidates[rng.randrange(len(candidates))]
                 run = [spans[first]]
                 size = spans[first].size
@@ -597,11 +658,20 @@ class NodeDaemon:
                 for piece, task in list(claimed.items()):
                     if task.done():
                         del claimed[piece]
+                        relays.discard(task)
                         fetched_at[piece] = time.monotonic()
-                        failed |= task.exception() is not None and not isinstance(task.exception(), ServedElsewhere)
+                        if isinstance(task.exception(), RelayFrom):
+                            relay = asyncio.create_task(self._relay_fetch(job, base, task.exception().holder,
+                                                                          spans[piece]))
+                            claimed[piece] = relay
+                            relays.add(relay)
+                            continue
+                        failed |= task.exception() is not None and not isinstance(task.exception(),
+                                                                                  (ServedElsewhere, RelayFrom))
                 if failed:
                     log.warning("origin fetch failed: %s", next(t.exception() for t in tasks if t.done() and t.exception()
-                                                                 and not isinstance(t.exception(), ServedElsewhere)))
+                                                                 and not isinstance(t.exception(),
+                                                                                    (ServedElsewhere, RelayFrom))))
                     await asyncio.sleep(0.5)
             else:
                 await asyncio.sleep(0.05)
@@ -612,17 +682,21 @@ class NodeDaemon:
         """Fetch consecutive pieces of one file with one range request and hand them to libtorrent.
 
         With ``first_copy`` the origin may answer 409: another node just took this piece,
-        and it will reach us through the swarm (tracker/firstcopy.py).
+        and it will reach us through the swarm, or, if that node is in another zone, from
+        that node (:class:`RelayFrom`; tracker/firstcopy.py).
         """
         first, last = run[0], run[-1]
         start, end = first.file_offset, last.file_offset + last.length - 1
         url = base + "/".join(aiohttp.helpers.quote(part, safe="") for part in first.path.split("/"))
-        headers = {"Range": f"bytes={start}-{end}", **bearer(self.cfg.token)}
+        headers = {"Range": f"bytes={start}-{end}", **self._origin_headers, **bearer(self.cfg.token)}
         if first_copy:
             headers[FIRST_COPY_HEADER] = "1"
         try:
             async with self._http.get(url, headers=headers) as resp:
                 if resp.status == 409 and first_copy:
+                    holder = resp.headers.get(RELAY_FROM_HEADER)
+                    if holder and len(run) == 1:
+                        raise RelayFrom(holder)
                     raise ServedElsewhere(first.piece)
                 if resp.status not in (200, 206):
                     raise Unreachable(f"origin answered HTTP {resp.status} for {first.path}")
@@ -642,12 +716,93 @@ class NodeDaemon:
             raise Unreachable(f"origin sent {len(data)} bytes of {first.path}, expected {end - start + 1}")
         job.bytes_from_origin += len(data)
         self.metrics.bytes_from_origin += len(data)
+        targets = resp.headers.get(RELAY_TO_HEADER, "").split()
         view = memoryview(data)
         for span in run:
             piece = bytes(view[span.file_offset - start: span.file_offset - start + span.length])
             if len(piece) < span.size:
                 piece += bytes(span.size - len(piece))  # the pad file's zeros
             self.engine.add_piece(job.digest, span.piece, piece)
+            for target in targets:
+                task = asyncio.create_task(self._push(job.digest, target, span.piece, piece))
+                self._pushes.add(task)
+                task.add_done_callback(self._pushes.discard)
+
+    async def _push(self, digest: str, target: str, piece: int, data: bytes) -> None:
+        """Hand a piece the origin just served us to a node of another zone (tracker/firstcopy.py)."""
+        url = f"{target}/v1/artifacts/{digest}/pieces/{piece}"
+        try:
+            async with self._push_slots, self._http.put(url, data=data,
+                                                        timeout=aiohttp.ClientTimeout(total=60)) as resp:
+                if resp.status == 204:
+                    self.metrics.bytes_relayed += len(data)
+                elif resp.status != 409:  # 409: it has the piece or no longer pulls
+                    log.warning("pushing piece %d of %s to %s: HTTP %d", piece, digest, target, resp.status)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            log.warning("pushing piece %d of %s to %s failed: %s", piece, digest, target, exc)
+
+    def accept_piece(self, digest: str, piece: int, size: int | None) -> int:
+        """The size a pushed piece must have, if this node wants it (else Conflict)."""
+        job = self.jobs.get(digest)
+        if job is None or job.state != "downloading" or not self.engine.has(digest):
+            raise Conflict(f"{digest} is not being pulled on this node")
+        want = self.engine.piece_size(digest, piece)
+        if want is None:
+            raise BadRequest(f"{digest} has no piece {piece}")
+        if size != want:
+            raise BadRequest(f"piece {piece} of {digest} is {want} bytes; Content-Length says {size}")
+        if self.engine.have_piece(digest, piece):
+            raise Conflict(f"piece {piece} of {digest} is already here")
+        return want
+
+    def pushed_piece(self, digest: str, piece: int, data: bytes) -> None:
+        """A piece pushed by a node of another zone: libtorrent checks its hash like any other."""
+        job = self.jobs.get(digest)
+        if job is None or not self.engine.has(digest):
+            raise Conflict(f"{digest} is not being pulled on this node")
+        self.engine.add_piece(digest, piece, data)
+        job.bytes_from_relay += len(data)
+        self.metrics.bytes_from_relay += len(data)
+
+    async def _relay_fetch(self, job: PullJob, base: str, holder: str, span: PieceSpan) -> None:
+        """Fetch one piece from ``holder``, a node of another zone; from the origin if that fails.
+
+        The bytes are checked like any others: libtorrent hash-checks the piece.
+        """
+        url = f"{holder}/v1/artifacts/{job.digest}/pieces/{span.piece}?wait={RELAY_WAIT_S:g}"
+        try:
+            async with self._relay_slots, self._http.get(
+                    url, timeout=aiohttp.ClientTimeout(total=RELAY_WAIT_S + 30)) as resp:
+                if resp.status != 200:
+                    raise Unreachable(f"HTTP {resp.status}")
+                data = await resp.read()
+            if len(data) != span.size:
+                raise Unreachable(f"{len(data)} bytes, expected {span.size}")
+        except (aiohttp.ClientError, asyncio.TimeoutError, Unreachable) as exc:
+            log.warning("piece %d of %s from %s failed (%s); fetching it from the origin", span.piece, job.digest,
+                        holder, exc)
+            await self._fetch_run(job, base, [span])
+            return
+        if self._origin_bucket is not None:
+            await self._origin_bucket.take(len(data))
+        job.bytes_from_relay += len(data)
+        self.metrics.bytes_from_relay += len(data)
+        self.engine.add_piece(job.digest, span.piece, data)
+
+    async def read_piece(self, digest: str, piece: int, wait_s: float) -> bytes:
+        """``piece`` of ``digest`` (padding included), waiting up to ``wait_s`` for it to arrive here."""
+        deadline = time.monotonic() + wait_s
+        while not self.engine.have_piece(digest, piece):
+            if time.monotonic() >= deadline:
+                raise ArtifactNotFound(f"piece {piece} of {digest} is not on this node (waited {wait_s:g}s)")
+            await asyncio.sleep(0.01)
+        fut = self.engine.read_piece(digest, piece)
+        while not fut.done():  # the read is answered by an alert: look for it more often than _pump
+            self.engine.pump()
+            await asyncio.sleep(0.002)
+        data = fut.result()
+        self.metrics.bytes_relayed += len(data)
+        return data
 
     # ---- pins, verification, repair ---------------------------------------------------
     def pin(self, digest: str, holder: str) -> None:
@@ -722,6 +877,10 @@ class NodeDaemon:
                m.bytes_from_peers)
         metric("modelcast_node_bytes_from_origin_total", "counter", "Bytes fetched from the origin web seed.",
                m.bytes_from_origin)
+        metric("modelcast_node_bytes_from_relay_total", "counter",
+               "Bytes fetched from nodes of other zones, as the origin directed.", m.bytes_from_relay)
+        metric("modelcast_node_bytes_relayed_total", "counter", "Bytes served to nodes of other zones.",
+               m.bytes_relayed)
         out += ["# HELP modelcast_node_pulls_total Pulls that ended, by result.",
                 "# TYPE modelcast_node_pulls_total counter",
                 *(f'modelcast_node_pulls_total{{result="{k}"}} {v}' for k, v in m.pulls.items())]
@@ -854,6 +1013,34 @@ async def handle_verify_all(request: web.Request) -> web.Response:
     return web.json_response({"results": results})
 
 
+async def handle_piece(request: web.Request) -> web.Response:
+    """``GET /v1/artifacts/{digest}/pieces/{n}?wait=S``: one piece, for a node of another zone."""
+    digest = "sha256:" + request.match_info["hex"]
+    try:
+        piece = int(request.match_info["piece"])
+        wait_s = float(request.query.get("wait", "0"))
+    except ValueError:
+        raise BadRequest("piece must be an integer and ?wait= a number of seconds") from None
+    if not 0 <= wait_s <= 60:
+        raise BadRequest(f"?wait={wait_s:g} must be between 0 and 60 seconds")
+    data = await request.app[DAEMON].read_piece(digest, piece, wait_s)
+    return web.Response(body=data, content_type="application/octet-stream")
+
+
+async def handle_piece_put(request: web.Request) -> web.Response:
+    """``PUT /v1/artifacts/{digest}/pieces/{n}``: a piece pushed by a node of another zone."""
+    digest = "sha256:" + request.match_info["hex"]
+    piece = int(request.match_info["piece"])
+    daemon = request.app[DAEMON]
+    size = daemon.accept_piece(digest, piece, request.content_length)
+    try:
+        data = await request.content.readexactly(size)
+    except asyncio.IncompleteReadError:
+        raise BadRequest(f"piece {piece} of {digest}: the body ended early") from None
+    daemon.pushed_piece(digest, piece, data)
+    return web.Response(status=204)
+
+
 async def handle_health(request: web.Request) -> web.Response:
     d = request.app[DAEMON]
     return web.json_response({"ok": True, "node_id": d.node_id, "zone": d.cfg.zone,
@@ -881,6 +1068,8 @@ def make_app(cfg: NodeConfig) -> web.Application:
     app.router.add_get(f"/v1/pulls/{digest}", handle_pull_status)
     app.router.add_get("/v1/artifacts", handle_list)
     app.router.add_post(f"/v1/artifacts/{digest}/verify", handle_verify)
+    app.router.add_get(f"/v1/artifacts/{digest}/pieces/{{piece:[0-9]{{1,9}}}}", handle_piece)
+    app.router.add_put(f"/v1/artifacts/{digest}/pieces/{{piece:[0-9]{{1,9}}}}", handle_piece_put)
     app.router.add_post("/v1/verify", handle_verify_all)
     app.router.add_get("/v1/resolve", handle_resolve)
     app.router.add_get("/v1/pins", handle_pins)

@@ -6,6 +6,7 @@ plain dataclasses; libtorrent errors are translated to :mod:`modelcast.errors` h
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -154,6 +155,7 @@ class TorrentEngine:
         self._tracker_peers: dict[str, int] = {}  # peers in the last tracker reply, per digest
         self._recoveries: dict[str, int] = {}
         self.resume_data: dict[str, bytes] = {}  # resume data posted by libtorrent, to be saved
+        self._reads: dict[tuple[str, int], list[asyncio.Future]] = {}  # (info-hash, piece) -> waiting readers
         self.hash_failures = 0
         self.peers_banned = 0
 
@@ -218,6 +220,10 @@ class TorrentEngine:
         self._by_hash.pop(key, None)
         self._removing[key] = digest
         self._removed.discard(digest)
+        for read in [r for r in self._reads if r[0] == key]:
+            for fut in self._reads.pop(read):
+                if not fut.done():
+                    fut.set_exception(PullFailed(f"{digest} left the swarm on this node"))
         self.session.remove_torrent(handle)
 
     def removed(self, digest: str) -> bool:
@@ -231,6 +237,9 @@ class TorrentEngine:
                 digest = self._removing.pop(str(alert.info_hashes.get_best()), None)
                 if digest:
                     self._removed.add(digest)
+                continue
+            if isinstance(alert, lt.read_piece_alert):
+                self._piece_read(alert)
                 continue
             digest = self._digest_of(alert)
             if isinstance(alert, lt.torrent_finished_alert) and digest:
@@ -319,6 +328,48 @@ class TorrentEngine:
             avail = [0] * len(have)
         in_flight = {p["piece_index"] for p in handle.get_download_queue()}
         return missing, avail, in_flight
+
+    def have_piece(self, digest: str, piece: int) -> bool:
+        """Whether ``piece`` of ``digest`` is here and passed its hash check."""
+        handle = self._handles.get(digest)
+        return handle is not None and 0 <= piece < handle.torrent_file().num_pieces() and handle.have_piece(piece)
+
+    def piece_size(self, digest: str, piece: int) -> int | None:
+        """The size of ``piece`` (padding included), or None if there is no such piece here."""
+        handle = self._handles.get(digest)
+        if handle is None:
+            return None
+        ti = handle.torrent_file()
+        return ti.piece_size(piece) if 0 <= piece < ti.num_pieces() else None
+
+    def read_piece(self, digest: str, piece: int) -> asyncio.Future:
+        """A future of ``piece``'s bytes (padding included), read by libtorrent; see :meth:`pump`."""
+        fut = asyncio.get_running_loop().create_future()
+        handle = self._handles.get(digest)
+        if handle is None:
+            fut.set_exception(PullFailed(f"{digest} is not in the swarm on this node"))
+            return fut
+        key = (str(handle.info_hashes().get_best()), piece)
+        waiting = self._reads.setdefault(key, [])
+        waiting.append(fut)
+        if len(waiting) == 1:
+            handle.read_piece(piece)
+        return fut
+
+    def _piece_read(self, alert) -> None:
+        handle = alert.handle
+        if not handle.is_valid():
+            return  # its torrent was removed, and remove() failed its readers
+        futures = self._reads.pop((str(handle.info_hashes().get_best()), int(alert.piece)), [])
+        failed = alert.error.value() != 0
+        data = None if failed else bytes(alert.buffer)
+        for fut in futures:
+            if fut.done():
+                continue
+            if failed:
+                fut.set_exception(PullFailed(f"reading piece {alert.piece}: {alert.error.message()}"))
+            else:
+                fut.set_result(data)
 
     def add_piece(self, digest: str, piece: int, data: bytes) -> None:
         """Hand libtorrent a piece fetched from the origin; it checks the piece hash itself."""

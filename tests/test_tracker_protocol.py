@@ -447,6 +447,47 @@ def test_zone_gateways_bound_cross_zone_handout():
     assert len(gateways_a) == 2 and not any(p.origin_seed for p in gateways_a)
 
 
+def test_strict_zones_hand_out_only_the_own_zone_while_it_has_peers():
+    """zone_gateways=0 (the tracker's default): no node links across zones; pieces cross
+    through the origin's relays instead (tracker/firstcopy.py)."""
+    ih = b"\x67" * 20
+    reg = SwarmRegistry(random.Random(0), zone_gateways=0)
+    reg.allow([ih])
+    zone_of = {**{n: "a" for n in range(1, 5)}, **{n: "b" for n in range(11, 15)}}
+
+    def node_ann(n: int, zone: str, **kw) -> Announce:
+        return _zone_ann(ih, n, zone, **kw)._replace(node=f"node{n}")  # a node daemon names itself
+
+    for n, zone in zone_of.items():
+        reg.announce(node_ann(n, zone, event="started", numwant=0), f"10.0.0.{n}", now=0)
+
+    def handout(n: int) -> set[int]:
+        res = reg.announce(node_ann(n, zone_of[n]), f"10.0.0.{n}", now=1)
+        return {p.port - 6000 for p in res.peers}
+
+    assert handout(1) == {2, 3, 4}
+    assert handout(12) == {11, 13, 14}
+    # Even alone in its zone: a link made then would stay open once its zone fills up.
+    zone_of[21] = "c"
+    assert handout(21) == set()
+    assert handout(3) == {1, 2, 4}
+    # The origin's seed is for everyone.
+    origin = Announce(ih, bytes([30]) * 20, 6030, 0, 0, 0, "", True, 0, None, "b", None, False, True, None)
+    reg.announce(origin, "10.0.0.30", now=1)
+    assert handout(21) == {30} and handout(2) == {1, 3, 4, 30}
+    # A plain BitTorrent client (no node id) gets every zone, its own first.
+    res = reg.announce(_zone_ann(ih, 40, "b"), "10.0.0.40", now=1)
+    assert {p.port - 6000 for p in res.peers} == set(zone_of) | {30}
+    assert [p.zone for p in res.peers][:4] == ["b"] * 4
+    # Without a limit (-1) every peer sees every zone, its own first.
+    reg2 = SwarmRegistry(random.Random(0), zone_gateways=-1)
+    reg2.allow([ih])
+    for n, zone in zone_of.items():
+        reg2.announce(_zone_ann(ih, n, zone, event="started", numwant=0), f"10.0.0.{n}", now=0)
+    res = reg2.announce(_zone_ann(ih, 1, "a"), "10.0.0.1", now=1)
+    assert [p.zone for p in res.peers][:3] == ["a"] * 3 and len(res.peers) == len(zone_of) - 1
+
+
 def _check_swarm_invariants(reg: SwarmRegistry) -> None:
     """The indexes of every swarm agree with its entries (what the O(1) bookkeeping must keep true)."""
     from tracker.protocol import bucket_key
@@ -467,7 +508,7 @@ def _check_swarm_invariants(reg: SwarmRegistry) -> None:
         assert swarm.ids == ids
         zones = {e.peer.zone for e in entries if not e.peer.origin_seed}
         # Every zone of ordinary peers has a gateway, no other zone does (none at all without the limit).
-        assert set(swarm.gateways) == (zones if swarm.zone_gateways else set())
+        assert set(swarm.gateways) == (zones if swarm.zone_gateways > 0 else set())
         for zone, gw in swarm.gateways.items():
             assert 1 <= len(gw) <= swarm.zone_gateways and len(set(gw)) == len(gw)
             assert all(swarm.peers[k].peer.zone == zone and not swarm.peers[k].peer.origin_seed for k in gw)
@@ -493,7 +534,7 @@ _op = st.one_of(
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(_op, max_size=60), st.integers(0, 2))
+@given(st.lists(_op, max_size=60), st.integers(-1, 2))
 def test_swarm_indexes_stay_consistent(ops, gateways):
     """Random announces (re-announces in place, moves between buckets and zones, new peer ids
     on an old address), heartbeats, leaves and expiry keep every index in agreement."""

@@ -646,7 +646,10 @@ def sample_peers(buckets: Mapping[BucketKey, Sequence[Peer]], requester: Peer, n
     when the requester's zone holds other peers, only a gateway is handed peers of other
     zones, and only their gateways.  Without it every node of a zone would pull across
     the (slower, dearer) inter-zone link, and most of those bytes would be pieces its own
-    zone already has.  A requester alone in its zone gets other zones' peers freely.
+    zone already has.  A requester alone in its zone gets other zones' peers freely.  An
+    empty mapping means strict zones: nobody is handed other zones' peers, not even a
+    requester alone in its zone (which then takes its own copy from the origin); zones
+    exchange pieces only through the origin's relays (tracker/firstcopy.py).
 
     ``sole``: the caller vouches that no peer in ``buckets`` but ``requester`` itself
     (this very object, if it is there at all) has the requester's address or peer id,
@@ -665,7 +668,7 @@ def sample_peers(buckets: Mapping[BucketKey, Sequence[Peer]], requester: Peer, n
             tiers[t] = [key]
         else:
             keys.append(key)
-    restrict = gateways is not None and _zone_has_others(buckets, requester)
+    restrict = gateways is not None and (not gateways or _zone_has_others(buckets, requester))
     is_gateway = restrict and any(p.packed == requester.packed for p in gateways.get(zone, ()))
     chosen: list[Peer] = []
     for t, keys in enumerate(tiers):

@@ -57,6 +57,9 @@ class _Entry:
     slot: int = -1  # the peer's position in its bucket
 
 
+NO_GATEWAYS: dict[str, list[Peer]] = {}  # strict zones: nobody is handed other zones' peers (never mutated)
+
+
 class Swarm:
     """The peers of one torrent, bucketed for the handout policy, with BEP 48 counters.
 
@@ -66,11 +69,12 @@ class Swarm:
     replacing and drawing at random are all O(1).
     """
 
-    def __init__(self, zone_gateways: int = 0) -> None:
+    def __init__(self, zone_gateways: int = -1) -> None:
         self.peers: dict[Key, _Entry] = {}
         # Each zone's first ``zone_gateways`` peers (in join order; a leaver is replaced by
-        # another member of its zone): the only ones handed peers of other zones.  0: no
-        # limit, every peer sees every zone.
+        # another member of its zone): the only ones handed peers of other zones.  0: none,
+        # strict zones (pieces cross zones only through the origin's relays,
+        # tracker/firstcopy.py); -1: no limit, every peer sees every zone.
         self.zone_gateways = zone_gateways
         self.gateways: dict[str, list[Key]] = {}
         self.buckets: dict[BucketKey, list[Peer]] = {}
@@ -99,7 +103,7 @@ class Swarm:
             self.complete += 1
         else:
             self.incomplete += 1
-        if self.zone_gateways and not peer.origin_seed:
+        if self.zone_gateways > 0 and not peer.origin_seed:
             gw = self.gateways.get(peer.zone)
             if gw is None:
                 gw = self.gateways[peer.zone] = []
@@ -127,7 +131,11 @@ class Swarm:
         so there is no other zone to keep anyone from: the handout is the same without
         the limit, and this is skipped on every announce of a single-zone swarm.
         """
-        if not self.zone_gateways or len(self.gateways) < 2:
+        if self.zone_gateways == 0:
+            # No gateways at all; skipped (None) while the swarm has a single zone.
+            zones = {zone for zone, _, origin_seed in self.buckets if not origin_seed}
+            return NO_GATEWAYS if len(zones) > 1 else None
+        if self.zone_gateways < 0 or len(self.gateways) < 2:
             return None
         peers = self.peers
         return {zone: [peers[k].peer for k in gw] for zone, gw in self.gateways.items()}
@@ -174,7 +182,7 @@ class Swarm:
             self.complete -= 1
         else:
             self.incomplete -= 1
-        if not replacing and self.zone_gateways:
+        if not replacing and self.zone_gateways > 0:
             self._replace_gateway(peer.zone, key)
         return entry
 
@@ -202,7 +210,7 @@ class _Node:
 class SwarmRegistry:
     """Every swarm this tracker serves, the allow-list of info-hashes it accepts, and node liveness."""
 
-    def __init__(self, rng: random.Random | None = None, zone_gateways: int = 0) -> None:
+    def __init__(self, rng: random.Random | None = None, zone_gateways: int = -1) -> None:
         self._by_key: dict[bytes, Swarm] = {}
         self.zone_gateways = zone_gateways
         self._rng = rng or random.Random()
@@ -303,7 +311,13 @@ class SwarmRegistry:
                 self._set_node(entry, a.node)
         # As many distinct peer ids as entries: no peer id is shared, no look-up needed.
         sole = len(swarm.ids) == len(swarm.peers) or swarm.ids[peer.peer_id] == 1
-        chosen = (sample_peers(swarm.buckets, peer, a.numwant, self._rng, swarm.gateway_peers(), sole=sole)
+        gateways = swarm.gateway_peers()
+        if gateways is NO_GATEWAYS and a.node is None:
+            # Strict zones are for node daemons, which get other zones' pieces through the
+            # origin's relays; a plain BitTorrent client has only the swarm: every zone,
+            # its own first.
+            gateways = None
+        chosen = (sample_peers(swarm.buckets, peer, a.numwant, self._rng, gateways, sole=sole)
                   if a.numwant > 0 else [])
         return AnnounceResult(chosen, swarm.counts())
 

@@ -1,0 +1,94 @@
+"""Zones end to end: strict zone swarms, pieces cross zones once, through the origin's relays."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from node_cache.client import NodeClient
+
+from .helpers import make_model, publish, registry_stats, tree_hashes
+
+MiB = 1 << 20
+
+
+async def _pull_all(nodes, ref: str) -> list[dict]:
+    clients = [NodeClient(n.url) for n in nodes]
+    try:
+        return await asyncio.gather(*(c.pull(ref, wait=True) for c in clients))
+    finally:
+        await asyncio.gather(*(c.close() for c in clients))
+
+
+def test_two_zones_pull_at_once_each_piece_crosses_once(tracker, node_factory, tmp_path):
+    sizes = {f"weights/shard-{i}.bin": 8 * MiB for i in range(4)}
+    total = sum(sizes.values())
+    model = make_model(tmp_path / "model", sizes)
+    publish(tracker.url, model, "zoned/m:v1", (tmp_path / "origin").as_uri())
+    zones = {"zone-a": [], "zone-b": []}
+    for z, (zone, members) in enumerate(zones.items()):
+        for i in range(2):
+            members.append(node_factory(tracker.url, f"{zone}-{i}", "--download-limit", "8M",
+                                        host=f"127.0.{z + 1}.{i + 2}", zone=zone))
+    statuses = asyncio.run(_pull_all([n for members in zones.values() for n in members], "zoned/m:v1"))
+    source = tree_hashes(model)
+    assert all(s["state"] == "ready" and tree_hashes(Path(s["path"])) == source for s in statuses)
+    served = registry_stats(tracker.url)
+    assert served["origin_bytes_served"] <= 1.5 * total, served
+    by_zone = {zone: statuses[2 * z: 2 * z + 2] for z, zone in enumerate(zones)}
+    for zone, sts in by_zone.items():
+        # No peer links cross zones: every byte a zone holds entered it from the origin or
+        # from a node of the other zone, as the origin directed.
+        entered = sum(s["bytes_from_origin"] + s["bytes_from_relay"] for s in sts)
+        assert entered >= total, (zone, sts)
+        assert sum(s["bytes_from_relay"] for s in sts) > 0, (zone, sts)
+    crossed = sum(s["bytes_from_relay"] for s in statuses)
+    print(f"origin {served['origin_bytes_served'] / total:.2f} copies, across zones {crossed / total:.2f} copies "
+          f"({served['origin_pushed_across_zones']} pushed, {served['origin_relayed_across_zones']} fetched)")
+    assert crossed <= 1.5 * total
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _put(url: str, data: bytes) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=data, method="PUT")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_piece_routes_serve_what_the_node_has_and_refuse_the_rest(tracker, node_factory, tmp_path):
+    model = make_model(tmp_path / "model", {"w.bin": 3 * MiB // 2})
+    digest = publish(tracker.url, model, "zoned/p:v1", (tmp_path / "origin").as_uri())
+    node = node_factory(tracker.url, "n0")
+    asyncio.run(_pull_all([node], "zoned/p:v1"))
+    base = f"{node.url}/v1/artifacts/{digest}/pieces"
+    data = (model / "w.bin").read_bytes()
+    status, piece0 = _get(f"{base}/0")
+    assert status == 200 and len(piece0) == 256 * 1024 and piece0 == data[:len(piece0)]
+    status, last = _get(f"{base}/5")  # the file's last piece: its bytes, then the pad file's zeros
+    assert status == 200 and last == data[5 * 256 * 1024:] + bytes(len(last) - len(data[5 * 256 * 1024:]))
+    status, body = _get(f"{base}/999999?wait=0.2")
+    assert status == 404 and "not on this node" in json.loads(body)["error"]["message"]
+    for bad in ("wait=abc", "wait=-1", "wait=nan", "wait=1e9"):
+        status, body = _get(f"{base}/0?{bad}")
+        assert status == 400, (bad, body)
+    # Pushes are taken only for an artifact being pulled: this one is complete.
+    status, body = _put(f"{base}/0", b"\0" * 16)
+    assert status == 409 and "not being pulled" in json.loads(body)["error"]["message"]
+    status, _ = _put(f"{node.url}/v1/artifacts/sha256:{'0' * 64}/pieces/0", b"x")
+    assert status == 409
+    # The node is unharmed and its copy intact.
+    assert _get(f"{node.url}/v1/health")[0] == 200
+    assert _get(f"{base}/0") == (200, piece0)
