@@ -171,8 +171,8 @@ def main() -> int:
     ap.add_argument("--rate", type=parse_size, default=parse_size("20M"), help="per-node and origin bytes/s")
     ap.add_argument("--zones", type=int, default=1, choices=[1, 2])
     ap.add_argument("--cross-zone-rate", type=parse_size, default=None, help="default: rate / 4")
-    ap.add_argument("--zone-gateways", type=int, default=2,
-                    help="tracker: peers per zone and swarm that are handed other zones' peers (0: all)")
+    ap.add_argument("--zone-gateways", type=int, default=0,
+                    help="tracker: peers per zone and swarm handed other zones' peers (0: none, relays; -1: all)")
     ap.add_argument("--shaping", choices=["auto", "htb", "libtorrent"], default="auto")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--timeout", type=float, default=900)
