@@ -95,9 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api", default="127.0.0.1:7071", help="HOST:PORT of the local HTTP API")
     p.add_argument("--peer-listen", default="127.0.0.1:6881", help="HOST:PORT for BitTorrent peers")
     p.add_argument("--zone", default="default")
+    p.add_argument("--relay-listen", metavar="HOST:PORT",
+                   help="where nodes of other zones fetch and push pieces, as the origin directs (default: the "
+                        "peer host, any free port)")
     p.add_argument("--relay-url", metavar="URL",
-                   help="http://HOST:PORT where nodes of other zones reach this node's API to fetch the pieces the "
-                        "origin directs them to (default: the API address, when others can reach it; '' = never)")
+                   help="the URL other nodes reach the relay at, if not http://HOST:PORT of --relay-listen; '' = no "
+                        "relay (this node's zone then takes its own copy from the origin)")
     p.add_argument("--token", help="bearer token for the registry (env MODELCAST_TOKEN); without it a registry "
                                    "with a token refuses this node's heartbeats")
     p.add_argument("--heartbeat-interval", type=float, default=NodeConfig.heartbeat_interval_s,
@@ -238,12 +241,15 @@ def cmd_node(args) -> int:
                              f"--heartbeat-ttl {args.heartbeat_ttl}, or the tracker drops this node between "
                              "heartbeats; try an interval of a third of the ttl")
     peer_host, peer_port = parse_hostport(args.peer_listen, what="--peer-listen")
+    relay_host, relay_port = (parse_hostport(args.relay_listen, what="--relay-listen") if args.relay_listen
+                              else (None, 0))
     serve(NodeConfig(registry=client.registry, cache_dir=args.cache, api_host=api_host, api_port=api_port,
                      peer_host=peer_host, peer_port=peer_port, zone=args.zone, token=client.token,
                      upload_limit=parse_size(args.upload_limit), download_limit=parse_size(args.download_limit),
                      webseed_grace_s=args.webseed_grace, quota=parse_size(args.quota), p2p=not args.no_p2p,
                      accel_root=args.accel_root, heartbeat_interval_s=args.heartbeat_interval,
-                     heartbeat_ttl_s=args.heartbeat_ttl, relay_url=args.relay_url))
+                     heartbeat_ttl_s=args.heartbeat_ttl, relay_host=relay_host, relay_port=relay_port,
+                     relay_url=args.relay_url))
     return 0
 
 

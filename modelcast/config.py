@@ -155,9 +155,12 @@ class NodeConfig:
     quota: int = 0  # bytes; 0 = no quota
     # Off: no tracker, no peers; every byte from the origin (the baseline of benchmarks/fanout.py).
     p2p: bool = True
-    # Where nodes of other zones fetch pieces the origin directs them to take from this node
-    # (http://HOST:PORT of this node's API); None: the API address if others can reach it,
-    # "": never (node_cache/daemon.py relay_url).
+    # The relay listener: nodes of other zones fetch and push pieces there, as the origin
+    # directs (tracker/firstcopy.py).  Host None: the peer host; port 0: any free port.
+    relay_host: str | None = None
+    relay_port: int = 0
+    # The URL others reach the relay at, if not http://HOST:PORT of the listener (NAT);
+    # "": no relay (this node's zone then takes its own copy from the origin).
     relay_url: str | None = None
     # Where accelerator detection looks for /proc/driver/nvidia, /dev/davinci* and driver
     # version files; tests point it at a faked tree (node_cache/runtime.py).

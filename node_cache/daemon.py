@@ -8,7 +8,8 @@ them instead of each taking a whole copy from the origin.
 Zones: the tracker hands a node only peers of its own zone, and pieces cross zones as the
 origin's first-copy gate directs (tracker/firstcopy.py): a node the origin serves pushes
 the piece to the node of each other zone the gate names (``PUT
-/v1/artifacts/{digest}/pieces/{n}`` on that node's API), and a node asking for a piece
+/v1/artifacts/{digest}/pieces/{n}`` on that node's relay listener, by default on its peer
+address, apart from the local API), and a node asking for a piece
 already served to another zone is told which node holds it and fetches it from there
 (``GET`` of the same path).  Each zone's swarm spreads what enters it; about one copy
 crosses between zones.
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import logging
 import os
 import random
@@ -88,29 +88,17 @@ class RelayFrom(Exception):
         self.holder = holder
 
 
-def relay_url(cfg: NodeConfig) -> str | None:
-    """The base URL where nodes of other zones fetch pieces from this node, if any can.
+def advertised_relay_url(cfg: NodeConfig, host: str, port: int) -> str | None:
+    """The base URL nodes of other zones use to reach this node's relay listener at ``host:port``.
 
-    ``cfg.relay_url`` if set ("" turns relaying off); else the API address, or the peer
-    address when the API listens on every interface.  A loopback API on a node whose
-    peers reach it at another address is not reachable from them: no relay then.
+    ``cfg.relay_url`` if set (for an address others see, e.g. behind NAT); none for a
+    wildcard listener, whose address for others this node cannot know.
     """
-    if cfg.relay_url is not None:
-        return cfg.relay_url.rstrip("/") or None
-    wildcard = ("", "0.0.0.0", "::")
-    host = cfg.peer_host if cfg.api_host in wildcard else cfg.api_host
-    if host in wildcard or not cfg.api_port:
+    if cfg.relay_url:
+        return cfg.relay_url.rstrip("/")
+    if host in ("", "0.0.0.0", "::"):
         return None
-
-    def loopback(h: str) -> bool:
-        try:
-            return ipaddress.ip_address(h).is_loopback
-        except ValueError:
-            return h == "localhost"
-
-    if loopback(host) and cfg.peer_host not in wildcard and not loopback(cfg.peer_host):
-        return None
-    return f"http://[{host}]:{cfg.api_port}" if ":" in host else f"http://{host}:{cfg.api_port}"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 class TokenBucket:
@@ -220,14 +208,42 @@ class NodeDaemon:
                            if cfg.download_limit else ORIGIN_RUN_BYTES)
         self._space_lock = asyncio.Lock()
         self.node_id = self.store.node_id()
-        self.relay_url = relay_url(cfg)
+        self.relay_url: str | None = None  # set by start_relay()
+        self._origin_headers = {ZONE_HEADER: cfg.zone}
         self._relay_slots = asyncio.Semaphore(RELAY_PARALLEL)
         self._push_slots = asyncio.Semaphore(PUSH_PARALLEL)
         self._pushes: set[asyncio.Task] = set()
-        # Sent with every origin request: the gate relays other zones from this node.
-        self._origin_headers = {ZONE_HEADER: cfg.zone, **({RELAY_HEADER: self.relay_url} if self.relay_url else {})}
+        self._relay_failures: dict[str, float] = {}  # node -> when its failures were last logged
 
     # ---- lifecycle -------------------------------------------------------------------
+    async def start_relay(self) -> web.AppRunner | None:
+        """Serve pieces to nodes of other zones on the relay address (the peer address by default).
+
+        A listener of its own, apart from the local API: nodes of other zones reach it at
+        the address they reach this node's peers on, and reach nothing else.  Its URL goes
+        with every origin request (tracker/firstcopy.py).
+        """
+        if not self.cfg.p2p or self.cfg.relay_url == "":
+            return None
+        host = self.cfg.peer_host if self.cfg.relay_host is None else self.cfg.relay_host
+        app = web.Application(middlewares=[errors_middleware])
+        app[DAEMON] = self
+        add_relay_routes(app)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, self.cfg.relay_port).start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise ModelcastError(f"cannot serve relays on {host}:{self.cfg.relay_port}: {exc.strerror or exc}; "
+                                 "pick another --relay-listen") from None
+        port = runner.addresses[0][1]
+        self.relay_url = advertised_relay_url(self.cfg, host, port)
+        if self.relay_url:
+            self._origin_headers[RELAY_HEADER] = self.relay_url
+        log.info("relay for other zones on %s:%d (advertised as %s)", host, port, self.relay_url or "nothing")
+        return runner
+
     async def start(self) -> None:
         marker = self.store.state_dir / CLEAN_STOP_MARKER
         clean = marker.exists()
@@ -736,15 +752,26 @@ class NodeDaemon:
                                                         timeout=aiohttp.ClientTimeout(total=60)) as resp:
                 if resp.status == 204:
                     self.metrics.bytes_relayed += len(data)
-                elif resp.status != 409:  # 409: it has the piece or no longer pulls
-                    log.warning("pushing piece %d of %s to %s: HTTP %d", piece, digest, target, resp.status)
+                    return
+                if resp.status == 409:  # it has the piece, or no longer pulls
+                    return
+                problem = f"HTTP {resp.status}"
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            log.warning("pushing piece %d of %s to %s failed: %s", piece, digest, target, exc)
+            problem = str(exc) or type(exc).__name__
+        # Its zone makes the piece up from the origin once it stops progressing (STALL_S).
+        self._relay_warning(target, f"pushing piece {piece} of {digest} to {target} failed ({problem})")
+
+    def _relay_warning(self, node: str, message: str) -> None:
+        """Log a failed exchange with a node of another zone, once a minute per node (a dead one fails them all)."""
+        now = time.monotonic()
+        if now - self._relay_failures.get(node, -1e9) > 60:
+            self._relay_failures[node] = now
+            log.warning("%s; further failures with %s are not logged for a minute", message, node)
 
     def accept_piece(self, digest: str, piece: int, size: int | None) -> int:
         """The size a pushed piece must have, if this node wants it (else Conflict)."""
         job = self.jobs.get(digest)
-        if job is None or job.state != "downloading" or not self.engine.has(digest):
+        if job is None or job.state != "downloading" or self.engine is None or not self.engine.has(digest):
             raise Conflict(f"{digest} is not being pulled on this node")
         want = self.engine.piece_size(digest, piece)
         if want is None:
@@ -758,7 +785,7 @@ class NodeDaemon:
     def pushed_piece(self, digest: str, piece: int, data: bytes) -> None:
         """A piece pushed by a node of another zone: libtorrent checks its hash like any other."""
         job = self.jobs.get(digest)
-        if job is None or not self.engine.has(digest):
+        if job is None or self.engine is None or not self.engine.has(digest):
             raise Conflict(f"{digest} is not being pulled on this node")
         self.engine.add_piece(digest, piece, data)
         job.bytes_from_relay += len(data)
@@ -779,8 +806,8 @@ class NodeDaemon:
             if len(data) != span.size:
                 raise Unreachable(f"{len(data)} bytes, expected {span.size}")
         except (aiohttp.ClientError, asyncio.TimeoutError, Unreachable) as exc:
-            log.warning("piece %d of %s from %s failed (%s); fetching it from the origin", span.piece, job.digest,
-                        holder, exc)
+            self._relay_warning(holder, f"piece {span.piece} of {job.digest} from {holder} failed ({exc}); "
+                                        "fetching it from the origin")
             await self._fetch_run(job, base, [span])
             return
         if self._origin_bucket is not None:
@@ -792,7 +819,7 @@ class NodeDaemon:
     async def read_piece(self, digest: str, piece: int, wait_s: float) -> bytes:
         """``piece`` of ``digest`` (padding included), waiting up to ``wait_s`` for it to arrive here."""
         deadline = time.monotonic() + wait_s
-        while not self.engine.have_piece(digest, piece):
+        while self.engine is None or not self.engine.have_piece(digest, piece):
             if time.monotonic() >= deadline:
                 raise ArtifactNotFound(f"piece {piece} of {digest} is not on this node (waited {wait_s:g}s)")
             await asyncio.sleep(0.01)
@@ -1044,7 +1071,7 @@ async def handle_piece_put(request: web.Request) -> web.Response:
 async def handle_health(request: web.Request) -> web.Response:
     d = request.app[DAEMON]
     return web.json_response({"ok": True, "node_id": d.node_id, "zone": d.cfg.zone,
-                              "peer_listen": f"{d.cfg.peer_host}:{d.engine.listen_port}",
+                              "peer_listen": f"{d.cfg.peer_host}:{d.engine.listen_port}", "relay": d.relay_url,
                               "cache": str(d.store.root), "registry": d.cfg.registry})
 
 
@@ -1057,10 +1084,15 @@ def make_app(cfg: NodeConfig) -> web.Application:
 
     async def lifecycle(app: web.Application):
         daemon = NodeDaemon(cfg)
-        await daemon.start()
-        app[DAEMON] = daemon
-        yield
-        await daemon.stop()
+        relay = await daemon.start_relay()
+        try:
+            await daemon.start()
+            app[DAEMON] = daemon
+            yield
+            await daemon.stop()
+        finally:
+            if relay is not None:
+                await relay.cleanup()
 
     app.cleanup_ctx.append(lifecycle)
     digest = "sha256:{hex:[0-9a-f]{64}}"
@@ -1068,8 +1100,6 @@ def make_app(cfg: NodeConfig) -> web.Application:
     app.router.add_get(f"/v1/pulls/{digest}", handle_pull_status)
     app.router.add_get("/v1/artifacts", handle_list)
     app.router.add_post(f"/v1/artifacts/{digest}/verify", handle_verify)
-    app.router.add_get(f"/v1/artifacts/{digest}/pieces/{{piece:[0-9]{{1,9}}}}", handle_piece)
-    app.router.add_put(f"/v1/artifacts/{digest}/pieces/{{piece:[0-9]{{1,9}}}}", handle_piece_put)
     app.router.add_post("/v1/verify", handle_verify_all)
     app.router.add_get("/v1/resolve", handle_resolve)
     app.router.add_get("/v1/pins", handle_pins)
@@ -1079,6 +1109,13 @@ def make_app(cfg: NodeConfig) -> web.Application:
     app.router.add_get("/metrics", handle_metrics)
     add_runtime_routes(app, DAEMON)
     return app
+
+
+def add_relay_routes(app: web.Application) -> None:
+    """The routes of the relay listener (NodeDaemon.start_relay): pieces for nodes of other zones."""
+    piece = "/v1/artifacts/sha256:{hex:[0-9a-f]{64}}/pieces/{piece:[0-9]{1,9}}"
+    app.router.add_get(piece, handle_piece)
+    app.router.add_put(piece, handle_piece_put)
 
 
 def serve(cfg: NodeConfig) -> None:

@@ -71,9 +71,13 @@ def _put(url: str, data: bytes) -> tuple[int, bytes]:
 def test_piece_routes_serve_what_the_node_has_and_refuse_the_rest(tracker, node_factory, tmp_path):
     model = make_model(tmp_path / "model", {"w.bin": 3 * MiB // 2})
     digest = publish(tracker.url, model, "zoned/p:v1", (tmp_path / "origin").as_uri())
-    node = node_factory(tracker.url, "n0")
+    node = node_factory(tracker.url, "n0", host="127.0.0.7")
     asyncio.run(_pull_all([node], "zoned/p:v1"))
-    base = f"{node.url}/v1/artifacts/{digest}/pieces"
+    relay = json.loads(_get(f"{node.url}/v1/health")[1])["relay"]
+    # The pieces are on a listener of their own, on the peer address; the local API has none.
+    assert relay.startswith("http://127.0.0.7:") and relay != node.url
+    assert _get(f"{node.url}/v1/artifacts/{digest}/pieces/0")[0] == 404
+    base = f"{relay}/v1/artifacts/{digest}/pieces"
     data = (model / "w.bin").read_bytes()
     status, piece0 = _get(f"{base}/0")
     assert status == 200 and len(piece0) == 256 * 1024 and piece0 == data[:len(piece0)]
@@ -87,8 +91,34 @@ def test_piece_routes_serve_what_the_node_has_and_refuse_the_rest(tracker, node_
     # Pushes are taken only for an artifact being pulled: this one is complete.
     status, body = _put(f"{base}/0", b"\0" * 16)
     assert status == 409 and "not being pulled" in json.loads(body)["error"]["message"]
-    status, _ = _put(f"{node.url}/v1/artifacts/sha256:{'0' * 64}/pieces/0", b"x")
+    status, _ = _put(f"{relay}/v1/artifacts/sha256:{'0' * 64}/pieces/0", b"x")
     assert status == 409
     # The node is unharmed and its copy intact.
     assert _get(f"{node.url}/v1/health")[0] == 200
     assert _get(f"{base}/0") == (200, piece0)
+
+
+def test_a_node_that_dies_mid_pull_does_not_stop_the_others(tracker, node_factory, tmp_path):
+    """Pushes to a dead node are lost; its zone-mate and the other zone still end verified."""
+    sizes = {f"weights/shard-{i}.bin": 8 * MiB for i in range(4)}
+    model = make_model(tmp_path / "model", sizes, seed=3)
+    publish(tracker.url, model, "zoned/d:v1", (tmp_path / "origin").as_uri())
+    nodes = [node_factory(tracker.url, f"n{z}{i}", "--download-limit", "3M", host=f"127.0.{z + 1}.{i + 2}",
+                          zone=f"zone-{z}") for z in range(2) for i in range(2)]
+    victim = nodes[3]
+
+    async def scenario() -> list[dict]:
+        clients = [NodeClient(n.url) for n in nodes[:3]]
+        victim_client = NodeClient(victim.url)
+        try:
+            await victim_client.pull("zoned/d:v1", wait=False)
+            pulls = [asyncio.ensure_future(c.pull("zoned/d:v1", wait=True)) for c in clients]
+            await asyncio.sleep(1.5)
+            victim.proc.kill()  # SIGKILL mid-pull: pushes to it now fail
+            return await asyncio.wait_for(asyncio.gather(*pulls), 90)
+        finally:
+            await asyncio.gather(*(c.close() for c in clients), victim_client.close())
+
+    statuses = asyncio.run(scenario())
+    source = tree_hashes(model)
+    assert all(s["state"] == "ready" and tree_hashes(Path(s["path"])) == source for s in statuses)
