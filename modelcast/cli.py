@@ -50,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap on the ttl a node's heartbeat may ask for: a dead node is gone within this")
     p.add_argument("--udp-listen", metavar="HOST:PORT", help="also serve the BEP 15 UDP tracker on HOST:PORT")
     p.add_argument("--zone-gateways", type=int, default=TrackerConfig.zone_gateways, metavar="N",
-                   help="per swarm, only each zone's first N peers are handed peers of other zones while their zone "
-                        "has others (0, the default: none, pieces cross zones through origin relays; -1: no limit)")
+                   help="per swarm, only each zone's first N peers (while their zone has others) are handed peers of "
+                        "other zones; 0, the default: strict zones for node daemons, pieces cross zones through the "
+                        "origin's relays; -1: no limit")
 
     p = sub.add_parser("publish", help="publish a model directory as an artifact")
     p.add_argument("path", type=Path)

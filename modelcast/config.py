@@ -40,6 +40,11 @@ def env_float(name: str, default: float) -> float:
         raise BadRequest(f"environment variable {name}={raw!r} is not a number") from None
 
 
+def is_wildcard(host: str) -> bool:
+    """Whether a listen host means every interface (so it names no one address)."""
+    return host in ("", "0.0.0.0", "::")
+
+
 def parse_hostport(text: str, *, what: str) -> tuple[str, int]:
     """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6) for a listen address."""
     host, sep, port = text.rpartition(":")

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
-from modelcast.config import NodeConfig
+from modelcast.config import NodeConfig, is_wildcard
 from modelcast.errors import (ArtifactNotFound, BadRequest, Conflict, IntegrityError, InvalidManifest,
                               ModelcastError, PullFailed, Unreachable, error_body)
 from modelcast.http import bearer
@@ -96,7 +96,7 @@ def advertised_relay_url(cfg: NodeConfig, host: str, port: int) -> str | None:
     """
     if cfg.relay_url:
         return cfg.relay_url.rstrip("/")
-    if host in ("", "0.0.0.0", "::"):
+    if is_wildcard(host):
         return None
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
@@ -252,8 +252,8 @@ class NodeDaemon:
                                     download_limit=self.cfg.download_limit, connections=self.cfg.peer_connections)
         # Origin and relay fetches leave from the node's peer address, like its peer
         # connections: other nodes and the network see one address per node.
-        specific = self.cfg.peer_host not in ("", "0.0.0.0", "::")
-        connector = aiohttp.TCPConnector(local_addr=(self.cfg.peer_host, 0)) if specific else None
+        connector = (None if is_wildcard(self.cfg.peer_host)
+                     else aiohttp.TCPConnector(local_addr=(self.cfg.peer_host, 0)))
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300, sock_read=30), connector=connector)
         self._tasks = [asyncio.create_task(self._pump()), asyncio.create_task(self._heartbeat()),
                        asyncio.create_task(self._persist())]
@@ -787,9 +787,13 @@ class NodeDaemon:
         job = self.jobs.get(digest)
         if job is None or self.engine is None or not self.engine.has(digest):
             raise Conflict(f"{digest} is not being pulled on this node")
-        self.engine.add_piece(digest, piece, data)
+        self._add_relayed(job, piece, data)
+
+    def _add_relayed(self, job: PullJob, piece: int, data: bytes) -> None:
+        """Hand libtorrent a piece from a node of another zone (it checks the hash) and count it."""
         job.bytes_from_relay += len(data)
         self.metrics.bytes_from_relay += len(data)
+        self.engine.add_piece(job.digest, piece, data)
 
     async def _relay_fetch(self, job: PullJob, base: str, holder: str, span: PieceSpan) -> None:
         """Fetch one piece from ``holder``, a node of another zone; from the origin if that fails.
@@ -812,9 +816,7 @@ class NodeDaemon:
             return
         if self._origin_bucket is not None:
             await self._origin_bucket.take(len(data))
-        job.bytes_from_relay += len(data)
-        self.metrics.bytes_from_relay += len(data)
-        self.engine.add_piece(job.digest, span.piece, data)
+        self._add_relayed(job, span.piece, data)
 
     async def read_piece(self, digest: str, piece: int, wait_s: float) -> bytes:
         """``piece`` of ``digest`` (padding included), waiting up to ``wait_s`` for it to arrive here."""
@@ -1043,11 +1045,11 @@ async def handle_verify_all(request: web.Request) -> web.Response:
 async def handle_piece(request: web.Request) -> web.Response:
     """``GET /v1/artifacts/{digest}/pieces/{n}?wait=S``: one piece, for a node of another zone."""
     digest = "sha256:" + request.match_info["hex"]
+    piece = int(request.match_info["piece"])  # the route admits digits only
     try:
-        piece = int(request.match_info["piece"])
         wait_s = float(request.query.get("wait", "0"))
     except ValueError:
-        raise BadRequest("piece must be an integer and ?wait= a number of seconds") from None
+        raise BadRequest("?wait= must be a number of seconds") from None
     if not 0 <= wait_s <= 60:
         raise BadRequest(f"?wait={wait_s:g} must be between 0 and 60 seconds")
     data = await request.app[DAEMON].read_piece(digest, piece, wait_s)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import libtorrent as lt
 
+from modelcast.config import is_wildcard
 from modelcast.errors import InvalidManifest, PullFailed
 from modelcast.manifest import Manifest
 
@@ -107,7 +108,7 @@ class TorrentEngine:
 
     def __init__(self, peer_host: str, peer_port: int, *, upload_limit: int = 0, download_limit: int = 0,
                  connections: int = 200):
-        specific = peer_host not in ("0.0.0.0", "::", "")
+        specific = not is_wildcard(peer_host)
         settings = {
             "listen_interfaces": f"[{peer_host}]:{peer_port}" if ":" in peer_host else f"{peer_host}:{peer_port}",
             "user_agent": "modelcast-node/0.1",

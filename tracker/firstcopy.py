@@ -35,6 +35,7 @@ RELAY_FROM_HEADER = "X-Modelcast-Relay-From"  # in a 409: fetch the piece from t
 RELAY_TO_HEADER = "X-Modelcast-Relay-To"  # with served bytes: push them to these nodes (space-separated)
 MAX_NODES_PER_ZONE = 1000
 MAX_ZONES = 256  # per artifact; nodes of further zones are not pushed to (they still fetch)
+MAX_ARTIFACTS = 2000  # artifacts whose pulling nodes are remembered (the oldest forgotten first)
 
 
 @dataclass(eq=False)
@@ -122,7 +123,7 @@ class FirstCopyGate:
         zones = self._pulling.get(artifact)
         if zones is None:
             zones = self._pulling[artifact] = {}
-            while len(self._pulling) > self.max_ranges // 100:  # bounded like the ranges
+            while len(self._pulling) > MAX_ARTIFACTS:
                 del self._pulling[next(iter(self._pulling))]
         nodes = zones.get(zone)
         if nodes is None:

@@ -129,12 +129,11 @@ class Swarm:
 
         With one zone or none, every peer that is not the origin's seed is in that zone,
         so there is no other zone to keep anyone from: the handout is the same without
-        the limit, and this is skipped on every announce of a single-zone swarm.
+        the limit, and this is skipped on every announce of a single-zone swarm.  Strict
+        zones (no gateways) cost nothing either way: the handout skips other zones' tiers.
         """
         if self.zone_gateways == 0:
-            # No gateways at all; skipped (None) while the swarm has a single zone.
-            zones = {zone for zone, _, origin_seed in self.buckets if not origin_seed}
-            return NO_GATEWAYS if len(zones) > 1 else None
+            return NO_GATEWAYS
         if self.zone_gateways < 0 or len(self.gateways) < 2:
             return None
         peers = self.peers
