@@ -41,7 +41,7 @@ from publish import write_files  # noqa: E402
 
 from distributor.publish import publish_sync  # noqa: E402
 from modelcast.config import PublishConfig, parse_size  # noqa: E402
-from modelcast.procs import ServiceProcess, free_port, modelcast_argv  # noqa: E402
+from harness.procs import ServiceProcess, free_port, modelcast_argv  # noqa: E402
 from modelcast.reference import Reference  # noqa: E402
 from node_cache.client import NodeClient  # noqa: E402
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from distributor.publish import publish_sync  # noqa: E402
 from modelcast.config import PublishConfig, parse_size  # noqa: E402
-from modelcast.procs import ServiceProcess, free_port, modelcast_argv  # noqa: E402
+from harness.procs import ServiceProcess, free_port, modelcast_argv  # noqa: E402
 from modelcast.reference import Reference  # noqa: E402
 
 BLOCK = 64 << 20

@@ -66,7 +66,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from modelcast.procs import ServiceProcess, free_port, modelcast_argv  # noqa: E402
+from harness.procs import ServiceProcess, free_port, modelcast_argv  # noqa: E402
 
 TOKEN = "bench"
 SAMPLE_EVERY = 16  # answers decoded in full to check the peer list

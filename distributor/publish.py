@@ -22,12 +22,12 @@ from typing import Callable
 from modelcast.config import PublishConfig
 from modelcast.errors import InvalidReference, ModelcastError
 from modelcast.manifest import FileEntry, Manifest, choose_piece_length
-from modelcast.origin import Origin, open_origin
-from modelcast.progress import ProgressBar
+from adapters.origin import Origin, open_origin
+from adapters.terminal import ProgressBar
 from modelcast.reference import Reference
 from tracker.client import RegistryClient
 
-from .hashing import xxh3_file
+from .hashing import checked_xxh3
 from .scan import ScannedFile, check_unchanged, scan
 from .torrent import make_torrent, torrent_name_for
 
@@ -129,7 +129,7 @@ def hash_and_store(files: list[ScannedFile], origin: Origin, hash_workers: int, 
     with ThreadPoolExecutor(max(1, hash_workers), thread_name_prefix="xxh3") as hash_pool, \
             ThreadPoolExecutor(max(1, upload_workers), thread_name_prefix="upload") as upload_pool:
         try:
-            hashing = {hash_pool.submit(xxh3_file, f.source, on_hashed, f.size): f for f in order}
+            hashing = {hash_pool.submit(checked_xxh3, f.source, on_hashed, f.size): f for f in order}
             uploads = []
             seen: set[str] = set()
             for fut in as_completed(hashing):

@@ -23,8 +23,8 @@ import xxhash
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo_model import write_demo_model  # noqa: E402
 
-from modelcast.procs import ServiceProcess, free_port, modelcast_argv  # noqa: E402
-from modelcast.progress import human_bytes  # noqa: E402
+from harness.procs import ServiceProcess, free_port, modelcast_argv  # noqa: E402
+from modelcast.units import human_bytes  # noqa: E402
 from node_cache.client import NodeClient  # noqa: E402
 
 TOKEN = "demo-token"

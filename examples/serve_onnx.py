@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ray import serve  # noqa: E402
 
 from demo_model import expected_output, onnx_model_bytes  # noqa: E402
-from modelcast.procs import free_port  # noqa: E402
+from harness.procs import free_port  # noqa: E402
 from serve_glue import WarmArtifacts, modelcast_options  # noqa: E402
 from serve_glue.testing import LocalFleet  # noqa: E402
 

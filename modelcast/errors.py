@@ -91,6 +91,20 @@ class PullFailed(ModelcastError, RuntimeError):
     http_status = 500
 
 
+class DiskFull(PullFailed):
+    """The cache's filesystem filled up during a download."""
+
+    code = "disk_full"
+    http_status = 507
+
+
+class QuotaExceeded(PullFailed):
+    """The artifact cannot fit in the cache quota even after evicting all it may."""
+
+    code = "quota_exceeded"
+    http_status = 507
+
+
 class RemoteError(ModelcastError):
     """A service answered with an error body; ``code`` and ``http_status`` mirror it."""
 
@@ -114,6 +128,8 @@ _BY_CODE: dict[str, type[ModelcastError]] = {
         OriginError,
         IntegrityError,
         PullFailed,
+        DiskFull,
+        QuotaExceeded,
     )
 }
 

@@ -7,7 +7,7 @@ import json
 import sys
 
 from modelcast.errors import ArtifactNotFound
-from modelcast.progress import human_bytes
+from modelcast.units import human_bytes
 from modelcast.reference import Reference
 
 from .client import NodeClient

@@ -6,8 +6,8 @@ import asyncio
 from urllib.parse import quote
 
 from modelcast.errors import PullFailed, from_error_body
-from modelcast.http import JsonClient
-from modelcast.progress import ProgressBar
+from adapters.http import JsonClient
+from adapters.terminal import ProgressBar
 
 
 class NodeClient(JsonClient):

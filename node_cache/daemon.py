@@ -33,17 +33,16 @@ import aiohttp
 from aiohttp import web
 
 from modelcast.config import NodeConfig, is_wildcard
-from modelcast.errors import (ArtifactNotFound, BadRequest, Conflict, IntegrityError, InvalidManifest,
-                              ModelcastError, PullFailed, Unreachable, error_body)
-from modelcast.http import bearer
+from modelcast.errors import (ArtifactNotFound, BadRequest, Conflict, DiskFull, IntegrityError, InvalidManifest,
+                              ModelcastError, PullFailed, QuotaExceeded, Unreachable, error_body)
+from modelcast.wire import bearer
 from modelcast.manifest import Manifest
-from modelcast.progress import human_bytes
+from modelcast.units import human_bytes
 from modelcast.reference import Reference
 from tracker.client import RegistryClient
-from tracker.firstcopy import (HEADER as FIRST_COPY_HEADER, RELAY_FROM_HEADER, RELAY_HEADER, RELAY_TO_HEADER,
-                               ZONE_HEADER)
+from modelcast.wire import FIRST_COPY_HEADER, RELAY_FROM_HEADER, RELAY_HEADER, RELAY_TO_HEADER, ZONE_HEADER
 
-from .engine import PieceSpan, TorrentEngine, check_torrent, piece_spans
+from adapters.torrent import PieceSpan, TorrentEngine, check_torrent, piece_spans
 from .runtime import add_runtime_routes
 from .store import Store
 
@@ -60,20 +59,6 @@ REMOVE_TIMEOUT_S = 10.0
 PERSIST_INTERVAL_S = 1.0  # resume data and LRU order are saved this often
 CLEAN_STOP_MARKER = "clean_stop"
 PULL_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800)
-
-
-class DiskFull(PullFailed):
-    """The cache's filesystem filled up during a download."""
-
-    code = "disk_full"
-    http_status = 507
-
-
-class QuotaExceeded(PullFailed):
-    """The artifact cannot fit in the cache quota even after evicting all it may."""
-
-    code = "quota_exceeded"
-    http_status = 507
 
 
 class ServedElsewhere(Exception):

@@ -34,7 +34,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from modelcast.errors import BadRequest, IntegrityError, InvalidManifest, ModelcastError
-from modelcast.http import JsonClient
+from adapters.http import JsonClient
 from modelcast.runtime_index import (INDEX_FILE, LAYER_FILE, LAYER_META_FILE, Accelerator, Choice, NodeTarget,
                                      RuntimeIndex, Variant, choose_variant, variant_id)
 

@@ -13,29 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import xxhash
-
+from adapters.xxh3 import xxh3_file
 from modelcast.errors import IntegrityError, UnsafePath
 from modelcast.manifest import Manifest
 
-READ_CHUNK = 8 << 20
-
-
 def _hex(digest: str) -> str:
     return digest.split(":", 1)[1]
-
-
-def xxh3_file(path: Path) -> str:
-    h = xxhash.xxh3_128()
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(READ_CHUNK)
-        view = memoryview(buf)
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            h.update(view[:n])
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -229,7 +212,7 @@ class Store:
             return
 
         def check(f) -> str | None:
-            actual = xxh3_file(root / f.path)
+            actual, _ = xxh3_file(root / f.path)
             return None if actual == f.xxh3_128 else f"{f.path}: xxh3 {actual} != {f.xxh3_128}"
 
         big_first = sorted(manifest.files, key=lambda f: -f.size)

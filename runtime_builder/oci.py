@@ -20,7 +20,8 @@ import aiohttp
 import xxhash
 
 from modelcast.errors import BadRequest, IntegrityError, InvalidManifest, Unreachable
-from modelcast.http import bearer, raise_for_answer
+from adapters.http import raise_for_answer
+from modelcast.wire import bearer
 from modelcast.manifest import Manifest
 from modelcast.reference import Reference
 from modelcast.runtime_index import INDEX_FILE, LAYER_FILE, LAYER_META_FILE, RuntimeIndex, parse_platform

@@ -19,16 +19,9 @@ from modelcast.errors import ModelcastError, PullFailed, RemoteError, from_error
 from node_cache.client import NodeClient
 
 from .config import GlueConfig
-from .spec import is_permanent
+from .spec import NoRuntimeSupport, is_permanent
 
 log = logging.getLogger(__name__)
-
-
-class NoRuntimeSupport(ModelcastError, LookupError):
-    """The node daemon has no runtime-layer API (``POST /v1/runtime/activate``)."""
-
-    code = "no_runtime_support"
-    http_status = 404
 
 
 @dataclass(frozen=True)

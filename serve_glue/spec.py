@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 
 from modelcast.errors import (ArtifactNotFound, BadRequest, InvalidManifest, InvalidReference, ModelcastError,
-                              RemoteError, Unauthorized)
+                              QuotaExceeded, RemoteError, Unauthorized, UnsafePath)
 from modelcast.reference import Reference
 
 FIELD = "modelcast"
@@ -21,12 +21,19 @@ RUNTIME_SCHEME = "modelcast-runtime://"
 RUNTIME_KEY = "RUNTIME"
 _KEY = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 
+class NoRuntimeSupport(ModelcastError, LookupError):
+    """The node daemon has no runtime-layer API (``POST /v1/runtime/activate``)."""
+
+    code = "no_runtime_support"
+    http_status = 404
+
+
 # Error codes a retry cannot fix: the user has to change the reference, the token or the
 # node's quota.  Everything else (unreachable daemon or registry, a download that failed,
 # a repair under way) is worth another attempt.
 PERMANENT_CODES = frozenset({
-    InvalidReference.code, InvalidManifest.code, "unsafe_path", BadRequest.code, ArtifactNotFound.code,
-    Unauthorized.code, "quota_exceeded", "no_runtime_support", "no_variant",
+    InvalidReference.code, InvalidManifest.code, UnsafePath.code, BadRequest.code, ArtifactNotFound.code,
+    Unauthorized.code, QuotaExceeded.code, NoRuntimeSupport.code,
 })
 
 

@@ -13,7 +13,7 @@ import stat
 import subprocess
 from pathlib import Path
 
-from modelcast.procs import ServiceProcess, free_port, modelcast_argv
+from harness.procs import ServiceProcess, free_port, modelcast_argv
 
 from . import ray_api
 from .config import ENV_NODE_URL, LABEL_ZONE, RAY_PLUGINS_ENV, RAY_URI_CACHE_ENV, plugin_env_value

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from modelcast.procs import ServiceProcess, free_port, modelcast_argv
+from harness.procs import ServiceProcess, free_port, modelcast_argv
 
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",

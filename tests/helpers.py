@@ -9,7 +9,7 @@ from pathlib import Path
 
 import xxhash
 
-from modelcast.procs import ServiceProcess, free_port, modelcast_argv
+from harness.procs import ServiceProcess, free_port, modelcast_argv
 
 TOKEN = "secret"
 

@@ -16,7 +16,7 @@ import pytest
 
 from modelcast.config import ENV_WHEELHOUSE, env_str
 from modelcast.runtime_index import compatible_platforms
-from modelcast.procs import ServiceProcess, free_port, modelcast_argv
+from harness.procs import ServiceProcess, free_port, modelcast_argv
 
 from .conftest import S3_ENV
 from .helpers import TOKEN, run_cli

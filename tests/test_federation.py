@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 
 from modelcast.config import TrackerConfig
-from modelcast.procs import ServiceProcess, free_port, modelcast_argv
+from harness.procs import ServiceProcess, free_port, modelcast_argv
 from tracker.protocol import bdecode, torrent_info_bytes
 from tracker.server import UPSTREAM, make_app
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from modelcast.manifest import Manifest
-from modelcast.procs import free_port
+from harness.procs import free_port
 from tracker.protocol import bdecode, bencode, torrent_info_bytes
 
 from .helpers import TOKEN, make_model, publish, registry_stats, run_cli, tree_hashes

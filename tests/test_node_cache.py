@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from modelcast.procs import free_port
+from harness.procs import free_port
 
 from .helpers import make_model, metric, publish, registry_stats, run_cli, start_node, tree_hashes
 

@@ -8,8 +8,8 @@ import boto3
 import pytest
 
 from modelcast.errors import BadRequest, OriginError
-from modelcast.origin import FileOrigin, S3Origin, blob_relpath, open_origin
-from modelcast.procs import free_port
+from adapters.origin import FileOrigin, S3Origin, blob_relpath, open_origin
+from harness.procs import free_port
 
 MiB = 1 << 20
 

@@ -20,8 +20,8 @@ from distributor.torrent import make_torrent, torrent_name_for
 from modelcast.config import PublishConfig
 from modelcast.errors import BadRequest, ModelcastError, OriginError, UnsafePath
 from modelcast.manifest import Manifest
-from modelcast.origin import blob_relpath
-from modelcast.procs import free_port
+from adapters.origin import blob_relpath
+from harness.procs import free_port
 from modelcast.reference import Reference
 
 from .helpers import TOKEN, make_model, publish as cli_publish, run_cli

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from modelcast.manifest import canonical_json
-from modelcast.procs import free_port
+from harness.procs import free_port
 from node_cache.client import NodeClient
 
 from .helpers import TOKEN, make_model, metric, publish, registry_stats, run_cli, start_node, tree_hashes

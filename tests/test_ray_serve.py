@@ -22,7 +22,7 @@ pytest.importorskip("onnxruntime")
 from ray import serve  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
-from modelcast.procs import free_port  # noqa: E402
+from harness.procs import free_port  # noqa: E402
 from tests.helpers import run_cli  # noqa: E402
 from serve_glue import WarmArtifacts, model_loader, modelcast_options, multiplexed_model_id  # noqa: E402
 from serve_glue.testing import LocalFleet  # noqa: E402

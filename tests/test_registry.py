@@ -18,8 +18,8 @@ import xxhash
 from modelcast.config import TrackerConfig
 from modelcast.errors import ArtifactNotFound, Unauthorized
 from modelcast.manifest import FileEntry, InfoHashes, Manifest
-from modelcast.origin import FileOrigin
-from modelcast.procs import ServiceProcess, free_port, modelcast_argv
+from adapters.origin import FileOrigin
+from harness.procs import ServiceProcess, free_port, modelcast_argv
 from tracker.client import RegistryClient
 from tracker.protocol import bdecode, decode_compact_peers, torrent_info_bytes
 from tracker.server import make_app
@@ -338,7 +338,7 @@ async def test_webseed_missing_blob_is_an_origin_error(client, art, origin):
 
 
 async def test_webseed_streams_from_s3_origin(aiohttp_client, tmp_path, s3_bucket):
-    from modelcast.origin import S3Origin
+    from adapters.origin import S3Origin
 
     endpoint, bucket = s3_bucket
     s3 = S3Origin(bucket, "pfx", endpoint_url=endpoint)

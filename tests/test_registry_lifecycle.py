@@ -14,7 +14,7 @@ import pytest
 
 from modelcast.config import TrackerConfig
 from modelcast.errors import Conflict, Unauthorized
-from modelcast.procs import ServiceProcess, free_port, modelcast_argv
+from harness.procs import ServiceProcess, free_port, modelcast_argv
 from tracker.client import RegistryClient
 from tracker.protocol import bdecode
 from tracker.server import make_app

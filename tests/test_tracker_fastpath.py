@@ -20,7 +20,7 @@ from urllib.parse import quote_from_bytes
 import pytest
 
 from modelcast.config import TrackerConfig
-from modelcast.procs import ServiceProcess, free_port, modelcast_argv
+from harness.procs import ServiceProcess, free_port, modelcast_argv
 from tracker.fastpath import MAX_PIPELINED, parse_head
 from tracker.protocol import bdecode, decode_compact_peers
 from tracker.server import SWARMS, make_app, start_server

@@ -20,7 +20,7 @@ import pytest
 
 from modelcast.config import TrackerConfig
 from modelcast.manifest import Manifest
-from modelcast.procs import ServiceProcess, free_port, modelcast_argv
+from harness.procs import ServiceProcess, free_port, modelcast_argv
 from node_cache.client import NodeClient
 from tracker.protocol import Announce, SwarmCounts, bdecode, decode_compact_peers
 from tracker.server import SWARMS, make_app

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from modelcast.config import TrackerConfig
-from modelcast.origin import FileOrigin
+from adapters.origin import FileOrigin
 from tracker.protocol import Announce, Peer, SwarmCounts
 from tracker.server import SWARMS, UDP_TRACKER, make_app
 from tracker.swarm import SwarmRegistry

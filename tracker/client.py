@@ -38,7 +38,7 @@ import base64
 from typing import Any
 from urllib.parse import quote
 
-from modelcast.http import JsonClient
+from adapters.http import JsonClient
 from modelcast.manifest import Manifest, canonical_json, sha256_digest
 from modelcast.reference import Reference
 

@@ -42,7 +42,8 @@ from urllib.parse import quote, urlparse
 import aiohttp
 
 from modelcast.errors import ArtifactNotFound, BadRequest, ModelcastError, Unauthorized, Unreachable
-from modelcast.http import bearer, raise_for_answer
+from adapters.http import raise_for_answer
+from modelcast.wire import bearer
 from modelcast.manifest import Manifest
 from modelcast.reference import Reference
 

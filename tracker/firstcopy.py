@@ -28,11 +28,6 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
-HEADER = "X-Modelcast-First-Copy"
-ZONE_HEADER = "X-Modelcast-Zone"
-RELAY_HEADER = "X-Modelcast-Relay"  # where the requester serves pieces: <base>/v1/artifacts/<digest>/pieces/<n>
-RELAY_FROM_HEADER = "X-Modelcast-Relay-From"  # in a 409: fetch the piece from this node instead
-RELAY_TO_HEADER = "X-Modelcast-Relay-To"  # with served bytes: push them to these nodes (space-separated)
 MAX_NODES_PER_ZONE = 1000
 MAX_ZONES = 256  # per artifact; nodes of further zones are not pushed to (they still fetch)
 MAX_ARTIFACTS = 2000  # artifacts whose pulling nodes are remembered (the oldest forgotten first)

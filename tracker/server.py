@@ -32,15 +32,15 @@ from modelcast.config import TrackerConfig
 from modelcast.errors import (ArtifactNotFound, BadRequest, InvalidManifest, ModelcastError, OriginError, Unauthorized,
                               error_body)
 from modelcast.manifest import FileEntry, Manifest, canonical_json
-from modelcast.origin import Origin, open_origin
+from adapters.origin import Origin, open_origin
 from modelcast.reference import Reference, validate_digest, validate_name, validate_tag
+from modelcast.wire import FIRST_COPY_HEADER, RELAY_FROM_HEADER, RELAY_HEADER, RELAY_TO_HEADER, ZONE_HEADER
 
 from .protocol import (ZONE_RE, ProtocolError, encode_announce, encode_failure, encode_scrape, normalize_ip,
                        parse_announce, parse_scrape, set_announce, validate_node_id)
 from .store import MAX_LIST_LIMIT, ArtifactRecord, Found, RegistryStore
 from .swarm import SwarmRegistry
-from .firstcopy import (HEADER as FIRST_COPY_HEADER, RELAY_FROM_HEADER, RELAY_HEADER, RELAY_TO_HEADER, ZONE_HEADER,
-                        FirstCopyGate)
+from .firstcopy import FirstCopyGate
 from .torrent_check import check_torrent
 from .federation import Upstream, UpstreamUnreachable, is_upstream_origin, validate_upstream
 from .udp import UdpTracker, UdpTrackerProtocol, start_udp_tracker

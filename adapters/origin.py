@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import urlparse
 
-from .errors import BadRequest, OriginError
+from modelcast.errors import BadRequest, OriginError
 
 READ_CHUNK = 1 << 20
 Progress = Callable[[int], None] | None

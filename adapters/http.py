@@ -1,4 +1,4 @@
-"""Shared HTTP plumbing for modelcast's JSON APIs: error bodies and client-side translation."""
+"""The aiohttp client side of modelcast's JSON APIs: one place that translates failures."""
 
 from __future__ import annotations
 
@@ -7,11 +7,8 @@ from typing import Any
 
 import aiohttp
 
-from .errors import ModelcastError, Unreachable, from_error_body
-
-
-def bearer(token: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"} if token else {}
+from modelcast.errors import ModelcastError, Unreachable, from_error_body
+from modelcast.wire import bearer
 
 
 async def raise_for_answer(resp: aiohttp.ClientResponse, what: str) -> None:

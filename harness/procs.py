@@ -20,7 +20,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def modelcast_argv(*args: str) -> list[str]:
     """argv that runs the modelcast CLI with this interpreter, installed or not."""
-    return [sys.executable, "-m", "modelcast", *args]
+    return [sys.executable, "-m", "modelcast_cli", *args]
 
 
 class ServiceProcess:

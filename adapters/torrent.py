@@ -1,25 +1,239 @@
-"""The node's one libtorrent session.  Every libtorrent call on the node lives here.
+"""The one wrapper around libtorrent: making, checking and running torrents.
 
-The rest of the daemon talks to :class:`TorrentEngine` in terms of digests, paths and
-plain dataclasses; libtorrent errors are translated to :mod:`modelcast.errors` here.
+Every libtorrent call of modelcast is in this module; the rest of the code talks to it in
+terms of digests, paths, manifests and plain records, and libtorrent's errors are
+translated to :mod:`modelcast.errors` here.
+
+* Making (publish): :func:`make_torrent` hashes pieces in a child Python process, not a
+  thread: libtorrent 2.1's Python binding holds the GIL for the whole of
+  ``set_piece_hashes`` (measured: the event loop stalled for the 1.7 s it took to hash
+  1 GiB), which would stop the xxh3 threads, the uploads and the event loop.  In its own
+  process the SHA-1 + SHA-256 work runs on its own core beside them.  Python's
+  multiprocessing is not used because ``spawn`` re-runs the caller's ``__main__`` and
+  ``fork`` from a threaded process is unsafe.
+* Checking (registry and node): :func:`check_torrent` proves a torrent describes exactly
+  a manifest's files.
+* Running (node): :class:`TorrentEngine` is the node's one libtorrent session.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import libtorrent as lt
 
 from modelcast.config import is_wildcard
-from modelcast.errors import InvalidManifest, PullFailed
-from modelcast.manifest import Manifest
+from modelcast.errors import InvalidManifest, ModelcastError, PullFailed, UnsafePath
+from modelcast.manifest import InfoHashes, Manifest
 
-log = logging.getLogger("modelcast.node.engine")
+log = logging.getLogger("modelcast.torrent")
 
+_PKG_ROOT = Path(__file__).resolve().parent.parent
 INCONSISTENT_HASHES = 217  # libtorrent errors::torrent_inconsistent_hashes
 MAX_RECOVERIES = 5
+
+TorrentInfo = lt.torrent_info
+"""A parsed torrent, as :func:`check_torrent` returns it; opaque outside this module."""
+
+# ---------------------------------------------------------------------------------------
+# Making torrents (publish)
+def info_hashes(torrent: bytes) -> InfoHashes:
+    """The v1 and v2 info-hashes of a bencoded torrent, as lowercase hex."""
+    try:
+        hashes = lt.torrent_info(torrent).info_hashes()
+    except RuntimeError as exc:
+        raise ModelcastError(f"libtorrent rejected the torrent it made: {exc}") from exc
+    return InfoHashes(v1=str(hashes.v1) if hashes.has_v1() else None,
+                      v2=str(hashes.v2) if hashes.has_v2() else None)
+
+
+def torrent_flags(v1_only: bool = False) -> int:
+    """libtorrent ``create_torrent`` flags: hybrid by default, or v1 only with pad files.
+
+    A hybrid torrent (no flag) is what every modelcast node reads; v1 only is for clients
+    that cannot read v2 metadata (aria2 before 1.37 computes a wrong info-hash for hybrid
+    torrents).  ``canonical_files`` keeps the pad files that align every file to a piece.
+    """
+    return (lt.create_torrent.v1_only | lt.create_torrent.canonical_files) if v1_only else 0
+
+
+def build_torrent(files: list[tuple[str, str, int]], torrent_name: str, piece_length: int,
+                  announce: str | None = None, on_piece: Callable[[int], None] | None = None,
+                  v1_only: bool = False) -> bytes:
+    """Hash every piece of ``files`` (``(path in artifact, source path, size)``) and return the torrent.
+
+    Hybrid (libtorrent's default; no v1_only/v2_only flag), so v1-only clients (aria2) can
+    join too, with pad files aligning every file to a piece, which lets a node fetch any
+    piece from one file at the origin.  No creation date and no creator: identical content
+    gives identical bytes.  This holds the GIL throughout: call it in its own process.
+    """
+    entries = [lt.create_file_entry(f"{torrent_name}/{path}", size) for path, _, size in files]
+    ct = lt.create_torrent(entries, piece_length, torrent_flags(v1_only))
+    ct.set_priv(True)
+    ct.set_creation_date(0)
+    if announce:
+        # Outside the info dict: it does not change the info-hash.
+        ct.add_tracker(announce)
+    with tempfile.TemporaryDirectory(prefix="modelcast-torrent-") as parent:
+        # libtorrent reads <parent>/<torrent_name>/<path>; link each file there, wherever it
+        # lies, so links the scan followed and a single-file artifact need no special case.
+        for path, source, _ in files:
+            link = Path(parent, torrent_name, path)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(Path(source).resolve(), link)
+        if on_piece is None:
+            lt.set_piece_hashes(ct, parent)
+        else:
+            lt.set_piece_hashes(ct, parent, on_piece)
+    return lt.bencode(ct.generate())
+
+
+def make_torrent(files: list[tuple[str, Path, int]], torrent_name: str, piece_length: int, announce: str | None = None,
+                 progress: Callable[[int], None] | None = None,
+                 stop: threading.Event | None = None, v1_only: bool = False) -> tuple[bytes, InfoHashes, float]:
+    """Make the torrent of ``files`` (``(path in artifact, source, size)``) in a child process.
+
+    Returns (torrent bytes, info-hashes, seconds).
+    ``progress`` receives bytes hashed (in piece-sized steps); setting ``stop`` kills the
+    child at its next progress report.  Blocking: call it from a thread.
+    """
+    t0 = time.monotonic()
+    total = sum(size for _, _, size in files)
+    request = json.dumps({"torrent_name": torrent_name, "piece_length": piece_length, "announce": announce, "v1_only": v1_only,
+                          "files": [[path, str(source), size] for path, source, size in files]}).encode()
+    # This very package first on the child's path: with ``-m`` the working directory would
+    # come first, and another checkout's ``adapters`` there would be imported instead.
+    child = (f"import sys; sys.path.insert(0, {str(_PKG_ROOT)!r}); "
+             "from adapters.torrent import _child_main; raise SystemExit(_child_main())")
+    with tempfile.TemporaryFile() as errors:
+        # stderr to a file: a child that writes much there can never block on a full pipe.
+        proc = subprocess.Popen([sys.executable, "-c", child], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=errors)
+        try:
+            proc.stdin.write(request)
+            proc.stdin.close()
+            data, pieces_done, num_pieces = None, 0, 1
+            while line := proc.stdout.readline():
+                if stop is not None and stop.is_set():
+                    raise ModelcastError("torrent creation stopped because another publish step failed")
+                word, _, arg = line.decode().strip().partition(" ")
+                if word == "pieces":
+                    num_pieces = max(1, int(arg))
+                elif word == "piece" and progress:
+                    # Report file bytes, not piece bytes: pad files make the pieces add up to more.
+                    before = total * pieces_done // num_pieces
+                    pieces_done += 1
+                    progress(total * pieces_done // num_pieces - before)
+                elif word == "torrent":
+                    data = proc.stdout.read(int(arg))
+            code = proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if code != 0 or data is None:
+            errors.seek(0)
+            detail = errors.read().decode(errors="replace").strip().splitlines()
+            raise ModelcastError(f"making the torrent of {torrent_name} failed: "
+                                 f"{detail[-1] if detail else f'hasher exited with code {code}'}")
+    return data, info_hashes(data), time.monotonic() - t0
+
+
+def _child_main() -> int:
+    """The child side of :func:`make_torrent`: JSON request on stdin, progress and torrent on stdout."""
+    req = json.loads(sys.stdin.buffer.read())
+    out = sys.stdout.buffer
+    files = [tuple(f) for f in req["files"]]
+
+    def on_piece(_index: int) -> None:
+        out.write(b"piece\n")
+        out.flush()
+
+    num_pieces = lt.create_torrent([lt.create_file_entry(f"{req['torrent_name']}/{p}", s) for p, _, s in files],
+                                   req["piece_length"], torrent_flags(req["v1_only"])).num_pieces()
+    out.write(b"pieces %d\n" % num_pieces)
+    try:
+        data = build_torrent(files, req["torrent_name"], req["piece_length"], req["announce"], on_piece,
+                             req["v1_only"])
+    except (RuntimeError, OSError) as exc:
+        print(f"{exc.__class__.__name__}: {exc}", file=sys.stderr)
+        return 1
+    out.write(b"torrent %d\n" % len(data))
+    out.write(data)
+    out.flush()
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# Checking torrents (registry and node)
+
+
+def check_torrent(torrent: bytes, manifest: Manifest) -> TorrentInfo:
+    """Raise InvalidManifest unless ``torrent`` describes exactly ``manifest``'s files.
+
+    Checked: it parses; its info-hashes are the manifest's (no more, no fewer); its name
+    and piece length match; its files, pad files aside, are ``<torrent_name>/<path>``
+    with the manifest's sizes; it holds no symlinks, so nothing is written outside the
+    artifact.  A registry could be wrong or hostile: nodes check what they are given too.
+    """
+    try:
+        ti = lt.torrent_info(lt.bdecode(torrent))
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise InvalidManifest(f"torrent of {manifest.name!r} is not a valid torrent file: {exc}") from exc
+    if not ti.is_valid():
+        raise InvalidManifest(f"torrent of {manifest.name!r} is not a valid torrent file")
+
+    hashes = ti.info_hashes()
+    got_v1 = str(hashes.v1) if hashes.has_v1() else None
+    got_v2 = str(hashes.v2) if hashes.has_v2() else None
+    want = manifest.info_hash
+    if (got_v1, got_v2) != (want.v1, want.v2):
+        raise InvalidManifest(
+            f"torrent info-hashes (v1 {got_v1}, v2 {got_v2}) differ from the manifest's "
+            f"(v1 {want.v1}, v2 {want.v2}); publish the torrent that was made from these files"
+        )
+    if ti.name() != manifest.torrent_name:
+        raise InvalidManifest(f"torrent name {ti.name()!r} differs from the manifest's torrent_name {manifest.torrent_name!r}")
+    if ti.piece_length() != manifest.piece_length:
+        raise InvalidManifest(
+            f"torrent piece length {ti.piece_length()} differs from the manifest's {manifest.piece_length}"
+        )
+
+    fs = ti.layout()
+    pad, symlink = int(lt.file_storage.flag_pad_file), int(lt.file_storage.flag_symlink)
+    got: list[tuple[str, int]] = []
+    for i in range(fs.num_files()):
+        flags = int(fs.file_flags(i))
+        path = fs.file_path(i).replace("\\", "/")
+        if flags & symlink:
+            raise UnsafePath(f"torrent of {manifest.name!r} contains a symlink {path!r}; artifacts hold regular files only")
+        if flags & pad:
+            continue
+        got.append((path, fs.file_size(i)))
+    expected = [(f"{manifest.torrent_name}/{f.path}", f.size) for f in manifest.files]
+    if sorted(got) != expected:
+        missing = sorted(set(expected) - set(got))[:3]
+        extra = sorted(set(got) - set(expected))[:3]
+        raise InvalidManifest(
+            f"torrent files differ from the manifest of {manifest.name!r}: "
+            f"{len(got)} files in the torrent, {len(expected)} in the manifest; "
+            f"missing from the torrent {missing or 'none'}, not in the manifest {extra or 'none'}"
+        )
+    return ti
+# ---------------------------------------------------------------------------------------
+# Running torrents (node)
+
 
 
 @dataclass(frozen=True)
@@ -48,40 +262,9 @@ class TorrentProgress:
     error: str | None
 
 
-def check_torrent(torrent: bytes, manifest: Manifest) -> lt.torrent_info:
-    """Parse ``torrent`` and prove it describes exactly ``manifest``'s files.
-
-    A registry could be wrong or hostile: the info-hash must match the manifest, every
-    non-pad file must be ``<torrent_name>/<manifest path>`` with the manifest's size,
-    and the torrent may hold no symlinks, so nothing is written outside the artifact.
-    """
-    try:
-        ti = lt.torrent_info(lt.bdecode(torrent))
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise InvalidManifest(f"torrent for {manifest.name} is not a valid torrent: {exc}") from exc
-    hashes = ti.info_hashes()
-    got_v1 = str(hashes.v1) if hashes.has_v1() else None
-    got_v2 = str(hashes.v2) if hashes.has_v2() else None
-    if (got_v1, got_v2) != (manifest.info_hash.v1, manifest.info_hash.v2):
-        raise InvalidManifest(f"torrent info-hash ({got_v1}, {got_v2}) does not match the manifest of {manifest.name}")
-    fs = ti.layout()
-    expected = {f"{manifest.torrent_name}/{f.path}": f.size for f in manifest.files}
-    seen = {}
-    for i in range(fs.num_files()):
-        flags = fs.file_flags(i)
-        if flags & lt.file_storage.flag_pad_file:
-            continue
-        if flags & lt.file_storage.flag_symlink:
-            raise InvalidManifest(f"torrent for {manifest.name} contains a link ({fs.file_path(i)}); links are not allowed")
-        seen[fs.file_path(i).replace("\\", "/")] = fs.file_size(i)
-    if seen != expected:
-        extra = sorted(set(seen) - set(expected))[:3]
-        missing = sorted(set(expected) - set(seen))[:3]
-        raise InvalidManifest(f"torrent files differ from the manifest of {manifest.name}: extra {extra}, missing {missing}")
-    return ti
 
 
-def piece_spans(ti: lt.torrent_info) -> list[PieceSpan]:
+def piece_spans(ti: TorrentInfo) -> list[PieceSpan]:
     """Map every piece to the single file range it holds (pad files make that exact)."""
     fs = ti.layout()
     plen = ti.piece_length()
@@ -164,7 +347,7 @@ class TorrentEngine:
     def listen_port(self) -> int:
         return self.session.listen_port()
 
-    def add(self, digest: str, ti: lt.torrent_info, manifest: Manifest, save_path: str, *,
+    def add(self, digest: str, ti: TorrentInfo, manifest: Manifest, save_path: str, *,
             trackers: list[str], seed: bool, resume: bytes | None = None) -> None:
         """Download (or, with ``seed``, seed without re-checking) ``ti`` into ``save_path``.
 

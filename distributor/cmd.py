@@ -1,0 +1,44 @@
+"""``modelcast publish``: only argument parsing and wiring; the work is in :mod:`distributor.publish`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from modelcast.cmdline import Handler, client_args, parse_annotations
+from modelcast.config import ENV_S3_ENDPOINT, ClientConfig, PublishConfig, env_str
+from modelcast.errors import ModelcastError
+from modelcast.reference import Reference
+
+
+def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
+    """Add this component's subcommands to ``sub``; return their handlers by name."""
+    p = sub.add_parser("publish", help="publish a model directory as an artifact")
+    p.add_argument("path", type=Path)
+    p.add_argument("ref", help="NAME:TAG")
+    p.add_argument("--origin", required=True, help="file:///DIR or s3://BUCKET/PREFIX")
+    p.add_argument("--s3-endpoint", help="S3 endpoint URL (env MODELCAST_S3_ENDPOINT)")
+    p.add_argument("--kind", default="model", choices=["model", "runtime"])
+    p.add_argument("--torrent", default="hybrid", choices=["hybrid", "v1"],
+                   help="torrent format: hybrid v1+v2 (default), or v1 only for clients that cannot read v2 "
+                        "(aria2 < 1.37)")
+    p.add_argument("--annotation", action="append", default=[], metavar="KEY=VALUE")
+    client_args(p, registry=True, token=True)
+    return {"publish": cmd_publish}
+
+
+def cmd_publish(args) -> int:
+    from .publish import publish_sync
+
+    client = ClientConfig.from_env(registry=args.registry, token=args.token)
+    ref = Reference.parse(args.ref)
+    if ref.tag is None:
+        raise ModelcastError(f"publish needs NAME:TAG, got {args.ref!r}")
+    cfg = PublishConfig(registry=client.registry, origin=args.origin,
+                        s3_endpoint=args.s3_endpoint or env_str(ENV_S3_ENDPOINT), token=client.token,
+                        torrent_format=args.torrent)
+    result = publish_sync(args.path, ref, cfg, kind=args.kind, annotations=parse_annotations(args.annotation),
+                          progress=sys.stderr.isatty())
+    print(result.digest)
+    return 0

@@ -1,0 +1,51 @@
+"""Wire constants shared by the registry and the node daemon: headers, route shapes, auth.
+
+Both sides of every exchange import these names from here, so a header or a path is
+spelt once.  Pure: strings and small functions, no I/O.
+"""
+
+from __future__ import annotations
+
+# ---- the web seed's first-copy gate (tracker/firstcopy.py) ------------------------------
+# A node marks an origin request "first copy": the registry may answer 409 when the bytes
+# were just served to another node of its zone, and the node takes them from its peers.
+FIRST_COPY_HEADER = "X-Modelcast-First-Copy"
+# The requesting node's zone.
+ZONE_HEADER = "X-Modelcast-Zone"
+# Where the requesting node serves pieces to other zones: <base>/v1/artifacts/<digest>/pieces/<n>.
+RELAY_HEADER = "X-Modelcast-Relay"
+# In a 409: fetch the piece from this node (of another zone) instead.
+RELAY_FROM_HEADER = "X-Modelcast-Relay-From"
+# With served bytes: push them to these nodes of other zones (space-separated base URLs).
+RELAY_TO_HEADER = "X-Modelcast-Relay-To"
+
+# ---- routes ----------------------------------------------------------------------------
+WEBSEED_PREFIX = "/v1/webseed/"
+HEALTH_PATH = "/v1/health"
+ANNOUNCE_PATH = "/announce"
+SCRAPE_PATH = "/scrape"
+
+
+def webseed_base(registry_url: str, digest: str) -> str:
+    """The BEP 19 web-seed URL of an artifact: append ``<torrent_name>/<path>`` (quoted) for a file."""
+    return f"{registry_url.rstrip('/')}{WEBSEED_PREFIX}{digest}/"
+
+
+def piece_path(digest: str, piece: int) -> str:
+    """The relay listener's path of one piece of an artifact (GET to fetch, PUT to push)."""
+    return f"/v1/artifacts/{digest}/pieces/{piece}"
+
+
+def heartbeat_path(node_id: str) -> str:
+    """Where a node daemon sends its heartbeat (POST) to the registry."""
+    return f"/v1/nodes/{node_id}/heartbeat"
+
+
+def node_path(node_id: str) -> str:
+    """A node's liveness record at the registry (DELETE: the node leaves every swarm)."""
+    return f"/v1/nodes/{node_id}"
+
+
+def bearer(token: str | None) -> dict[str, str]:
+    """The ``Authorization`` header for ``token`` (none without one)."""
+    return {"Authorization": f"Bearer {token}"} if token else {}

@@ -1,0 +1,138 @@
+"""``modelcast tracker`` (run the registry and tracker) and the registry client commands ``ls``, ``inspect``, ``rm``.
+
+Only argument parsing and wiring; the work is in :mod:`tracker.server` and :mod:`tracker.client`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from pathlib import Path
+
+from modelcast.cmdline import Handler, client_args
+from modelcast.config import (ENV_READ_TOKEN, ENV_S3_ENDPOINT, ENV_UPSTREAM_TOKEN, ClientConfig, TrackerConfig, env_str,
+                              parse_hostport)
+from modelcast.reference import Reference
+from modelcast.units import human_bytes
+
+
+def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
+    """Add this component's subcommands to ``sub``; return their handlers by name."""
+    p = sub.add_parser("tracker", help="run the registry and BitTorrent tracker")
+    p.add_argument("--listen", default="127.0.0.1:7070", help="HOST:PORT to serve on")
+    p.add_argument("--data", required=True, type=Path, help="directory for the registry database")
+    p.add_argument("--token", help="bearer token required for writes")
+    p.add_argument("--read-token", help="bearer token required for reads (resolve, manifest, torrent, list, web seed); "
+                                        "the write token reads too; announce and scrape stay open "
+                                        "(env MODELCAST_READ_TOKEN)")
+    p.add_argument("--upstream", metavar="URL", help="parent registry: references unknown here are pulled through "
+                                                     "from it and kept (this registry serves its zone's swarm)")
+    p.add_argument("--upstream-token", help="bearer token for reads at --upstream (env MODELCAST_UPSTREAM_TOKEN)")
+    p.add_argument("--upstream-tag-ttl", type=float, default=TrackerConfig.upstream_tag_ttl_s,
+                   help="seconds a tag pulled through from --upstream is served before it is checked there again")
+    p.add_argument("--s3-endpoint", help="S3 endpoint URL for s3:// origins (env MODELCAST_S3_ENDPOINT)")
+    p.add_argument("--announce-interval", type=int, default=TrackerConfig.announce_interval_s)
+    p.add_argument("--peer-ttl", type=float, default=TrackerConfig.peer_ttl_s,
+                   help="seconds a peer without node heartbeats stays listed after its last announce")
+    p.add_argument("--max-heartbeat-ttl", type=float, default=TrackerConfig.heartbeat_ttl_max_s,
+                   help="cap on the ttl a node's heartbeat may ask for: a dead node is gone within this")
+    p.add_argument("--udp-listen", metavar="HOST:PORT", help="also serve the BEP 15 UDP tracker on HOST:PORT")
+    p.add_argument("--zone-gateways", type=int, default=TrackerConfig.zone_gateways, metavar="N",
+                   help="per swarm, only each zone's first N peers (while their zone has others) are handed peers of "
+                        "other zones; 0, the default: strict zones for node daemons, pieces cross zones through the "
+                        "origin's relays; -1: no limit")
+
+    p = sub.add_parser("ls", help="list artifacts in the registry")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--json", action="store_true")
+    client_args(p, registry=True, token=True)
+
+    p = sub.add_parser("inspect", help="show an artifact's manifest")
+    p.add_argument("ref")
+    client_args(p, registry=True, token=True)
+
+    p = sub.add_parser("rm", help="delete a tag (NAME:TAG) or an artifact (DIGEST or NAME@DIGEST) from the registry; "
+                                  "origin blobs are kept (other artifacts may share them)")
+    p.add_argument("ref")
+    p.add_argument("--force", action="store_true", help="delete an artifact even while tags point at it (they go too)")
+    client_args(p, registry=True, token=True)
+    return {"tracker": cmd_tracker, "ls": cmd_ls, "inspect": cmd_inspect, "rm": cmd_rm}
+
+
+def cmd_tracker(args) -> int:
+    from .server import serve
+
+    host, port = parse_hostport(args.listen, what="--listen")
+    udp_host, udp_port = parse_hostport(args.udp_listen, what="--udp-listen") if args.udp_listen else (None, None)
+    serve(TrackerConfig(host=host, port=port, data_dir=args.data, token=args.token,
+                        read_token=args.read_token or env_str(ENV_READ_TOKEN), upstream=args.upstream,
+                        upstream_token=args.upstream_token or env_str(ENV_UPSTREAM_TOKEN),
+                        upstream_tag_ttl_s=args.upstream_tag_ttl,
+                        s3_endpoint=args.s3_endpoint or env_str(ENV_S3_ENDPOINT),
+                        announce_interval_s=args.announce_interval, peer_ttl_s=args.peer_ttl,
+                        heartbeat_ttl_max_s=args.max_heartbeat_ttl, zone_gateways=args.zone_gateways,
+                        udp_host=udp_host, udp_port=udp_port))
+    return 0
+
+
+def cmd_ls(args) -> int:
+    from .client import RegistryClient
+
+    client = ClientConfig.from_env(registry=args.registry, token=args.token)
+
+    async def run():
+        async with RegistryClient(client.registry, client.token) as reg:
+            items, after = [], None
+            while True:
+                page = await reg.list_artifacts(name=args.name, limit=200, after=after)
+                items.extend(page.get("artifacts", []))
+                after = page.get("next")
+                if not after:
+                    return items
+
+    items = asyncio.run(run())
+    if args.json:
+        print(json.dumps(items, indent=2))
+        return 0
+    print(f"{'NAME':30} {'TAGS':16} {'SIZE':>10}  {'DIGEST':19}  CREATED")
+    for a in items:
+        tags = ",".join(a.get("tags") or []) or "-"
+        print(f"{a['name']:30} {tags:16} {human_bytes(a['total_size']):>10}  {a['digest'][:19]}  {a.get('created', '')}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .client import RegistryClient
+
+    client = ClientConfig.from_env(registry=args.registry, token=args.token)
+
+    async def run():
+        async with RegistryClient(client.registry, client.token) as reg:
+            return await reg.resolve(args.ref)
+
+    digest, manifest = asyncio.run(run())
+    print(json.dumps({"digest": digest, "manifest": manifest.body()}, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_rm(args) -> int:
+    from .client import RegistryClient
+
+    client = ClientConfig.from_env(registry=args.registry, token=args.token)
+    ref = Reference.parse(args.ref)
+
+    async def run():
+        async with RegistryClient(client.registry, client.token) as reg:
+            if ref.tag is not None:
+                return await reg.delete_tag(ref.name, ref.tag)
+            return await reg.delete_artifact(ref.digest, force=args.force, name=ref.name)
+
+    answer = asyncio.run(run())
+    if ref.tag is not None:
+        print(f"untagged {ref} (was {answer['digest']})")
+    else:
+        removed = answer.get("tags_removed") or []
+        print(f"deleted {answer['name']}@{answer['digest']}"
+              + (f" and its tags {', '.join(removed)}" if removed else ""))
+    return 0
