@@ -61,7 +61,7 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
 
 
 def cmd_tracker(args) -> int:
-    from .server import serve
+    from .app import serve
 
     host, port = parse_hostport(args.listen, what="--listen")
     udp_host, udp_port = parse_hostport(args.udp_listen, what="--udp-listen") if args.udp_listen else (None, None)

@@ -33,7 +33,7 @@ import re
 import time
 from typing import Callable, Mapping, NamedTuple
 
-from .protocol import encode_failure
+from .announce import encode_failure
 
 log = logging.getLogger("modelcast.tracker.fastpath")
 

@@ -31,7 +31,8 @@ from typing import Iterable, NamedTuple
 
 from modelcast.errors import ArtifactNotFound
 
-from .protocol import Announce, BucketKey, Peer, SwarmCounts, bucket_key, sample_peers
+from .announce import Announce, Peer, SwarmCounts
+from .handout import BucketKey, bucket_key, sample_peers
 
 Key = bytes
 """A peer's address in compact form (:attr:`Peer.packed`): how a swarm keys its peers.

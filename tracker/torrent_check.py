@@ -11,7 +11,7 @@ from adapters.torrent import check_torrent as check_against_manifest
 from modelcast.errors import InvalidManifest
 from modelcast.manifest import Manifest
 
-from .protocol import ProtocolError, set_announce
+from .bencode import ProtocolError, set_announce
 
 
 def check_torrent(torrent: bytes, manifest: Manifest) -> None:

@@ -7,10 +7,11 @@ it is given.  :class:`UdpTracker` ties them to a :class:`~tracker.swarm.SwarmReg
 (in memory, no I/O) and maps one datagram to at most one answer, so the whole request
 path is tested without a socket.  :class:`UdpTrackerProtocol` is the asyncio adapter.
 
-The same :class:`~tracker.protocol.Announce` record as the HTTP tracker is used, so both
-paths share one swarm registry and one peer handout policy.  modelcast's ``zone=`` and
-``role=origin`` extensions travel in the BEP 41 URL data, which is how libtorrent sends
-the path and query of a ``udp://host:port/announce?zone=eu-1`` URL.
+The same :class:`~tracker.announce.Announce` record as the HTTP tracker is used, built and
+checked by the same :func:`~tracker.announce.make_announce`, so both paths accept the same
+announces and share one swarm registry and one peer handout policy.  modelcast's
+``zone=``, ``node=`` and ``role=origin`` extensions travel in the BEP 41 URL data, which
+is how libtorrent sends the path and query of a ``udp://host:port/announce?zone=eu-1`` URL.
 
 Connection IDs are stateless: a keyed BLAKE2b MAC of the client's address and a time
 bucket, truncated to 64 bits.  Nothing is stored per client, so a flood of connects
@@ -29,12 +30,11 @@ import struct
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
-from urllib.parse import unquote_to_bytes
 
 from modelcast.errors import ModelcastError
 
-from .protocol import (DEFAULT_ZONE, ZONE_RE, Announce, Peer, ProtocolError, SwarmCounts, decode_compact_peers,
-                       normalize_ip)
+from .announce import Announce, Peer, ProtocolError, SwarmCounts, decode_compact_peers, make_announce, normalize_ip, \
+    query_params
 
 if TYPE_CHECKING:
     from .swarm import SwarmRegistry
@@ -144,19 +144,6 @@ def parse_header(data: bytes) -> tuple[int, int, int]:
     return _HEADER.unpack_from(data)
 
 
-def _query_params(url_data: bytes) -> dict[bytes, bytes]:
-    """The query parameters of BEP 41 URL data, percent-decoded; the first occurrence wins."""
-    _, sep, query = url_data.partition(b"?")
-    params: dict[bytes, bytes] = {}
-    if not sep:
-        return params
-    for part in query.split(b"&"):
-        name, _, value = part.partition(b"=")
-        if name:
-            params.setdefault(unquote_to_bytes(name), unquote_to_bytes(value))
-    return params
-
-
 def parse_options(data: bytes, offset: int = _ANNOUNCE.size) -> bytes:
     """Return the BEP 41 URL data in the options after an announce, concatenated.
 
@@ -186,25 +173,19 @@ def parse_options(data: bytes, offset: int = _ANNOUNCE.size) -> bytes:
     return bytes(url)
 
 
-def _extensions(url_data: bytes, transaction_id: int) -> tuple[str, bool]:
-    """The modelcast ``zone`` and ``role=origin`` extensions from BEP 41 URL data."""
-    if b"?" not in url_data:
-        return DEFAULT_ZONE, False
-    params = _query_params(url_data)
-    zone_b = params.get(b"zone")
-    zone = DEFAULT_ZONE
-    if zone_b:
-        zone = zone_b.decode("utf-8", "replace")
-        if not ZONE_RE.fullmatch(zone):
-            raise UdpProtocolError(f"invalid zone {zone[:80]!r}: up to 64 letters, digits and . _ : -", transaction_id)
-    return zone, params.get(b"role") == b"origin"
+def _extensions(url_data: bytes) -> dict[str, bytes]:
+    """The query parameters of BEP 41 URL data (``/announce?zone=eu-1``), as the HTTP path reads its query."""
+    _, sep, query = url_data.partition(b"?")
+    return query_params(query) if sep else {}
 
 
 def parse_request(data: bytes, *, default_numwant: int = 50, max_numwant: int = 200) -> Request:
     """Parse one request packet into a :class:`ConnectRequest`, :class:`AnnounceRequest` or :class:`ScrapeRequest`.
 
-    ``numwant`` below zero (BEP 15 uses -1) means ``default_numwant``; either is clamped
-    to ``max_numwant``, as on the HTTP path.  Raises :class:`UdpProtocolError` for anything
+    An announce's fields are checked by :func:`~tracker.announce.make_announce`, as on the
+    HTTP path: ``numwant`` below zero (BEP 15 uses -1) means ``default_numwant``, either
+    is clamped to ``max_numwant``, and the URL data's ``zone=``, ``node=`` and
+    ``role=`` are read as an HTTP query's.  Raises :class:`UdpProtocolError` for anything
     malformed, with the transaction ID set whenever the packet has one.
     """
     connection_id, action, tid = parse_header(data)
@@ -224,22 +205,12 @@ def parse_request(data: bytes, *, default_numwant: int = 50, max_numwant: int = 
         if port == 0:
             raise UdpProtocolError("announce with port 0; send the port the client listens on", tid)
         url_data = parse_options(data) if len(data) > _ANNOUNCE.size else b""
-        zone, origin_seed = _extensions(url_data, tid)
-        announce = Announce(
-            info_hash=info_hash,
-            peer_id=peer_id,
-            port=port,
-            uploaded=uploaded,
-            downloaded=downloaded,
-            left=left,
-            event=event,
-            compact=True,
-            numwant=min(default_numwant if numwant < 0 else numwant, max_numwant),
-            ip=socket.inet_ntoa(data[84:88]) if ip else None,
-            zone=zone,
-            key=f"{key:08x}",
-            origin_seed=origin_seed,
-        )
+        try:
+            announce = make_announce(info_hash, peer_id, port, uploaded, downloaded, left, event, True, numwant,
+                                     socket.inet_ntoa(data[84:88]) if ip else None, f"{key:08x}", False,
+                                     _extensions(url_data) if url_data else {}, default_numwant, max_numwant)
+        except ProtocolError as exc:
+            raise UdpProtocolError(str(exc), tid) from None
         return AnnounceRequest(connection_id, tid, announce, url_data)
     if action == ACTION_SCRAPE:
         body = len(data) - _HEADER.size

@@ -1,0 +1,257 @@
+"""The registry HTTP API and BitTorrent tracker as one aiohttp application, and how it runs.
+
+:func:`make_app` assembles the parts: the registry API (:mod:`tracker.registry_api`),
+the web seed (:mod:`tracker.webseed`), the tracker (:mod:`tracker.endpoint`, and
+:mod:`tracker.udp` beside it when configured) and node liveness
+(:mod:`tracker.liveness`), with their state under the keys of :mod:`tracker.state`.
+Errors become ``{"error": {"code", "message"}}`` JSON in one middleware; tracker routes
+answer a bencoded ``failure reason`` instead, as BitTorrent clients expect.
+
+:func:`serve` puts :mod:`tracker.fastpath` in front of aiohttp on the same socket: plain
+announce and scrape GETs are answered there, through the same
+:class:`~tracker.endpoint.TrackerEndpoint` as the aiohttp handlers, and every other
+request goes to aiohttp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+
+from modelcast.config import TrackerConfig
+from modelcast.errors import ModelcastError, error_body
+from modelcast.manifest import Manifest
+
+from . import registry_api as api
+from .endpoint import TRACKER, TrackerEndpoint, announce, scrape
+from .fastpath import HEAD_TIMEOUT_S, KEEPALIVE_TIMEOUT_S, FastPathServer
+from .federation import Upstream, validate_upstream
+from .firstcopy import FirstCopyGate
+from .liveness import node_heartbeat, node_leave, peer_expiry_ctx
+from .state import (CONFIG, FIRST_COPY, ORIGINS, STATS, STORE, SWARMS, UDP_TRACKER, UPSTREAM, WEBSEED_CACHE,
+                    WRITE_LOCK, OriginCache, Stats)
+from .store import RegistryStore
+from .swarm import SwarmRegistry
+from .udp import UdpTracker, start_udp_tracker
+from .webseed import webseed
+
+__all__ = [
+    "CONFIG", "FIRST_COPY", "ORIGINS", "STATS", "STORE", "SWARMS", "TRACKER", "UDP_TRACKER", "UPSTREAM",
+    "WEBSEED_CACHE", "WRITE_LOCK", "RunningServer", "make_app", "serve", "start_server",
+]
+
+log = logging.getLogger("modelcast.tracker")
+
+# Torrents of very large artifacts carry v2 piece layers; base64 adds a third.  64 MiB
+# leaves room for any realistic torrent while bounding what one request can make us buffer.
+MAX_BODY_BYTES = 64 * 1024 * 1024
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+               413: "too_large"}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    """Turn every error into a JSON error body; an unexpected one is logged, never fatal."""
+    try:
+        return await handler(request)
+    except ModelcastError as exc:
+        return web.json_response(error_body(exc), status=exc.http_status)
+    except web.HTTPException as exc:
+        # 416 carries a Content-Range header that clients need; let aiohttp send it as is.
+        if exc.status < 400 or exc.status == 416:
+            raise
+        code = _HTTP_CODES.get(exc.status, "error")
+        message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+        if exc.status == 404:
+            message = f"no such endpoint {request.method} {request.path}"
+        return web.json_response({"error": {"code": code, "message": message}}, status=exc.status)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception as exc:
+        log.exception("unexpected error on %s %s", request.method, request.path_qs)
+        return web.json_response(
+            {"error": {"code": "internal", "message": f"internal error in the registry: {exc.__class__.__name__}: {exc}"}},
+            status=500,
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Application
+
+
+async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Open the registry database and allow the swarms of every published artifact."""
+    cfg = app[CONFIG]
+    store = await asyncio.to_thread(RegistryStore, Path(cfg.data_dir))
+    app[STORE] = store
+    # Swarm state is not persisted (peers re-announce within one interval), but the
+    # allow-list is: without it every announce after a restart would be refused.
+    swarms = app[SWARMS]
+    for ih in await asyncio.to_thread(store.all_info_hashes):
+        swarms.allow(_tracker_keys(ih))
+    log.info("registry database %s; %d published swarms", store.path, len(swarms.swarms()))
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(store.close)
+
+
+def _tracker_keys(info_hash: dict) -> list[bytes]:
+    keys = []
+    if info_hash.get("v1"):
+        keys.append(bytes.fromhex(info_hash["v1"]))
+    if info_hash.get("v2"):
+        keys.append(bytes.fromhex(info_hash["v2"])[:20])
+    return keys
+
+
+async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Connect this zone's registry to its parent (``TrackerConfig.upstream``); see tracker/federation.py."""
+    cfg = app[CONFIG]
+
+    async def save(manifest: Manifest, torrent: bytes, tag: str | None) -> None:
+        async with app[WRITE_LOCK]:
+            await asyncio.to_thread(app[STORE].pull_through, manifest, torrent, upstream.url, tag)
+            app[SWARMS].allow(manifest.info_hash.tracker_keys())
+
+    upstream = Upstream(cfg.upstream, cfg.upstream_token, app[STORE], save, tag_ttl_s=cfg.upstream_tag_ttl_s)
+    app[UPSTREAM] = upstream
+    log.info("zone registry: unknown references are pulled through from %s", upstream.url)
+    try:
+        yield
+    finally:
+        await upstream.close()
+
+
+async def _udp_tracker_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Serve the BEP 15 UDP tracker beside HTTP, on the same swarms, when configured."""
+    cfg = app[CONFIG]
+    if cfg.udp_port is None:
+        yield
+        return
+    tracker = UdpTracker(app[SWARMS], interval=cfg.announce_interval_s, default_numwant=cfg.default_numwant,
+                         max_numwant=cfg.max_numwant)
+    endpoint = await start_udp_tracker(tracker, cfg.udp_host or cfg.host, cfg.udp_port)
+    app[UDP_TRACKER] = endpoint
+    host, port = endpoint.address
+    log.info("UDP tracker on udp://%s:%d/announce", f"[{host}]" if ":" in host else host, port)
+    try:
+        yield
+    finally:
+        endpoint.close()
+        log.info("UDP tracker stopped: %s", tracker.stats)
+
+
+def make_app(cfg: TrackerConfig) -> web.Application:
+    """Build the registry + tracker application for ``cfg`` (used by :func:`serve` and tests)."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
+    app[CONFIG] = cfg
+    app[SWARMS] = SwarmRegistry(zone_gateways=cfg.zone_gateways)
+    app[TRACKER] = TrackerEndpoint(cfg, app[SWARMS])
+    app[STATS] = Stats()
+    app[ORIGINS] = OriginCache(cfg.s3_endpoint)
+    app[WEBSEED_CACHE] = OrderedDict()
+    app[FIRST_COPY] = FirstCopyGate()
+    app[WRITE_LOCK] = asyncio.Lock()
+    app.cleanup_ctx.append(_registry_ctx)
+    app.cleanup_ctx.append(peer_expiry_ctx)
+    if cfg.upstream:
+        validate_upstream(cfg.upstream)  # a bad URL fails at start, not on the first pull
+        app.cleanup_ctx.append(_upstream_ctx)
+    app.cleanup_ctx.append(_udp_tracker_ctx)
+    app.router.add_get("/v1/health", api.health)
+    app.router.add_get("/v1/stats", api.stats)
+    app.router.add_post("/v1/artifacts", api.publish)
+    app.router.add_post("/v1/auth/check", api.check_token)
+    app.router.add_get("/v1/artifacts", api.list_artifacts)
+    app.router.add_get("/v1/resolve", api.resolve)
+    app.router.add_get("/v1/artifacts/{digest}", api.get_manifest)
+    app.router.add_get("/v1/artifacts/{digest}/torrent", api.get_torrent)
+    app.router.add_get("/v1/webseed/{digest}/{tail:.*}", webseed)
+    app.router.add_delete("/v1/artifacts/{digest}", api.delete_artifact)
+    app.router.add_delete("/v1/tags/{ref:.+}", api.delete_tag)
+    app.router.add_get("/announce", announce)
+    app.router.add_get("/scrape", scrape)
+    app.router.add_post("/v1/nodes/{node_id}/heartbeat", node_heartbeat)
+    app.router.add_delete("/v1/nodes/{node_id}", node_leave)
+    return app
+
+
+SHUTDOWN_TIMEOUT_S = 5.0
+
+
+@dataclass
+class RunningServer:
+    """A started registry + tracker: aiohttp behind the announce fast path, on one listening socket."""
+
+    runner: web.AppRunner
+    server: asyncio.Server
+    fast: FastPathServer
+
+    @property
+    def port(self) -> int:
+        return self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Stop listening, close the fast path's connections, then aiohttp's; cleanup_ctx runs last."""
+        self.server.close()
+        self.fast.close()
+        log.info("fast path answered %d tracker requests; %d connections went on to aiohttp",
+                 self.fast.answered, self.fast.handed_off)
+        await self.runner.cleanup()
+
+
+async def start_server(app: web.Application, host: str, port: int, *, head_timeout_s: float = HEAD_TIMEOUT_S,
+                       keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S) -> RunningServer:
+    """Start ``app`` (from :func:`make_app`) on ``host:port`` (0: any free port), as :func:`serve` runs it.
+
+    Each connection is sniffed: plain announce and scrape GETs are answered by
+    :mod:`tracker.fastpath`, everything else is handed to aiohttp's request handler.
+    """
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    await runner.setup()
+    try:
+        endpoint = app[TRACKER]
+        fast = FastPathServer(runner.server, {b"/announce": endpoint.announce, b"/scrape": endpoint.scrape},
+                              head_timeout_s=head_timeout_s, keepalive_timeout_s=keepalive_timeout_s)
+        server = await asyncio.get_running_loop().create_server(fast, host, port)
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return RunningServer(runner, server, fast)
+
+
+def serve(cfg: TrackerConfig) -> None:
+    """Run the registry and tracker on ``cfg.host:cfg.port`` until SIGTERM or SIGINT."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(_serve(cfg))
+
+
+async def _serve(cfg: TrackerConfig) -> None:
+    # SIGINT and SIGTERM end the wait; the finally then runs cleanup_ctx, so the
+    # database is closed cleanly and the process exits with status 0.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    try:
+        running = await start_server(make_app(cfg), cfg.host, cfg.port)
+    except OSError as exc:
+        # A taken port or an address this host lacks: one line the operator can act on.
+        raise ModelcastError(f"cannot listen on {host}:{cfg.port}: {exc.strerror or exc}; "
+                             "choose another --listen address or port") from exc
+    try:
+        log.info("registry and tracker on http://%s:%d", host, running.port)
+        await stop.wait()
+        log.info("stopping: closing connections, then the database")
+    finally:
+        await running.stop()

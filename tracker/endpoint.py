@@ -1,0 +1,74 @@
+"""The BitTorrent tracker over HTTP: announce and scrape from raw query to bencoded answer.
+
+:class:`TrackerEndpoint` is shared by the aiohttp handlers below and by the announce
+fast path (:mod:`tracker.fastpath`), which answers most announces before aiohttp sees
+them; both therefore give the same answers.  The protocol work is sans-I/O
+(:mod:`tracker.announce`), the swarm state in memory (:mod:`tracker.swarm`).
+"""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from modelcast.config import TrackerConfig
+from modelcast.errors import ModelcastError
+
+from .announce import ProtocolError, encode_announce, encode_failure, encode_scrape, normalize_ip, parse_announce, \
+    parse_scrape
+from .swarm import SwarmRegistry
+
+BENCODE_TYPE = "text/plain"
+
+
+def _bencoded(body: bytes) -> web.Response:
+    return web.Response(body=body, content_type=BENCODE_TYPE)
+
+
+class TrackerEndpoint:
+    """Announce and scrape from raw query to bencoded answer, shared by the aiohttp handlers and the fast path.
+
+    Never raises for bad input: a malformed request or an unknown info-hash becomes a
+    bencoded ``failure reason``, as BitTorrent clients expect.
+    """
+
+    def __init__(self, cfg: TrackerConfig, swarms: SwarmRegistry) -> None:
+        self._cfg = cfg
+        self._swarms = swarms
+
+    def announce(self, raw_query: str | bytes, remote: str | None) -> bytes:
+        """``GET /announce`` (BEP 3/23/7), with modelcast's extensions; ``remote``: the client's socket address."""
+        cfg = self._cfg
+        try:
+            a = parse_announce(raw_query, default_numwant=cfg.default_numwant, max_numwant=cfg.max_numwant)
+            ip = a.ip or normalize_ip(remote)
+            if ip is None:
+                raise ProtocolError("cannot tell the client's IP address; pass ip=")
+            result = self._swarms.announce(a, ip, time.monotonic())
+        except ModelcastError as exc:
+            return encode_failure(str(exc))
+        return encode_announce(result.peers, result.counts, interval=cfg.announce_interval_s,
+                               min_interval=cfg.min_announce_interval_s, compact=a.compact, no_peer_id=a.no_peer_id)
+
+    def scrape(self, raw_query: str | bytes, remote: str | None = None) -> bytes:
+        """``GET /scrape`` (BEP 48)."""
+        try:
+            hashes = parse_scrape(raw_query)
+        except ModelcastError as exc:
+            return encode_failure(str(exc))
+        return encode_scrape(self._swarms.scrape(hashes))
+
+
+# Here, not in tracker/state.py: the handlers below read it, and state.py would have to import this module.
+TRACKER = web.AppKey("tracker", TrackerEndpoint)
+
+
+async def announce(request: web.Request) -> web.Response:
+    """``GET /announce`` through aiohttp (the fast path answers most announces before they get here)."""
+    return _bencoded(request.app[TRACKER].announce(request.rel_url.raw_query_string, request.remote))
+
+
+async def scrape(request: web.Request) -> web.Response:
+    """``GET /scrape`` through aiohttp."""
+    return _bencoded(request.app[TRACKER].scrape(request.rel_url.raw_query_string))

@@ -1,0 +1,103 @@
+"""Node liveness: heartbeats and leaves of node daemons, and the expiry of dead nodes and silent peers.
+
+A node daemon announces with ``node=ID`` and sends one heartbeat per node (not per
+torrent); when its heartbeat lapses, or it leaves, every entry of the node goes at once,
+in every swarm (:class:`~tracker.swarm.SwarmRegistry` keeps the books).  Other clients
+keep the plain per-peer TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any, AsyncIterator
+
+from aiohttp import web
+
+from modelcast.config import TrackerConfig
+from modelcast.errors import BadRequest
+
+from .announce import ZONE_RE, validate_node_id
+from .auth import check_auth
+from .state import CONFIG, SWARMS
+
+log = logging.getLogger("modelcast.tracker")
+
+MAX_HEARTBEAT_BODY = 4096
+
+
+def _heartbeat_ttl(body: Any, cfg: TrackerConfig) -> float:
+    """The ttl a heartbeat body asks for, defaulted and capped by ``cfg``."""
+    if not isinstance(body, dict):
+        raise BadRequest('heartbeat body must be a JSON object like {"zone": "z1", "ttl_s": 3.0}')
+    zone = body.get("zone")
+    if zone is not None and not (isinstance(zone, str) and ZONE_RE.fullmatch(zone)):
+        raise BadRequest(f"heartbeat zone {str(zone)[:80]!r} is invalid: up to 64 letters, digits and . _ : -")
+    ttl = body.get("ttl_s", cfg.heartbeat_ttl_default_s)
+    # bool is an int; NaN and infinity compare in ways that would keep a node forever.
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < float("inf"):
+        raise BadRequest(f"heartbeat ttl_s must be a positive number of seconds, got {ttl!r}")
+    return min(float(ttl), cfg.heartbeat_ttl_max_s)
+
+
+async def node_heartbeat(request: web.Request) -> web.Response:
+    """``POST /v1/nodes/{node_id}/heartbeat``: keep every swarm entry of the node alive for ``ttl_s``.
+
+    Guarded like a read, not a write: a node holds at most the read token (it never
+    publishes), and its random node id, sent only to this tracker, is what ties the
+    heartbeat to its swarm entries, the same trust an announce gets.
+    """
+    check_auth(request, read=True)
+    node_id = validate_node_id(request.match_info["node_id"])
+    if (request.content_length or 0) > MAX_HEARTBEAT_BODY:
+        raise BadRequest(f"heartbeat body is {request.content_length} bytes; at most {MAX_HEARTBEAT_BODY} are read")
+    try:
+        body = json.loads(await request.read() or b"{}")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadRequest(f"heartbeat body is not valid JSON: {exc}") from None
+    ttl = _heartbeat_ttl(body, request.app[CONFIG])
+    entries = request.app[SWARMS].heartbeat(node_id, time.monotonic(), ttl)
+    return web.json_response({"ok": True, "ttl_s": ttl, "entries": entries})
+
+
+async def node_leave(request: web.Request) -> web.Response:
+    """``DELETE /v1/nodes/{node_id}``: the node stops; its entries leave every swarm at once."""
+    check_auth(request, read=True)
+    node_id = validate_node_id(request.match_info["node_id"])
+    removed = request.app[SWARMS].leave(node_id)
+    log.info("node %s left %d swarm entries", node_id, removed)
+    return web.json_response({"ok": True, "removed": removed})
+
+
+async def _expire_peers(app: web.Application) -> None:
+    """Drop dead nodes and silent peers; off the announce path, on a timer.
+
+    Each tick costs only what is due (see :meth:`SwarmRegistry.expire`), so it can run
+    often enough that a dead node leaves the peer lists within its ttl plus one period.
+    """
+    cfg = app[CONFIG]
+    period = max(0.05, min(cfg.expiry_interval_s, cfg.peer_ttl_s / 4))
+    while True:
+        await asyncio.sleep(period)
+        try:
+            gone = app[SWARMS].expire(time.monotonic(), cfg.peer_ttl_s)
+            if gone:
+                log.debug("expired %d swarm entries of dead nodes and silent peers", gone)
+        except Exception:  # A bug here must not stop expiry for the life of the server.
+            log.exception("peer expiry failed")
+
+
+
+async def peer_expiry_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Run peer expiry for the life of the application (a ``cleanup_ctx``, after the registry's)."""
+    expiry = asyncio.create_task(_expire_peers(app), name="modelcast-peer-expiry")
+    try:
+        yield
+    finally:
+        expiry.cancel()
+        try:
+            await expiry
+        except asyncio.CancelledError:
+            pass

@@ -1,0 +1,74 @@
+"""The registry application's state: its ``web.AppKey`` keys and the small records they hold.
+
+:func:`tracker.app.make_app` fills them; handlers read them through ``request.app[KEY]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from adapters.origin import Origin, open_origin
+from modelcast.config import TrackerConfig
+from modelcast.manifest import FileEntry
+
+from .federation import Upstream
+from .firstcopy import FirstCopyGate
+from .store import RegistryStore
+from .swarm import SwarmRegistry
+from .udp import UdpTrackerProtocol
+
+
+@dataclass
+class Stats:
+    """Counters reported by ``GET /v1/stats``."""
+
+    origin_bytes_served: int = 0
+    origin_requests: int = 0
+
+
+@dataclass(frozen=True)
+class WebseedArtifact:
+    """What the web seed needs of an artifact: where its bytes live and its file table."""
+
+    origin_url: str
+    s3_endpoint: str | None
+    torrent_name: str
+    files: dict[str, FileEntry]
+
+
+@dataclass
+class OriginCache:
+    """Origins by (url, endpoint), built once: an S3 client is slow to create and thread-safe."""
+
+    default_s3_endpoint: str | None
+    origins: dict[tuple[str, str | None], Origin] = field(default_factory=dict)
+
+    async def get(self, url: str, s3_endpoint: str | None) -> Origin:
+        key = (url, s3_endpoint or self.default_s3_endpoint)
+        origin = self.origins.get(key)
+        if origin is None:
+            origin = await asyncio.to_thread(open_origin, *key)
+            origin = self.origins.setdefault(key, origin)
+        return origin
+
+
+CONFIG = web.AppKey("config", TrackerConfig)
+STORE = web.AppKey("store", RegistryStore)
+SWARMS = web.AppKey("swarms", SwarmRegistry)
+STATS = web.AppKey("stats", Stats)
+ORIGINS = web.AppKey("origins", OriginCache)
+# Web seed artifacts by digest, least recently used first; a delete evicts its entry.
+WEBSEED_CACHE = web.AppKey("webseed_cache", OrderedDict)
+FIRST_COPY = web.AppKey("first_copy", FirstCopyGate)
+# Held around every store write that changes which artifacts exist together with the
+# swarm allow-list update that follows it, so the allow-list changes in commit order (a
+# publish and a delete of one artifact racing must not leave a deleted artifact allowed).
+WRITE_LOCK = web.AppKey("write_lock", asyncio.Lock)
+# The parent registry when this one is a zone (TrackerConfig.upstream), else absent.
+UPSTREAM = web.AppKey("upstream", Upstream)
+# The BEP 15 endpoint when TrackerConfig.udp_port is set; tests read its bound port.
+UDP_TRACKER = web.AppKey("udp_tracker", UdpTrackerProtocol)

@@ -1,0 +1,297 @@
+"""The BEP 19 web seed: file bytes from the origin, behind the first-copy gate.
+
+``GET /v1/webseed/{digest}/{torrent_name}/{path}`` answers byte ranges of a published
+file.  Nodes never hold origin credentials; the registry reads the origin for them: a
+file origin is served with sendfile, an S3 origin is streamed from a worker thread, and
+an artifact pulled through from a parent registry is streamed from the parent's web seed.
+
+Before any byte goes out, :class:`~tracker.firstcopy.FirstCopyGate` decides whether the
+origin serves it at all (about one copy per zone) and which nodes of other zones the
+served node should push it to.  Every answer that carries origin bytes is one of this
+module's response classes, which count the bytes in :class:`~tracker.state.Stats` and
+name those relay targets (``X-Modelcast-Relay-To``) as their headers go out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+
+from adapters.origin import Origin
+from modelcast.errors import ArtifactNotFound, ModelcastError, OriginError
+from modelcast.manifest import FileEntry, Manifest
+from modelcast.wire import FIRST_COPY_HEADER, RELAY_FROM_HEADER, RELAY_HEADER, RELAY_TO_HEADER, ZONE_HEADER
+
+from .announce import ZONE_RE
+from .auth import check_auth
+from .federation import UpstreamUnreachable, is_upstream_origin
+from .firstcopy import Admission
+from .registry_api import digest_param, stored_record
+from .state import FIRST_COPY, ORIGINS, STATS, UPSTREAM, WEBSEED_CACHE, Stats, WebseedArtifact
+
+log = logging.getLogger("modelcast.tracker")
+
+MANIFEST_CACHE_SIZE = 1024
+
+
+# ---------------------------------------------------------------------------------------
+# Answers that carry origin bytes
+
+
+@dataclass(frozen=True)
+class OriginTally:
+    """Where one web seed answer's origin bytes are counted, and the nodes they go on to (one per other zone)."""
+
+    stats: Stats
+    relay_to: tuple[str, ...] = ()
+
+
+class _OriginBytes(web.StreamResponse):
+    """An answer of origin bytes: counted, and labelled with its relay targets, as its headers go out.
+
+    ``prepare`` is the one moment when status and length are final and the headers not
+    yet sent.  A FileResponse settles both (200, 206, 304, 416, ...) only inside its own
+    ``prepare``, which ends by calling this one: :class:`OriginFile` puts this class after
+    ``web.FileResponse`` in its bases for that.  HEAD requests and answers without bytes
+    are not counted.
+    """
+
+    tally: OriginTally
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if not self.prepared and request.method == "GET" and self.status in (200, 206):
+            stats = self.tally.stats
+            stats.origin_requests += 1
+            stats.origin_bytes_served += self.content_length or 0
+            if self.tally.relay_to:
+                self.headers[RELAY_TO_HEADER] = " ".join(self.tally.relay_to)
+        return await super().prepare(request)
+
+
+class OriginStream(_OriginBytes):
+    """A streamed answer of origin bytes (S3 origin, or a parent registry's web seed)."""
+
+    def __init__(self, tally: OriginTally, *, status: int, headers: dict[str, str]) -> None:
+        super().__init__(status=status, headers=headers)
+        self.tally = tally
+
+
+class OriginFile(web.FileResponse, _OriginBytes):
+    """A file origin's blob, sent with sendfile; aiohttp answers the range (and conditional) headers."""
+
+    def __init__(self, tally: OriginTally, path: Path, *, headers: dict[str, str]) -> None:
+        super().__init__(path, headers=headers)
+        self.tally = tally
+
+
+# ---------------------------------------------------------------------------------------
+# Request parsing
+
+
+async def _webseed_artifact(app: web.Application, digest: str) -> WebseedArtifact:
+    cache: OrderedDict[str, WebseedArtifact] = app[WEBSEED_CACHE]
+    art = cache.get(digest)
+    if art is not None:
+        cache.move_to_end(digest)
+        return art
+    record = await stored_record(app, digest)
+    manifest = Manifest.from_bytes(record.manifest)
+    # Artifacts are immutable, so a cached entry can only go stale by a delete, which evicts it.
+    art = WebseedArtifact(record.origin_url, record.s3_endpoint, manifest.torrent_name,
+                          {f.path: f for f in manifest.files})
+    cache[digest] = art
+    if len(cache) > MANIFEST_CACHE_SIZE:
+        cache.popitem(last=False)
+    return art
+
+
+def _local_size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
+
+
+def _byte_range(request: web.Request, size: int) -> tuple[int, int] | None:
+    """The inclusive (first, last) byte asked for, None for the whole file.
+
+    Raises HTTPRequestRangeNotSatisfiable for a malformed, multi-part or out-of-bounds range.
+    """
+    unsatisfiable = web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
+    try:
+        rng = request.http_range
+    except ValueError:
+        raise unsatisfiable from None
+    if rng.start is None and rng.stop is None:
+        return None
+    if rng.start < 0:  # suffix range "bytes=-N": the last N bytes
+        first, last = max(0, size + rng.start), size - 1
+    else:
+        first = rng.start
+        last = size - 1 if rng.stop is None else min(rng.stop - 1, size - 1)
+    if first >= size or last < first:
+        raise unsatisfiable
+    return first, last
+
+
+def _relay_url(value: str | None) -> str | None:
+    """A node's relay URL as given in its header, if it is a plain http(s)://host[:port] URL."""
+    if not value or len(value) > 256:
+        return None
+    try:
+        parts = urlsplit(value)
+        _ = parts.port  # raises ValueError on a bad port
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.query or parts.fragment \
+            or parts.path not in ("", "/"):
+        return None
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _refusal(admission: Admission, tail: str, first_byte: int, last_byte: int) -> web.Response:
+    """The 409 for bytes the gate will not serve again: take them from peers, or from the named node."""
+    # Another node fetched these bytes moments ago: they come from the swarm, or, for
+    # the first node of another zone to ask, from that node (tracker/firstcopy.py).
+    if admission.relay_from:
+        return web.json_response({"error": {"code": "relay", "message": f"{tail} bytes {first_byte}-{last_byte} "
+                                            f"were just served to a node of another zone; fetch them from it "
+                                            f"({admission.relay_from})"}},
+                                 status=409, headers={RELAY_FROM_HEADER: admission.relay_from})
+    return web.json_response({"error": {"code": "served_elsewhere",
+                                        "message": f"{tail} bytes {first_byte}-{last_byte} were just served to "
+                                                   "another node; take them from peers"}}, status=409)
+
+
+# ---------------------------------------------------------------------------------------
+# The handler
+
+
+async def webseed(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/webseed/{digest}/{torrent_name}/{path}``: file bytes from the origin."""
+    check_auth(request, read=True)
+    digest = digest_param(request)
+    tail = request.match_info["tail"]
+    art = await _webseed_artifact(request.app, digest)
+    prefix = art.torrent_name + "/"
+    entry = art.files.get(tail[len(prefix):]) if tail.startswith(prefix) else None
+    if entry is None:
+        raise ArtifactNotFound(f"file {tail!r} is not in artifact {digest} (paths start with {prefix!r})")
+    span = _byte_range(request, entry.size) if entry.size else None
+    first_byte, last_byte = span if span is not None else (0, max(entry.size - 1, 0))
+    zone = request.headers.get(ZONE_HEADER)
+    admission = request.app[FIRST_COPY].admit(
+        digest, tail, first_byte, last_byte, first_copy=request.headers.get(FIRST_COPY_HEADER) == "1",
+        zone=zone if zone is not None and ZONE_RE.fullmatch(zone) else None,
+        relay=_relay_url(request.headers.get(RELAY_HEADER)))
+    if not admission.serve:
+        return _refusal(admission, tail, first_byte, last_byte)
+    tally = OriginTally(request.app[STATS], admission.relay_to)
+    if is_upstream_origin(art.origin_url):
+        return await _stream_upstream(request, tally, art, digest, tail, entry)
+    origin = await request.app[ORIGINS].get(art.origin_url, art.s3_endpoint)
+    local = origin.blob_local_path(entry.xxh3_128)
+    if local is not None:
+        size = await asyncio.to_thread(_local_size, local)
+        if size != entry.size:
+            raise OriginError(
+                f"blob {entry.xxh3_128} of {tail!r} in origin {origin.url} is "
+                f"{'missing' if size is None else f'{size} bytes'}, expected {entry.size} bytes; re-publish the artifact"
+            )
+        return OriginFile(tally, local, headers={"Accept-Ranges": "bytes"})
+    return await _stream_remote(request, tally, origin, entry)
+
+
+async def _range_response(request: web.Request, tally: OriginTally, size: int) -> tuple[OriginStream, int, int]:
+    """A streamed answer for the asked byte range of a ``size``-byte file: (response, first, last).
+
+    An empty file or a HEAD request is answered at once (the response comes back prepared,
+    with nothing more to send); otherwise the caller prepares and writes it.
+    """
+    span = _byte_range(request, size) if size else None
+    first, last = span if span is not None else (0, size - 1)
+    headers = {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+    if span is not None:
+        headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+    resp = OriginStream(tally, status=206 if span is not None else 200, headers=headers)
+    resp.content_length = last - first + 1 if size else 0
+    if size == 0 or request.method == "HEAD":
+        await resp.prepare(request)
+        await resp.write_eof()
+    return resp, first, last
+
+
+async def _stream_remote(request: web.Request, tally: OriginTally, origin: Origin,
+                         entry: FileEntry) -> web.StreamResponse:
+    resp, first, last = await _range_response(request, tally, entry.size)
+    if resp.prepared:
+        return resp
+    chunks = origin.read_blob(entry.xxh3_128, first, last)
+    try:
+        # Read the first chunk before sending headers, so an origin failure still becomes
+        # a proper JSON error instead of a cut-off 200.
+        chunk = await asyncio.to_thread(next, chunks, None)
+        await resp.prepare(request)
+        sent = 0
+        try:
+            while chunk is not None:
+                await resp.write(chunk)
+                sent += len(chunk)
+                chunk = await asyncio.to_thread(next, chunks, None)
+            if sent != resp.content_length:
+                raise OriginError(f"origin {origin.url} sent {sent} of {resp.content_length} bytes "
+                                  f"of blob {entry.xxh3_128}")
+        except OriginError as exc:
+            # Headers are gone, so no error body is possible: cut the connection, which
+            # tells the client the body is short, and let it retry elsewhere.
+            log.warning("web seed of %s aborted after %d bytes: %s", entry.path, sent, exc)
+            if request.transport is not None:
+                request.transport.close()
+            return resp
+        await resp.write_eof()
+        return resp
+    finally:
+        await asyncio.to_thread(chunks.close)
+
+
+async def _stream_upstream(request: web.Request, tally: OriginTally, art: WebseedArtifact, digest: str, tail: str,
+                           entry: FileEntry) -> web.StreamResponse:
+    """Relay bytes of a pulled-through artifact from the parent registry's web seed."""
+    upstream = request.app.get(UPSTREAM)
+    if upstream is None:
+        raise UpstreamUnreachable(f"artifact {digest} was pulled through from {art.origin_url}, but this registry "
+                                  f"runs without --upstream; restart it with --upstream {art.origin_url}")
+    resp, first, last = await _range_response(request, tally, entry.size)
+    if resp.prepared:
+        return resp
+    sent = 0
+    try:
+        async with upstream.webseed(art.origin_url, digest, tail, first, last, entry.size) as chunks:
+            # The first chunk arrives before our headers go out, so a parent that fails
+            # at once still gives the node a proper JSON error.
+            chunk = await anext(chunks, None)
+            await resp.prepare(request)
+            while chunk is not None:
+                await resp.write(chunk)
+                sent += len(chunk)
+                chunk = await anext(chunks, None)
+            if sent != resp.content_length:
+                raise UpstreamUnreachable(f"upstream {art.origin_url} sent {sent} of {resp.content_length} bytes "
+                                          f"of {tail} in {digest}")
+    except ModelcastError as exc:
+        if not resp.prepared:
+            raise
+        # Headers are gone: cut the connection so the node sees a short body and retries.
+        log.warning("web seed relay of %s aborted after %d bytes: %s", tail, sent, exc)
+        if request.transport is not None:
+            request.transport.close()
+        return resp
+    await resp.write_eof()
+    return resp
