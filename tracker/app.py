@@ -2,7 +2,7 @@
 
 :func:`make_app` assembles the parts: the registry API (:mod:`tracker.registry_api`),
 the web seed (:mod:`tracker.webseed`), the tracker (:mod:`tracker.endpoint`, and
-:mod:`tracker.udp` beside it when configured) and node liveness
+:mod:`tracker.udp_server` beside it when configured) and node liveness
 (:mod:`tracker.liveness`), with their state under the keys of :mod:`tracker.state`.
 Errors become ``{"error": {"code", "message"}}`` JSON in one middleware; tracker routes
 answer a bencoded ``failure reason`` instead, as BitTorrent clients expect.
@@ -39,7 +39,7 @@ from .state import (CONFIG, FIRST_COPY, ORIGINS, STATS, STORE, SWARMS, UDP_TRACK
                     WRITE_LOCK, OriginCache, Stats)
 from .store import RegistryStore
 from .swarm import SwarmRegistry
-from .udp import UdpTracker, start_udp_tracker
+from .udp_server import UdpTracker, start_udp_tracker
 from .webseed import webseed
 
 __all__ = [

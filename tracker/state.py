@@ -19,7 +19,7 @@ from .federation import Upstream
 from .firstcopy import FirstCopyGate
 from .store import RegistryStore
 from .swarm import SwarmRegistry
-from .udp import UdpTrackerProtocol
+from .udp_server import UdpTrackerProtocol
 
 
 @dataclass
