@@ -19,8 +19,8 @@ from aiohttp import web
 
 from modelcast.config import TrackerConfig
 from harness.procs import ServiceProcess, free_port, modelcast_argv
-from tracker.protocol import bdecode, torrent_info_bytes
-from tracker.server import UPSTREAM, make_app
+from tracker.app import UPSTREAM, make_app
+from tracker.bencode import bdecode, torrent_info_bytes
 
 from .helpers import TOKEN, make_model, metric, publish, registry_stats, run_cli, tree_hashes
 from .test_registry import AUTH, announce_query, bget, build_artifact, error_of, origin, upload  # noqa: F401

@@ -29,7 +29,7 @@ import pytest
 
 from modelcast.manifest import Manifest
 from harness.procs import free_port
-from tracker.protocol import bdecode, bencode, torrent_info_bytes
+from tracker.bencode import bdecode, bencode, torrent_info_bytes
 
 from .helpers import TOKEN, make_model, publish, registry_stats, run_cli, tree_hashes
 

@@ -21,8 +21,9 @@ from modelcast.manifest import FileEntry, InfoHashes, Manifest
 from adapters.origin import FileOrigin
 from harness.procs import ServiceProcess, free_port, modelcast_argv
 from tracker.client import RegistryClient
-from tracker.protocol import bdecode, decode_compact_peers, torrent_info_bytes
-from tracker.server import make_app
+from tracker.announce import decode_compact_peers
+from tracker.app import make_app
+from tracker.bencode import bdecode, torrent_info_bytes
 
 # libtorrent 2.1's Python bindings flag create_torrent(file_storage) as deprecated, but it
 # is the way to build a torrent from a file list in a test.

@@ -16,8 +16,8 @@ from modelcast.config import TrackerConfig
 from modelcast.errors import Conflict, Unauthorized
 from harness.procs import ServiceProcess, free_port, modelcast_argv
 from tracker.client import RegistryClient
-from tracker.protocol import bdecode
-from tracker.server import make_app
+from tracker.app import make_app
+from tracker.bencode import bdecode
 
 from .helpers import run_cli
 from .test_registry import (AUTH, TOKEN, announce_query, art, bget, build_artifact, cfg, client, error_of,  # noqa: F401

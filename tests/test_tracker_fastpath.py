@@ -22,8 +22,9 @@ import pytest
 from modelcast.config import TrackerConfig
 from harness.procs import ServiceProcess, free_port, modelcast_argv
 from tracker.fastpath import MAX_PIPELINED, parse_head
-from tracker.protocol import bdecode, decode_compact_peers
-from tracker.server import SWARMS, make_app, start_server
+from tracker.announce import decode_compact_peers
+from tracker.app import SWARMS, make_app, start_server
+from tracker.bencode import bdecode
 
 IH = bytes([0x26, 0x3D, 0x25, 0x2B, 0x00, 0xFF]) + bytes(range(14))  # '&', '=', '%', '+', NUL, 0xff
 PATHS = frozenset({b"/announce", b"/scrape"})

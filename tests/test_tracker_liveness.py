@@ -22,8 +22,9 @@ from modelcast.config import TrackerConfig
 from modelcast.manifest import Manifest
 from harness.procs import ServiceProcess, free_port, modelcast_argv
 from node_cache.client import NodeClient
-from tracker.protocol import Announce, SwarmCounts, bdecode, decode_compact_peers
-from tracker.server import SWARMS, make_app
+from tracker.announce import Announce, SwarmCounts, decode_compact_peers
+from tracker.app import SWARMS, make_app
+from tracker.bencode import bdecode
 from tracker.swarm import SwarmRegistry
 
 from .helpers import TOKEN, make_model, publish, start_node

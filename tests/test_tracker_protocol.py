@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tracker.protocol import (Announce, Peer, ProtocolError, SwarmCounts, bdecode, bencode, choose_peers, pack_addr,
-                              decode_compact_peers, encode_announce, encode_failure, encode_scrape, parse_announce,
-                              parse_scrape, set_announce, torrent_info_bytes)
+from tracker.announce import (Announce, Peer, SwarmCounts, decode_compact_peers, encode_announce, encode_failure,
+                              encode_scrape, pack_addr, parse_announce, parse_scrape)
+from tracker.bencode import ProtocolError, bdecode, bencode, set_announce, torrent_info_bytes
+from tracker.handout import choose_peers
 from tracker.swarm import SwarmRegistry, UnknownInfoHash
 
 # Bytes chosen to trip naive parsers: '&', '=', '%', '+', NUL, high bytes, not UTF-8.
@@ -304,7 +305,7 @@ def _handout_case(draw):
 @settings(max_examples=300, deadline=None)
 @given(_handout_case())
 def test_sample_peers_properties(case):
-    from tracker.protocol import bucket_peers, peer_tier, sample_peers
+    from tracker.handout import bucket_peers, peer_tier, sample_peers
 
     peers, me, numwant, seed = case
     chosen = sample_peers(bucket_peers(peers), me, numwant, random.Random(seed))
@@ -322,7 +323,7 @@ def test_sample_peers_properties(case):
 @settings(max_examples=100, deadline=None)
 @given(st.integers(2, 30), st.data())
 def test_sample_peers_is_random_within_a_tier(size, data):
-    from tracker.protocol import bucket_peers, sample_peers
+    from tracker.handout import bucket_peers, sample_peers
 
     numwant = data.draw(st.integers(1, size - 1))
     zone = data.draw(st.sampled_from(_ZONES))
@@ -334,7 +335,7 @@ def test_sample_peers_is_random_within_a_tier(size, data):
 
 
 def test_sample_peers_spreads_load_evenly():
-    from tracker.protocol import bucket_peers, sample_peers
+    from tracker.handout import bucket_peers, sample_peers
 
     buckets = bucket_peers([_peer(i, zone="a") for i in range(1, 31)] + [_peer(i, zone="b") for i in range(31, 41)])
     me = _peer(99, zone="c")  # both zones are "other zones": one tier of 40
@@ -367,7 +368,7 @@ class _HugeBucket:
 
 
 def test_sample_peers_never_scans_a_swarm():
-    from tracker.protocol import sample_peers
+    from tracker.handout import sample_peers
 
     buckets = {("a", True, False): _HugeBucket(10**6, "a", 0, 0),
                ("a", False, False): _HugeBucket(10**6, "a", 5, 10**6),
@@ -382,7 +383,7 @@ def test_sample_peers_never_scans_a_swarm():
 @given(_handout_case())
 def test_sample_peers_sole_is_the_same_choice(case):
     """``sole`` (exclusion by identity, as the swarm vouches) changes nothing where its promise holds."""
-    from tracker.protocol import bucket_peers, sample_peers
+    from tracker.handout import bucket_peers, sample_peers
 
     peers, me, numwant, seed = case
     if not any(p is me for p in peers):
@@ -396,7 +397,7 @@ def test_sample_peers_sole_is_the_same_choice(case):
 @given(_handout_case())
 def test_single_zone_gateways_change_nothing(case):
     """With one zone of ordinary peers, gateways limit nothing: the swarm skips building them."""
-    from tracker.protocol import bucket_peers, sample_peers
+    from tracker.handout import bucket_peers, sample_peers
 
     peers, me, numwant, seed = case
     peers = [p if p.origin_seed else Peer(p.peer_id, p.ip, p.port, p.left, "a") for p in peers]
@@ -490,7 +491,7 @@ def test_strict_zones_hand_out_only_the_own_zone_while_it_has_peers():
 
 def _check_swarm_invariants(reg: SwarmRegistry) -> None:
     """The indexes of every swarm agree with its entries (what the O(1) bookkeeping must keep true)."""
-    from tracker.protocol import bucket_key
+    from tracker.handout import bucket_key
 
     live = set()
     for swarm in reg.swarms():

@@ -13,6 +13,7 @@ import random
 import socket
 import struct
 import time
+from urllib.parse import quote_from_bytes
 
 import libtorrent as lt
 import pytest
@@ -21,14 +22,16 @@ from hypothesis import strategies as st
 
 from modelcast.config import TrackerConfig
 from adapters.origin import FileOrigin
-from tracker.protocol import Announce, Peer, SwarmCounts
-from tracker.server import SWARMS, UDP_TRACKER, make_app
+from tracker.announce import Announce, Peer, SwarmCounts, parse_announce
+from tracker.app import SWARMS, UDP_TRACKER, make_app
+from tracker.bencode import ProtocolError
 from tracker.swarm import SwarmRegistry
 from tracker.udp import (ACTION_ANNOUNCE, ACTION_CONNECT, ACTION_ERROR, ACTION_SCRAPE, MAX_ERROR_BYTES,
-                         MAX_SCRAPE_HASHES, PROTOCOL_ID, AnnounceRequest, ConnectionIds, ConnectRequest, ScrapeRequest,
-                         UdpProtocolError, UdpTracker, encode_announce, encode_announce_request, encode_connect,
+                         MAX_SCRAPE_HASHES, PROTOCOL_ID, AnnounceRequest, ConnectRequest, ScrapeRequest,
+                         UdpProtocolError, encode_announce, encode_announce_request, encode_connect,
                          encode_connect_request, encode_error, encode_scrape, encode_scrape_request, parse_options,
-                         parse_reply, parse_request, start_udp_tracker)
+                         parse_reply, parse_request)
+from tracker.udp_server import ConnectionIds, UdpTracker, start_udp_tracker
 
 from .test_registry import AUTH, TOKEN, build_artifact
 
@@ -125,6 +128,46 @@ def test_bep41_options():
     with pytest.raises(UdpProtocolError, match="invalid zone") as err:
         parse_request(announce_packet(tid=8) + url(b"/a?zone=bad zone"))
     assert err.value.transaction_id == 8
+
+
+
+def _http_and_udp(extensions: bytes):
+    """The same announce with the same extension query, over HTTP and over UDP: (result or error text) of each."""
+    http_query = (f"info_hash={quote_from_bytes(IH, safe='')}&peer_id={quote_from_bytes(PEER_ID, safe='')}"
+                  "&port=6881&left=2&").encode() + extensions
+    url_data = b"/announce?" + extensions
+    packet = announce_packet() + b"".join(url(url_data[i : i + 255]) for i in range(0, len(url_data), 255))
+    answers = []
+    for parse, data in ((parse_announce, http_query), (parse_request, packet)):
+        try:
+            a = parse(data)
+        except ProtocolError as exc:
+            answers.append(("refused", str(exc)))
+        else:
+            a = getattr(a, "announce", a)
+            answers.append(("accepted", a.zone, a.node, a.origin_seed))
+    return answers
+
+
+@pytest.mark.parametrize("extensions", [
+    b"zone=eu-1", b"zone=" + b"z" * 64, b"zone=" + b"z" * 65, b"zone=bad%20zone", b"zone=z%0A", b"zone=-z",
+    b"zone=z%FF", b"zone=", b"zone=default", b"zone=eu.1%3Arack_2", b"node=n1", b"node=abc%0A", b"node=" + b"n" * 65,
+    b"node=a%2Fb", b"node=node.x_y-z", b"node=%FF", b"node=", b"zone=eu-1&node=n%2F1", b"zone=eu-1&node=n-1&role=origin",
+    b"role=origin", b"role=%FF", b"zone=z1&zone=bad%20zone", b"zon%65=z2", b"%FF=1",
+])
+def test_http_and_udp_accept_and_refuse_the_same_zones_and_nodes(extensions):
+    http, udp = _http_and_udp(extensions)
+    assert http == udp
+
+
+@settings(max_examples=300, deadline=None)
+@given(zone=st.one_of(st.none(), st.binary(max_size=70)), node=st.one_of(st.none(), st.binary(max_size=70)),
+       role=st.one_of(st.none(), st.sampled_from([b"origin", b"seed", b"\xff"])))
+def test_http_and_udp_agree_on_any_zone_and_node(zone, node, role):
+    parts = [name + b"=" + quote_from_bytes(value, safe="").encode()
+             for name, value in ((b"zone", zone), (b"node", node), (b"role", role)) if value is not None]
+    http, udp = _http_and_udp(b"&".join(parts))
+    assert http == udp
 
 
 def test_scrape_request_layout():
