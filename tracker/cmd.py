@@ -1,6 +1,6 @@
 """``modelcast tracker`` (run the registry and tracker) and the registry client commands ``ls``, ``inspect``, ``rm``.
 
-Only argument parsing and wiring; the work is in :mod:`tracker.server` and :mod:`tracker.client`.
+Only argument parsing and wiring; the work is in :mod:`tracker.app` and :mod:`tracker.client`.
 """
 
 from __future__ import annotations
