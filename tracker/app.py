@@ -53,6 +53,9 @@ log = logging.getLogger("modelcast.tracker")
 # leaves room for any realistic torrent while bounding what one request can make us buffer.
 MAX_BODY_BYTES = 64 * 1024 * 1024
 
+# ---------------------------------------------------------------------------------------
+# Errors
+
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
                413: "too_large"}
 
