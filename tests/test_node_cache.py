@@ -228,8 +228,8 @@ def test_a_full_disk_fails_the_pull_clearly_keeps_other_artifacts_and_resumes_la
     big = make_model(tmp_path / "x", {"x.bin": big_size})
     publish(tracker.url, small, "disk/small:v1", (tmp_path / "origin").as_uri())
     digest = publish(tracker.url, big, "disk/big:v1", (tmp_path / "origin").as_uri())
-    node = start_node(small_fs, tracker.url, "n", "127.0.0.1", "default", "--download-limit", "6M",
-                      log_dir=tmp_path / "logs")
+    node = start_node(small_fs, tracker.url, "n", zone="default", extra=["--download-limit", "6M"],
+                      log_path=tmp_path / "logs" / "n.log")
     filler = small_fs / "filler"
     try:
         assert run_cli("pull", "disk/small:v1", "--node", node.url).returncode == 0
