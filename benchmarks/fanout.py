@@ -41,7 +41,7 @@ from publish import write_files  # noqa: E402
 
 from distributor.publish import publish_sync  # noqa: E402
 from modelcast.config import PublishConfig, parse_size  # noqa: E402
-from harness.procs import ServiceProcess, free_port, modelcast_argv  # noqa: E402
+from harness import NodeProcess, start_node, start_tracker  # noqa: E402
 from modelcast.reference import Reference  # noqa: E402
 from node_cache.client import NodeClient  # noqa: E402
 
@@ -88,22 +88,16 @@ def registry_stats(url: str) -> dict:
         return json.load(resp)
 
 
-def start_nodes(work: Path, tag: str, registry: str, args, shaping: str, p2p: bool) -> list[ServiceProcess]:
+def start_nodes(work: Path, tag: str, registry: str, args, shaping: str, p2p: bool) -> list[NodeProcess]:
     nodes = []
     for i in range(args.nodes):
         host, zone = node_addr(i, args.zones, args.nodes)
-        api = free_port(host)
         extra = ["--download-limit", str(args.rate)]
         if shaping == "libtorrent":
             extra += ["--upload-limit", str(args.rate)]
         if not p2p:
             extra.append("--no-p2p")
-        svc = ServiceProcess(
-            modelcast_argv("node", "--registry", registry, "--cache", str(work / f"{tag}-{i}"), "--api",
-                           f"{host}:{api}", "--peer-listen", f"{host}:{free_port(host)}", "--zone", zone, *extra),
-            f"http://{host}:{api}/v1/health", work / "logs" / f"{tag}-{i}.log", name=f"{tag}-{i}")
-        nodes.append(svc.start())
-        svc.url = f"http://{host}:{api}"
+        nodes.append(start_node(work, registry, f"{tag}-{i}", host=host, zone=zone, extra=extra))
     return nodes
 
 
@@ -126,12 +120,8 @@ def inner(args, shaping: str) -> dict:
     tracker = None
     try:
         write_files(work / "model", args.size, 4)
-        port = free_port(TRACKER_ADDR)
-        registry = f"http://{TRACKER_ADDR}:{port}"
-        tracker = ServiceProcess(modelcast_argv("tracker", "--listen", f"{TRACKER_ADDR}:{port}", "--data",
-                                                str(work / "registry"), "--token", "t",
-                                                "--zone-gateways", str(args.zone_gateways)),
-                                 f"{registry}/v1/health", work / "logs" / "tracker.log", name="tracker").start()
+        tracker = start_tracker(work, host=TRACKER_ADDR, token="t", extra=["--zone-gateways", str(args.zone_gateways)])
+        registry = tracker.url
         result = publish_sync(work / "model", Reference.parse("bench/fanout:v1"),
                               PublishConfig(registry=registry, origin=(work / "origin").as_uri(), token="t"))
         size = result.manifest.total_size

@@ -27,7 +27,7 @@ from publish import write_files  # noqa: E402
 
 from distributor.publish import publish_sync  # noqa: E402
 from modelcast.config import PublishConfig, parse_size  # noqa: E402
-from harness.procs import ServiceProcess, free_port, modelcast_argv  # noqa: E402
+from harness import ServiceProcess, start_node, start_tracker  # noqa: E402
 from modelcast.reference import Reference  # noqa: E402
 from node_cache.client import NodeClient  # noqa: E402
 
@@ -68,20 +68,14 @@ def main() -> int:
     procs: list[ServiceProcess] = []
     try:
         write_files(work / "model", size, 4)
-        port = free_port()
-        registry = f"http://127.0.0.1:{port}"
-        procs.append(ServiceProcess(modelcast_argv("tracker", "--listen", f"127.0.0.1:{port}", "--data",
-                                                   str(work / "registry"), "--token", "t"),
-                                    f"{registry}/v1/health", work / "tracker.log", name="tracker").start())
+        procs.append(start_tracker(work, token="t", log_path=work / "tracker.log"))
+        registry = procs[-1].url
         result = publish_sync(work / "model", Reference.parse("bench/node:v1"),
                               PublishConfig(registry=registry, origin=(work / "origin").as_uri(), token="t"))
-        api = free_port()
-        procs.append(ServiceProcess(modelcast_argv("node", "--registry", registry, "--cache", str(work / "cache"),
-                                                   "--api", f"127.0.0.1:{api}", "--peer-listen",
-                                                   f"127.0.0.1:{free_port()}"),
-                                    f"http://127.0.0.1:{api}/v1/health", work / "node.log", name="node").start())
+        node = start_node(work, registry, "node", cache=work / "cache", log_path=work / "node.log")
+        procs.append(node)
         refs = ["bench/node:v1", result.digest]
-        out = asyncio.run(measure(f"http://127.0.0.1:{api}", refs, args.requests, result.digest))
+        out = asyncio.run(measure(node.url, refs, args.requests, result.digest))
         all_ms = [t * 1000 for ts in out["timings"].values() for t in ts]
         by_ref = {("tag" if ":" in r.split("@")[0] and not r.startswith("sha256") else "digest"):
                   {"p50_ms": round(percentile([t * 1000 for t in ts], 0.5), 3),

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from distributor.publish import publish_sync  # noqa: E402
 from modelcast.config import PublishConfig, parse_size  # noqa: E402
-from harness.procs import ServiceProcess, free_port, modelcast_argv  # noqa: E402
+from harness import start_tracker  # noqa: E402
 from modelcast.reference import Reference  # noqa: E402
 
 BLOCK = 64 << 20
@@ -102,11 +102,8 @@ def main() -> int:
         size = sum(p.stat().st_size for p in paths)
         read_all(paths)  # warm the page cache so both figures measure the same thing
         read_s = min(read_all(paths) for _ in range(2))
-        port = free_port()
-        tracker = ServiceProcess(modelcast_argv("tracker", "--listen", f"127.0.0.1:{port}", "--data",
-                                                str(work / "registry"), "--token", "t"),
-                                 f"http://127.0.0.1:{port}/v1/health", work / "tracker.log", name="tracker").start()
-        cfg = PublishConfig(registry=f"http://127.0.0.1:{port}", origin=(work / "origin").as_uri(), token="t")
+        tracker = start_tracker(work, token="t", log_path=work / "tracker.log")
+        cfg = PublishConfig(registry=tracker.url, origin=(work / "origin").as_uri(), token="t")
         result = publish_sync(work / "model", Reference.parse("bench/publish:v1"), cfg, progress=sys.stderr.isatty())
         again = publish_sync(work / "model", Reference.parse("bench/publish:v2"), cfg)
         write_s = durable_copy_s(paths[0], work / "copy-test")

@@ -66,7 +66,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness.procs import ServiceProcess, free_port, modelcast_argv  # noqa: E402
+from harness import ServiceProcess, free_port, modelcast_argv, start_tracker, wait_until  # noqa: E402
 
 TOKEN = "bench"
 SAMPLE_EVERY = 16  # answers decoded in full to check the peer list
@@ -77,7 +77,7 @@ DRAIN_S = 3.0  # after the deadline, how long answers still in flight are waited
 
 
 # ---------------------------------------------------------------------------------------
-# Load generator (runs in its own process; only the standard library and tracker.protocol)
+# Load generator (runs in its own process; only the standard library and tracker.bencode)
 
 
 def _pct(data: bytes) -> str:
@@ -149,7 +149,7 @@ def _check_http_body(body: bytes, summary: _Summary, sample: bool) -> None:
         return
     if not sample:
         return
-    from tracker.protocol import bdecode
+    from tracker.bencode import bdecode
 
     try:
         answer = bdecode(body, strict=False)
@@ -463,18 +463,15 @@ class Target:
 
 
 def start_modelcast(work: Path, udp: bool) -> tuple[ServiceProcess, Target]:
-    port = free_port()
-    argv = ["tracker", "--listen", f"127.0.0.1:{port}", "--data", str(work / "registry"), "--token", TOKEN,
-            # Peers re-announce less often than the default ttl here (50,000 peers, a few
-            # thousand announces a second): keep them all listed for the whole run.
-            "--peer-ttl", "3600", "--announce-interval", "1800"]
+    # Peers re-announce less often than the default ttl here (50,000 peers, a few
+    # thousand announces a second): keep them all listed for the whole run.
+    extra = ["--peer-ttl", "3600", "--announce-interval", "1800"]
     udp_port = None
     if udp:
         udp_port = free_port()
-        argv += ["--udp-listen", f"127.0.0.1:{udp_port}"]
-    svc = ServiceProcess(modelcast_argv(*argv), f"http://127.0.0.1:{port}/v1/health", work / "tracker.log",
-                         name="modelcast tracker").start()
-    return svc, Target("modelcast", "127.0.0.1", port, udp_port, svc.pid)
+        extra += ["--udp-listen", f"127.0.0.1:{udp_port}"]
+    svc = start_tracker(work, token=TOKEN, extra=extra, log_path=work / "tracker.log", name="modelcast tracker")
+    return svc, Target("modelcast", "127.0.0.1", svc.port, udp_port, svc.pid)
 
 
 def modelcast_has_udp() -> bool:
@@ -502,22 +499,26 @@ def start_opentracker(binary: str, work: Path, hashes: list[str]) -> tuple[subpr
     # whitelist is loaded by a thread after start).
     probe = _http_requests({"hashes": hashes[:1], "peers": 1, "event": "stopped", "numwant": 0, "host": "127.0.0.1",
                             "port": port, "keepalive": False, "peer_prefix": "-PROBE0-"})[0]
-    deadline = time.monotonic() + 15
-    while True:
+
+    def answering() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"opentracker exited with code {proc.returncode}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
                 s.sendall(probe)
                 answer = b""
                 while chunk := s.recv(4096):
                     answer += chunk
-            if answer.startswith(b"HTTP/1.1 200") and b"failure reason" not in answer:
-                return proc, target
         except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_process(proc)
-            raise RuntimeError(f"opentracker did not come up; see {work / 'opentracker.log'}")
-        time.sleep(0.1)
+            return False
+        return answer.startswith(b"HTTP/1.1 200") and b"failure reason" not in answer
+
+    try:
+        wait_until(answering, 15, 0.1, "opentracker to answer")
+    except (RuntimeError, TimeoutError):
+        stop_process(proc)
+        raise RuntimeError(f"opentracker did not come up; see {work / 'opentracker.log'}") from None
+    return proc, target
 
 
 def stop_process(proc: subprocess.Popen) -> None:
@@ -612,7 +613,7 @@ PROFILE_GROUPS = [
     ("swarm bookkeeping (announce, add, drop)", ("swarm.py",)),
     ("parse_announce (query split, unquote, checks)", ("parse_announce", "_split_query", "unquote_to_bytes",
                                                       "normalize_ip", "_int (", "_text (", "_hash20")),
-    ("announce handler (rest)", ("announce (tracker/server.py", "announce (server.py")),
+    ("announce handler (rest)", ("announce (tracker/endpoint.py", "announce (endpoint.py")),
     ("middlewares", ("_middleware", "middleware")),
     ("aiohttp response (headers, write)", ("web_response.py", "http_writer.py", "helpers.py")),
     ("aiohttp request object / routing", ("web_request.py", "web_urldispatcher.py", "web_app.py")),

@@ -23,7 +23,7 @@ import xxhash
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo_model import write_demo_model  # noqa: E402
 
-from harness.procs import ServiceProcess, free_port, modelcast_argv  # noqa: E402
+from harness import ServiceProcess, modelcast_argv, start_node, start_tracker  # noqa: E402
 from modelcast.units import human_bytes  # noqa: E402
 from node_cache.client import NodeClient  # noqa: E402
 
@@ -91,11 +91,8 @@ def main() -> int:
         print(f"1. generating a {args.size} MB model in {work / 'model'}")
         model = write_demo_model(work / "model", total_bytes=args.size << 20)
 
-        port = free_port()
-        registry = f"http://127.0.0.1:{port}"
-        tracker = ServiceProcess(modelcast_argv("tracker", "--listen", f"127.0.0.1:{port}", "--data",
-                                                str(work / "registry"), "--token", TOKEN),
-                                 f"{registry}/v1/health", logs / "tracker.log", name="tracker").start()
+        tracker = start_tracker(work, token=TOKEN, log_path=logs / "tracker.log")
+        registry = tracker.url
         procs.append(tracker)
         print(f"2. registry and tracker on {registry}")
 
@@ -113,15 +110,10 @@ def main() -> int:
 
         nodes = []
         for i in range(args.nodes):
-            host = f"127.0.0.{i + 2}"
-            api = free_port(host)
             name = f"node-{i + 1}"
-            svc = ServiceProcess(
-                modelcast_argv("node", "--registry", registry, "--cache", str(work / name), "--api", f"{host}:{api}",
-                               "--peer-listen", f"{host}:{free_port(host)}", "--zone", "demo"),
-                f"http://{host}:{api}/v1/health", logs / f"{name}.log", name=name)
-            procs.append(svc.start())
-            nodes.append((name, f"http://{host}:{api}"))
+            svc = start_node(work, registry, name, host=f"127.0.0.{i + 2}", zone="demo", log_path=logs / f"{name}.log")
+            procs.append(svc)
+            nodes.append((name, svc.url))
         print(f"4. {len(nodes)} node daemons up on 127.0.0.2-{len(nodes) + 1}; pulling demo/model:v1 on all at once")
 
         t0 = time.monotonic()

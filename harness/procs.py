@@ -7,12 +7,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
+from .wait import wait_until
+
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` now (the kernel's choice for port 0)."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -24,12 +26,17 @@ def modelcast_argv(*args: str) -> list[str]:
 
 
 class ServiceProcess:
-    """A modelcast service in its own process, ready once its health URL answers."""
+    """A modelcast service in its own process, ready once its health URL answers.
+
+    ``url`` is the base URL clients use (by default, the health URL's scheme and address).
+    The process can be started again after a stop (a restart, on the same port).
+    """
 
     def __init__(self, argv: list[str], health_url: str, log_path: Path | None = None,
-                 env: dict[str, str] | None = None, name: str = "service"):
+                 env: dict[str, str] | None = None, name: str = "service", url: str | None = None):
         self.argv = argv
         self.health_url = health_url
+        self.url = url or "/".join(health_url.split("/", 3)[:3])
         self.log_path = log_path
         self.name = name
         self.env = {**os.environ, **(env or {})}
@@ -48,20 +55,26 @@ class ServiceProcess:
         return self
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        """Wait until the health URL answers 200; stop the process if it does not in time."""
+
+        def answering() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with code {self.proc.returncode} before it was ready"
+                code = self.proc.returncode
+                self.stop()  # closes the log
+                raise RuntimeError(f"{self.name} exited with code {code} before it was ready"
                                    + (f"; see {self.log_path}" if self.log_path else ""))
             try:
                 with urllib.request.urlopen(self.health_url, timeout=1) as resp:
-                    if resp.status == 200:
-                        return
+                    return resp.status == 200
             except OSError:
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"{self.name} not ready at {self.health_url} within {timeout_s:.0f}s")
+                return False
+
+        try:
+            wait_until(answering, timeout_s, 0.05, f"{self.name} at {self.health_url}")
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(f"{self.name} not ready at {self.health_url} within {timeout_s:.0f}s"
+                               + (f"; see {self.log_path}" if self.log_path else "")) from None
 
     @property
     def pid(self) -> int | None:

@@ -13,7 +13,7 @@ import stat
 import subprocess
 from pathlib import Path
 
-from harness.procs import ServiceProcess, free_port, modelcast_argv
+from harness import NodeProcess, TrackerProcess, free_port, modelcast_argv, start_node, start_tracker
 
 from . import ray_api
 from .config import ENV_NODE_URL, LABEL_ZONE, RAY_PLUGINS_ENV, RAY_URI_CACHE_ENV, plugin_env_value
@@ -32,11 +32,11 @@ class LocalFleet:
         self.cpus_per_node = cpus_per_node
         self.download_limit = download_limit
         self.node_env = node_env or {}
-        self.registry: ServiceProcess | None = None
+        self.registry: TrackerProcess | None = None
         self.registry_url = ""
         self.origin = (self.work / "origin").as_uri()
         self.api_ports = [free_port() for _ in range(nodes)]
-        self.daemons: list[ServiceProcess | None] = [None] * nodes
+        self.daemons: list[NodeProcess | None] = [None] * nodes
         self.cluster = None
 
     # ---- services -------------------------------------------------------------------------
@@ -50,12 +50,8 @@ class LocalFleet:
         return f"z{i}"
 
     def start_registry(self) -> str:
-        port = free_port()
-        self.registry = ServiceProcess(
-            modelcast_argv("tracker", "--listen", f"127.0.0.1:{port}", "--data", str(self.work / "registry"),
-                           "--token", TOKEN),
-            f"http://127.0.0.1:{port}/v1/health", self.work / "logs" / "tracker.log", name="tracker").start()
-        self.registry_url = f"http://127.0.0.1:{port}"
+        self.registry = start_tracker(self.work, token=TOKEN)
+        self.registry_url = self.registry.url
         return self.registry_url
 
     def publish(self, path: Path, ref: str) -> str:
@@ -66,17 +62,13 @@ class LocalFleet:
             raise RuntimeError(f"publish {ref} failed: {out.stderr.strip()}")
         return out.stdout.strip().splitlines()[-1]
 
-    def start_daemon(self, i: int) -> ServiceProcess:
+    def start_daemon(self, i: int) -> NodeProcess:
         extra = ["--download-limit", self.download_limit] if self.download_limit else []
-        svc = ServiceProcess(
-            modelcast_argv("node", "--registry", self.registry_url, "--cache", str(self.cache_dir(i)),
-                           "--api", f"127.0.0.1:{self.api_ports[i]}", "--peer-listen", f"127.0.0.1:{free_port()}",
-                           "--zone", self.zone(i), "--token", TOKEN, *extra),
-            f"{self.node_url(i)}/v1/health", self.work / "logs" / f"node-{i}.log", name=f"node-{i}")
-        self.daemons[i] = svc.start()
-        return svc
+        self.daemons[i] = start_node(self.work, self.registry_url, f"node-{i}", cache=self.cache_dir(i),
+                                     api_port=self.api_ports[i], zone=self.zone(i), token=TOKEN, extra=extra)
+        return self.daemons[i]
 
-    def ensure_daemon(self, i: int) -> ServiceProcess:
+    def ensure_daemon(self, i: int) -> NodeProcess:
         return self.daemons[i] or self.start_daemon(i)
 
     def ray_node_args(self, i: int) -> dict:

@@ -1,45 +1,41 @@
-"""Shared fixtures: real services in real processes on loopback."""
+"""Shared fixtures: real services in real processes on loopback, and the registry tests' parts.
+
+Plain functions (tokens, the CLI, artifact builders, readers, waits) are in helpers.py;
+the process starters are harness.start_tracker / harness.start_node.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
 import time
-import urllib.request
+import uuid
+from pathlib import Path
 
 import pytest
 
-from harness.procs import ServiceProcess, free_port, modelcast_argv
+from adapters.origin import FileOrigin
+from modelcast.config import ENV_WHEELHOUSE, TrackerConfig
+from modelcast.runtime_index import compatible_platforms
+from tracker.app import make_app
 
-S3_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
+from .helpers import (CI_SPEC, PLATFORM, PYTHON, S3_ENV, TOKEN, WHEELS, Built, NodeProcess, ServiceProcess,
+                      build_artifact, free_port, run_cli, start_node, start_tracker, wheelhouse_dir)
+
+# -- S3 ----------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3-compatible server (moto in server mode) as a separate process."""
     port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **S3_ENV},
-        )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=1)
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail(f"moto server did not start; log: {log.read_text()[-2000:]}")
-            time.sleep(0.1)
+    moto = ServiceProcess([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                          health_url=url + "/moto-api/", log_path=tmp_path_factory.mktemp("moto") / "moto.log",
+                          env=S3_ENV, name="moto server")
+    moto.start()
     saved = {k: os.environ.get(k) for k in S3_ENV}
     os.environ.update(S3_ENV)
     yield url
@@ -48,15 +44,12 @@ def s3_server(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-    proc.terminate()
-    proc.wait(10)
+    moto.stop()
 
 
 @pytest.fixture
 def s3_bucket(s3_server):
     """A fresh bucket on the S3 server; yields (endpoint_url, bucket)."""
-    import uuid
-
     import boto3
 
     name = f"mc-{uuid.uuid4().hex[:12]}"
@@ -69,34 +62,113 @@ def _boto_kwargs() -> dict:
             "region_name": S3_ENV["AWS_DEFAULT_REGION"]}
 
 
+# -- processes ---------------------------------------------------------------------------
+
+
 @pytest.fixture
 def tracker(tmp_path):
-    """A registry + tracker process on 127.0.0.1 with token 'secret'; yields its URL."""
-    port = free_port()
-    svc = ServiceProcess(
-        modelcast_argv("tracker", "--listen", f"127.0.0.1:{port}", "--data", str(tmp_path / "registry"),
-                       "--token", "secret"),
-        health_url=f"http://127.0.0.1:{port}/v1/health",
-        log_path=tmp_path / "logs" / "tracker.log", env=S3_ENV, name="tracker",
-    )
-    svc.start()
-    svc.url = f"http://127.0.0.1:{port}"
+    """A registry + tracker process on 127.0.0.1 with token 'secret'; yields it (``.url``)."""
+    svc = start_tracker(tmp_path, token=TOKEN, env=S3_ENV)
     yield svc
     svc.stop()
 
 
 @pytest.fixture
 def node_factory(tmp_path):
-    """Start real node daemons (``start(registry, name, *flags, host=...)``); all stopped at the end."""
-    from .helpers import start_node
+    """Start real node daemons (``start(registry, name, *flags, host=..., zone=...)``); all stopped at the end."""
+    started: list[NodeProcess] = []
 
-    started: list[ServiceProcess] = []
-
-    def start(registry: str, name: str, *extra: str, host: str = "127.0.0.1", zone: str = "default"):
-        svc = start_node(tmp_path, registry, name, host, zone, *extra)
+    def start(registry: str, name: str, *extra: str, host: str = "127.0.0.1", zone: str = "default") -> NodeProcess:
+        svc = start_node(tmp_path, registry, name, host=host, zone=zone, extra=extra)
         started.append(svc)
         return svc
 
     yield start
     for svc in started:
+        svc.stop()
+
+
+# -- the registry as an in-process aiohttp app ---------------------------------------------
+
+
+@pytest.fixture
+def origin(tmp_path) -> FileOrigin:
+    """A file origin in ``tmp_path/origin``."""
+    return FileOrigin(tmp_path / "origin")
+
+
+@pytest.fixture
+def cfg(tmp_path) -> TrackerConfig:
+    """The registry's config for the ``client`` fixture: write token 'secret', a 60 s peer TTL."""
+    return TrackerConfig(data_dir=tmp_path / "registry", token=TOKEN, peer_ttl_s=60)
+
+
+@pytest.fixture
+async def client(aiohttp_client, cfg):
+    """An aiohttp test client of the registry app, served on this test's event loop."""
+    return await aiohttp_client(make_app(cfg))
+
+
+@pytest.fixture
+def art(tmp_path) -> Built:
+    """The default test artifact ``demo/model`` (two files, hybrid torrent), not yet published."""
+    return build_artifact(tmp_path)
+
+
+# -- runtime layers ------------------------------------------------------------------------
+#
+# The wheelhouse (``$MODELCAST_WHEELHOUSE``, default ``~/.cache/modelcast/wheelhouse``) holds
+# onnxruntime, onnxruntime-gpu and onnxruntime-cann with their dependencies for CPython 3.11
+# on manylinux_2_28_x86_64: about 325 MB, downloaded once, then every build is offline.
+
+
+@pytest.fixture(scope="session")
+def wheelhouse() -> Path:
+    """The cached wheelhouse; downloaded (with dependencies, for the target platform) only once."""
+    where = wheelhouse_dir()
+    key = hashlib.sha256(repr((WHEELS, PLATFORM, PYTHON)).encode()).hexdigest()[:16]
+    done = where / f".complete-{key}"
+    if not done.exists():
+        where.mkdir(parents=True, exist_ok=True)
+        platforms = [arg for tag in compatible_platforms(PLATFORM) for arg in ("--platform", tag)]
+        out = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+                              "-d", str(where), "--only-binary=:all:", *platforms, "--python-version", PYTHON,
+                              "--implementation", "cp", *WHEELS], capture_output=True, text=True, timeout=1800)
+        if out.returncode != 0:
+            pytest.fail(f"could not download the test wheelhouse into {where} (needs PyPI once; or set "
+                        f"{ENV_WHEELHOUSE} to a directory holding {', '.join(WHEELS)} and their dependencies): "
+                        f"{out.stderr.strip()[-1500:]}")
+        done.write_text("\n".join(WHEELS) + "\n")
+    return where
+
+
+class BuiltRuntime:
+    """A registry holding ort:1.31.1 built from the CI spec, and the kept layer artifacts."""
+
+    def __init__(self, registry: str, origin: str, out: Path, index_digest: str, build_output: str,
+                 tmp: Path, seconds: float):
+        self.registry, self.origin, self.out = registry, origin, out
+        self.index_digest, self.build_output, self.tmp, self.seconds = index_digest, build_output, tmp, seconds
+        self.ref = "ort:1.31.1"
+
+
+@pytest.fixture(scope="module")
+def built_runtime(wheelhouse, tmp_path_factory):
+    """A registry process and ``modelcast runtime build`` of the CI spec (cpu, cuda13, cann8.0) into it."""
+    tmp = tmp_path_factory.mktemp("runtime")
+    svc = start_tracker(tmp, token=TOKEN, env=S3_ENV)
+    registry = svc.url
+    origin = (tmp / "origin").as_uri()
+    t0 = time.monotonic()
+    out = run_cli("runtime", "build", str(CI_SPEC), "--registry", registry, "--origin", origin, "--token", TOKEN,
+                  "--wheelhouse", str(wheelhouse), "--out", str(tmp / "layers"), timeout=600)
+    seconds = time.monotonic() - t0
+    if out.returncode != 0:
+        svc.stop()
+        pytest.fail(f"runtime build failed: {out.stderr}")
+    print(out.stdout, f"build of 3 variants took {seconds:.1f} s", sep="\n")
+    try:
+        yield BuiltRuntime(registry, origin, tmp / "layers", out.stdout.strip().splitlines()[-1], out.stdout, tmp,
+                           seconds)
+    finally:
         svc.stop()

@@ -1,17 +1,47 @@
-"""Helpers for the end-to-end tests: run the real CLI and real node daemons."""
+"""The tests' one helpers module (fixtures live in conftest.py).
+
+The tokens; running the real CLI; making models and hashing trees; reading a node's
+metrics and a registry's stats; the registry tests' artifact, built with the publisher's
+own torrent code; the runtime tests' spec and wheelhouse.  Starting a tracker or a node
+and waiting on a condition are shipped in :mod:`harness` (the benchmarks and the demo
+use them too) and re-exported here.
+"""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
+import random
 import subprocess
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote_from_bytes
 
 import xxhash
 
-from harness.procs import ServiceProcess, free_port, modelcast_argv
+from adapters import torrent as lt_adapter
+from adapters.origin import FileOrigin
+from harness import (NodeProcess, ServiceProcess, TrackerProcess, free_port, modelcast_argv, start_node,  # noqa: F401
+                     start_tracker, wait_until, wait_until_async)
+from modelcast.config import ENV_WHEELHOUSE, env_str
+from modelcast.manifest import FileEntry, Manifest
+from tracker.bencode import bdecode, bencode
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TOKEN = "secret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+# Credentials of the test S3 server (moto); the registry gets them through its environment.
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+# -- the CLI, models, trees --------------------------------------------------------------
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -21,8 +51,6 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subpro
 
 def make_model(root: Path, sizes: dict[str, int], seed: int = 1) -> Path:
     """Write files of the given sizes with seeded pseudo-random bytes."""
-    import random
-
     rng = random.Random(seed)
     for rel, size in sizes.items():
         p = root / rel
@@ -37,6 +65,7 @@ def tree_hashes(root: Path) -> dict[str, str]:
 
 
 def publish(registry: str, path: Path, ref: str, origin: str, *extra: str) -> str:
+    """``modelcast publish`` with the test token; returns the digest."""
     out = run_cli("publish", str(path), ref, "--registry", registry, "--origin", origin, "--token", TOKEN, *extra)
     assert out.returncode == 0, out.stderr
     digest = out.stdout.strip().splitlines()[-1]
@@ -44,20 +73,11 @@ def publish(registry: str, path: Path, ref: str, origin: str, *extra: str) -> st
     return digest
 
 
-def start_node(tmp: Path, registry: str, name: str, host: str = "127.0.0.1", zone: str = "default",
-               *extra: str, log_dir: Path | None = None) -> ServiceProcess:
-    api = free_port(host)
-    svc = ServiceProcess(
-        modelcast_argv("node", "--registry", registry, "--cache", str(tmp / name), "--api", f"{host}:{api}",
-                       "--peer-listen", f"{host}:{free_port(host)}", "--zone", zone, *extra),
-        f"http://{host}:{api}/v1/health", (log_dir or tmp / "logs") / f"{name}.log", name=name)
-    svc.start()
-    svc.url = f"http://{host}:{api}"
-    svc.cache = tmp / name
-    return svc
+# -- readers -----------------------------------------------------------------------------
 
 
 def metric(node_url: str, name: str) -> float:
+    """One unlabelled sample of a node's Prometheus metrics."""
     with urllib.request.urlopen(f"{node_url}/metrics", timeout=5) as resp:
         for line in resp.read().decode().splitlines():
             if line.startswith(name + " "):
@@ -66,7 +86,120 @@ def metric(node_url: str, name: str) -> float:
 
 
 def registry_stats(registry: str) -> dict:
-    import json
-
     with urllib.request.urlopen(f"{registry}/v1/stats", timeout=5) as resp:
         return json.load(resp)
+
+
+# -- the registry tests' artifact --------------------------------------------------------
+
+PIECE = 256 * 1024
+
+
+@dataclass
+class Built:
+    manifest: Manifest
+    torrent: bytes
+    root: Path  # parent dir holding <torrent_name>/<files>
+    data: dict[str, bytes]
+
+    @property
+    def digest(self) -> str:
+        return self.manifest.digest
+
+    def body(self, origin: FileOrigin, tag: str | None = "v1", **over) -> dict:
+        body = {"manifest": self.manifest.body(), "torrent": base64.b64encode(self.torrent).decode(),
+                "origin": {"url": origin.url, "s3_endpoint": None}, "tag": tag}
+        body.update(over)
+        return body
+
+
+def build_artifact(where: Path, name: str = "demo/model", files: dict[str, bytes] | None = None,
+                   created: str = "2025-01-01T00:00:00Z", torrent_files: dict[str, int] | None = None,
+                   symlink: str | None = None) -> Built:
+    """Write files, make their private torrent as publish does (hybrid v1+v2), and a manifest.
+
+    ``torrent_files`` makes the torrent describe other files than the manifest (zero-filled
+    stand-ins of those sizes); ``symlink`` adds a symlink entry to the torrent, which no
+    publisher makes: it is written into a v1 torrent's file list, and the manifest carries
+    that torrent's info-hash, so only the symlink is wrong with it.
+    """
+    if files is None:
+        rnd = random.Random(name)  # same name, same bytes: lets tests share a content key
+        files = {"a.bin": rnd.randbytes(300_000), "sub/b.bin": rnd.randbytes(1234)}
+    root = where / f"src-{abs(hash((name, created))) % 10**8}"
+    for path, data in files.items():
+        p = root / "model" / path
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    if torrent_files:
+        entries = []
+        for path, size in sorted(torrent_files.items()):
+            stand_in = root / "torrent-only" / path
+            stand_in.parent.mkdir(parents=True, exist_ok=True)
+            stand_in.write_bytes(b"\0" * size)
+            entries.append((path, str(stand_in), size))
+    else:
+        entries = [(path, str(root / "model" / path), len(data)) for path, data in sorted(files.items())]
+    torrent = lt_adapter.build_torrent(entries, "model", PIECE, v1_only=symlink is not None)
+    if symlink:
+        meta = bdecode(torrent)
+        meta[b"info"][b"files"].append({b"attr": b"l", b"length": 0, b"path": [symlink.encode()],
+                                        b"symlink path": [b"a.bin"]})
+        torrent = bencode(meta)
+    manifest = Manifest(
+        kind="model", name=name,
+        files=tuple(FileEntry(p, len(d), xxhash.xxh3_128_hexdigest(d)) for p, d in sorted(files.items())),
+        piece_length=PIECE, info_hash=lt_adapter.info_hashes(torrent), torrent_name="model",
+        created=created, annotations={"framework": "test"},
+    )
+    return Built(manifest, torrent, root, files)
+
+
+def upload(built: Built, origin: FileOrigin) -> None:
+    for f in built.manifest.files:
+        origin.put_blob(f.xxh3_128, built.root / "model" / f.path, f.size)
+
+
+async def api_publish(client, built: Built, origin: FileOrigin, tag: str | None = "v1",
+                      status: int | None = 201) -> dict:
+    """``POST /v1/artifacts`` through an aiohttp test client; checks ``status`` unless None."""
+    resp = await client.post("/v1/artifacts", json=built.body(origin, tag), headers=AUTH)
+    body = await resp.json()
+    if status is not None:
+        assert resp.status == status, body
+    return body
+
+
+async def error_of(resp, status: int) -> dict:
+    """The ``error`` object of a JSON error answer, after checking its status and shape."""
+    assert resp.status == status, await resp.text()
+    body = await resp.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
+    return body["error"]
+
+
+def announce_query(info_hash: bytes, n: int, **extra) -> str:
+    """The query string of peer ``n``'s announce (port 7000 + n), every byte percent-encoded."""
+    params = {"info_hash": info_hash, "peer_id": f"-MC0001-{n:012d}".encode(), "port": str(7000 + n),
+              "uploaded": "0", "downloaded": "0", "left": "0", "compact": "1", **extra}
+    return "&".join(f"{k}={quote_from_bytes(v if isinstance(v, bytes) else str(v).encode(), safe='')}"
+                    for k, v in params.items())
+
+
+async def bget(client, path: str) -> dict:
+    """GET a tracker path and decode its bencoded answer."""
+    resp = await client.get(path)
+    assert resp.status == 200 and resp.content_type == "text/plain"
+    return bdecode(await resp.read())
+
+
+# -- the runtime tests' spec and wheelhouse ----------------------------------------------
+
+CI_SPEC = ROOT / "runtime_builder" / "specs" / "ort-ci.toml"
+PLATFORM = "manylinux_2_28_x86_64"
+PYTHON = "3.11"
+WHEELS = ("onnxruntime==1.31.1", "onnxruntime-gpu==1.31.1", "onnxruntime-cann==1.24.4")
+
+
+def wheelhouse_dir() -> Path:
+    return Path(env_str(ENV_WHEELHOUSE) or Path.home() / ".cache" / "modelcast" / "wheelhouse").expanduser()

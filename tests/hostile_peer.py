@@ -6,10 +6,12 @@ bytes in every piece in place; libtorrent serves from the page cache, so peers r
 bytes that fail the piece hashes.  Prints CORRUPTED when ready, runs until killed.
 """
 
+import signal
 import sys
-import time
 
 import libtorrent as lt
+
+from harness import wait_until
 
 
 def main() -> None:
@@ -27,11 +29,10 @@ def main() -> None:
     atp.save_path = parent
     atp.trackers = [announce]
     handle = ses.add_torrent(atp)
-    deadline = time.monotonic() + 60
-    while not handle.status().is_seeding:
-        if time.monotonic() > deadline:
-            raise SystemExit("hostile peer: could not verify its data")
-        time.sleep(0.05)
+    try:
+        wait_until(lambda: handle.status().is_seeding, 60, message="the hostile peer to verify its data")
+    except TimeoutError as exc:
+        raise SystemExit(f"hostile peer: {exc}") from None
     fs = ti.layout()
     plen = ti.piece_length()
     for i in range(fs.num_files()):
@@ -43,8 +44,8 @@ def main() -> None:
                 f.write(b"\xff")
     handle.force_reannounce()
     print("CORRUPTED", flush=True)
-    while True:
-        time.sleep(1)
+    while True:  # seed (libtorrent's threads) until the test kills this process
+        signal.pause()
 
 
 if __name__ == "__main__":

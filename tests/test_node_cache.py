@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.procs import free_port
-
-from .helpers import make_model, metric, publish, registry_stats, run_cli, start_node, tree_hashes
+from .helpers import (free_port, make_model, metric, publish, registry_stats, run_cli, start_node, tree_hashes,
+                      wait_until)
 
 MiB = 1 << 20
 HERE = Path(__file__).resolve().parent
@@ -28,16 +27,6 @@ def status(node_url: str) -> dict:
 
 def job(node_url: str, digest: str) -> dict | None:
     return next((a for a in status(node_url)["artifacts"] if a["digest"] == digest), None)
-
-
-def wait_for(pred, timeout: float = 60, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def complete_dirs(cache: Path) -> list[Path]:
@@ -59,7 +48,9 @@ def test_quota_evicts_least_recently_used_never_pinned_and_refuses_what_cannot_f
     assert run_cli("node", "pin", "q/a:v1", "--node", node.url).returncode == 0
     for ref in ("q/a:v1", "q/b:v1"):
         assert run_cli("pull", ref, "--node", node.url).returncode == 0
-    time.sleep(0.05)
+    # Recency is the wall clock: once it is past b's stamp, using a again makes a the more recent.
+    b_used = job(node.url, d["b"])["last_used"]
+    wait_until(lambda: time.time() > b_used, 5, 0.01, "the clock to pass b's last use")
     assert run_cli("pull", "q/a:v1", "--node", node.url).returncode == 0  # a is now the most recent
     # c does not fit next to a and b: b (unpinned, least recently used) goes, a (pinned) stays.
     assert run_cli("pull", "q/c:v1", "--node", node.url).returncode == 0
@@ -95,16 +86,16 @@ def test_sigkill_at_any_moment_never_shows_a_half_artifact_and_resume_fetches_no
     served_before = registry_stats(tracker.url)["origin_bytes_served"]
     run_cli("pull", "crash/m:v1", "--no-wait", "--node", node.url)
     for fraction in (0.2, 0.5, 0.8):
-        kept = wait_for(lambda: (j := job(node.url, digest)) and j["done_bytes"] >= fraction * size
-                        and j["done_bytes"], what=f"{fraction:.0%} done")
+        kept = wait_until(lambda: (j := job(node.url, digest)) and j["done_bytes"] >= fraction * size
+                          and j["done_bytes"], 60, message=f"{fraction:.0%} done")
         node.kill()
         served_at_kill = registry_stats(tracker.url)["origin_bytes_served"]
         # Never complete before every file verified: whatever is complete is whole.
         for path in complete_dirs(node.cache):
             assert tree_hashes(path) == source
         node.start()  # resumes on its own
-    path = Path(wait_for(lambda: (j := job(node.url, digest)) and j["state"] == "ready" and j["path"],
-                         what="ready after restarts"))
+    path = Path(wait_until(lambda: (j := job(node.url, digest)) and j["state"] == "ready" and j["path"],
+                           60, message="ready after restarts"))
     assert tree_hashes(path) == source
     # What was verified before the last kill was not fetched again; the slack is what was
     # in flight (requested, not yet verified) when the node died: 4 requests of 1.5 MiB.
@@ -119,7 +110,7 @@ def test_sigterm_saves_resume_data_and_exits_within_5s(tracker, node_factory, tm
     digest = publish(tracker.url, model, "term/m:v1", (tmp_path / "origin").as_uri())
     node = node_factory(tracker.url, "n", "--download-limit", "6M")
     run_cli("pull", "term/m:v1", "--no-wait", "--node", node.url)
-    wait_for(lambda: (j := job(node.url, digest)) and j["done_bytes"] >= size / 3, what="a third done")
+    wait_until(lambda: (j := job(node.url, digest)) and j["done_bytes"] >= size / 3, 60, message="a third done")
     served = registry_stats(tracker.url)["origin_bytes_served"]
     t0 = time.monotonic()
     code = node.stop(timeout_s=10)
@@ -127,7 +118,7 @@ def test_sigterm_saves_resume_data_and_exits_within_5s(tracker, node_factory, tm
     assert (node.cache / "resume" / "sha256" / digest.split(":")[1]).exists()
     assert (node.cache / "state" / "clean_stop").exists()
     node.start()
-    wait_for(lambda: (j := job(node.url, digest)) and j["state"] == "ready", what="ready after restart")
+    wait_until(lambda: (j := job(node.url, digest)) and j["state"] == "ready", 60, message="ready after restart")
     # The resume data written at stop was trusted: only what was missing came again.
     refetched = registry_stats(tracker.url)["origin_bytes_served"] - served
     assert refetched <= size * 2 / 3 + 8 * MiB, refetched
@@ -160,15 +151,15 @@ def test_corruption_is_caught_at_start_and_by_verify_and_repaired_from_the_swarm
     node.stop()
     flip(5 * MiB, keep_mtime=False)
     node.start()
-    wait_for(lambda: (j := job(node.url, digest)) and j["state"] == "ready" and not j["repairing"]
-             and metric(node.url, "modelcast_node_repairs_total") == 1, what="repair at start")
+    wait_until(lambda: (j := job(node.url, digest)) and j["state"] == "ready" and not j["repairing"]
+               and metric(node.url, "modelcast_node_repairs_total") == 1, 60, message="repair at start")
     assert tree_hashes(path) == tree_hashes(model)
     # 2. Changed behind its back with the mtime restored: `modelcast node verify` finds it.
     flip(9 * MiB, keep_mtime=True)
     out = run_cli("node", "verify", "rot/m:v1", "--node", node.url)
     assert out.returncode == 1 and "CORRUPT" in out.stdout
-    wait_for(lambda: (j := job(node.url, digest)) and j["state"] == "ready" and not j["repairing"],
-             what="repair after verify")
+    wait_until(lambda: (j := job(node.url, digest)) and j["state"] == "ready" and not j["repairing"],
+               60, message="repair after verify")
     assert tree_hashes(path) == tree_hashes(model)
     assert run_cli("node", "verify", "--node", node.url).returncode == 0
     assert metric(node.url, "modelcast_node_repairs_total") == 2
@@ -228,13 +219,13 @@ def test_a_full_disk_fails_the_pull_clearly_keeps_other_artifacts_and_resumes_la
     big = make_model(tmp_path / "x", {"x.bin": big_size})
     publish(tracker.url, small, "disk/small:v1", (tmp_path / "origin").as_uri())
     digest = publish(tracker.url, big, "disk/big:v1", (tmp_path / "origin").as_uri())
-    node = start_node(small_fs, tracker.url, "n", "127.0.0.1", "default", "--download-limit", "6M",
-                      log_dir=tmp_path / "logs")
+    node = start_node(small_fs, tracker.url, "n", zone="default", extra=["--download-limit", "6M"],
+                      log_path=tmp_path / "logs" / "n.log")
     filler = small_fs / "filler"
     try:
         assert run_cli("pull", "disk/small:v1", "--node", node.url).returncode == 0
         run_cli("pull", "disk/big:v1", "--no-wait", "--node", node.url)
-        wait_for(lambda: (j := job(node.url, digest)) and j["done_bytes"] >= 6 * MiB, what="6 MiB done")
+        wait_until(lambda: (j := job(node.url, digest)) and j["done_bytes"] >= 6 * MiB, 60, message="6 MiB done")
         with open(filler, "wb") as f:  # someone else fills the disk
             try:
                 while True:
@@ -242,8 +233,8 @@ def test_a_full_disk_fails_the_pull_clearly_keeps_other_artifacts_and_resumes_la
                     f.flush()
             except OSError:
                 pass
-        failed = wait_for(lambda: (j := job(node.url, digest)) and j["state"] == "failed" and j, timeout=60,
-                          what="pull to fail")
+        failed = wait_until(lambda: (j := job(node.url, digest)) and j["state"] == "failed" and j, 60,
+                            message="pull to fail")
         assert failed["error"]["code"] == "disk_full" and "free space and pull again" in failed["error"]["message"]
         assert not (node.cache / "artifacts" / "sha256" / digest.split(":")[1]).exists()
         assert run_cli("node", "verify", "disk/small:v1", "--node", node.url).returncode == 0

@@ -96,7 +96,7 @@ def test_a_file_rewritten_after_the_scan_is_caught(tmp_path):
     model = make_model(tmp_path / "m", {"a.bin": 100})
     files = scan(model)
     check_unchanged(files)
-    time.sleep(0.01)
+    # A new size: caught however coarse the file system's clock is (the time may not move).
     (model / "a.bin").write_bytes(b"y" * 101)
     with pytest.raises(ModelcastError, match="changed while it was being published"):
         check_unchanged(files)
@@ -229,7 +229,7 @@ async def test_publish_keeps_the_event_loop_responsive(tracker, tmp_path):
     worst = 0.0
     while not task.done():
         t = time.monotonic()
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(0.005)  # measures the loop: how late this 5 ms sleep ends is what is tested
         worst = max(worst, time.monotonic() - t)
     result = await task
     assert result.uploaded_bytes == 128 * MiB

@@ -23,7 +23,7 @@ from ray import serve  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
 from harness.procs import free_port  # noqa: E402
-from tests.helpers import run_cli  # noqa: E402
+from tests.helpers import run_cli, wait_until  # noqa: E402
 from serve_glue import WarmArtifacts, model_loader, modelcast_options, multiplexed_model_id  # noqa: E402
 from serve_glue.testing import LocalFleet  # noqa: E402
 
@@ -172,16 +172,6 @@ def _replicas_by_node(url: str, tries: int = 40) -> dict[str, set[int]]:
     return seen
 
 
-def _wait(predicate, timeout: float, what: str, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 def _app_status(name: str) -> str:
     app = serve.status().applications.get(name)
     return app.status if app else "MISSING"
@@ -203,14 +193,19 @@ def test_serve_replicas_wait_for_warm_cache_then_replace_on_lost_artifact(fleet,
     ).bind()
     serve._run(app, name="onnx", route_prefix="/onnx", _blocking=False)
     # Cold: 24 MiB at 8 MiB/s per node; the replicas must not be ready before it is warm.
-    cold_checks, deadline = 0, time.monotonic() + 60
-    while not all(fleet.artifact_dir(i, digest).exists() for i in range(2)):
-        assert time.monotonic() < deadline, "the artifact never became warm on both nodes"
+    cold_checks = 0
+
+    def warm_on_both_nodes() -> bool:
+        nonlocal cold_checks
+        if all(fleet.artifact_dir(i, digest).exists() for i in range(2)):
+            return True
         assert _app_status("onnx") != "RUNNING", "application RUNNING while a node's cache is still cold"
         cold_checks += 1
-        time.sleep(0.1)
+        return False
+
+    wait_until(warm_on_both_nodes, 60, 0.1, "the artifact to become warm on both nodes")
     assert cold_checks >= 5, "the cache was warm before the replicas could be observed waiting"
-    _wait(lambda: _app_status("onnx") == "RUNNING", 90, "the application to run")
+    wait_until(lambda: _app_status("onnx") == "RUNNING", 90, 0.2, "the application to run")
     url = serve_url + "/onnx"
     before = _replicas_by_node(url)
 
@@ -229,7 +224,7 @@ def test_serve_replicas_wait_for_warm_cache_then_replace_on_lost_artifact(fleet,
         pids = seen.get(fleet.node_url(1), set())
         return seen if pids and old_pid not in pids else None
 
-    after = _wait(replaced, 90, "node 1's replica to be replaced", every=0.5)
+    after = wait_until(replaced, 90, 0.5, "node 1's replica to be replaced")
     assert set(after) == {fleet.node_url(0), fleet.node_url(1)}
     assert sorted(os.listdir(fleet.artifact_dir(1, digest))) == ["model.onnx", "weights.bin"]
     assert _app_status("onnx") == "RUNNING"

@@ -1,142 +1,38 @@
-"""The registry + tracker over real HTTP: a real aiohttp server, real torrents made with
-libtorrent, a real file origin, and a real ``modelcast tracker`` process for restarts."""
+"""The registry + tracker over real HTTP: a real aiohttp server, real torrents made by the
+publisher's own torrent code, a real file origin, real libtorrent clients, and a real
+``modelcast tracker`` process for restarts."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import random
-import time
-from dataclasses import dataclass
-from pathlib import Path
+import contextlib
 from urllib.parse import quote_from_bytes
 
 import libtorrent as lt
 import pytest
-import xxhash
 
 from modelcast.config import TrackerConfig
 from modelcast.errors import ArtifactNotFound, Unauthorized
-from modelcast.manifest import FileEntry, InfoHashes, Manifest
-from adapters.origin import FileOrigin
-from harness.procs import ServiceProcess, free_port, modelcast_argv
+from modelcast.manifest import Manifest
 from tracker.client import RegistryClient
 from tracker.announce import decode_compact_peers
 from tracker.app import make_app
 from tracker.bencode import bdecode, torrent_info_bytes
 
-# libtorrent 2.1's Python bindings flag create_torrent(file_storage) as deprecated, but it
-# is the way to build a torrent from a file list in a test.
+from .helpers import (AUTH, TOKEN, announce_query, api_publish, bget, build_artifact, error_of, free_port,
+                      start_tracker, upload, wait_until_async)
+
+# The libtorrent clients below are added with add_torrent(dict), which libtorrent 2.1's
+# Python bindings flag as deprecated.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-TOKEN = "secret"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-PIECE = 256 * 1024
-
-
-@dataclass
-class Built:
-    manifest: Manifest
-    torrent: bytes
-    root: Path  # parent dir holding <torrent_name>/<files>
-    data: dict[str, bytes]
-
-    @property
-    def digest(self) -> str:
-        return self.manifest.digest
-
-    def body(self, origin: FileOrigin, tag: str | None = "v1", **over) -> dict:
-        body = {"manifest": self.manifest.body(), "torrent": base64.b64encode(self.torrent).decode(),
-                "origin": {"url": origin.url, "s3_endpoint": None}, "tag": tag}
-        body.update(over)
-        return body
-
-
-def build_artifact(where: Path, name: str = "demo/model", files: dict[str, bytes] | None = None,
-                   created: str = "2025-01-01T00:00:00Z", torrent_files: dict[str, int] | None = None,
-                   symlink: str | None = None) -> Built:
-    """Write files, make a real (hybrid v1+v2, private) torrent with libtorrent, and a manifest.
-
-    ``torrent_files`` makes the torrent describe other files than the manifest;
-    ``symlink`` adds a symlink entry to the torrent.
-    """
-    if files is None:
-        rnd = random.Random(name)  # same name, same bytes: lets tests share a content key
-        files = {"a.bin": rnd.randbytes(300_000), "sub/b.bin": rnd.randbytes(1234)}
-    root = where / f"src-{abs(hash((name, created))) % 10**8}"
-    for path, data in files.items():
-        p = root / "model" / path
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-    fs = lt.file_storage()
-    for path, size in sorted((torrent_files or {p: len(d) for p, d in files.items()}).items()):
-        fs.add_file(f"model/{path}", size)
-        if torrent_files:
-            (root / "model" / path).parent.mkdir(parents=True, exist_ok=True)
-            (root / "model" / path).write_bytes(b"\0" * size)
-    flags = 0
-    if symlink:
-        fs.add_file(f"model/{symlink}", 0, lt.file_storage.flag_symlink, 0, "model/a.bin")
-        flags = lt.create_torrent.symlinks
-    ct = lt.create_torrent(fs, PIECE, flags)
-    ct.set_priv(True)
-    lt.set_piece_hashes(ct, str(root))
-    torrent = lt.bencode(ct.generate())
-    ih = lt.torrent_info(torrent).info_hashes()
-    manifest = Manifest(
-        kind="model", name=name,
-        files=tuple(FileEntry(p, len(d), xxhash.xxh3_128_hexdigest(d)) for p, d in sorted(files.items())),
-        piece_length=PIECE, info_hash=InfoHashes(v1=str(ih.v1), v2=str(ih.v2)), torrent_name="model",
-        created=created, annotations={"framework": "test"},
-    )
-    return Built(manifest, torrent, root, files)
-
-
-@pytest.fixture
-def origin(tmp_path) -> FileOrigin:
-    return FileOrigin(tmp_path / "origin")
-
-
-def upload(built: Built, origin: FileOrigin) -> None:
-    for f in built.manifest.files:
-        origin.put_blob(f.xxh3_128, built.root / "model" / f.path, f.size)
-
-
-@pytest.fixture
-def cfg(tmp_path) -> TrackerConfig:
-    return TrackerConfig(data_dir=tmp_path / "registry", token=TOKEN, peer_ttl_s=60)
-
-
-@pytest.fixture
-async def client(aiohttp_client, cfg):
-    return await aiohttp_client(make_app(cfg))
-
-
-@pytest.fixture
-def art(tmp_path) -> Built:
-    return build_artifact(tmp_path)
-
-
-async def publish(client, built: Built, origin: FileOrigin, tag: str | None = "v1", status: int | None = 201) -> dict:
-    resp = await client.post("/v1/artifacts", json=built.body(origin, tag), headers=AUTH)
-    body = await resp.json()
-    if status is not None:
-        assert resp.status == status, body
-    return body
-
-
-async def error_of(resp, status: int) -> dict:
-    assert resp.status == status, await resp.text()
-    body = await resp.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
-    return body["error"]
 
 
 # -- publish, resolve, auth ----------------------------------------------------------
 
 
 async def test_publish_and_resolve_all_reference_forms(client, art, origin):
-    body = await publish(client, art, origin)
+    body = await api_publish(client, art, origin)
     assert body == {"digest": art.digest, "name": "demo/model", "tag": "v1", "created": True}
     for ref in ("demo/model:v1", f"demo/model@{art.digest}", art.digest):
         resp = await client.get("/v1/resolve", params={"ref": ref})
@@ -150,7 +46,7 @@ async def test_publish_and_resolve_all_reference_forms(client, art, origin):
 
 
 async def test_resolve_unknown_names_the_reference(client, art, origin):
-    await publish(client, art, origin)
+    await api_publish(client, art, origin)
     err = await error_of(await client.get("/v1/resolve", params={"ref": "demo/model:v9"}), 404)
     assert err == {"code": "not_found", "message": "artifact demo/model:v9 not found in registry"}
     # The digest exists, but under another name: still not found, and the message says why.
@@ -251,12 +147,12 @@ async def test_malformed_json_body(client):
 
 
 async def test_republish_is_idempotent_and_tags_move(client, tmp_path, art, origin):
-    await publish(client, art, origin, tag="v1")
-    again = await publish(client, art, origin, tag="latest", status=200)
+    await api_publish(client, art, origin, tag="v1")
+    again = await api_publish(client, art, origin, tag="latest", status=200)
     assert again == {"digest": art.digest, "name": "demo/model", "tag": "latest", "created": False}
     newer = build_artifact(tmp_path, created="2025-06-01T00:00:00Z")
     assert newer.digest != art.digest
-    await publish(client, newer, origin, tag="latest")
+    await api_publish(client, newer, origin, tag="latest")
     resolved = await (await client.get("/v1/resolve", params={"ref": "demo/model:latest"})).json()
     assert resolved["digest"] == newer.digest
     resolved = await (await client.get("/v1/resolve", params={"ref": "demo/model:v1"})).json()
@@ -269,7 +165,7 @@ async def test_republish_is_idempotent_and_tags_move(client, tmp_path, art, orig
 async def test_list_pagination_and_filters(client, tmp_path, origin):
     built = [build_artifact(tmp_path, name=f"demo/m{i % 2}", created=f"2025-01-0{i + 1}T00:00:00Z") for i in range(5)]
     for b in built:
-        await publish(client, b, origin, tag=None)
+        await api_publish(client, b, origin, tag=None)
     seen, after, pages = [], None, 0
     while True:
         params = {"limit": "2", **({"after": after} if after else {})}
@@ -297,7 +193,7 @@ async def test_list_pagination_and_filters(client, tmp_path, origin):
 
 
 async def test_torrent_endpoint_keeps_info_hash_and_sets_announce(client, art, origin):
-    await publish(client, art, origin)
+    await api_publish(client, art, origin)
     resp = await client.get(f"/v1/artifacts/{art.digest}/torrent")
     assert resp.status == 200 and resp.content_type == "application/x-bittorrent"
     data = await resp.read()
@@ -310,7 +206,7 @@ async def test_torrent_endpoint_keeps_info_hash_and_sets_announce(client, art, o
 
 async def test_webseed_serves_ranges_from_file_origin(client, art, origin):
     upload(art, origin)
-    await publish(client, art, origin)
+    await api_publish(client, art, origin)
     url = f"/v1/webseed/{art.digest}/model/a.bin"
     blob = art.data["a.bin"]
     stats0 = await (await client.get("/v1/stats")).json()
@@ -333,7 +229,7 @@ async def test_webseed_serves_ranges_from_file_origin(client, art, origin):
 
 
 async def test_webseed_missing_blob_is_an_origin_error(client, art, origin):
-    await publish(client, art, origin)  # published, but the bytes were never uploaded
+    await api_publish(client, art, origin)  # published, but the bytes were never uploaded
     err = await error_of(await client.get(f"/v1/webseed/{art.digest}/model/a.bin"), 502)
     assert err["code"] == "origin_error" and "missing" in err["message"]
 
@@ -366,21 +262,8 @@ async def test_webseed_streams_from_s3_origin(aiohttp_client, tmp_path, s3_bucke
 # -- tracker -------------------------------------------------------------------------
 
 
-def announce_query(info_hash: bytes, n: int, **extra) -> str:
-    params = {"info_hash": info_hash, "peer_id": f"-MC0001-{n:012d}".encode(), "port": str(7000 + n),
-              "uploaded": "0", "downloaded": "0", "left": "0", "compact": "1", **extra}
-    return "&".join(f"{k}={quote_from_bytes(v if isinstance(v, bytes) else str(v).encode(), safe='')}"
-                    for k, v in params.items())
-
-
-async def bget(client, path: str) -> dict:
-    resp = await client.get(path)
-    assert resp.status == 200 and resp.content_type == "text/plain"
-    return bdecode(await resp.read())
-
-
 async def test_announce_and_scrape_end_to_end(client, art, origin):
-    await publish(client, art, origin)
+    await api_publish(client, art, origin)
     v1 = bytes.fromhex(art.manifest.info_hash.v1)
     v2 = bytes.fromhex(art.manifest.info_hash.v2)[:20]
     a = await bget(client, "/announce?" + announce_query(v1, 1, event="started", ip="10.0.0.1", left="0"))
@@ -436,11 +319,13 @@ async def test_silent_peers_expire_in_the_background(aiohttp_client, tmp_path, a
     v1 = bytes.fromhex(art.manifest.info_hash.v1)
     await bget(client, "/announce?" + announce_query(v1, 1, ip="10.0.0.1"))
     assert (await (await client.get("/v1/stats")).json())["swarms"] == 1
-    deadline = time.monotonic() + 3
-    while (await (await client.get("/v1/stats")).json())["swarms"] and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    await wait_until_async(lambda: _no_swarm(client), 3, message="the silent peer's swarm to expire")
     b = await bget(client, "/announce?" + announce_query(v1, 2, ip="10.0.0.2"))
     assert b[b"peers"] == b"" and b[b"complete"] == 1  # only the requester itself
+
+
+async def _no_swarm(client) -> bool:
+    return (await (await client.get("/v1/stats")).json())["swarms"] == 0
 
 
 async def test_unknown_route_is_a_json_404(client):
@@ -450,7 +335,7 @@ async def test_unknown_route_is_a_json_404(client):
 
 async def test_real_libtorrent_clients_swarm_through_the_tracker(client, tmp_path, art, origin):
     """A libtorrent seed and leech find each other only through this tracker's announce."""
-    await publish(client, art, origin)
+    await api_publish(client, art, origin)
     torrent = await (await client.get(f"/v1/artifacts/{art.digest}/torrent")).read()
 
     def session(port: int) -> lt.session:
@@ -466,12 +351,16 @@ async def test_real_libtorrent_clients_swarm_through_the_tracker(client, tmp_pat
                                            "flags": lt.torrent_flags.seed_mode})
     leech_dir = tmp_path / "leech"
     leech_h = sessions["leech"].add_torrent({"ti": lt.torrent_info(torrent), "save_path": str(leech_dir)})
+
+    def seeding() -> bool:
+        if leech_h.status().is_seeding:
+            return True
+        leech_h.force_reannounce()
+        return False
+
     try:
-        deadline = time.monotonic() + 20
-        while not leech_h.status().is_seeding:
-            assert time.monotonic() < deadline, f"leech stuck: {leech_h.status().state} {leech_h.status().progress}"
-            leech_h.force_reannounce()
-            await asyncio.sleep(0.2)
+        await wait_until_async(seeding, 20, 0.2,
+                               lambda: f"the leech (stuck: {leech_h.status().state} {leech_h.status().progress})")
         assert (leech_dir / "model" / "a.bin").read_bytes() == art.data["a.bin"]
         assert (leech_dir / "model" / "sub" / "b.bin").read_bytes() == art.data["sub/b.bin"]
         stats = await (await client.get("/v1/stats")).json()
@@ -483,9 +372,8 @@ async def test_real_libtorrent_clients_swarm_through_the_tracker(client, tmp_pat
         sessions["seed"].remove_torrent(seed_h)
         sessions["leech"].remove_torrent(leech_h)
         del seed_h, leech_h
-        deadline = time.monotonic() + 5
-        while (await (await client.get("/v1/stats")).json())["swarms"] and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        with contextlib.suppress(TimeoutError):  # asserted below, once the sessions are gone
+            await wait_until_async(lambda: _no_swarm(client), 5, message="the stopped announces")
         sessions.clear()
     # A clean stop leaves the swarm at once (no waiting for peer_ttl_s).
     assert (await (await client.get("/v1/stats")).json())["swarms"] == 0
@@ -494,7 +382,7 @@ async def test_real_libtorrent_clients_swarm_through_the_tracker(client, tmp_pat
 async def test_real_libtorrent_downloads_from_the_web_seed(client, tmp_path, art, origin):
     """With no peer at all, a libtorrent client gets every byte through the BEP 19 web seed."""
     upload(art, origin)
-    await publish(client, art, origin)
+    await api_publish(client, art, origin)
     torrent = await (await client.get(f"/v1/artifacts/{art.digest}/torrent")).read()
     async with RegistryClient(str(client.make_url("")), None) as reg:
         webseed = reg.webseed_url(art.digest)
@@ -506,10 +394,8 @@ async def test_real_libtorrent_downloads_from_the_web_seed(client, tmp_path, art
     handle = sessions["leech"].add_torrent({"ti": lt.torrent_info(torrent), "save_path": str(leech_dir),
                                             "url_seeds": [webseed]})
     try:
-        deadline = time.monotonic() + 20
-        while not handle.status().is_seeding:
-            assert time.monotonic() < deadline, f"web seed download stuck at {handle.status().progress:.0%}"
-            await asyncio.sleep(0.1)
+        await wait_until_async(lambda: handle.status().is_seeding, 20, 0.1,
+                               lambda: f"the web seed download (stuck at {handle.status().progress:.0%})")
         for path, data in art.data.items():
             assert (leech_dir / "model" / path).read_bytes() == data
         stats = await (await client.get("/v1/stats")).json()
@@ -517,7 +403,9 @@ async def test_real_libtorrent_downloads_from_the_web_seed(client, tmp_path, art
     finally:
         sessions["leech"].remove_torrent(handle)
         del handle
-        await asyncio.sleep(0.2)  # let the loop answer the "stopped" announce
+        # Let the loop answer the "stopped" announce before the session's destructor waits for it.
+        with contextlib.suppress(TimeoutError):
+            await wait_until_async(lambda: _no_swarm(client), 5, message="the stopped announce")
         sessions.clear()
 
 
@@ -525,13 +413,9 @@ async def test_real_libtorrent_downloads_from_the_web_seed(client, tmp_path, art
 
 
 async def test_registry_survives_restart(tmp_path, art, origin):
-    port = free_port()
-    data = tmp_path / "registry-data"
-    svc = ServiceProcess(
-        modelcast_argv("tracker", "--listen", f"127.0.0.1:{port}", "--data", str(data), "--token", TOKEN),
-        health_url=f"http://127.0.0.1:{port}/v1/health", log_path=tmp_path / "tracker.log", name="tracker",
-    )
-    url = f"http://127.0.0.1:{port}"
+    svc = start_tracker(tmp_path, data_dir=tmp_path / "registry-data", token=TOKEN, log_path=tmp_path / "tracker.log",
+                        start=False)
+    url = svc.url
     await asyncio.to_thread(svc.start)
     try:
         async with RegistryClient(url, TOKEN) as reg:

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from .test_registry import AUTH, art, build_artifact, cfg, client, origin, publish, upload  # noqa: F401
+from .helpers import AUTH, api_publish, build_artifact, upload
 
 
 class Seeded:
@@ -39,7 +39,6 @@ def q(text: str, safe: str = "") -> str:
 def query(**params: str) -> str:
     return "?" + "&".join(f"{k}={q(v)}" for k, v in params.items())
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=False,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -99,7 +98,7 @@ def digest_of(body: dict) -> str:
 
 
 class _Built:
-    """Re-publishes a stored body through tests.test_registry.publish."""
+    """Re-publishes a stored body through helpers.api_publish."""
 
     def __init__(self, body: dict):
         self._body = body
@@ -124,7 +123,7 @@ async def _send(client, method: str, path: str, **kwargs) -> int:
 async def seeded(client, art, origin) -> Seeded:
     """One valid artifact, tagged v1."""
     upload(art, origin)
-    await publish(client, art, origin)
+    await api_publish(client, art, origin)
     return Seeded({art.digest: ["v1"]}, art.body(origin, tag="fuzz"))
 
 
@@ -166,7 +165,7 @@ async def test_publish_of_a_mutated_valid_body_is_refused_or_valid(client, seede
         elif tag and tag != "v1":
             assert (await client.delete(f"/v1/tags/demo/model:{tag}", headers=AUTH)).status == 200
         if tag == "v1":
-            await publish(client, _Built(seeded.body), None, tag="v1", status=200)
+            await api_publish(client, _Built(seeded.body), None, tag="v1", status=200)
     await _assert_unchanged(client, seeded.expected)
 
 
@@ -214,5 +213,5 @@ async def test_registry_still_publishes_after_a_storm_of_bad_requests(client, se
     for raw in (b"{", b"[]", b'{"manifest": {}}', b"\x00" * 1000):
         await _send(client, "POST", "/v1/artifacts", data=raw, headers=AUTH)
     other = build_artifact(tmp_path, name="demo/other")
-    await publish(client, other, origin, tag="v2")
+    await api_publish(client, other, origin, tag="v2")
     await _assert_unchanged(client, {**seeded.expected, other.digest: ["v2"]})

@@ -14,29 +14,18 @@ import pytest
 
 from modelcast.config import TrackerConfig
 from modelcast.errors import Conflict, Unauthorized
-from harness.procs import ServiceProcess, free_port, modelcast_argv
 from tracker.client import RegistryClient
 from tracker.app import make_app
 from tracker.bencode import bdecode
 
-from .helpers import run_cli
-from .test_registry import (AUTH, TOKEN, announce_query, art, bget, build_artifact, cfg, client, error_of,  # noqa: F401
-                            origin, publish, upload)
-
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+from .helpers import (AUTH, TOKEN, TrackerProcess, announce_query, api_publish, bget, build_artifact, error_of,
+                      run_cli, start_tracker, upload)
 
 READER = "reader-token"
 
 
-def tracker_process(tmp_path, *extra: str) -> ServiceProcess:
-    port = free_port()
-    svc = ServiceProcess(
-        modelcast_argv("tracker", "--listen", f"127.0.0.1:{port}", "--data", str(tmp_path / "registry"),
-                       "--token", TOKEN, *extra),
-        health_url=f"http://127.0.0.1:{port}/v1/health", log_path=tmp_path / "logs" / "tracker.log", name="tracker",
-    )
-    svc.url = f"http://127.0.0.1:{port}"
-    return svc
+def tracker_process(tmp_path, *extra: str) -> TrackerProcess:
+    return start_tracker(tmp_path, token=TOKEN, extra=extra, start=False)
 
 
 # -- read token ----------------------------------------------------------------------
@@ -45,7 +34,7 @@ def tracker_process(tmp_path, *extra: str) -> ServiceProcess:
 async def test_read_token_guards_every_read_but_announce(aiohttp_client, tmp_path, art, origin):
     client = await aiohttp_client(make_app(TrackerConfig(data_dir=tmp_path / "reg", token=TOKEN, read_token=READER)))
     upload(art, origin)
-    await publish(client, art, origin)
+    await api_publish(client, art, origin)
     reads = [("/v1/resolve", {"ref": "demo/model:v1"}), (f"/v1/artifacts/{art.digest}", None),
              (f"/v1/artifacts/{art.digest}/torrent", None), ("/v1/artifacts", None),
              (f"/v1/webseed/{art.digest}/model/sub/b.bin", None)]
@@ -79,8 +68,8 @@ async def test_read_token_guards_every_read_but_announce(aiohttp_client, tmp_pat
 
 
 async def test_delete_tag_keeps_the_artifact(client, art, origin):
-    await publish(client, art, origin, tag="v1")
-    await publish(client, art, origin, tag="stable", status=200)
+    await api_publish(client, art, origin, tag="v1")
+    await api_publish(client, art, origin, tag="stable", status=200)
     await error_of(await client.delete("/v1/tags/demo/model:v1"), 401)
     resp = await client.delete("/v1/tags/demo/model:v1", headers=AUTH)
     assert resp.status == 200 and await resp.json() == {"name": "demo/model", "tag": "v1", "digest": art.digest}
@@ -99,7 +88,7 @@ async def test_delete_tag_keeps_the_artifact(client, art, origin):
 
 async def test_delete_artifact_refuses_while_tagged_then_forgets_it_everywhere(client, art, origin):
     upload(art, origin)
-    await publish(client, art, origin)
+    await api_publish(client, art, origin)
     v1 = bytes.fromhex(art.manifest.info_hash.v1)
     await bget(client, "/announce?" + announce_query(v1, 1, ip="10.0.0.1"))
     assert (await client.get(f"/v1/webseed/{art.digest}/model/sub/b.bin")).status == 200  # cached for the web seed
@@ -126,7 +115,7 @@ async def test_delete_artifact_refuses_while_tagged_then_forgets_it_everywhere(c
     assert (await (await client.get("/v1/stats")).json())["swarms"] == 0
     await error_of(await client.delete(f"/v1/artifacts/{art.digest}", headers=AUTH), 404)
     # Publishing it again brings it back, swarm included.
-    await publish(client, art, origin, status=201)
+    await api_publish(client, art, origin, status=201)
     assert b"failure reason" not in await bget(client, "/announce?" + announce_query(v1, 1, ip="10.0.0.1"))
     assert (await client.get(f"/v1/webseed/{art.digest}/model/sub/b.bin")).status == 200
 
@@ -136,8 +125,8 @@ async def test_deleting_one_of_two_artifacts_with_one_torrent_keeps_the_swarm(cl
     first = build_artifact(tmp_path, created="2025-01-01T00:00:00Z")
     second = build_artifact(tmp_path, created="2025-06-01T00:00:00Z")
     assert first.digest != second.digest and first.manifest.info_hash == second.manifest.info_hash
-    await publish(client, first, origin, tag=None)
-    await publish(client, second, origin, tag=None)
+    await api_publish(client, first, origin, tag=None)
+    await api_publish(client, second, origin, tag=None)
     keys = first.manifest.info_hash.tracker_keys()
     await bget(client, "/announce?" + announce_query(keys[0], 1, ip="10.0.0.1"))
     assert (await client.delete(f"/v1/artifacts/{first.digest}", headers=AUTH)).status == 200
@@ -227,7 +216,7 @@ async def _race(url: str, builds, origin) -> tuple[set[str], list[str]]:
                 return
             async with http.get(f"{url}/v1/resolve", params={"ref": "race/m:latest"}) as resp:
                 if resp.status == 404:
-                    await asyncio.sleep(0.001)
+                    await asyncio.sleep(0.001)  # pacing of a racing reader (what is tested), not a wait
                     continue
                 assert resp.status == 200, await resp.text()
                 digest = (await resp.json())["digest"]

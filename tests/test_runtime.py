@@ -1,8 +1,9 @@
 """Runtime layers: spec, reproducible build, variant choice, node activation over the swarm, OCI export.
 
-The end-to-end tests use a real onnxruntime: built from a cached wheelhouse
-(tests/runtime_fixtures.py), published to a real registry, pulled by real node daemons,
-and run in a fresh interpreter that has no onnxruntime of its own.
+The end-to-end tests use a real onnxruntime: built from a cached wheelhouse (the
+``wheelhouse`` and ``built_runtime`` fixtures of tests/conftest.py), published to a real
+registry, pulled by real node daemons, and run in a fresh interpreter that has no
+onnxruntime of its own.
 """
 
 from __future__ import annotations
@@ -29,8 +30,7 @@ from runtime_builder.elf import needed_libraries
 from runtime_builder.layer import BuildFailed, check_cuda_major
 from runtime_builder.spec import InvalidSpec, RuntimeSpec, VariantSpec
 
-from .helpers import TOKEN, registry_stats, run_cli
-from .runtime_fixtures import CI_SPEC, built_runtime, wheelhouse  # noqa: F401  (fixtures)
+from .helpers import CI_SPEC, TOKEN, registry_stats, run_cli
 
 X = [1.0, 2.0, 3.0, 4.0]
 RUN_MODEL = r"""
@@ -138,7 +138,7 @@ def test_detect_accelerator_on_faked_roots(tmp_path):
 
 
 # ---- building ----------------------------------------------------------------------------------
-def test_cuda_and_cann_variants_hold_their_provider_libraries(built_runtime, tmp_path):  # noqa: F811
+def test_cuda_and_cann_variants_hold_their_provider_libraries(built_runtime, tmp_path):
     out = built_runtime.out
     lines = {line.split()[0]: line for line in built_runtime.build_output.splitlines()[:-1] if line.strip()}
     assert set(lines) == {"cpu", "cuda13", "cann8.0", "index"}
@@ -180,7 +180,7 @@ def test_cuda_and_cann_variants_hold_their_provider_libraries(built_runtime, tmp
     assert json.loads(got.stdout)["manifest"]["kind"] == "runtime-index"
 
 
-def test_build_twice_gives_the_same_bytes_and_digests(built_runtime, wheelhouse, tmp_path):  # noqa: F811
+def test_build_twice_gives_the_same_bytes_and_digests(built_runtime, wheelhouse, tmp_path):
     """A second build of the cpu variant, in another folder and under another tag: same layer, same digest."""
     first = {line.split()[0]: line.split()[-1] for line in built_runtime.build_output.splitlines()}
     t0 = time.monotonic()
@@ -215,7 +215,7 @@ def fresh_python(env: dict[str, str], *args: str) -> subprocess.CompletedProcess
                           env={"PATH": "/usr/bin:/bin", **env})
 
 
-def test_two_nodes_activate_the_cpu_runtime_and_run_a_model(built_runtime, node_factory, tmp_path):  # noqa: F811
+def test_two_nodes_activate_the_cpu_runtime_and_run_a_model(built_runtime, node_factory, tmp_path):
     model = tmp_path / "model.onnx"
     model.write_bytes(onnx_model_bytes())
     assert fresh_python({}, "-c", "import onnxruntime").returncode != 0, "the fresh interpreter has onnxruntime"
@@ -260,7 +260,7 @@ def test_two_nodes_activate_the_cpu_runtime_and_run_a_model(built_runtime, node_
     assert "variant cpu for no accelerator (cpu)" in out.stderr
 
 
-def test_resolve_picks_cuda_and_cann_on_faked_roots(built_runtime, node_factory, tmp_path):  # noqa: F811
+def test_resolve_picks_cuda_and_cann_on_faked_roots(built_runtime, node_factory, tmp_path):
     roots = {"cuda13": fake_nvidia_root(tmp_path / "nv"), "cann8.0": fake_ascend_root(tmp_path / "asc"),
              "cpu": fake_nvidia_root(tmp_path / "old-nv", driver="470.82.01")}
     nodes = {}
@@ -307,7 +307,7 @@ def test_unpack_refuses_a_layer_escaping_its_folder(tmp_path):
 
 
 # ---- OCI ---------------------------------------------------------------------------------------
-def test_oci_export_is_read_by_skopeo(built_runtime, tmp_path):  # noqa: F811
+def test_oci_export_is_read_by_skopeo(built_runtime, tmp_path):
     oci = tmp_path / "oci"
     out = run_cli("runtime", "export", built_runtime.ref, "--oci", str(oci), "--registry", built_runtime.registry,
                   "--token", TOKEN, timeout=300)

@@ -10,6 +10,7 @@ process for graceful shutdown with fast-path connections open.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -20,11 +21,12 @@ from urllib.parse import quote_from_bytes
 import pytest
 
 from modelcast.config import TrackerConfig
-from harness.procs import ServiceProcess, free_port, modelcast_argv
 from tracker.fastpath import MAX_PIPELINED, parse_head
 from tracker.announce import decode_compact_peers
 from tracker.app import SWARMS, make_app, start_server
 from tracker.bencode import bdecode
+
+from .helpers import start_tracker, wait_until_async
 
 IH = bytes([0x26, 0x3D, 0x25, 0x2B, 0x00, 0xFF]) + bytes(range(14))  # '&', '=', '%', '+', NUL, 0xff
 PATHS = frozenset({b"/announce", b"/scrape"})
@@ -160,8 +162,13 @@ async def test_pipelined_flood_waits_for_a_client_that_does_not_read(server):
         await conn.answer()
     count = 20_000  # ~8 MB of answers, more than the socket buffers hold (the kernel grows them to 4 MB)
     sender = asyncio.create_task(conn.send(b"".join(get(announce_target(n % 50, numwant=200)) for n in range(count))))
-    await asyncio.sleep(1.5)  # not reading: the server has to stop writing, then stop reading
-    paused = [c for c in server.fast.connections if c._write_paused and c._read_paused]
+
+    def paused_connections():  # not reading: the server has to stop writing, then stop reading
+        return [c for c in server.fast.connections if c._write_paused and c._read_paused]
+
+    with contextlib.suppress(TimeoutError):  # asserted below, with what the test did wrong
+        await wait_until_async(paused_connections, 10, message="the server to pause the connection")
+    paused = paused_connections()
     assert server.fast.answered < 50 + count
     for _ in range(count):
         status, _, body = await conn.answer()
@@ -179,7 +186,9 @@ async def test_client_that_reads_no_answers_is_dropped_after_the_keepalive_timeo
     sock.connect(("127.0.0.1", server.port))
     conn = Conn(*await asyncio.open_connection(sock=sock, limit=16 * 1024))
     sender = asyncio.create_task(conn.send(b"".join(get(announce_target(n % 50, numwant=200)) for n in range(20_000))))
-    await asyncio.sleep(2.5)  # keepalive_timeout_s=1.0 in the fixture
+    await wait_until_async(lambda: server.fast.connections, 5, message="the connection to reach the fast path")
+    # keepalive_timeout_s=1.0 in the fixture
+    await wait_until_async(lambda: not server.fast.connections, 5, message="the connection to be dropped")
     assert not server.fast.connections
     sender.cancel()
     conn.close()
@@ -265,7 +274,7 @@ async def test_trickled_request_is_bounded_by_its_first_byte(server):
     async def trickle() -> None:  # a byte every 50 ms: the whole request would take about 10 s
         for i in range(len(request)):
             conn.writer.write(request[i:i + 1])
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the slow client is what is tested, not a wait
 
     sender = asyncio.create_task(trickle())
     t0 = time.monotonic()
@@ -315,11 +324,8 @@ def test_tracker_process_serves_the_fast_path_and_stops_cleanly(tmp_path):
     """A real ``modelcast tracker``: announces over keep-alive, then SIGTERM with the connection open."""
     import socket
 
-    port = free_port()
-    svc = ServiceProcess(modelcast_argv("tracker", "--listen", f"127.0.0.1:{port}", "--data", str(tmp_path / "reg"),
-                                        "--token", "secret"),
-                         health_url=f"http://127.0.0.1:{port}/v1/health", log_path=tmp_path / "tracker.log",
-                         name="tracker").start()
+    svc = start_tracker(tmp_path, data_dir=tmp_path / "reg", token="secret", log_path=tmp_path / "tracker.log")
+    port = svc.port
     try:
         sock = socket.create_connection(("127.0.0.1", port), timeout=5)
         buf = b""

@@ -20,14 +20,13 @@ import pytest
 
 from modelcast.config import TrackerConfig
 from modelcast.manifest import Manifest
-from harness.procs import ServiceProcess, free_port, modelcast_argv
 from node_cache.client import NodeClient
 from tracker.announce import Announce, SwarmCounts, decode_compact_peers
 from tracker.app import SWARMS, make_app
 from tracker.bencode import bdecode
 from tracker.swarm import SwarmRegistry
 
-from .helpers import TOKEN, make_model, publish, start_node
+from .helpers import NodeProcess, TOKEN, make_model, publish, start_node, start_tracker, wait_until
 
 IH1, IH2 = b"\x01" * 20, b"\x02" * 20
 
@@ -178,35 +177,20 @@ def _announce_ports(tracker_url: str, info_hash: bytes) -> set[int]:
     return {port for _, port in decode_compact_peers(answer[b"peers"], answer.get(b"peers6", b""))}
 
 
-def _wait_until(what: str, cond, timeout_s: float, poll_s: float = 0.05) -> None:
-    """Poll ``cond`` until true; fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout_s} s")
-        time.sleep(poll_s)
-
-
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
     """A tracker with a short per-peer TTL and three nodes that hold one artifact, on loopback."""
     tmp = tmp_path_factory.mktemp("liveness")
-    port = free_port()
-    tracker = ServiceProcess(
-        modelcast_argv("tracker", "--listen", f"127.0.0.1:{port}", "--data", str(tmp / "registry"),
-                       "--token", TOKEN, "--peer-ttl", str(PEER_TTL_S), "--max-heartbeat-ttl", "10"),
-        health_url=f"http://127.0.0.1:{port}/v1/health", log_path=tmp / "logs" / "tracker.log", name="tracker")
-    tracker.start()
-    tracker.url = f"http://127.0.0.1:{port}"
-    nodes: list[ServiceProcess] = []
+    tracker = start_tracker(tmp, token=TOKEN, extra=["--peer-ttl", str(PEER_TTL_S), "--max-heartbeat-ttl", "10"])
+    nodes: list[NodeProcess] = []
     try:
         model = make_model(tmp / "model", {"a.bin": 300_000, "b.bin": 5_000})
         digest = publish(tracker.url, model, "live/m:v1", (tmp / "origin").as_uri())
         with urllib.request.urlopen(f"{tracker.url}/v1/artifacts/{digest}", timeout=5) as resp:
             info_hash = Manifest.from_bytes(resp.read()).info_hash.tracker_keys()[0]
         for i in range(3):
-            nodes.append(start_node(tmp, tracker.url, f"n{i}", f"127.0.0.{i + 2}", "default", "--token", TOKEN,
-                                    "--heartbeat-interval", "1", "--heartbeat-ttl", "3"))
+            nodes.append(start_node(tmp, tracker.url, f"n{i}", host=f"127.0.0.{i + 2}", zone="default",
+                                    extra=["--token", TOKEN, "--heartbeat-interval", "1", "--heartbeat-ttl", "3"]))
 
         async def pull_all():
             clients = [NodeClient(n.url) for n in nodes]
@@ -220,7 +204,8 @@ def swarm(tmp_path_factory):
             with urllib.request.urlopen(f"{n.url}/v1/health", timeout=5) as resp:
                 n.peer_port = int(json.load(resp)["peer_listen"].rsplit(":", 1)[1])
         want = {n.peer_port for n in nodes}
-        _wait_until("all three nodes in the peer list", lambda: want <= _announce_ports(tracker.url, info_hash), 15)
+        wait_until(lambda: want <= _announce_ports(tracker.url, info_hash), 15,
+                   message="all three nodes in the peer list")
         yield tracker, nodes, info_hash
     finally:
         for n in nodes:
@@ -231,6 +216,7 @@ def swarm(tmp_path_factory):
 def test_heartbeats_keep_nodes_listed_past_the_peer_ttl(swarm):
     tracker, nodes, info_hash = swarm
     # Nodes announce about every 30 s; only their heartbeats can keep them past a 2 s TTL.
+    # Not a wait for something to happen: letting twice the TTL pass is what is tested.
     time.sleep(2 * PEER_TTL_S + 0.5)
     assert {n.peer_port for n in nodes} <= _announce_ports(tracker.url, info_hash)
 
@@ -241,7 +227,8 @@ def test_sigkilled_node_is_gone_from_peer_lists_within_4_seconds(swarm):
     assert victim.peer_port in _announce_ports(tracker.url, info_hash)
     start = time.monotonic()
     os.kill(victim.pid, signal.SIGKILL)
-    _wait_until("SIGKILLed node evicted", lambda: victim.peer_port not in _announce_ports(tracker.url, info_hash), 10)
+    wait_until(lambda: victim.peer_port not in _announce_ports(tracker.url, info_hash), 10,
+               message="SIGKILLed node evicted")
     took = time.monotonic() - start
     victim.proc.wait(5)
     print(f"\nSIGKILL: node gone from the peer list {took:.3f} s after the signal (bound 4 s)")
@@ -255,8 +242,8 @@ def test_sigtermed_node_leaves_every_peer_list_within_1_second(swarm):
     assert victim.peer_port in _announce_ports(tracker.url, info_hash)
     start = time.monotonic()
     victim.proc.send_signal(signal.SIGTERM)
-    _wait_until("SIGTERMed node left", lambda: victim.peer_port not in _announce_ports(tracker.url, info_hash), 10,
-                poll_s=0.02)
+    wait_until(lambda: victim.peer_port not in _announce_ports(tracker.url, info_hash), 10, 0.02,
+               message="SIGTERMed node left")
     took = time.monotonic() - start
     victim.proc.wait(10)
     exited = time.monotonic() - start

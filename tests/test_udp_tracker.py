@@ -12,7 +12,6 @@ import asyncio
 import random
 import socket
 import struct
-import time
 from urllib.parse import quote_from_bytes
 
 import libtorrent as lt
@@ -33,10 +32,7 @@ from tracker.udp import (ACTION_ANNOUNCE, ACTION_CONNECT, ACTION_ERROR, ACTION_S
                          parse_reply, parse_request)
 from tracker.udp_server import ConnectionIds, UdpTracker, start_udp_tracker
 
-from .test_registry import AUTH, TOKEN, build_artifact
-
-# libtorrent 2.1's Python bindings flag create_torrent(file_storage) as deprecated.
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+from .helpers import AUTH, TOKEN, build_artifact, wait_until_async
 
 IH = bytes(range(20))
 PEER_ID = b"-LT2110-abcdefghijkl"
@@ -532,7 +528,7 @@ async def test_live_fuzz_then_still_serves(live):
             else:
                 packet = struct.pack(">QII", PROTOCOL_ID, 0, i) + rng.randbytes(rng.randrange(0, 4))
             await loop.sock_sendto(fuzzer.sock, packet, server)
-            await asyncio.sleep(0)  # let the server (same loop) read it
+            await asyncio.sleep(0)  # a yield, not a timed wait: the server (same loop) reads it
             while True:
                 try:
                     data = fuzzer.sock.recv(4096)
@@ -616,12 +612,14 @@ async def test_libtorrent_announces_over_udp(live):
         messages: list[str] = []
 
         async def wait_for(cond, what: str, timeout: float = 10.0) -> None:
-            deadline = time.monotonic() + timeout
-            while not cond():
+            def check():
+                if cond():
+                    return True
                 messages.extend(a.message() for a in ses.pop_alerts())
-                if time.monotonic() > deadline:
-                    pytest.fail(f"libtorrent: {what} within {timeout} s; alerts: {messages[-10:]}")
-                await asyncio.sleep(0.05)  # libtorrent runs in its own threads; the loop keeps serving
+                return False
+
+            # libtorrent runs in its own threads; between checks the loop keeps serving the tracker.
+            await wait_until_async(check, timeout, 0.05, lambda: f"libtorrent: {what}; alerts: {messages[-10:]}")
 
         def ours():
             return [p for p in swarms.peers_of(v1) if p.port == listen]

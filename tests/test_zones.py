@@ -10,7 +10,7 @@ from pathlib import Path
 
 from node_cache.client import NodeClient
 
-from .helpers import make_model, publish, registry_stats, tree_hashes
+from .helpers import make_model, publish, registry_stats, tree_hashes, wait_until_async
 
 MiB = 1 << 20
 
@@ -107,18 +107,26 @@ def test_a_node_that_dies_mid_pull_does_not_stop_the_others(tracker, node_factor
                           zone=f"zone-{z}") for z in range(2) for i in range(2)]
     victim = nodes[3]
 
-    async def scenario() -> list[dict]:
+    async def scenario() -> tuple[dict, list[dict]]:
         clients = [NodeClient(n.url) for n in nodes[:3]]
         victim_client = NodeClient(victim.url)
         try:
-            await victim_client.pull("zoned/d:v1", wait=False)
+            digest = (await victim_client.pull("zoned/d:v1", wait=False))["digest"]
             pulls = [asyncio.ensure_future(c.pull("zoned/d:v1", wait=True)) for c in clients]
-            await asyncio.sleep(1.5)
+
+            async def victim_mid_pull() -> dict | None:
+                status = await victim_client.status(digest)
+                return status if 0 < status["done_bytes"] < status["total_bytes"] else None
+
+            at_kill = await wait_until_async(victim_mid_pull, 30, message="the victim to be part-way through its pull")
             victim.proc.kill()  # SIGKILL mid-pull: pushes to it now fail
-            return await asyncio.wait_for(asyncio.gather(*pulls), 90)
+            return at_kill, await asyncio.wait_for(asyncio.gather(*pulls), 90)
         finally:
             await asyncio.gather(*(c.close() for c in clients), victim_client.close())
 
-    statuses = asyncio.run(scenario())
+    at_kill, statuses = asyncio.run(scenario())
+    # It died part-way: what it had verified was less than the whole, and no complete copy is in its cache.
+    assert at_kill["state"] != "ready" and 0 < at_kill["done_bytes"] < at_kill["total_bytes"], at_kill
+    assert not (victim.cache / "artifacts" / "sha256" / at_kill["digest"].split(":")[1]).exists()
     source = tree_hashes(model)
     assert all(s["state"] == "ready" and tree_hashes(Path(s["path"])) == source for s in statuses)
