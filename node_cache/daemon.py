@@ -254,8 +254,9 @@ class NodeDaemon:
         if err:
             self._begin(job, self._abort(job, err))
             return
-        fill = self._downloads[job.digest].fill_task
-        if fill.done() and not fill.cancelled() and fill.exception() is not None:
+        download = self._downloads.get(job.digest)
+        fill = download.fill_task if download is not None else None
+        if fill is not None and fill.done() and not fill.cancelled() and fill.exception() is not None:
             self._begin(job, self._abort(job, fill.exception()))
             return
         finished_at = self.engine.finished_at(job.digest)
