@@ -286,11 +286,27 @@ def piece_spans(ti: TorrentInfo) -> list[PieceSpan]:
     return spans  # type: ignore[return-value]
 
 
+EngineEvent = str
+"""What :class:`TorrentEngine` tells its owner about a torrent: ``"finished"``, ``"error"``,
+``"peers"`` (a peer connected or left), ``"tracker"`` (a tracker replied) or ``"state"``
+(checking ended, downloading began, ...)."""
+
+SAFETY_PUMP_S = 1.0  # alerts are also drained this often, should a wake-up ever be lost
+
+
 class TorrentEngine:
-    """One libtorrent session: add, seed, watch and remove torrents."""
+    """One libtorrent session: add, seed, watch and remove torrents.
+
+    Alerts are drained on the event loop as soon as libtorrent posts them: libtorrent writes
+    a byte to a pipe when its alert queue stops being empty, and the loop, which watches
+    the pipe, pops the alerts.  What the node waits for comes back as futures (a torrent
+    removed, its resume data, a piece read from disk, a piece arrived) or as a call of
+    ``on_event(digest, kind)`` on the loop (see :data:`EngineEvent`).  Make it on the loop
+    that will use it; :meth:`close` it there.
+    """
 
     def __init__(self, peer_host: str, peer_port: int, *, upload_limit: int = 0, download_limit: int = 0,
-                 connections: int = 200):
+                 connections: int = 200, on_event: Callable[[str, EngineEvent], None] | None = None):
         specific = not is_wildcard(peer_host)
         settings = {
             "listen_interfaces": f"[{peer_host}]:{peer_port}" if ":" in peer_host else f"{peer_host}:{peer_port}",
@@ -311,8 +327,11 @@ class TorrentEngine:
             "download_rate_limit": download_limit,
             # Limits are for payload; libtorrent's estimate of IP overhead would take ~5%.
             "rate_limit_ip_overhead": False,
+            # piece_progress: a relay waiting for a piece hears the moment it passes its hash;
+            # connect: the origin fill hears when the first peer connects (or the last leaves).
             "alert_mask": (lt.alert_category.error | lt.alert_category.status | lt.alert_category.storage
-                           | lt.alert_category.tracker | lt.alert_category.peer),
+                           | lt.alert_category.tracker | lt.alert_category.peer | lt.alert_category.connect
+                           | lt.alert_category.piece_progress),
             "alert_queue_size": 10000,
             "aio_threads": 4,
             "hashing_threads": 2,
@@ -330,18 +349,30 @@ class TorrentEngine:
             flt.add_rule("0.0.0.0", "255.255.255.255", 1 << lt.session.global_peer_class_id)
             flt.add_rule("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 1 << lt.session.global_peer_class_id)
             self.session.set_peer_class_filter(flt)
+        self.on_event = on_event
         self._handles: dict[str, lt.torrent_handle] = {}
         self._by_hash: dict[str, str] = {}
-        self._removed: set[str] = set()
-        self._removing: dict[str, str] = {}
+        self._removing: dict[str, asyncio.Future] = {}  # info-hash -> resolved once its files are closed
         self._errors: dict[str, str] = {}
-        self._finished: set[str] = set()
+        self._finished: dict[str, float] = {}  # digest -> loop time its torrent_finished_alert was seen
         self._tracker_peers: dict[str, int] = {}  # peers in the last tracker reply, per digest
         self._recoveries: dict[str, int] = {}
-        self.resume_data: dict[str, bytes] = {}  # resume data posted by libtorrent, to be saved
+        self._resume: dict[str, list[asyncio.Future]] = {}  # digest -> waiting for resume data
         self._reads: dict[tuple[str, int], list[asyncio.Future]] = {}  # (info-hash, piece) -> waiting readers
+        self._arrivals: dict[tuple[str, int], list[asyncio.Future]] = {}  # (digest, piece) -> waiting for it
         self.hash_failures = 0
         self.peers_banned = 0
+        # Not set_alert_notify: its Python callback runs on libtorrent's network thread, which
+        # must take the GIL while it holds the alert queue's lock, and a thread holding the
+        # GIL while it waits on libtorrent (the session's destructor joins the network thread)
+        # would deadlock with it.  The file-descriptor notification is a plain write(2).
+        self._loop = asyncio.get_running_loop()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.session.set_alert_fd(self._wake_w)
+        self._loop.add_reader(self._wake_r, self._on_wake)
+        self._safety = self._loop.call_later(SAFETY_PUMP_S, self._safety_pump)
 
     @property
     def listen_port(self) -> int:
@@ -388,65 +419,104 @@ class TorrentEngine:
         self._by_hash[str(handle.info_hashes().get_best())] = digest
         self._errors.pop(digest, None)
         self._tracker_peers.pop(digest, None)
-        self._finished.discard(digest)
-        self._removed.discard(digest)
+        self._finished.pop(digest, None)
+        if seed:
+            # Seed mode posts no piece_finished_alert: every piece is here now.
+            for key in [k for k in self._arrivals if k[0] == digest]:
+                _resolve_all(self._arrivals.pop(key), None)
 
     def has(self, digest: str) -> bool:
         return digest in self._handles
 
-    def remove(self, digest: str) -> None:
-        """Remove a torrent (files stay); :meth:`removed` turns true once its files are closed."""
+    def remove(self, digest: str) -> asyncio.Future:
+        """Remove a torrent (files stay); the future resolves once libtorrent has closed its files."""
+        done = self._loop.create_future()
         handle = self._handles.pop(digest, None)
         if handle is None:
-            self._removed.add(digest)
-            return
+            done.set_result(None)
+            return done
         key = str(handle.info_hashes().get_best())
         self._by_hash.pop(key, None)
-        self._removing[key] = digest
-        self._removed.discard(digest)
+        self._removing[key] = done
         for read in [r for r in self._reads if r[0] == key]:
-            for fut in self._reads.pop(read):
-                if not fut.done():
-                    fut.set_exception(PullFailed(f"{digest} left the swarm on this node"))
+            _fail_all(self._reads.pop(read), PullFailed(f"{digest} left the swarm on this node"))
+        _resolve_all(self._resume.pop(digest, []), None)
         self.session.remove_torrent(handle)
+        return done
 
-    def removed(self, digest: str) -> bool:
-        """True once libtorrent has closed the files of a removed torrent."""
-        return digest in self._removed
+    # ---- the alert pump -------------------------------------------------------------
+    def _on_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        self.pump()
+
+    def _safety_pump(self) -> None:
+        self._safety = self._loop.call_later(SAFETY_PUMP_S, self._safety_pump)
+        self.pump()
 
     def pump(self) -> None:
-        """Drain alerts: record finished, removed and failed torrents."""
-        for alert in self.session.pop_alerts():
-            if isinstance(alert, lt.torrent_removed_alert):
-                digest = self._removing.pop(str(alert.info_hashes.get_best()), None)
-                if digest:
-                    self._removed.add(digest)
-                continue
-            if isinstance(alert, lt.read_piece_alert):
-                self._piece_read(alert)
-                continue
-            digest = self._digest_of(alert)
-            if isinstance(alert, lt.torrent_finished_alert) and digest:
-                self._finished.add(digest)
-            elif isinstance(alert, lt.tracker_reply_alert) and digest:
-                self._tracker_peers[digest] = int(alert.num_peers)
-            elif isinstance(alert, lt.save_resume_data_alert) and digest:
-                self.resume_data[digest] = bytes(lt.write_resume_data_buf(alert.params))
-            elif isinstance(alert, lt.peer_ban_alert):
-                self.peers_banned += 1
-                log.warning("banned peer %s: %s", alert.ip, alert.message())
-            elif isinstance(alert, lt.torrent_error_alert) and digest and self._recoverable(digest, alert):
-                pass
-            elif isinstance(alert, (lt.torrent_error_alert, lt.file_error_alert)) and digest:
-                self._errors[digest] = alert.message()
-                log.warning("torrent %s: %s", digest, alert.message())
-            elif isinstance(alert, lt.hash_failed_alert):
-                # A peer (or the origin) sent bytes that fail the piece hash; libtorrent
-                # drops the piece and bans the peer that sent it (smart-ban plugin).
-                self.hash_failures += 1
-                log.warning("%s", alert.message())
-            elif alert.category() & lt.alert_category.error:
-                log.debug("libtorrent: %s", alert.message())
+        """Drain alerts: resolve what waits on them, record finished and failed torrents."""
+        try:
+            alerts = self.session.pop_alerts()
+        except AttributeError:  # closed
+            return
+        for alert in alerts:
+            try:
+                self._handle_alert(alert)
+            except Exception:  # one bad alert must not stop the pump
+                log.exception("handling libtorrent alert %s", type(alert).__name__)
+
+    def _emit(self, digest: str, kind: EngineEvent) -> None:
+        if self.on_event is not None:
+            self.on_event(digest, kind)
+
+    def _handle_alert(self, alert) -> None:
+        if isinstance(alert, lt.torrent_removed_alert):
+            done = self._removing.pop(str(alert.info_hashes.get_best()), None)
+            if done is not None and not done.done():
+                done.set_result(None)
+            return
+        if isinstance(alert, lt.read_piece_alert):
+            self._piece_read(alert)
+            return
+        digest = self._digest_of(alert)
+        if isinstance(alert, lt.piece_finished_alert):
+            if digest:
+                _resolve_all(self._arrivals.pop((digest, int(alert.piece_index)), []), None)
+        elif isinstance(alert, (lt.peer_connect_alert, lt.peer_disconnected_alert)):
+            if digest:
+                self._emit(digest, "peers")
+        elif isinstance(alert, lt.torrent_finished_alert) and digest:
+            self._finished[digest] = self._loop.time()
+            self._emit(digest, "finished")
+        elif isinstance(alert, lt.tracker_reply_alert) and digest:
+            self._tracker_peers[digest] = int(alert.num_peers)
+            self._emit(digest, "tracker")
+        elif isinstance(alert, lt.save_resume_data_alert) and digest:
+            _resolve_all(self._resume.pop(digest, []), bytes(lt.write_resume_data_buf(alert.params)))
+        elif isinstance(alert, lt.save_resume_data_failed_alert) and digest:
+            _resolve_all(self._resume.pop(digest, []), None)
+        elif isinstance(alert, (lt.state_changed_alert, lt.torrent_checked_alert)) and digest:
+            self._emit(digest, "state")
+        elif isinstance(alert, lt.peer_ban_alert):
+            self.peers_banned += 1
+            log.warning("banned peer %s: %s", alert.ip, alert.message())
+        elif isinstance(alert, lt.torrent_error_alert) and digest and self._recoverable(digest, alert):
+            pass
+        elif isinstance(alert, (lt.torrent_error_alert, lt.file_error_alert)) and digest:
+            self._errors[digest] = alert.message()
+            log.warning("torrent %s: %s", digest, alert.message())
+            self._emit(digest, "error")
+        elif isinstance(alert, lt.hash_failed_alert):
+            # A peer (or the origin) sent bytes that fail the piece hash; libtorrent
+            # drops the piece and bans the peer that sent it (smart-ban plugin).
+            self.hash_failures += 1
+            log.warning("%s", alert.message())
+        elif alert.category() & lt.alert_category.error:
+            log.debug("libtorrent: %s", alert.message())
 
     def _recoverable(self, digest: str, alert) -> bool:
         """Recover from a hybrid torrent's v1/v2 hash disagreement instead of failing the pull.
@@ -477,12 +547,17 @@ class TorrentEngine:
             return None
         return self._by_hash.get(str(handle.info_hashes().get_best()))
 
+    # ---- what the node asks ---------------------------------------------------------
     def tracker_peers(self, digest: str) -> int | None:
         """Peers the tracker handed out in its last reply (None before any reply)."""
         return self._tracker_peers.get(digest)
 
     def finished(self, digest: str) -> bool:
         return digest in self._finished
+
+    def finished_at(self, digest: str) -> float | None:
+        """Loop time (``loop.time()``) at which the torrent was seen finished, or None."""
+        return self._finished.get(digest)
 
     def error(self, digest: str) -> str | None:
         return self._errors.get(digest)
@@ -518,6 +593,25 @@ class TorrentEngine:
         handle = self._handles.get(digest)
         return handle is not None and 0 <= piece < handle.torrent_file().num_pieces() and handle.have_piece(piece)
 
+    def piece_arrival(self, digest: str, piece: int) -> asyncio.Future:
+        """A future that resolves when ``piece`` of ``digest`` passes its hash here (or it is seeded).
+
+        Check :meth:`have_piece` first, with no ``await`` in between: a piece already here
+        posts no more alerts.  Cancelling the future (a timeout) forgets it.
+        """
+        fut = self._loop.create_future()
+        key = (digest, piece)
+        self._arrivals.setdefault(key, []).append(fut)
+        fut.add_done_callback(lambda f: self._forget_arrival(key, f))
+        return fut
+
+    def _forget_arrival(self, key: tuple[str, int], fut: asyncio.Future) -> None:
+        waiting = self._arrivals.get(key)
+        if waiting and fut in waiting:
+            waiting.remove(fut)
+            if not waiting:
+                del self._arrivals[key]
+
     def piece_size(self, digest: str, piece: int) -> int | None:
         """The size of ``piece`` (padding included), or None if there is no such piece here."""
         handle = self._handles.get(digest)
@@ -527,8 +621,8 @@ class TorrentEngine:
         return ti.piece_size(piece) if 0 <= piece < ti.num_pieces() else None
 
     def read_piece(self, digest: str, piece: int) -> asyncio.Future:
-        """A future of ``piece``'s bytes (padding included), read by libtorrent; see :meth:`pump`."""
-        fut = asyncio.get_running_loop().create_future()
+        """A future of ``piece``'s bytes (padding included), read by libtorrent and answered by an alert."""
+        fut = self._loop.create_future()
         handle = self._handles.get(digest)
         if handle is None:
             fut.set_exception(PullFailed(f"{digest} is not in the swarm on this node"))
@@ -545,15 +639,10 @@ class TorrentEngine:
         if not handle.is_valid():
             return  # its torrent was removed, and remove() failed its readers
         futures = self._reads.pop((str(handle.info_hashes().get_best()), int(alert.piece)), [])
-        failed = alert.error.value() != 0
-        data = None if failed else bytes(alert.buffer)
-        for fut in futures:
-            if fut.done():
-                continue
-            if failed:
-                fut.set_exception(PullFailed(f"reading piece {alert.piece}: {alert.error.message()}"))
-            else:
-                fut.set_result(data)
+        if alert.error.value() != 0:
+            _fail_all(futures, PullFailed(f"reading piece {alert.piece}: {alert.error.message()}"))
+        else:
+            _resolve_all(futures, bytes(alert.buffer))
 
     def add_piece(self, digest: str, piece: int, data: bytes) -> None:
         """Hand libtorrent a piece fetched from the origin; it checks the piece hash itself."""
@@ -561,25 +650,53 @@ class TorrentEngine:
         if handle is not None:
             handle.add_piece(piece, data, 0)
 
-    def request_resume_data(self, digest: str | None = None) -> int:
-        """Ask libtorrent for resume data of one or all downloads; it arrives via :meth:`pump`."""
-        n = 0
-        for d, handle in list(self._handles.items()):
-            if digest is not None and d != digest:
-                continue
-            if handle.need_save_resume_data():
-                handle.save_resume_data(lt.torrent_handle.flush_disk_cache)
-                n += 1
-        return n
+    def save_resume(self, digest: str) -> asyncio.Future:
+        """A future of the resume data of ``digest`` (None if nothing changed since the last, or it failed)."""
+        fut = self._loop.create_future()
+        handle = self._handles.get(digest)
+        if handle is None or not handle.need_save_resume_data():
+            fut.set_result(None)
+            return fut
+        # Waiters that gave up (timed out) are dropped: if nobody still waits, ask again.
+        waiting = self._resume[digest] = [f for f in self._resume.get(digest, []) if not f.done()]
+        waiting.append(fut)
+        if len(waiting) == 1:
+            handle.save_resume_data(lt.torrent_handle.flush_disk_cache)
+        return fut
 
     def reannounce(self, digest: str) -> None:
         handle = self._handles.get(digest)
         if handle is not None:
             handle.force_reannounce()
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """Leave every swarm: libtorrent sends 'stopped' to the tracker as the session ends."""
+        self._loop.remove_reader(self._wake_r)
+        self._safety.cancel()
         for digest in list(self._handles):
             self.remove(digest)
+        for waiting in [*self._resume.values(), *self._arrivals.values(), *self._removing.values()]:
+            _resolve_all(waiting if isinstance(waiting, list) else [waiting], None)
+        self._resume.clear()
+        self._arrivals.clear()
+        self._removing.clear()
+        # The session's destructor joins libtorrent's threads: not on the event loop.
+        await asyncio.to_thread(self._end_session)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _end_session(self) -> None:
         self.session.pause()
         del self.session
+
+
+def _resolve_all(futures: list[asyncio.Future], value) -> None:
+    for fut in list(futures):
+        if not fut.done():
+            fut.set_result(value)
+
+
+def _fail_all(futures: list[asyncio.Future], exc: Exception) -> None:
+    for fut in futures:
+        if not fut.done():
+            fut.set_exception(exc)

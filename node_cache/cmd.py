@@ -1,6 +1,6 @@
 """``modelcast node`` (run the daemon, or manage one), ``modelcast pull``, and the node side of ``modelcast runtime``.
 
-Only argument parsing and wiring; the work is in :mod:`node_cache.daemon`,
+Only argument parsing and wiring; the work is in :mod:`node_cache.api` (the daemon),
 :mod:`node_cache.admin`, :mod:`node_cache.client` and :mod:`node_cache.runtime`.
 """
 
@@ -95,7 +95,7 @@ def cmd_node(args) -> int:
         from .admin import run_action
 
         return run_action(args, ClientConfig.from_env(node=args.node).node)
-    from .daemon import serve
+    from .api import serve
 
     if args.cache is None:
         raise ModelcastError("modelcast node needs --cache DIR to run the daemon")

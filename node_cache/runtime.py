@@ -227,8 +227,7 @@ class RuntimeActivator:
     async def _warm(self, ref: str):
         """Pull ``ref`` through the daemon's swarm machinery and wait until it is verified."""
         job = await self.daemon.pull(ref)
-        if job.busy:
-            await asyncio.shield(job.task)
+        await job.wait()
         if job.state != "ready":
             raise job.error or ModelcastError(f"pull of {ref} did not finish")
         return job

@@ -17,6 +17,9 @@ from adapters.xxh3 import xxh3_file
 from modelcast.errors import IntegrityError, UnsafePath
 from modelcast.manifest import Manifest
 
+CLEAN_STOP_MARKER = "clean_stop"
+
+
 def _hex(digest: str) -> str:
     return digest.split(":", 1)[1]
 
@@ -135,6 +138,18 @@ class Store:
                 return False
         return True
 
+    # ---- the clean-stop marker -------------------------------------------------------
+    def take_clean_stop(self) -> bool:
+        """Whether the last stop was clean (its marker is there); removes the marker."""
+        marker = self.state_dir / CLEAN_STOP_MARKER
+        clean = marker.exists()
+        marker.unlink(missing_ok=True)
+        return clean
+
+    def mark_clean_stop(self) -> None:
+        """Written last at a clean stop: its presence tells the next start that resume data is current."""
+        (self.state_dir / CLEAN_STOP_MARKER).write_text(str(time.time()))
+
     def node_id(self) -> str:
         """This cache's stable node id (made once, kept in state/node_id)."""
         path = self.state_dir / "node_id"
@@ -177,6 +192,13 @@ class Store:
         meta = self.meta_path(digest)
         self._write_atomic(meta / "torrent", torrent)
         self._write_atomic(meta / "manifest.json", manifest.canonical_bytes())
+
+    def load_torrent(self, digest: str) -> bytes | None:
+        """The torrent kept in meta/ (None before the first pull wrote it)."""
+        try:
+            return (self.meta_path(digest) / "torrent").read_bytes()
+        except FileNotFoundError:
+            return None
 
     def load_meta(self, digest: str) -> tuple[Manifest, bytes]:
         meta = self.meta_path(digest)
@@ -222,13 +244,19 @@ class Store:
                     raise IntegrityError(f"verification failed for {manifest.name}: {problem}")
 
     def ensure_partial_files(self, digest: str, manifest: Manifest) -> None:
-        """Create empty files libtorrent never writes (zero-length files)."""
+        """Create the partial download's folder, and the empty files libtorrent never writes (zero-length files)."""
         root = self.partial_path(digest)
+        root.mkdir(parents=True, exist_ok=True)
         for f in manifest.files:
             if f.size == 0:
                 p = root / f.path
                 p.parent.mkdir(parents=True, exist_ok=True)
                 p.touch(exist_ok=True)
+
+    def partial_bytes(self, digest: str, manifest: Manifest) -> int:
+        """Bytes of the manifest's files already present in the partial download (the disk-space check)."""
+        root = self.partial_path(digest)
+        return sum(f.size for f in manifest.files if (root / f.path).exists())
 
     def promote(self, digest: str) -> Path:
         """Make a verified partial download complete: fsync, read-only, one atomic rename.

@@ -1,0 +1,161 @@
+"""The node's local HTTP API: thin handlers over :class:`~node_cache.daemon.NodeDaemon`, and the app's lifecycle.
+
+Routes: ``POST /v1/pull``, ``GET /v1/pulls/{digest}``, ``GET /v1/artifacts``,
+``POST /v1/artifacts/{digest}/verify``, ``POST /v1/verify``, ``GET /v1/resolve``,
+``GET|POST /v1/pins``, ``DELETE /v1/pins/{digest}``, ``GET /v1/health``, ``GET /metrics``,
+and ``/v1/runtime/*`` (:mod:`node_cache.runtime`).  Pieces for nodes of other zones are on
+the relay listener (:mod:`node_cache.relay`), not here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from modelcast.config import NodeConfig
+from modelcast.errors import ArtifactNotFound, BadRequest
+
+from .daemon import NodeDaemon
+from .jobs import PullJob, PullState
+from .metrics import CONTENT_TYPE
+from .middleware import errors_middleware
+from .runtime import add_runtime_routes
+
+DAEMON = web.AppKey("daemon", NodeDaemon)
+
+
+async def _json_body(request: web.Request, example: str) -> dict:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise BadRequest(f"body must be JSON: {example}") from None
+    if not isinstance(body, dict) or not isinstance(body.get("ref"), str):
+        raise BadRequest(f"body needs a string field \"ref\": {example}")
+    return body
+
+
+def _digest(request: web.Request) -> str:
+    return "sha256:" + request.match_info["hex"]
+
+
+async def handle_pull(request: web.Request) -> web.Response:
+    body = await _json_body(request, '{"ref": "name:tag", "wait": true, "pin": "holder"}')
+    pin = body.get("pin")
+    if pin is not None and not isinstance(pin, str):
+        raise BadRequest("\"pin\" must be a string naming who holds the pin")
+    daemon = request.app[DAEMON]
+    job = await daemon.pull(body["ref"], pin=pin)
+    wait = body.get("wait", True)
+    if wait:
+        await job.wait()
+        if job.state is PullState.FAILED:
+            raise job.error
+    return web.json_response(daemon.job_json(job), status=200 if job.state is PullState.READY else 202)
+
+
+def _job(request: web.Request) -> PullJob:
+    digest = _digest(request)
+    job = request.app[DAEMON].jobs.get(digest)
+    if job is None:
+        raise ArtifactNotFound(f"{digest} is not on this node")
+    return job
+
+
+async def handle_pull_status(request: web.Request) -> web.Response:
+    return web.json_response(request.app[DAEMON].job_json(_job(request)))
+
+
+async def handle_list(request: web.Request) -> web.Response:
+    d = request.app[DAEMON]
+    return web.json_response({"artifacts": d.listing(), "quota_bytes": d.cfg.quota,
+                              "used_bytes": d.upkeep.used_bytes(), "node_id": d.node_id, "zone": d.cfg.zone})
+
+
+async def handle_pin(request: web.Request) -> web.Response:
+    body = await _json_body(request, '{"ref": "name:tag", "holder": "cli"}')
+    d = request.app[DAEMON]
+    digest, _ = await d.resolve(body["ref"])
+    await d.pins.pin(digest, str(body.get("holder") or "user"))
+    return web.json_response({"digest": digest, "pinned_by": d.pins.holders(digest)})
+
+
+async def handle_unpin(request: web.Request) -> web.Response:
+    d = request.app[DAEMON]
+    digest = _digest(request)
+    await d.pins.unpin(digest, request.query.get("holder"))
+    return web.json_response({"digest": digest, "pinned_by": d.pins.holders(digest)})
+
+
+async def handle_resolve(request: web.Request) -> web.Response:
+    ref = request.query.get("ref")
+    if not ref:
+        raise BadRequest("resolve needs ?ref=NAME:TAG")
+    digest, manifest = await request.app[DAEMON].resolve(ref)
+    return web.json_response({"digest": digest, "name": manifest.name})
+
+
+async def handle_pins(request: web.Request) -> web.Response:
+    return web.json_response({"pins": request.app[DAEMON].pins.to_json()})
+
+
+async def handle_verify(request: web.Request) -> web.Response:
+    """Full re-check of one artifact; a reader that saw a problem calls this too."""
+    return web.json_response(await request.app[DAEMON].upkeep.verify(_digest(request)))
+
+
+async def handle_verify_all(request: web.Request) -> web.Response:
+    d = request.app[DAEMON]
+    results = [await d.upkeep.verify(dg) for dg, j in list(d.jobs.items())
+               if j.state is PullState.READY and not j.busy]
+    return web.json_response({"results": results})
+
+
+async def handle_health(request: web.Request) -> web.Response:
+    d = request.app[DAEMON]
+    return web.json_response({"ok": True, "node_id": d.node_id, "zone": d.cfg.zone,
+                              "peer_listen": f"{d.cfg.peer_host}:{d.engine.listen_port}", "relay": d.relay.url,
+                              "cache": str(d.store.root), "registry": d.cfg.registry})
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[DAEMON].metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+
+
+def make_app(cfg: NodeConfig) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware])
+
+    async def lifecycle(app: web.Application):
+        daemon = NodeDaemon(cfg)
+        relay = await daemon.relay.start_listener()
+        try:
+            await daemon.start()
+            app[DAEMON] = daemon
+            yield
+            await daemon.stop()
+        finally:
+            if relay is not None:
+                await relay.cleanup()
+
+    app.cleanup_ctx.append(lifecycle)
+    digest = "sha256:{hex:[0-9a-f]{64}}"
+    app.router.add_post("/v1/pull", handle_pull)
+    app.router.add_get(f"/v1/pulls/{digest}", handle_pull_status)
+    app.router.add_get("/v1/artifacts", handle_list)
+    app.router.add_post(f"/v1/artifacts/{digest}/verify", handle_verify)
+    app.router.add_post("/v1/verify", handle_verify_all)
+    app.router.add_get("/v1/resolve", handle_resolve)
+    app.router.add_get("/v1/pins", handle_pins)
+    app.router.add_post("/v1/pins", handle_pin)
+    app.router.add_delete(f"/v1/pins/{digest}", handle_unpin)
+    app.router.add_get("/v1/health", handle_health)
+    app.router.add_get("/metrics", handle_metrics)
+    add_runtime_routes(app, DAEMON)
+    return app
+
+
+def serve(cfg: NodeConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # No access log: clients poll pull status several times a second.
+    web.run_app(make_app(cfg), host=cfg.api_host, port=cfg.api_port, print=None, shutdown_timeout=2,
+                access_log=None)

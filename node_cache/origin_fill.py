@@ -1,0 +1,263 @@
+"""Filling a download from the origin: the thin fetcher the piece picker drives.
+
+:class:`OriginFill` runs beside each download.  It asks libtorrent what is missing, who
+has what and what is being sent, lets :func:`node_cache.picker.plan_requests` choose, and
+has :class:`OriginFetcher` fetch each choice with one HTTP range request to the registry's
+web seed (BEP 19), handing the pieces to libtorrent, which checks their hashes.  It wakes
+when a fetch ends (a slot is free: the next request leaves at once), when a peer connects
+or leaves, when the tracker replies and when libtorrent's state changes; otherwise it looks
+again every 50 ms while fetches are under way, as peers' pieces change who has what.
+
+Requests marked first-copy may get 409 from the origin: another node of the zone just took
+the piece and it will come through the swarm (:class:`ServedElsewhere`), or a node of
+another zone holds it and we fetch it from there (:class:`RelayFrom`, then
+:meth:`OriginFetcher.relay_fetch`, falling back to the origin).  A reply naming nodes of
+other zones (``X-Modelcast-Relay-To``) makes us push each piece to each of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+
+import aiohttp
+
+from adapters.torrent import PieceSpan, TorrentEngine
+from modelcast.config import NodeConfig
+from modelcast.errors import Unreachable
+from modelcast.wire import FIRST_COPY_HEADER, RELAY_FROM_HEADER, RELAY_HEADER, RELAY_TO_HEADER, ZONE_HEADER, bearer
+
+from .jobs import PullJob
+from .metrics import NodeCounters
+from .picker import STALL_S, SwarmView, parallel_requests, plan_requests, run_limit_bytes
+from .relay import Relay
+
+log = logging.getLogger("modelcast.node")
+
+BUSY_LOOK_S = 0.05  # how often to look again while fetches are under way and slots are free
+IDLE_LOOK_S = 0.25  # ... and while peers deliver everything still missing
+FIRST_BITFIELDS_S = 0.05  # after the grace, a moment for the first peers' bitfields
+FAILURE_BACKOFF_S = 0.5  # after a failed origin request
+
+
+class ServedElsewhere(Exception):
+    """The origin served this piece to another node moments ago; take it from peers."""
+
+
+class RelayFrom(Exception):
+    """The origin served this piece to a node of another zone moments ago: fetch it from that node."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+class TokenBucket:
+    """Bytes-per-second limit for origin fetches (libtorrent limits peer traffic itself)."""
+
+    def __init__(self, rate: int):
+        self.rate = rate
+        self.tokens = float(rate) / 10
+        self.stamp = time.monotonic()
+
+    async def take(self, n: int) -> None:
+        while True:
+            now = time.monotonic()
+            self.tokens = min(self.rate / 4, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+            if self.tokens >= n or self.tokens >= self.rate / 4:
+                self.tokens -= n
+                return
+            await asyncio.sleep((n - self.tokens) / self.rate)  # until enough tokens have accrued
+
+
+class OriginFetcher:
+    """Range requests to the registry's web seed, and relay fetches, for every download of the node."""
+
+    def __init__(self, cfg: NodeConfig, counters: NodeCounters, relay: Relay):
+        self.cfg = cfg
+        self.counters = counters
+        self.relay = relay
+        self.bucket = TokenBucket(cfg.download_limit) if cfg.download_limit else None
+        self.run_bytes = run_limit_bytes(cfg.download_limit)
+        self.engine: TorrentEngine | None = None
+        self.http: aiohttp.ClientSession | None = None
+
+    def attach(self, engine: TorrentEngine, http: aiohttp.ClientSession) -> None:
+        self.engine, self.http = engine, http
+
+    def _headers(self) -> dict[str, str]:
+        headers = {ZONE_HEADER: self.cfg.zone, **bearer(self.cfg.token)}
+        if self.relay.url:
+            headers[RELAY_HEADER] = self.relay.url  # where the origin may send nodes of other zones
+        return headers
+
+    async def fetch_run(self, job: PullJob, base: str, run: list[PieceSpan], first_copy: bool = False) -> None:
+        """Fetch consecutive pieces of one file with one range request and hand them to libtorrent.
+
+        With ``first_copy`` the origin may answer 409: another node just took this piece,
+        and it will reach us through the swarm, or, if that node is in another zone, from
+        that node (:class:`RelayFrom`; tracker/firstcopy.py).
+        """
+        first, last = run[0], run[-1]
+        start, end = first.file_offset, last.file_offset + last.length - 1
+        url = base + "/".join(aiohttp.helpers.quote(part, safe="") for part in first.path.split("/"))
+        headers = {"Range": f"bytes={start}-{end}", **self._headers()}
+        if first_copy:
+            headers[FIRST_COPY_HEADER] = "1"
+        try:
+            async with self.http.get(url, headers=headers) as resp:
+                if resp.status == 409 and first_copy:
+                    holder = resp.headers.get(RELAY_FROM_HEADER)
+                    if holder and len(run) == 1:
+                        raise RelayFrom(holder)
+                    raise ServedElsewhere(first.piece)
+                if resp.status not in (200, 206):
+                    raise Unreachable(f"origin answered HTTP {resp.status} for {first.path}")
+                if self.bucket is None:
+                    data = await resp.read()
+                else:
+                    parts = []
+                    async for chunk in resp.content.iter_chunked(64 * 1024):
+                        await self.bucket.take(len(chunk))
+                        parts.append(chunk)
+                    data = b"".join(parts)
+        except aiohttp.ClientError as exc:
+            raise Unreachable(f"origin fetch of {first.path} failed: {exc}") from exc
+        if resp.status == 200:
+            data = data[start:end + 1]
+        if len(data) != end - start + 1:
+            raise Unreachable(f"origin sent {len(data)} bytes of {first.path}, expected {end - start + 1}")
+        job.bytes_from_origin += len(data)
+        self.counters.bytes_from_origin += len(data)
+        targets = resp.headers.get(RELAY_TO_HEADER, "").split()
+        view = memoryview(data)
+        for span in run:
+            piece = bytes(view[span.file_offset - start: span.file_offset - start + span.length])
+            if len(piece) < span.size:
+                piece += bytes(span.size - len(piece))  # the pad file's zeros
+            self.engine.add_piece(job.digest, span.piece, piece)
+            for target in targets:
+                self.relay.push(job.digest, target, span.piece, piece)
+
+    async def relay_fetch(self, job: PullJob, base: str, holder: str, span: PieceSpan) -> None:
+        """Fetch one piece from ``holder``, a node of another zone; from the origin if that fails."""
+        try:
+            data = await self.relay.fetch(holder, job.digest, span)
+        except Unreachable:
+            await self.fetch_run(job, base, [span])
+            return
+        if self.bucket is not None:
+            await self.bucket.take(len(data))
+        self.relay.add_relayed(job, span.piece, data)
+
+
+class OriginFill:
+    """Fetches from the origin, for one download, the pieces that no connected peer can give it."""
+
+    def __init__(self, job: PullJob, spans: list[PieceSpan], base_url: str, fetcher: OriginFetcher,
+                 cfg: NodeConfig):
+        self.job = job
+        self.spans = spans
+        self.base = base_url
+        self.fetcher = fetcher
+        self.engine = fetcher.engine
+        self.cfg = cfg
+        self._wake = asyncio.Event()
+        self._rng = random.Random()
+
+    def poke(self) -> None:
+        """Something changed (peers, tracker, state, a fetch ended): look again now."""
+        self._wake.set()
+
+    async def _wait(self, timeout: float) -> None:
+        """Until poked, or ``timeout`` seconds.  Callers clear the event before they look."""
+        try:
+            async with asyncio.timeout(max(0.0, timeout)):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
+
+    async def run(self) -> None:
+        engine, digest, loop = self.engine, self.job.digest, asyncio.get_running_loop()
+        if self.cfg.p2p:
+            # Give peers a moment to connect and show what they have, unless the tracker
+            # already said nobody else is in the swarm.
+            grace_end = loop.time() + self.cfg.webseed_grace_s
+            while True:
+                self._wake.clear()
+                if (loop.time() >= grace_end or engine.tracker_peers(digest) == 0
+                        or ((p := engine.progress(digest)) and p.peers > 0)):
+                    break
+                await self._wait(grace_end - loop.time())
+            await asyncio.sleep(FIRST_BITFIELDS_S)
+        # While libtorrent re-checks files already on disk, every piece looks missing.
+        while True:
+            self._wake.clear()
+            if (p := engine.progress(digest)) is None or not p.state.startswith("checking"):
+                break
+            await self._wait(IDLE_LOOK_S)
+        claimed: dict[int, asyncio.Task] = {}  # piece -> the fetch that covers it
+        relays: set[asyncio.Task] = set()  # fetches from nodes of other zones, among claimed's
+        fetched_at: dict[int, float] = {}
+        last_done, last_change = -1, loop.time()
+        try:
+            while not engine.finished(digest):
+                self._wake.clear()
+                failure = self._collect(claimed, relays, fetched_at)
+                if failure is not None:
+                    log.warning("origin fetch failed: %s", failure)
+                    await asyncio.sleep(FAILURE_BACKOFF_S)
+                    continue
+                now = loop.time()
+                p = engine.progress(digest)
+                if p and p.done_bytes != last_done:
+                    last_done, last_change = p.done_bytes, now
+                missing, avail, downloading = engine.missing_pieces(digest)
+                view = SwarmView(missing, avail, downloading, alone=p is not None and p.peers == 0)
+                in_flight = len(set(claimed.values()) - relays)
+                requests, wanted = plan_requests(
+                    view, self.spans, claimed=claimed.keys(), fetched_at=fetched_at, now=now,
+                    stalled=now - last_change > STALL_S, in_flight=in_flight, run_bytes=self.fetcher.run_bytes,
+                    rng=self._rng)
+                for request in requests:
+                    task = self._start(self.fetcher.fetch_run(self.job, self.base, list(request.spans),
+                                                              first_copy=request.first_copy))
+                    for span in request.spans:
+                        claimed[span.piece] = task
+                if not claimed and not wanted:
+                    await self._wait(IDLE_LOOK_S)  # peers are delivering everything still missing
+                elif in_flight + len(requests) >= parallel_requests(view.alone):
+                    await self._wait(IDLE_LOOK_S)  # every slot busy: a fetch ending pokes us
+                else:
+                    await self._wait(BUSY_LOOK_S)
+        finally:
+            for task in set(claimed.values()):
+                task.cancel()
+
+    def _start(self, coro) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        task.add_done_callback(lambda _: self.poke())
+        return task
+
+    def _collect(self, claimed: dict[int, asyncio.Task], relays: set[asyncio.Task],
+                 fetched_at: dict[int, float]) -> BaseException | None:
+        """Forget finished fetches; start relay fetches the origin pointed to; return a failure, if any."""
+        failure = None
+        now = asyncio.get_running_loop().time()
+        for piece, task in list(claimed.items()):
+            if not task.done():
+                continue
+            del claimed[piece]
+            relays.discard(task)
+            fetched_at[piece] = now
+            exc = None if task.cancelled() else task.exception()
+            if isinstance(exc, RelayFrom):
+                relay = self._start(self.fetcher.relay_fetch(self.job, self.base, exc.holder, self.spans[piece]))
+                claimed[piece] = relay
+                relays.add(relay)
+            elif exc is not None and not isinstance(exc, ServedElsewhere) and failure is None:
+                failure = exc
+        return failure

@@ -1,0 +1,225 @@
+"""Pieces across zones: push to and fetch from nodes of other zones, and the relay listener.
+
+The tracker hands a node only peers of its own zone; pieces cross zones as the origin's
+first-copy gate directs (tracker/firstcopy.py).  A node the origin serves pushes each
+piece to the node of each other zone the gate names (``PUT
+/v1/artifacts/{digest}/pieces/{n}`` on that node's relay listener), and a node asking the
+origin for a piece already served to another zone is told which node holds it and fetches
+it from there (``GET`` of the same path, waiting up to ``?wait=S`` for it to arrive).  The
+listener is apart from the local API, by default on the peer address: nodes of other zones
+reach it where they reach this node's peers, and reach nothing else.  Bytes relayed are
+hash-checked by libtorrent like any others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import aiohttp
+from aiohttp import web
+
+from adapters.torrent import PieceSpan, TorrentEngine
+from modelcast.config import NodeConfig, is_wildcard
+from modelcast.errors import ArtifactNotFound, BadRequest, Conflict, ModelcastError, Unreachable
+
+from .jobs import PullJob, PullState
+from .metrics import NodeCounters
+from .middleware import errors_middleware
+
+log = logging.getLogger("modelcast.node")
+
+RELAY_PARALLEL = 8  # pieces fetched at once from nodes of other zones
+RELAY_WAIT_S = 10.0  # a relay request waits this long for the holder to have the piece
+PUSH_PARALLEL = 8  # pieces pushed at once to nodes of other zones, as the origin directs
+FAILURE_LOG_S = 60.0  # failed exchanges with one node are logged once a minute
+
+
+def advertised_relay_url(cfg: NodeConfig, host: str, port: int) -> str | None:
+    """The base URL nodes of other zones use to reach this node's relay listener at ``host:port``.
+
+    ``cfg.relay_url`` if set (for an address others see, e.g. behind NAT); none for a
+    wildcard listener, whose address for others this node cannot know.
+    """
+    if cfg.relay_url:
+        return cfg.relay_url.rstrip("/")
+    if is_wildcard(host):
+        return None
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+class Relay:
+    """This node's side of cross-zone traffic: pushes, relay fetches, and the listener serving both."""
+
+    def __init__(self, cfg: NodeConfig, counters: NodeCounters, jobs: dict[str, PullJob]):
+        self.cfg = cfg
+        self.counters = counters
+        self.jobs = jobs
+        self.url: str | None = None  # set by start_listener()
+        self.engine: TorrentEngine | None = None
+        self.http: aiohttp.ClientSession | None = None
+        self._attached = asyncio.Event()
+        self._fetch_slots = asyncio.Semaphore(RELAY_PARALLEL)
+        self._push_slots = asyncio.Semaphore(PUSH_PARALLEL)
+        self._pushes: set[asyncio.Task] = set()
+        self._failures: dict[str, float] = {}  # node -> when its failures were last logged
+
+    def attach(self, engine: TorrentEngine, http: aiohttp.ClientSession) -> None:
+        """Use the daemon's libtorrent engine and HTTP client (both made at start)."""
+        self.engine, self.http = engine, http
+        self._attached.set()
+
+    async def start_listener(self) -> web.AppRunner | None:
+        """Serve pieces to nodes of other zones on the relay address (the peer address by default).
+
+        Its URL goes with every origin request (tracker/firstcopy.py).
+        """
+        if not self.cfg.p2p or self.cfg.relay_url == "":
+            return None
+        host = self.cfg.peer_host if self.cfg.relay_host is None else self.cfg.relay_host
+        app = web.Application(middlewares=[errors_middleware])
+        app[RELAY] = self
+        add_relay_routes(app)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, self.cfg.relay_port).start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise ModelcastError(f"cannot serve relays on {host}:{self.cfg.relay_port}: {exc.strerror or exc}; "
+                                 "pick another --relay-listen") from None
+        port = runner.addresses[0][1]
+        self.url = advertised_relay_url(self.cfg, host, port)
+        log.info("relay for other zones on %s:%d (advertised as %s)", host, port, self.url or "nothing")
+        return runner
+
+    def warn(self, node: str, message: str) -> None:
+        """Log a failed exchange with a node of another zone, once a minute per node (a dead one fails them all)."""
+        now = time.monotonic()
+        if now - self._failures.get(node, -1e9) > FAILURE_LOG_S:
+            self._failures[node] = now
+            log.warning("%s; further failures with %s are not logged for a minute", message, node)
+
+    # ---- outgoing ----------------------------------------------------------------------
+    def push(self, digest: str, target: str, piece: int, data: bytes) -> None:
+        """Hand a piece the origin just served us to ``target``, a node of another zone, in the background."""
+        task = asyncio.create_task(self._push(digest, target, piece, data))
+        self._pushes.add(task)
+        task.add_done_callback(self._pushes.discard)
+
+    async def _push(self, digest: str, target: str, piece: int, data: bytes) -> None:
+        url = f"{target}/v1/artifacts/{digest}/pieces/{piece}"
+        try:
+            async with self._push_slots, self.http.put(url, data=data,
+                                                       timeout=aiohttp.ClientTimeout(total=60)) as resp:
+                if resp.status == 204:
+                    self.counters.bytes_relayed += len(data)
+                    return
+                if resp.status == 409:  # it has the piece, or no longer pulls
+                    return
+                problem = f"HTTP {resp.status}"
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            problem = str(exc) or type(exc).__name__
+        # Its zone makes the piece up from the origin once it stops progressing (picker.STALL_S).
+        self.warn(target, f"pushing piece {piece} of {digest} to {target} failed ({problem})")
+
+    async def fetch(self, holder: str, digest: str, span: PieceSpan) -> bytes:
+        """Piece ``span`` of ``digest`` from ``holder``, a node of another zone; Unreachable (logged) if that fails."""
+        url = f"{holder}/v1/artifacts/{digest}/pieces/{span.piece}?wait={RELAY_WAIT_S:g}"
+        try:
+            async with self._fetch_slots, self.http.get(
+                    url, timeout=aiohttp.ClientTimeout(total=RELAY_WAIT_S + 30)) as resp:
+                if resp.status != 200:
+                    raise Unreachable(f"HTTP {resp.status}")
+                data = await resp.read()
+            if len(data) != span.size:
+                raise Unreachable(f"{len(data)} bytes, expected {span.size}")
+        except (aiohttp.ClientError, asyncio.TimeoutError, Unreachable) as exc:
+            self.warn(holder, f"piece {span.piece} of {digest} from {holder} failed ({exc}); "
+                              "fetching it from the origin")
+            raise Unreachable(f"relay fetch from {holder} failed: {exc}") from exc
+        return data
+
+    def add_relayed(self, job: PullJob, piece: int, data: bytes) -> None:
+        """Hand libtorrent a piece from a node of another zone (it checks the hash) and count it."""
+        job.bytes_from_relay += len(data)
+        self.counters.bytes_from_relay += len(data)
+        self.engine.add_piece(job.digest, piece, data)
+
+    # ---- incoming ----------------------------------------------------------------------
+    async def read_piece(self, digest: str, piece: int, wait_s: float) -> bytes:
+        """``piece`` of ``digest`` (padding included), waiting up to ``wait_s`` for it to arrive here."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._attached.wait()
+                while not self.engine.have_piece(digest, piece):
+                    # No await between the check and the wait: the arrival cannot slip between.
+                    await self.engine.piece_arrival(digest, piece)
+        except TimeoutError:
+            raise ArtifactNotFound(f"piece {piece} of {digest} is not on this node (waited {wait_s:g}s)") from None
+        data = await self.engine.read_piece(digest, piece)
+        self.counters.bytes_relayed += len(data)
+        return data
+
+    def accept_piece(self, digest: str, piece: int, size: int | None) -> int:
+        """The size a pushed piece must have, if this node wants it (else Conflict)."""
+        job = self.jobs.get(digest)
+        if job is None or job.state is not PullState.DOWNLOADING or self.engine is None or not self.engine.has(digest):
+            raise Conflict(f"{digest} is not being pulled on this node")
+        want = self.engine.piece_size(digest, piece)
+        if want is None:
+            raise BadRequest(f"{digest} has no piece {piece}")
+        if size != want:
+            raise BadRequest(f"piece {piece} of {digest} is {want} bytes; Content-Length says {size}")
+        if self.engine.have_piece(digest, piece):
+            raise Conflict(f"piece {piece} of {digest} is already here")
+        return want
+
+    def pushed_piece(self, digest: str, piece: int, data: bytes) -> None:
+        """A piece pushed by a node of another zone: libtorrent checks its hash like any other."""
+        job = self.jobs.get(digest)
+        if job is None or self.engine is None or not self.engine.has(digest):
+            raise Conflict(f"{digest} is not being pulled on this node")
+        self.add_relayed(job, piece, data)
+
+
+# ---- the relay listener's routes ---------------------------------------------------------
+RELAY = web.AppKey("relay", Relay)
+
+
+async def handle_piece(request: web.Request) -> web.Response:
+    """``GET /v1/artifacts/{digest}/pieces/{n}?wait=S``: one piece, for a node of another zone."""
+    digest = "sha256:" + request.match_info["hex"]
+    piece = int(request.match_info["piece"])  # the route admits digits only
+    try:
+        wait_s = float(request.query.get("wait", "0"))
+    except ValueError:
+        raise BadRequest("?wait= must be a number of seconds") from None
+    if not 0 <= wait_s <= 60:
+        raise BadRequest(f"?wait={wait_s:g} must be between 0 and 60 seconds")
+    data = await request.app[RELAY].read_piece(digest, piece, wait_s)
+    return web.Response(body=data, content_type="application/octet-stream")
+
+
+async def handle_piece_put(request: web.Request) -> web.Response:
+    """``PUT /v1/artifacts/{digest}/pieces/{n}``: a piece pushed by a node of another zone."""
+    digest = "sha256:" + request.match_info["hex"]
+    piece = int(request.match_info["piece"])
+    relay = request.app[RELAY]
+    size = relay.accept_piece(digest, piece, request.content_length)
+    try:
+        data = await request.content.readexactly(size)
+    except asyncio.IncompleteReadError:
+        raise BadRequest(f"piece {piece} of {digest}: the body ended early") from None
+    relay.pushed_piece(digest, piece, data)
+    return web.Response(status=204)
+
+
+def add_relay_routes(app: web.Application) -> None:
+    """The routes of the relay listener (:meth:`Relay.start_listener`): pieces for nodes of other zones."""
+    piece = "/v1/artifacts/sha256:{hex:[0-9a-f]{64}}/pieces/{piece:[0-9]{1,9}}"
+    app.router.add_get(piece, handle_piece)
+    app.router.add_put(piece, handle_piece_put)

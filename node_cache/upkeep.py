@@ -1,0 +1,131 @@
+"""Keeping the cache whole and within bounds: adopt, verify, repair, make room, evict.
+
+* **Adopt** (start-up): a complete artifact whose files still have the size and mtime
+  recorded when it was verified is seeded again without re-hashing; one that changed is
+  verified in full.
+* **Verify and repair**: a full xxh3 check; a corrupt artifact is renamed back to
+  ``partial/`` and pulled again, and libtorrent fetches only the pieces that fail.
+* **Room**: a pull that does not fit the quota evicts least recently used artifacts as
+  :func:`node_cache.quota.plan_eviction` plans, or fails at once; one that does not fit the
+  filesystem fails at once.  Eviction removes the pointer first (LAYOUT.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from adapters.torrent import check_torrent
+from modelcast.errors import ArtifactNotFound, IntegrityError, InvalidManifest, ModelcastError
+from modelcast.units import human_bytes
+
+from .jobs import PullJob, PullState
+from .quota import Held, check_disk, plan_eviction, used_bytes
+
+if TYPE_CHECKING:
+    from .daemon import NodeDaemon
+
+log = logging.getLogger("modelcast.node")
+
+
+class CacheUpkeep:
+    """Works on one daemon's jobs, store and engine."""
+
+    def __init__(self, daemon: NodeDaemon):
+        self.node = daemon
+        self._space_lock = asyncio.Lock()  # one pull makes room at a time
+
+    async def adopt_complete(self, digest: str) -> None:
+        """Seed an artifact found complete at start-up after a cheap check (sizes, mtimes).
+
+        A file whose size or mtime changed since it was verified gets a full xxh3 check
+        and, if it fails, a repair from the swarm; nothing is re-hashed otherwise.
+        """
+        node, store = self.node, self.node.store
+        try:
+            manifest, torrent = await asyncio.to_thread(store.load_meta, digest)
+            ti = check_torrent(torrent, manifest)
+        except (OSError, ModelcastError) as exc:
+            log.warning("cached artifact %s has no usable meta (%s); removing it", digest, exc)
+            await asyncio.to_thread(store.evict, digest)
+            return
+        path = store.artifact_path(digest)
+        node.jobs[digest] = PullJob(digest, manifest, state=PullState.READY, path=str(path), finished=time.time())
+        if await asyncio.to_thread(store.stamps_match, digest, manifest):
+            node.engine.add(digest, ti, manifest, str(path), trackers=node.trackers(), seed=True)
+            return
+        log.warning("%s (%s) changed on disk since it was verified; checking every file", manifest.name, digest)
+        await self.verify(digest)
+
+    # ---- verification and repair ------------------------------------------------------
+    async def verify(self, digest: str) -> dict:
+        """Re-hash every file of a complete artifact; repair it from the swarm if any differs."""
+        node, store = self.node, self.node.store
+        job = node.jobs.get(digest)
+        if job is None or (job.state is not PullState.READY
+                           and not await asyncio.to_thread(store.is_complete, digest)):
+            raise ArtifactNotFound(f"{digest} is not complete on this node")
+        if job.busy:
+            return {"digest": digest, "ok": None, "state": job.state.value, "repairing": job.repairing}
+        path = store.artifact_path(digest)
+        try:
+            await asyncio.to_thread(store.verify_tree, path, job.manifest, full=True)
+            node.counters.verified_bytes += job.manifest.total_size
+        except (IntegrityError, InvalidManifest, OSError) as exc:
+            node.counters.verify_failures += 1
+            await self.repair(job, str(exc))
+            return {"digest": digest, "ok": False, "problem": str(exc), "repairing": True}
+        try:
+            await asyncio.to_thread(store.stamp, digest, job.manifest)
+        except OSError as exc:  # e.g. a full disk: the artifact is fine, only the stamp is stale
+            log.warning("could not record file stamps of %s: %s", digest, exc)
+        if not node.engine.has(digest):
+            _, torrent = await asyncio.to_thread(store.load_meta, digest)
+            node.engine.add(digest, check_torrent(torrent, job.manifest), job.manifest, str(path),
+                            trackers=node.trackers(), seed=True)
+        return {"digest": digest, "ok": True}
+
+    async def repair(self, job: PullJob, problem: str) -> None:
+        """Take a corrupt artifact out of service and fetch only its bad pieces again."""
+        node = self.node
+        node.counters.repairs += 1
+        log.error("%s (%s) failed verification: %s; repairing it from the swarm", job.manifest.name, job.digest,
+                  problem)
+        await node.remove_torrent(job.digest)
+        await asyncio.to_thread(node.store.demote, job.digest)
+        await node.drop_resume(job.digest)
+        node.start_job(PullJob(job.digest, job.manifest, repairing=True))
+
+    # ---- room: quota and disk ---------------------------------------------------------
+    def held(self) -> list[Held]:
+        pins = self.node.pins
+        return [Held(d, j.manifest.total_size, ready=j.state is PullState.READY, busy=j.busy, pinned=pins.pinned(d),
+                     last_used=pins.last_used.get(d, 0.0)) for d, j in self.node.jobs.items()]
+
+    def used_bytes(self) -> int:
+        """Bytes held or promised: complete artifacts plus downloads under way."""
+        return used_bytes(self.held())
+
+    async def make_room(self, job: PullJob) -> None:
+        """Fit ``job`` in the quota, evicting LRU artifacts if needed, or fail at once with the sizes."""
+        store, size = self.node.store, job.manifest.total_size
+        async with self._space_lock:
+            plan = plan_eviction(self.held(), name=job.manifest.name, digest=job.digest, size=size,
+                                 quota=self.node.cfg.quota)
+            for digest in plan.digests:
+                await self._evict(digest)
+            on_disk = await asyncio.to_thread(store.partial_bytes, job.digest, job.manifest)
+            free = await asyncio.to_thread(store.disk_free)
+            check_disk(name=job.manifest.name, size=size, on_disk=on_disk, free=free, root=store.root)
+
+    async def _evict(self, digest: str) -> None:
+        node = self.node
+        job = node.jobs.pop(digest)
+        await node.remove_torrent(digest)
+        await asyncio.to_thread(node.store.evict, digest)
+        node.pins.forget(digest)
+        node.counters.evictions += 1
+        node.counters.evicted_bytes += job.manifest.total_size
+        log.info("evicted %s (%s, %s) to make room", job.manifest.name, digest, human_bytes(job.manifest.total_size))
