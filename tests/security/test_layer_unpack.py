@@ -7,6 +7,7 @@ folder beside it stays as it was) and leave nothing in ``layers/``.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import stat
@@ -16,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from modelcast.errors import IntegrityError
-from node_cache.runtime import layers_dir, unpack_layer
+from node_cache.runtime import RuntimeClient, layers_dir, this_interpreter, unpack_layer
+
+from ..helpers import publish
 
 HEX = "ab" * 32
 DIGEST = "sha256:" + HEX
@@ -150,16 +153,16 @@ def test_devices_and_fifos_are_refused(place, kind, what):
     refused(place, [folder("site-packages"), special("site-packages/dev", kind)], what)
 
 
-def test_the_cve_2025_4517_realpath_overflow_is_refused(place):
-    """CPython's own reproducer of CVE-2025-4517, aimed at the sentinel folder beside the cache.
+def cve_2025_4517_members(cache: Path, pid: int) -> list:
+    """CPython's own reproducer of CVE-2025-4517, aimed at ``outside/`` beside ``cache``.
 
     Nested folders reached through symlinks make the final link's path longer than PATH_MAX, so
     ``os.path.realpath`` on Python < 3.11.13 stops resolving and the ``data`` filter believes
-    ``escape`` stays inside; the file written through it lands in ``outside/``.
+    ``escape`` stays inside; the files written through it land in ``outside/``.  The sizes
+    depend on the staging folder's path, which holds the unpacking process's ``pid``.
     """
-    cache = place / "cache"
     # The staging folder unpack_layer makes: layers/sha256/.staging-<hex>-<pid>-<8 hex>.
-    staging_len = len(str(layers_dir(cache))) + len(f"/.staging-{HEX}-{os.getpid()}-") + 8
+    staging_len = len(str(layers_dir(cache))) + len(f"/.staging-{HEX}-{pid}-") + 8
     steps = "abcdefghijklmnop"
     component = "d" * ((4096 - staging_len - 1) // (len(steps) + 1))
     members, path = [], ""
@@ -169,14 +172,39 @@ def test_the_cve_2025_4517_realpath_overflow_is_refused(place):
         path = os.path.join(path, component)
     linkpath = os.path.join(*steps, "l" * 254)
     members.append(link(linkpath, os.path.join(*[".."] * len(steps))))
-    # linkpath is the staging folder itself; four levels up is the folder holding cache/ and outside/.
+    # linkpath is the staging folder itself; four levels up is the folder holding the cache and outside/.
     members.append(link("escape", os.path.join(linkpath, "..", "..", "..", "..", "outside")))
     members.append(link("flaglink", os.path.join("escape", "flag"), tarfile.LNKTYPE))
     members.append(reg("flaglink", b"overwritten"))
     members.append(reg("escape/newfile", b"new"))
-    refused(place, members, "symbolic link")
+    return members
+
+
+def test_the_cve_2025_4517_realpath_overflow_is_refused(place):
+    refused(place, cve_2025_4517_members(place / "cache", os.getpid()), "symbolic link")
     assert (place / "outside" / "flag").read_bytes() == b"original"
     assert not (place / "outside" / "newfile").exists()
+
+
+def test_a_node_refuses_to_activate_a_crafted_runtime_layer(place, tracker, node_factory):
+    """End to end: the crafted layer published as a runtime, pulled and activated by a real node."""
+    node = node_factory(tracker.url, "n1")
+    assert node.cache.parent == place  # the reproducer climbs from the cache to place/outside
+    art = make_layer(place / "art", cve_2025_4517_members(node.cache, node.pid))
+    target = this_interpreter()
+    publish(tracker.url, art, "evil/runtime:v1", (place / "origin").as_uri(), "--kind", "runtime",
+            "--annotation", "accelerator=cpu", "--annotation", f"python_abi={target.python_abi}",
+            "--annotation", f"platform=linux_{target.machine}")
+    before = snapshot(place / "outside")
+
+    async def activate():
+        async with RuntimeClient(node.url) as client:
+            return await client.activate("evil/runtime:v1")
+
+    with pytest.raises(IntegrityError, match=r"member 'a' refused: it is a symbolic link"):
+        asyncio.run(activate())
+    assert snapshot(place / "outside") == before
+    assert list(layers_dir(node.cache).iterdir()) == []
 
 
 # ---- other forgeries -------------------------------------------------------------------------------
