@@ -175,10 +175,10 @@ def unpack_tar(tar_path: Path, target: Path, what: str, reserved: frozenset[str]
     """Unpack the tar at ``tar_path`` into the existing, empty folder ``target``; return the bytes written.
 
     ``what`` names the layer in error messages; ``reserved`` are top-level names the caller
-    writes itself.  Files are not fsynced here: the caller does it before its commit point.  Raises IntegrityError for a member that is
-    not a plain file or folder, an unsafe name, or a truncated or forged archive; DiskFull when
-    the disk fills.  What was written before the refusal stays in ``target`` for the caller to
-    remove.
+    writes itself.  Raises IntegrityError for a member that is not a plain file or folder, an
+    unsafe name, or a truncated or forged archive; DiskFull when the disk fills.  What was
+    written before a refusal stays in ``target`` for the caller to remove.  Files are not
+    fsynced here: the caller does it before its commit point.
     """
     target = Path(target)
     room = MAX_PATH_BYTES - len(os.fsencode(target.resolve())) - 2  # a slash after the target, the NUL
@@ -202,8 +202,8 @@ def unpack_tar(tar_path: Path, target: Path, what: str, reserved: frozenset[str]
                         _make_dir(parent, parts[-1])
                         continue
                     if member.size < 0 or written + member.size > budget:
-                        raise _Refused(f"it claims {member.size} bytes, more than the {budget} bytes of the "
-                                       "whole tar")
+                        raise _Refused(f"it claims {member.size} bytes; with the {written} bytes before it, "
+                                       f"more than the {budget} bytes of the whole tar")
                     _write_file(parent, parts[-1], member, tar)
                     written += member.size
                 member_name = None
