@@ -27,16 +27,17 @@ import re
 import secrets
 import shutil
 import sys
-import tarfile
 from pathlib import Path
 from urllib.parse import quote
 
 from aiohttp import web
 
-from modelcast.errors import BadRequest, IntegrityError, InvalidManifest, ModelcastError
+from modelcast.errors import BadRequest, InvalidManifest, ModelcastError
 from adapters.http import JsonClient
 from modelcast.runtime_index import (INDEX_FILE, LAYER_FILE, LAYER_META_FILE, Accelerator, Choice, NodeTarget,
                                      RuntimeIndex, Variant, choose_variant, variant_id)
+
+from .unpack import unpack_tar
 
 log = logging.getLogger("modelcast.node.runtime")
 
@@ -147,11 +148,12 @@ def _make_read_only(root: Path) -> None:
 def unpack_layer(artifact_dir: Path, cache_root: Path, digest: str) -> Path:
     """Unpack a runtime artifact's ``layer.tar`` once into ``layers/sha256/<hex>/``; return that path.
 
-    Extraction goes to a unique staging folder beside the destination, is fsynced and made
+    Unpacking goes to a unique staging folder beside the destination, is fsynced and made
     read-only, then renamed into place: a crash never leaves a half-unpacked layer that
     looks complete, and two racing unpackers both end with the same complete folder.
-    ``tarfile``'s ``data`` filter refuses absolute paths, ``..``, links leaving the layer and
-    device files.
+    Members are checked one by one (:mod:`node_cache.unpack`): plain files and folders with
+    safe names only, never written through a link; anything else is an IntegrityError and
+    leaves nothing behind.
     """
     hexd = digest.split(":", 1)[1]
     dest = layers_dir(cache_root) / hexd
@@ -161,11 +163,8 @@ def unpack_layer(artifact_dir: Path, cache_root: Path, digest: str) -> Path:
     staging = dest.parent / f".staging-{hexd}-{os.getpid()}-{secrets.token_hex(4)}"
     staging.mkdir()
     try:
-        try:
-            with tarfile.open(Path(artifact_dir) / LAYER_FILE, "r:") as tar:
-                tar.extractall(staging, filter="data")
-        except (tarfile.TarError, OSError) as exc:
-            raise IntegrityError(f"cannot unpack the layer of {digest}: {exc}") from exc
+        unpack_tar(Path(artifact_dir) / LAYER_FILE, staging, f"cannot unpack the layer of {digest}",
+                   reserved=frozenset({LAYER_META_FILE}))
         shutil.copyfile(Path(artifact_dir) / LAYER_META_FILE, staging / LAYER_META_FILE)
         _make_read_only(staging)
         try:
