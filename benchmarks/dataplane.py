@@ -27,8 +27,9 @@ seeder_cpu_s_per_gib, registry_cpu_s_per_gib, publish_mb_per_s, publish_hash_rat
 origin_cpu_ratio, page_cache_dropped and identical (both nodes hold the source's bytes).
 MB = 10^6 bytes.
 
-With ``--perf DIR`` node A's origin ingest is recorded by ``perf record -g`` (Debian's
-linux-perf) into ``DIR/origin.perf.data`` and ``perf report --stdio`` is written beside it;
+With ``--perf DIR`` node A's origin ingest and the plain copy's receiver are recorded by
+``perf record -g`` (Debian's linux-perf) into ``DIR/origin.perf.data`` and ``DIR/copy.perf.data``,
+each with its ``perf report --stdio`` beside it;
 the recording costs CPU itself, so the figures of such a run are not the benchmark's.
 
 Usage: python benchmarks/dataplane.py [--size 2G] [--keep] [--perf DIR]
@@ -65,7 +66,10 @@ from node_cache.client import NodeClient  # noqa: E402
 
 GIB = 1 << 30
 REF = "bench/dataplane:v1"
-COPY_BUF = 4 << 20
+# The plain copy's receive buffer. A buffer that outgrows the CPU caches makes both kernel
+# copies (socket to buffer, buffer to page cache) go through memory: 4 MiB cost this machine
+# twice the CPU per GiB of 128 KiB, which would inflate the floor the nodes are held to.
+COPY_BUF = 128 << 10
 V2_BLOCK = 16 << 10  # BEP 52: the merkle tree's leaves are 16 KiB blocks
 HEADER = struct.Struct("!HQ")  # name length, file size
 
@@ -73,12 +77,13 @@ HEADER = struct.Struct("!HQ")  # name length, file size
 # -- measuring -----------------------------------------------------------------------------
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of every thread of ``pid`` so far, from /proc/<pid>/stat."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of every thread of ``pid`` so far, from /proc/<pid>/stat."""
     with open(f"/proc/{pid}/stat") as f:
         # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def drop_page_cache() -> bool:
@@ -99,13 +104,21 @@ class Step:
         self.pids = pids
 
     def __enter__(self) -> "Step":
-        self.cpu0 = {k: cpu_s(p) for k, p in self.pids.items()}
+        self.times0 = {k: cpu_times(p) for k, p in self.pids.items()}
         self.t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
         self.seconds = time.perf_counter() - self.t0
-        self.cpu = {k: cpu_s(p) - self.cpu0[k] for k, p in self.pids.items()}
+        self.user, self.sys = {}, {}
+        for k, p in self.pids.items():
+            user, sys_ = cpu_times(p)
+            self.user[k], self.sys[k] = user - self.times0[k][0], sys_ - self.times0[k][1]
+        self.cpu = {k: self.user[k] + self.sys[k] for k in self.pids}
+
+    def split(self, name: str) -> str:
+        """``user U, sys S`` of one process: how much of its cost is the kernel's."""
+        return f"user {self.user[name]:.2f}, sys {self.sys[name]:.2f}"
 
 
 # -- the node steps --------------------------------------------------------------------------
@@ -207,13 +220,13 @@ def copy_sender(port: int, paths: list[Path]) -> int:
     return 0
 
 
-def plain_copy(paths: list[Path], dest: Path) -> Step:
-    """Time the plain copy and measure its receiver's CPU."""
+def plain_copy(paths: list[Path], dest: Path, perf_dir: Path | None = None) -> Step:
+    """Time the plain copy and measure its receiver's CPU (recorded by perf into ``perf_dir`` if given)."""
     recv = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "_recv", str(dest)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     try:
         port = int(recv.stdout.readline())
-        with Step(receiver=recv.pid) as step:
+        with PerfRecord(perf_dir, recv.pid, "copy"), Step(receiver=recv.pid) as step:
             send = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "_send", str(port), *map(str, paths)])
             if recv.stdout.readline().strip() != "done":
                 raise RuntimeError("the plain copy's receiver ended early")
@@ -316,8 +329,8 @@ def run(args) -> dict:
             pull(node_a.url, REF, args.timeout)
         origin_served = origin_bytes_served(registry) - served0
         print(f"node A from the origin: {origin.seconds:.2f}s ({mb / origin.seconds:.0f} MB/s); daemon "
-              f"{origin.cpu['daemon']:.2f} CPU-s, registry {origin.cpu['registry']:.2f} CPU-s; origin sent "
-              f"{origin_served / size:.2f} copies")
+              f"{origin.cpu['daemon']:.2f} CPU-s ({origin.split('daemon')}), registry {origin.cpu['registry']:.2f} "
+              f"CPU-s; origin sent {origin_served / size:.2f} copies")
 
         # B starts only now that A holds a verified copy, and waits long before asking the
         # origin, so that its bytes come from A.
@@ -328,16 +341,17 @@ def run(args) -> dict:
             pull(node_b.url, REF, args.timeout)
         p2p_origin = origin_bytes_served(registry) - served0
         print(f"node B from node A: {p2p.seconds:.2f}s ({mb / p2p.seconds:.0f} MB/s); daemon "
-              f"{p2p.cpu['daemon']:.2f} CPU-s, seeder {p2p.cpu['seeder']:.2f} CPU-s; "
+              f"{p2p.cpu['daemon']:.2f} CPU-s ({p2p.split('daemon')}), seeder {p2p.cpu['seeder']:.2f} CPU-s "
+              f"({p2p.split('seeder')}); "
               f"{p2p_origin} bytes from the origin")
         # Idle daemons would only blur the plain copy's figures.
         for svc in (node_b, node_a, tracker):
             svc.stop()
 
         drop()
-        copy = plain_copy(paths, work / "copy")
+        copy = plain_copy(paths, work / "copy", args.perf)
         print(f"plain TCP copy disk to disk: {copy.seconds:.2f}s ({mb / copy.seconds:.0f} MB/s); receiver "
-              f"{copy.cpu['receiver']:.2f} CPU-s")
+              f"{copy.cpu['receiver']:.2f} CPU-s ({copy.split('receiver')})")
 
         drop()
         hash_cpu, hash_wall = hybrid_hash_cpu(paths, result.manifest.piece_length)
@@ -399,7 +413,7 @@ def main() -> int:
     ap.add_argument("--dir", type=Path, default=None, help="where the work directory goes (default: the temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     ap.add_argument("--perf", type=Path, default=None, metavar="DIR",
-                    help="record node A's origin ingest with perf record -g into DIR")
+                    help="record node A's origin ingest and the copy's receiver with perf record -g into DIR")
     args = ap.parse_args()
     if args.dir is not None:
         args.dir.mkdir(parents=True, exist_ok=True)
