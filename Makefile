@@ -38,6 +38,7 @@ test: $(STAMP) system-tools
 bench: $(STAMP) system-tools
 	$(BIN)/python benchmarks/publish.py
 	$(BIN)/python benchmarks/node_cache.py
+	$(BIN)/python benchmarks/dataplane.py
 	$(BIN)/python benchmarks/fanout.py
 	$(BIN)/python benchmarks/fanout.py --nodes 16 --no-baseline
 	$(BIN)/python benchmarks/fanout.py --zones 2 --no-baseline
