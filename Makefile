@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # Debian tools some tests drive as real peers or readers (skipped, with the reason printed, without them).
-SYSTEM_TOOLS := aria2c:aria2 skopeo:skopeo tc:iproute2 opentracker:opentracker
+SYSTEM_TOOLS := aria2c:aria2 skopeo:skopeo tc:iproute2 opentracker:opentracker chromium:chromium
 
 .PHONY: install system-tools demo test bench runtime-cuda-full clean
 

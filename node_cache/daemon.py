@@ -28,7 +28,7 @@ import aiohttp
 
 from adapters.torrent import TorrentEngine, TorrentInfo, check_torrent, piece_spans
 from modelcast.config import NodeConfig, is_wildcard
-from modelcast.errors import DiskFull, IntegrityError, InvalidManifest, ModelcastError, PullFailed, Unreachable
+from modelcast.errors import BadRequest, DiskFull, IntegrityError, InvalidManifest, ModelcastError, PullFailed, Unreachable
 from modelcast.manifest import Manifest
 from modelcast.reference import Reference
 from modelcast.units import human_bytes
@@ -39,6 +39,7 @@ from .metrics import NodeGauges, NodeMetrics
 from .origin_fill import OriginFetcher, OriginFill
 from .pins import PinsAndUse
 from .relay import Relay
+from .report import ProgressReporter
 from .store import Store
 from .upkeep import CacheUpkeep
 
@@ -84,6 +85,7 @@ class NodeDaemon:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self.upkeep = CacheUpkeep(self)
+        self.reporter = ProgressReporter()
         self._resume_lock = asyncio.Lock()  # one writer of resume/ at a time: a save never follows a drop
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -198,11 +200,27 @@ class NodeDaemon:
             await asyncio.to_thread(self.store.drop_resume, digest)
 
     async def _heartbeat(self) -> None:
-        """One heartbeat per node (not per torrent) keeps all its swarm entries alive."""
+        """One heartbeat per node (not per torrent) keeps all its swarm entries alive.
+
+        It carries the node's report (node_cache/report.py): what it pulls and holds, how
+        far each pull is and where its bytes came from, for the registry's console.
+        """
         warned = False
+        reports = True
+        loop = asyncio.get_running_loop()
         while True:
             try:
-                await self.registry.heartbeat(self.node_id, self.cfg.zone, self.cfg.heartbeat_ttl_s)
+                report = self.reporter.report(self.jobs.values(), self.pins.last_used, loop.time()) if reports else None
+                try:
+                    await self.registry.heartbeat(self.node_id, self.cfg.zone, self.cfg.heartbeat_ttl_s, report)
+                except BadRequest as exc:
+                    if report is None:
+                        raise
+                    # A registry older than reports refuses the larger body: liveness matters more.
+                    log.warning("the registry refuses this node's progress reports (%s); heartbeats go on without them",
+                                exc)
+                    reports = False
+                    await self.registry.heartbeat(self.node_id, self.cfg.zone, self.cfg.heartbeat_ttl_s)
                 warned = False
             except ModelcastError as exc:
                 if not warned:

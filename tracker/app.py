@@ -30,12 +30,15 @@ from modelcast.errors import ModelcastError, error_body
 from modelcast.manifest import Manifest
 
 from . import registry_api as api
+from .console import add_console_routes
 from .endpoint import TRACKER, TrackerEndpoint, announce, scrape
 from .fastpath import HEAD_TIMEOUT_S, KEEPALIVE_TIMEOUT_S, FastPathServer
 from .federation import Upstream, validate_upstream
 from .firstcopy import FirstCopyGate
+from .fleet import add_fleet_routes
 from .liveness import node_heartbeat, node_leave, peer_expiry_ctx
-from .state import (CONFIG, FIRST_COPY, ORIGINS, STATS, STORE, SWARMS, UDP_TRACKER, UPSTREAM, WEBSEED_CACHE,
+from .nodebook import NodeBook
+from .state import (CONFIG, FIRST_COPY, NODES, ORIGINS, STATS, STORE, SWARMS, UDP_TRACKER, UPSTREAM, WEBSEED_CACHE,
                     WRITE_LOCK, OriginCache, Stats)
 from .store import RegistryStore
 from .swarm import SwarmRegistry
@@ -164,6 +167,7 @@ def make_app(cfg: TrackerConfig) -> web.Application:
     app[WEBSEED_CACHE] = OrderedDict()
     app[FIRST_COPY] = FirstCopyGate()
     app[WRITE_LOCK] = asyncio.Lock()
+    app[NODES] = NodeBook()
     app.cleanup_ctx.append(_registry_ctx)
     app.cleanup_ctx.append(peer_expiry_ctx)
     if cfg.upstream:
@@ -185,6 +189,8 @@ def make_app(cfg: TrackerConfig) -> web.Application:
     app.router.add_get("/scrape", scrape)
     app.router.add_post("/v1/nodes/{node_id}/heartbeat", node_heartbeat)
     app.router.add_delete("/v1/nodes/{node_id}", node_leave)
+    add_fleet_routes(app)  # GET /v1/nodes, /v1/rollout/{digest}: what nodes report with their heartbeats
+    add_console_routes(app)  # /ui
     return app
 
 

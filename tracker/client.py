@@ -128,10 +128,19 @@ class RegistryClient(JsonClient):
             params.append(f"node={quote(node_id, safe='')}")
         return f"{self.base_url}/announce" + ("?" + "&".join(params) if params else "")
 
-    async def heartbeat(self, node_id: str, zone: str, ttl_s: float) -> dict:
+    async def heartbeat(self, node_id: str, zone: str, ttl_s: float, report: dict | None = None) -> dict:
+        """Keep the node's swarm entries alive; ``report`` (node_cache/report.py) says what it pulls and holds."""
         return await self.request("POST", f"/v1/nodes/{quote(node_id, safe='')}/heartbeat",
-                                  json={"zone": zone, "ttl_s": ttl_s}, what=f"heartbeat of node {node_id}",
-                                  timeout_s=max(1.0, ttl_s))
+                                  json={"zone": zone, "ttl_s": ttl_s, **(report or {})},
+                                  what=f"heartbeat of node {node_id}", timeout_s=max(1.0, ttl_s))
+
+    async def nodes(self) -> dict:
+        """Every node the registry knows, with what each last reported (``GET /v1/nodes``)."""
+        return await self.request("GET", "/v1/nodes", what="node list")
+
+    async def rollout(self, digest: str) -> dict:
+        """One artifact across the fleet: each node pulling or holding it (``GET /v1/rollout/{digest}``)."""
+        return await self.request("GET", f"/v1/rollout/{digest}", what=f"rollout of {digest}")
 
     async def leave(self, node_id: str) -> dict:
         return await self.request("DELETE", f"/v1/nodes/{quote(node_id, safe='')}", what=f"leave of node {node_id}",

@@ -18,14 +18,13 @@ from aiohttp import web
 
 from modelcast.config import TrackerConfig
 from modelcast.errors import BadRequest
+from modelcast.progress import MAX_HEARTBEAT_BODY, parse_report
 
 from .announce import ZONE_RE, validate_node_id
 from .auth import check_auth
-from .state import CONFIG, SWARMS
+from .state import CONFIG, NODES, SWARMS
 
 log = logging.getLogger("modelcast.tracker")
-
-MAX_HEARTBEAT_BODY = 4096
 
 
 def _heartbeat_ttl(body: Any, cfg: TrackerConfig) -> float:
@@ -51,15 +50,30 @@ async def node_heartbeat(request: web.Request) -> web.Response:
     """
     check_auth(request, read=True)
     node_id = validate_node_id(request.match_info["node_id"])
-    if (request.content_length or 0) > MAX_HEARTBEAT_BODY:
-        raise BadRequest(f"heartbeat body is {request.content_length} bytes; at most {MAX_HEARTBEAT_BODY} are read")
+    raw = await _read_capped(request, MAX_HEARTBEAT_BODY)
     try:
-        body = json.loads(await request.read() or b"{}")
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise BadRequest(f"heartbeat body is not valid JSON: {exc}") from None
+        body = json.loads(raw or b"{}")
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise BadRequest(f"heartbeat body is not valid JSON: {str(exc)[:200]}") from None
     ttl = _heartbeat_ttl(body, request.app[CONFIG])
-    entries = request.app[SWARMS].heartbeat(node_id, time.monotonic(), ttl)
+    report = parse_report(body)  # checked whole before anything is recorded
+    now = time.monotonic()
+    entries = request.app[SWARMS].heartbeat(node_id, now, ttl)
+    request.app[NODES].heartbeat(node_id, body.get("zone"), report, now, time.time(), ttl)
     return web.json_response({"ok": True, "ttl_s": ttl, "entries": entries})
+
+
+async def _read_capped(request: web.Request, cap: int) -> bytes:
+    """The request body, refused with 400 past ``cap`` bytes, whether it says its length or is chunked."""
+    if (request.content_length or 0) > cap:
+        raise BadRequest(f"heartbeat body is {request.content_length} bytes; at most {cap} are read")
+    chunks, size = [], 0
+    while chunk := await request.content.read(cap + 1 - size):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > cap:
+            raise BadRequest(f"heartbeat body is over {cap} bytes; at most {cap} are read")
+    return b"".join(chunks)
 
 
 async def node_leave(request: web.Request) -> web.Response:
@@ -67,6 +81,7 @@ async def node_leave(request: web.Request) -> web.Response:
     check_auth(request, read=True)
     node_id = validate_node_id(request.match_info["node_id"])
     removed = request.app[SWARMS].leave(node_id)
+    request.app[NODES].leave(node_id, time.time())
     log.info("node %s left %d swarm entries", node_id, removed)
     return web.json_response({"ok": True, "removed": removed})
 
@@ -82,7 +97,9 @@ async def _expire_peers(app: web.Application) -> None:
     while True:
         await asyncio.sleep(period)
         try:
-            gone = app[SWARMS].expire(time.monotonic(), cfg.peer_ttl_s)
+            now = time.monotonic()
+            gone = app[SWARMS].expire(now, cfg.peer_ttl_s)
+            app[NODES].expire(now, time.time())
             if gone:
                 log.debug("expired %d swarm entries of dead nodes and silent peers", gone)
         except Exception:  # A bug here must not stop expiry for the life of the server.

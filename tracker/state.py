@@ -17,6 +17,7 @@ from modelcast.manifest import FileEntry
 
 from .federation import Upstream
 from .firstcopy import FirstCopyGate
+from .nodebook import NodeBook
 from .store import RegistryStore
 from .swarm import SwarmRegistry
 from .udp_server import UdpTrackerProtocol
@@ -72,3 +73,5 @@ WRITE_LOCK = web.AppKey("write_lock", asyncio.Lock)
 UPSTREAM = web.AppKey("upstream", Upstream)
 # The BEP 15 endpoint when TrackerConfig.udp_port is set; tests read its bound port.
 UDP_TRACKER = web.AppKey("udp_tracker", UdpTrackerProtocol)
+# Every node's zone, liveness and latest progress report (tracker/nodebook.py), from heartbeats.
+NODES = web.AppKey("nodes", NodeBook)

@@ -1,0 +1,56 @@
+"""The artifacts report a node sends with each heartbeat (the wire form is modelcast/progress.py).
+
+The registry shows fleet-wide rollouts from these reports, so they say, per artifact:
+state, bytes done of the total, the rate, and where the bytes came from.  A report is
+bounded: pulls first (a rollout is what an operator watches), then failed pulls, then the
+held artifacts, most recently used first, up to :data:`MAX_REPORTED_ARTIFACTS`; the rest
+are only counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from modelcast.progress import MAX_REPORTED_ARTIFACTS, ArtifactProgress
+
+from .jobs import PullJob, PullState
+
+
+class ProgressReporter:
+    """Builds each heartbeat's report; remembers the bytes of the last one to give each pull's rate.
+
+    The rate is measured here, over the heartbeat interval, from the bytes done, rather
+    than taken from libtorrent: libtorrent's rate leaves out what came from the origin
+    and from other zones, which is all there is for the first node of a zone.
+    """
+
+    def __init__(self, limit: int = MAX_REPORTED_ARTIFACTS):
+        self.limit = limit
+        self._last: dict[str, tuple[float, int]] = {}  # digest -> (when, done bytes) at the last report
+
+    def report(self, jobs: Iterable[PullJob], last_used: Mapping[str, float], now: float) -> dict:
+        """``{"artifacts": [...], "more_artifacts": n}`` for a heartbeat body, at monotonic time ``now``."""
+        jobs = list(jobs)
+        active = sorted((j for j in jobs if j.busy), key=lambda j: j.started)
+        failed = sorted((j for j in jobs if j.state is PullState.FAILED), key=lambda j: -(j.finished or 0))
+        ready = sorted((j for j in jobs if j.state is PullState.READY),
+                       key=lambda j: -last_used.get(j.digest, j.finished or 0))
+        chosen = (active + failed + ready)[: self.limit]
+        last, self._last = self._last, {}
+        entries = []
+        for job in chosen:
+            total = job.manifest.total_size
+            done = total if job.state is PullState.READY else min(job.done_bytes, total)
+            rate = 0
+            if job.busy:
+                before = last.get(job.digest)
+                if before is not None and now > before[0]:
+                    rate = max(0, round((done - before[1]) / (now - before[0])))
+                else:
+                    rate = job.download_rate  # the first report of a pull: libtorrent's figure
+                self._last[job.digest] = (now, done)
+            entries.append(ArtifactProgress(
+                digest=job.digest, state=job.state.value, done_bytes=done, total_bytes=total, rate=rate,
+                bytes_from_peers=job.bytes_from_peers, bytes_from_origin=job.bytes_from_origin,
+                bytes_from_other_zones=job.bytes_from_relay).to_json())
+        return {"artifacts": entries, "more_artifacts": len(jobs) - len(chosen)}
