@@ -22,6 +22,7 @@ import asyncio
 import errno
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import aiohttp
@@ -207,10 +208,9 @@ class NodeDaemon:
         """
         warned = False
         reports = True
-        loop = asyncio.get_running_loop()
         while True:
             try:
-                report = self.reporter.report(self.jobs.values(), self.pins.last_used, loop.time()) if reports else None
+                report = self.reporter.report(self.jobs.values(), self.pins.last_used, time.time()) if reports else None
                 try:
                     await self.registry.heartbeat(self.node_id, self.cfg.zone, self.cfg.heartbeat_ttl_s, report)
                 except BadRequest as exc:

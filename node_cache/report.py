@@ -9,46 +9,59 @@ are only counted.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Mapping
 
 from modelcast.progress import MAX_REPORTED_ARTIFACTS, ArtifactProgress
 
 from .jobs import PullJob, PullState
 
+# Rates are measured over the reports of the last few seconds: pieces from the origin and
+# from other zones arrive in bursts, and one heartbeat interval would show them as 0 B/s
+# between two bursts.
+RATE_WINDOW_S = 3.0
+
 
 class ProgressReporter:
-    """Builds each heartbeat's report; remembers the bytes of the last one to give each pull's rate.
+    """Builds each heartbeat's report; remembers the bytes of the last few to give each pull's rate.
 
-    The rate is measured here, over the heartbeat interval, from the bytes done, rather
+    The rate is measured here, over the last :data:`RATE_WINDOW_S`, from the bytes done, rather
     than taken from libtorrent: libtorrent's rate leaves out what came from the origin
     and from other zones, which is all there is for the first node of a zone.
     """
 
-    def __init__(self, limit: int = MAX_REPORTED_ARTIFACTS):
+    def __init__(self, limit: int = MAX_REPORTED_ARTIFACTS, window_s: float = RATE_WINDOW_S):
         self.limit = limit
-        self._last: dict[str, tuple[float, int]] = {}  # digest -> (when, done bytes) at the last report
+        self.window_s = window_s
+        # Per pull, (when, done bytes) of the reports within the window, oldest first.
+        self._seen: dict[str, deque[tuple[float, int]]] = {}
 
     def report(self, jobs: Iterable[PullJob], last_used: Mapping[str, float], now: float) -> dict:
-        """``{"artifacts": [...], "more_artifacts": n}`` for a heartbeat body, at monotonic time ``now``."""
+        """``{"artifacts": [...], "more_artifacts": n}`` for a heartbeat body, at ``now`` (``time.time()``,
+        the clock of :attr:`PullJob.started`)."""
         jobs = list(jobs)
         active = sorted((j for j in jobs if j.busy), key=lambda j: j.started)
         failed = sorted((j for j in jobs if j.state is PullState.FAILED), key=lambda j: -(j.finished or 0))
         ready = sorted((j for j in jobs if j.state is PullState.READY),
                        key=lambda j: -last_used.get(j.digest, j.finished or 0))
         chosen = (active + failed + ready)[: self.limit]
-        last, self._last = self._last, {}
+        seen, self._seen = self._seen, {}
         entries = []
         for job in chosen:
             total = job.manifest.total_size
             done = total if job.state is PullState.READY else min(job.done_bytes, total)
             rate = 0
             if job.busy:
-                before = last.get(job.digest)
-                if before is not None and now > before[0]:
-                    rate = max(0, round((done - before[1]) / (now - before[0])))
+                history = self._seen[job.digest] = seen.get(job.digest) or deque()
+                if not history and now - self.window_s < job.started < now:
+                    history.append((job.started, 0))  # a pull that just began: its bytes came since
+                while history and now - history[0][0] > self.window_s:
+                    history.popleft()
+                if history and now > history[0][0]:
+                    rate = max(0, round((done - history[0][1]) / (now - history[0][0])))
                 else:
-                    rate = job.download_rate  # the first report of a pull: libtorrent's figure
-                self._last[job.digest] = (now, done)
+                    rate = job.download_rate  # first seen long after it began (resumed): libtorrent's figure
+                history.append((now, done))
             entries.append(ArtifactProgress(
                 digest=job.digest, state=job.state.value, done_bytes=done, total_bytes=total, rate=rate,
                 bytes_from_peers=job.bytes_from_peers, bytes_from_origin=job.bytes_from_origin,

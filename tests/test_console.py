@@ -10,11 +10,9 @@ The browser test saves a screenshot of each page to docs/console/ (the README sh
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
-import threading
-import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ import pytest
 from modelcast.config import TrackerConfig
 from modelcast.progress import MAX_HEARTBEAT_BODY, MAX_REPORTED_ARTIFACTS, ArtifactProgress, parse_report
 from modelcast.errors import BadRequest
+from modelcast.units import human_bytes
 from node_cache.jobs import PullJob, PullState
 from node_cache.report import ProgressReporter
 from tracker.app import make_app
@@ -136,6 +135,13 @@ def test_reporter_puts_pulls_first_measures_their_rate_and_counts_what_it_leaves
     jobs[3].done_bytes = 1000 + 3000
     entries = [ArtifactProgress.from_json(e) for e in reporter.report(jobs, {}, now=12.0)["artifacts"]]
     assert entries[0].rate == 1500  # 3000 bytes over the 2 s between reports, whatever libtorrent says
+    fresh = job(9, PullState.DOWNLOADING, 2000)  # began a second ago: its first report has a rate already
+    assert ProgressReporter().report([fresh], {}, now=10.0)["artifacts"][0]["rate"] == 2000
+    # A burst, then a quiet second: still the rate over the window, not 0 B/s.
+    entries = [ArtifactProgress.from_json(e) for e in reporter.report(jobs, {}, now=13.0)["artifacts"]]
+    assert entries[0].rate == 1000  # 3000 bytes over 3 s
+    entries = [ArtifactProgress.from_json(e) for e in reporter.report(jobs, {}, now=14.0)["artifacts"]]
+    assert entries[0].rate == 0  # nothing in the last 3 s: the window no longer holds the burst
 
 
 # -- the routes, in process -------------------------------------------------------------------
@@ -268,3 +274,145 @@ async def test_console_pages_are_open_without_a_read_token_and_errors_are_pages(
     assert resp.status == 400
     resp = await client.get("/ui/nodes?token=anything", allow_redirects=False)  # no token needed: just go on
     assert resp.status == 303 and "modelcast_console" not in resp.cookies
+
+
+# -- a real fleet in a real browser -------------------------------------------------------------
+
+ROLLOUT_ROWS = """() => Array.from(document.querySelectorAll("section.rollout table.rollout-nodes tbody tr[data-node]"))
+    .map(tr => ({node: tr.dataset.node, state: tr.dataset.state, fraction: parseFloat(tr.dataset.fraction),
+                 bar: tr.querySelector("progress").value, pct: tr.querySelector(".pct").textContent,
+                 zone: tr.cells[1].textContent}))"""
+NODE_ROWS = """() => Array.from(document.querySelectorAll("#nodes tbody tr[data-node]"))
+    .map(tr => ({node: tr.dataset.node, zone: tr.cells[1].textContent, alive: tr.dataset.alive,
+                 holds: tr.dataset.holds.split(" ").filter(Boolean), pulling: tr.dataset.pulling}))"""
+ARTIFACT_ROWS = """() => Array.from(document.querySelectorAll("#artifacts tbody tr[data-digest]"))
+    .map(tr => ({digest: tr.dataset.digest, name: tr.cells[0].textContent, tags: tr.cells[1].textContent,
+                 kind: tr.cells[2].textContent, size: tr.cells[3].textContent, created: tr.cells[5].textContent,
+                 complete: parseInt(tr.cells[6].dataset.complete)}))"""
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.load(resp)
+
+
+def test_console_in_a_browser_follows_three_nodes_pulling_100_mib(tmp_path):
+    if not Path(CHROMIUM).exists():
+        pytest.skip("no chromium: `make system-tools` installs Debian's (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    tracker = start_tracker(tmp_path, token=TOKEN)
+    procs = [tracker]
+    try:
+        sizes = {"config.json": 4096, "tokenizer.json": 2 * MiB,
+                 **{f"weights/shard-{i}.bin": 49 * MiB for i in range(2)}}
+        model = make_model(tmp_path / "llm", sizes)
+        origin = (tmp_path / "origin").as_uri()
+        digest = publish(tracker.url, model, "demo/llm:v1", origin, "--annotation", "framework=onnx")
+        small = publish(tracker.url, make_model(tmp_path / "tok", {"vocab.json": 300_000}), "demo/tokenizer:v3", origin)
+        # Two zones, and each node held to 12 MiB/s (peers and origin alike), so a pull lasts
+        # several heartbeats and its progress can be watched.
+        zones = ["eu-west", "eu-west", "us-east"]
+        nodes = [start_node(tmp_path, tracker.url, f"node-{i}", host=f"127.0.0.{i + 2}", zone=zone,
+                            extra=["--download-limit", "12M"]) for i, zone in enumerate(zones)]
+        procs += nodes
+        ids = {_get(f"{n.url}/v1/health")["node_id"]: zone for n, zone in zip(nodes, zones)}
+        wait_until(lambda: len(_get(f"{tracker.url}/v1/nodes")["nodes"]) == 3, 20, message="3 nodes heartbeating")
+
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
+            context = browser.new_context(viewport={"width": 1440, "height": 640})
+            page = context.new_page()
+            page.goto(f"{tracker.url}/ui/artifacts/{digest}")
+            assert page.locator("h1").inner_text() == "demo/llm"
+            assert "No node reports this artifact yet" in page.locator(".summary").inner_text()
+            files = page.eval_on_selector_all("#files tbody tr", "rows => rows.map(r => r.cells[0].textContent)")
+            assert files == sorted(sizes)
+            rollout_page = context.new_page()
+            rollout_page.goto(f"{tracker.url}/ui/rollout/{digest}")
+
+            status = subprocess.Popen(modelcast_argv("status", "demo/llm:v1", "--registry", tracker.url,
+                                                     "--interval", "0.5"),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for n in nodes:
+                body = json.dumps({"ref": "demo/llm:v1", "wait": False}).encode()
+                req = urllib.request.Request(f"{n.url}/v1/pull", data=body, method="POST",
+                                             headers={"Content-Type": "application/json"})
+                urllib.request.urlopen(req, timeout=10).close()
+
+            seen: dict[str, list[tuple[str, float]]] = {}
+            shot = {}
+
+            def watch():
+                rows = page.evaluate(ROLLOUT_ROWS)
+                for r in rows:
+                    assert r["bar"] == pytest.approx(r["fraction"], abs=1e-3) and r["zone"] == ids[r["node"]]
+                    seen.setdefault(r["node"], []).append((r["state"], r["fraction"]))
+                moving = [r for r in rows if 0.05 < r["fraction"] < 0.9]
+                if "rollout" not in shot and len(rows) == 3 and len(moving) >= 2:
+                    rollout_page.wait_for_function("document.querySelectorAll('table.rollout-nodes "
+                                                   "tbody tr[data-node]').length === 3")
+                    rollout_page.screenshot(path=str(SHOTS / "rollout.png"), full_page=True)
+                    # The node list mid-rollout: each node, what it pulls and how far.
+                    nodes_page = context.new_page()
+                    nodes_page.goto(f"{tracker.url}/ui/nodes")
+                    pulling = {r["node"]: r["pulling"] for r in nodes_page.evaluate(NODE_ROWS)}
+                    assert set(pulling) == set(ids) and list(pulling.values()).count(digest) >= 2, pulling
+                    nodes_page.screenshot(path=str(SHOTS / "nodes.png"), full_page=True)
+                    nodes_page.close()
+                    shot["rollout"] = True
+                return len(rows) == 3 and all(r["state"] == "ready" for r in rows)
+
+            wait_until(watch, 180, interval=0.1, message=lambda: f"3 nodes complete in the browser; saw {seen}")
+            # Every node was seen on its way, below 100%, and then complete: the page redrew itself.
+            assert set(seen) == set(ids)
+            for node, samples in seen.items():
+                assert any(s != "ready" and 0 < f < 1 for s, f in samples), (node, samples)
+                assert samples[-1] == ("ready", 1.0), (node, samples)
+            assert shot, "never saw two nodes mid-pull at once"
+            assert "3 of 3 nodes complete" in page.locator(".summary").inner_text()
+            page.screenshot(path=str(SHOTS / "artifact.png"), full_page=True)
+
+            # The status command waited for the same rollout, and says the same.
+            out, err = status.communicate(timeout=30)
+            print(out)
+            assert status.returncode == 0, err
+            lines = [line for line in out.splitlines() if line.split()[:1] and line.split()[0] in ids]
+            assert len(lines) == 3 and all("complete" in line and "100.0%" in line for line in lines), out
+            assert "3/3 nodes complete" in out.splitlines()[0]
+            once = subprocess.run(modelcast_argv("status", digest, "--registry", tracker.url, "--once"),
+                                  capture_output=True, text=True, timeout=30)
+            assert once.returncode == 0 and once.stdout.count("complete") >= 3, once.stderr
+
+            # The node list shows what GET /v1/nodes says.
+            page.goto(f"{tracker.url}/ui/nodes")
+            shown = {r["node"]: r for r in page.evaluate(NODE_ROWS)}
+            api = {n["node"]: n for n in _get(f"{tracker.url}/v1/nodes")["nodes"]}
+            assert set(shown) == set(api) == set(ids)
+            for node, n in api.items():
+                held = [a["digest"] for a in n["artifacts"] if a["state"] == "ready"]
+                assert shown[node]["holds"] == held == [digest]
+                assert shown[node]["zone"] == n["zone"] == ids[node]
+                assert shown[node]["alive"] == "true" and n["alive"] and shown[node]["pulling"] == ""
+
+            # The artifact list shows what GET /v1/artifacts says, and who holds each.
+            page.goto(f"{tracker.url}/ui")
+            shown = page.evaluate(ARTIFACT_ROWS)
+            listed = _get(f"{tracker.url}/v1/artifacts")["artifacts"]
+            assert [r["digest"] for r in shown] == [a["digest"] for a in listed] == [digest, small]
+            for r, a in zip(shown, listed):
+                assert (r["name"], r["kind"], r["size"], r["created"]) == (a["name"], a["kind"],
+                                                                           human_bytes(a["total_size"]), a["created"])
+                assert r["tags"] == " ".join(f"{a['name']}:{t}" for t in a["tags"])
+            assert [r["complete"] for r in shown] == [_get(f"{tracker.url}/v1/rollout/{digest}")["summary"]["complete"],
+                                                      0] == [3, 0]
+            page.screenshot(path=str(SHOTS / "artifacts.png"), full_page=True)
+            page.fill("input[name=q]", "token")
+            page.click("form.search button")
+            page.wait_for_url("**/ui?q=token")
+            assert [r["name"] for r in page.evaluate(ARTIFACT_ROWS)] == ["demo/tokenizer"]
+            browser.close()
+    finally:
+        for proc in procs:
+            proc.stop()

@@ -45,19 +45,22 @@ def summary_line(view: dict) -> str:
 def rollout_table(view: dict) -> str:
     """The rollout view as text: a summary line, a row per node, a row per zone."""
     lines = [summary_line(view)]
+    # Node ids and zones are whole (up to 64 characters each): a cut id could not be looked for.
+    nw = max([4, *(len(r["node"]) for r in view["nodes"])])
+    zw = max([4, *(len(z["zone"] or "-") for z in view["zones"])])
     if view["nodes"]:
-        lines.append(f"{'NODE':18} {'ZONE':12} {'STATE':11} {'PROGRESS':29} {'RATE':>12} {'PEERS':>10} "
+        lines.append(f"{'NODE':{nw}} {'ZONE':{zw}} {'STATE':11} {'PROGRESS':29} {'RATE':>12} {'PEERS':>10} "
                      f"{'ORIGIN':>10} {'OTHER ZONES':>11}  HEARTBEAT")
         for r in view["nodes"]:
-            lines.append(f"{r['node'][:18]:18} {(r['zone'] or '-')[:12]:12} {STATES.get(r['state'], r['state']):11} "
+            lines.append(f"{r['node']:{nw}} {r['zone'] or '-':{zw}} {STATES.get(r['state'], r['state']):11} "
                          f"{_bar(r['fraction'])} {r['fraction'] * 100:5.1f}% {human_bytes(r['rate']) + '/s':>12} "
                          f"{human_bytes(r['bytes_from_peers']):>10} {human_bytes(r['bytes_from_origin']):>10} "
                          f"{human_bytes(r['bytes_from_other_zones']):>11}  {r['seconds_since_heartbeat']:.1f}s ago")
     if len(view["zones"]) > 1:
-        lines.append(f"{'ZONE':12} {'NODES':>5} {'COMPLETE':>8} {'DOWNLOADING':>11} {'FAILED':>6} {'ORIGIN':>10} "
+        lines.append(f"{'ZONE':{zw}} {'NODES':>5} {'COMPLETE':>8} {'DOWNLOADING':>11} {'FAILED':>6} {'ORIGIN':>10} "
                      f"{'OTHER ZONES':>11}")
         for z in view["zones"]:
-            lines.append(f"{(z['zone'] or '-')[:12]:12} {z['nodes']:>5} {z['complete']:>8} {z['downloading']:>11} "
+            lines.append(f"{z['zone'] or '-':{zw}} {z['nodes']:>5} {z['complete']:>8} {z['downloading']:>11} "
                          f"{z['failed']:>6} {human_bytes(z['bytes_from_origin']):>10} "
                          f"{human_bytes(z['bytes_from_other_zones']):>11}")
     return "\n".join(lines)

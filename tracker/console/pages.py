@@ -208,7 +208,8 @@ def zone_row(z: dict) -> str:
             f'<td class="num">{z["complete"]}</td><td class="num">{z["downloading"]}</td>'
             f'<td class="num">{z["failed"]}</td><td class="num">{human_bytes(z["bytes_from_peers"])}</td>'
             f'<td class="num">{human_bytes(z["bytes_from_origin"])}</td>'
-            f'<td class="num">{human_bytes(z["bytes_from_other_zones"])}</td><td class="num">{rate(z["rate"])}</td></tr>')
+            f'<td class="num">{human_bytes(z["bytes_from_other_zones"])}</td>'
+            f'<td class="num">{rate(z["rate"])}</td></tr>')
 
 
 def rollout_section(view: dict, feed: str) -> str:
