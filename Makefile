@@ -44,6 +44,7 @@ bench: $(STAMP) system-tools
 	$(BIN)/python benchmarks/fanout.py --zones 2 --no-baseline
 	$(BIN)/python benchmarks/serve_start.py
 	$(BIN)/python benchmarks/tracker_load.py
+	$(BIN)/python benchmarks/heartbeat_reports.py
 
 # The full CUDA variant: onnxruntime-gpu with its CUDA 13 / cuDNN wheels (~1.5 GB download,
 # 2.6 GB layer), outside `make test`; runs the model on CUDAExecutionProvider where a GPU is.

@@ -210,9 +210,12 @@ class NodeDaemon:
         reports = True
         while True:
             try:
-                report = self.reporter.report(self.jobs.values(), self.pins.last_used, time.time()) if reports else None
+                report = (self.reporter.next_report(self.jobs.values(), self.pins.last_used, time.time())
+                          if reports else None)
                 try:
-                    await self.registry.heartbeat(self.node_id, self.cfg.zone, self.cfg.heartbeat_ttl_s, report)
+                    answer = await self.registry.heartbeat(self.node_id, self.cfg.zone, self.cfg.heartbeat_ttl_s,
+                                                           report)
+                    self.reporter.answered(answer)
                 except BadRequest as exc:
                     if report is None:
                         raise

@@ -20,6 +20,8 @@ from .jobs import PullJob, PullState
 # from other zones arrive in bursts, and one heartbeat interval would show them as 0 B/s
 # between two bursts.
 RATE_WINDOW_S = 3.0
+# An unchanged report is sent again this often anyway, whatever the registry says it has.
+REFRESH_S = 30.0
 
 
 class ProgressReporter:
@@ -30,11 +32,35 @@ class ProgressReporter:
     and from other zones, which is all there is for the first node of a zone.
     """
 
-    def __init__(self, limit: int = MAX_REPORTED_ARTIFACTS, window_s: float = RATE_WINDOW_S):
+    def __init__(self, limit: int = MAX_REPORTED_ARTIFACTS, window_s: float = RATE_WINDOW_S,
+                 refresh_s: float = REFRESH_S):
         self.limit = limit
         self.window_s = window_s
+        self.refresh_s = refresh_s
+        self._sent: dict | None = None  # the last report sent, and when
+        self._sent_at = 0.0
+        self._registry_has = False
         # Per pull, (when, done bytes) of the reports within the window, oldest first.
         self._seen: dict[str, deque[tuple[float, int]]] = {}
+
+    def next_report(self, jobs: Iterable[PullJob], last_used: Mapping[str, float], now: float) -> dict | None:
+        """The report for the next heartbeat, or None when the registry holds the same one already.
+
+        A node that holds artifacts and pulls nothing sends the same report every second;
+        the registry keeps the last one, so it is sent only when it changed, when the
+        registry says it has none (it restarted, or another replica answered), and every
+        :data:`REFRESH_S` anyway.  A heartbeat without a report keeps the one the registry has.
+        """
+        report = self.report(jobs, last_used, now)
+        if report == self._sent and self._registry_has and now - self._sent_at < self.refresh_s:
+            return None
+        self._sent, self._sent_at = report, now
+        return report
+
+    def answered(self, answer: dict) -> None:
+        """Note what the registry said to a heartbeat: whether it now holds this node's report."""
+        # A registry that does not say keeps no reports: sending them again would not help.
+        self._registry_has = bool(answer.get("reported", True))
 
     def report(self, jobs: Iterable[PullJob], last_used: Mapping[str, float], now: float) -> dict:
         """``{"artifacts": [...], "more_artifacts": n}`` for a heartbeat body, at ``now`` (``time.time()``,

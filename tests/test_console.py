@@ -144,6 +144,23 @@ def test_reporter_puts_pulls_first_measures_their_rate_and_counts_what_it_leaves
     assert entries[0].rate == 0  # nothing in the last 3 s: the window no longer holds the burst
 
 
+def test_reporter_sends_an_unchanged_report_only_to_a_registry_that_lacks_it(tmp_path):
+    manifest = build_artifact(tmp_path).manifest
+    held = [PullJob(f"sha256:{n:064x}", manifest, state=PullState.READY, finished=n) for n in range(3)]
+    reporter = ProgressReporter(refresh_s=30)
+    assert len(reporter.next_report(held, {}, now=0)["artifacts"]) == 3
+    reporter.answered({"ok": True, "reported": True})
+    assert reporter.next_report(held, {}, now=1) is None  # the registry has it: a bare heartbeat
+    reporter.answered({"ok": True, "reported": False})  # it restarted, or another replica answered
+    assert reporter.next_report(held, {}, now=2) is not None
+    reporter.answered({"ok": True, "reported": True})
+    assert reporter.next_report(held, {}, now=3) is None
+    assert reporter.next_report(held, {}, now=32) is not None  # sent again every refresh_s anyway
+    reporter.answered({"ok": True, "reported": True})
+    pulling = PullJob("sha256:" + "f" * 64, manifest, state=PullState.DOWNLOADING, started=31)
+    assert reporter.next_report([*held, pulling], {}, now=33)["artifacts"][0]["state"] == "downloading"
+
+
 # -- the routes, in process -------------------------------------------------------------------
 
 
@@ -168,8 +185,11 @@ async def test_heartbeat_reports_are_checked_kept_listed_and_dropped_on_leave(ai
     assert (await client.post(url, data=chunked())).status == 400  # no Content-Length: still capped
 
     total = art.manifest.total_size
+    assert (await (await client.post(url, json={"zone": "z1"})).json())["reported"] is False
     report = {"zone": "z1", "ttl_s": 5, "artifacts": [_entry(art.digest, done=total // 2, total=total)]}
-    assert (await client.post(url, json=report)).status == 200
+    assert (await (await client.post(url, json=report)).json())["reported"] is True
+    # A bare heartbeat keeps the report the registry holds.
+    assert (await (await client.post(url, json={"zone": "z1"})).json())["reported"] is True
     report2 = {"zone": "z2", "artifacts": [_entry(art.digest, state="ready", done=total, total=total)]}
     assert (await client.post("/v1/nodes/n2/heartbeat", json=report2)).status == 200
     nodes = (await (await client.get("/v1/nodes")).json())["nodes"]

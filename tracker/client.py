@@ -24,11 +24,19 @@ answers reads of references it does not hold from its parent, and keeps them
                                             tags point at it unless ``force=1`` (they go too); origin blobs stay
 ``GET  /v1/stats``                          -> ``{"origin_bytes_served", "origin_requests", "announces", "swarms"}``
 ``GET  /announce``, ``GET /scrape``         BitTorrent (BEP 3/23/48); extra query ``zone=`` and ``node=`` on announce
-``POST /v1/nodes/{node_id}/heartbeat``      body ``{"zone": z, "ttl_s": 3.0}`` -> ``{"ok": true, "ttl_s", "entries"}``:
-                                            keeps every swarm entry announced with ``node=node_id`` alive for
-                                            ``ttl_s`` more seconds (capped by ``--max-heartbeat-ttl``); guarded
-                                            like a read
+``POST /v1/nodes/{node_id}/heartbeat``      body ``{"zone": z, "ttl_s": 3.0, "artifacts": [...], "more_artifacts": n}``
+                                            -> ``{"ok": true, "ttl_s", "entries", "reported": bool}``: keeps every
+                                            swarm entry announced with ``node=node_id`` alive for ``ttl_s`` more
+                                            seconds (capped by ``--max-heartbeat-ttl``); guarded like a read.
+                                            ``artifacts`` (optional; modelcast/progress.py, at most 128, body at
+                                            most 64 KiB) is what the node pulls and holds; without it the last
+                                            report is kept; ``reported`` says whether the registry holds one
 ``DELETE /v1/nodes/{node_id}``              -> ``{"ok": true, "removed": n}``: the node leaves every swarm at once
+``GET  /v1/nodes``                          -> ``{"nodes": [{"node", "zone", "alive", "gone", "last_heartbeat",
+                                            "artifacts": [...], ...}], "live", "gone"}``: from heartbeats
+``GET  /v1/rollout/{digest}``               -> ``{"digest", "name", "total_bytes", "nodes": [row per node pulling or
+                                            holding it], "zones": [sums], "summary": {..., "done"}, "swarm"}``
+``GET  /ui``                                the console (tracker/console/): HTML pages, read access as above
 UDP (BEP 15, ``--udp-listen``)              connect, announce, scrape; ``zone=`` as BEP 41 URL data
 """
 

@@ -59,8 +59,10 @@ async def node_heartbeat(request: web.Request) -> web.Response:
     report = parse_report(body)  # checked whole before anything is recorded
     now = time.monotonic()
     entries = request.app[SWARMS].heartbeat(node_id, now, ttl)
-    request.app[NODES].heartbeat(node_id, body.get("zone"), report, now, time.time(), ttl)
-    return web.json_response({"ok": True, "ttl_s": ttl, "entries": entries})
+    node = request.app[NODES].heartbeat(node_id, body.get("zone"), report, now, time.time(), ttl)
+    # "reported": whether this registry holds a report of the node, so that a node which
+    # sends its report only when it changes sends it again to a registry that lost it.
+    return web.json_response({"ok": True, "ttl_s": ttl, "entries": entries, "reported": node.reported})
 
 
 async def _read_capped(request: web.Request, cap: int) -> bytes:
