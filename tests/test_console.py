@@ -110,6 +110,12 @@ def test_node_book_keeps_the_latest_report_and_forgets_it_when_the_node_goes():
         book.heartbeat(f"x{i}", None, None, now=10, wall=1010, ttl=1)
         book.leave(f"x{i}", wall=1011)
     assert list(book.gone) == ["x3", "x4"]
+    # A full book keeps the nodes it has and records no more (their swarm liveness is elsewhere).
+    full = NodeBook(max_live=2)
+    for name in ("a", "b", "c"):
+        full.heartbeat(name, None, first, now=0, wall=0, ttl=3)
+    assert sorted(full.live) == ["a", "b"] and full.refused == 1 and full.counts(DIGEST) == (0, 2)
+    assert full.heartbeat("a", None, None, now=1, wall=1, ttl=3) is not None
 
 
 def test_reporter_puts_pulls_first_measures_their_rate_and_counts_what_it_leaves_out(tmp_path):

@@ -62,7 +62,8 @@ async def node_heartbeat(request: web.Request) -> web.Response:
     node = request.app[NODES].heartbeat(node_id, body.get("zone"), report, now, time.time(), ttl)
     # "reported": whether this registry holds a report of the node, so that a node which
     # sends its report only when it changes sends it again to a registry that lost it.
-    return web.json_response({"ok": True, "ttl_s": ttl, "entries": entries, "reported": node.reported})
+    return web.json_response({"ok": True, "ttl_s": ttl, "entries": entries,
+                              "reported": node is not None and node.reported})
 
 
 async def _read_capped(request: web.Request, cap: int) -> bytes:

@@ -21,6 +21,10 @@ from dataclasses import dataclass, field
 from modelcast.progress import ArtifactProgress
 
 MAX_GONE = 256
+# Live nodes the book keeps (each up to MAX_REPORTED_ARTIFACTS entries, about 200 bytes
+# each): heartbeats of further nodes still keep their swarm entries alive, but their
+# reports are not kept, so whoever can send heartbeats cannot make the registry hold more.
+MAX_LIVE = 100_000
 
 
 @dataclass(slots=True)
@@ -53,7 +57,9 @@ class NodeRecord:
 class NodeBook:
     """Live nodes with their latest reports, recently gone nodes, and artifact -> reporting nodes."""
 
-    def __init__(self, max_gone: int = MAX_GONE) -> None:
+    def __init__(self, max_gone: int = MAX_GONE, max_live: int = MAX_LIVE) -> None:
+        self.max_live = max_live
+        self.refused = 0  # heartbeats of nodes beyond max_live, not recorded
         self.live: dict[str, NodeRecord] = {}
         self.gone: OrderedDict[str, NodeRecord] = OrderedDict()  # oldest departure first
         self.max_gone = max_gone
@@ -62,9 +68,15 @@ class NodeBook:
         self._deadlines: list[tuple[float, str]] = []
 
     def heartbeat(self, node_id: str, zone: str | None, report: tuple[tuple[ArtifactProgress, ...], int] | None,
-                  now: float, wall: float, ttl: float) -> NodeRecord:
-        """Record a heartbeat of ``node_id``, alive until ``now + ttl``, with its report (None: it sent none)."""
+                  now: float, wall: float, ttl: float) -> NodeRecord | None:
+        """Record a heartbeat of ``node_id``, alive until ``now + ttl``, with its report (None: it sent none).
+
+        None when the book is full (:data:`MAX_LIVE` nodes) and the node is not in it.
+        """
         node = self.live.get(node_id)
+        if node is None and len(self.live) >= self.max_live:
+            self.refused += 1
+            return None
         if node is None:
             old = self.gone.pop(node_id, None)
             node = self.live[node_id] = NodeRecord(node_id, zone, old.first_seen if old else wall, wall)
