@@ -29,7 +29,8 @@ import aiohttp
 
 from adapters.torrent import TorrentEngine, TorrentInfo, check_torrent, piece_spans
 from modelcast.config import NodeConfig, is_wildcard
-from modelcast.errors import BadRequest, DiskFull, IntegrityError, InvalidManifest, ModelcastError, PullFailed, Unreachable
+from modelcast.errors import (BadRequest, DiskFull, IntegrityError, InvalidManifest, ModelcastError, PullFailed,
+                              Unreachable)
 from modelcast.manifest import Manifest
 from modelcast.reference import Reference
 from modelcast.units import human_bytes

@@ -37,8 +37,9 @@ class ProgressReporter:
         self.limit = limit
         self.window_s = window_s
         self.refresh_s = refresh_s
-        self._sent: dict | None = None  # the last report sent, and when
+        self._sent: dict | None = None  # the last report the registry took, and when
         self._sent_at = 0.0
+        self._pending: tuple[dict, float] | None = None  # the report on its way, until answered
         self._registry_has = False
         # Per pull, (when, done bytes) of the reports within the window, oldest first.
         self._seen: dict[str, deque[tuple[float, int]]] = {}
@@ -53,14 +54,21 @@ class ProgressReporter:
         """
         report = self.report(jobs, last_used, now)
         if report == self._sent and self._registry_has and now - self._sent_at < self.refresh_s:
+            self._pending = None
             return None
-        self._sent, self._sent_at = report, now
+        self._pending = (report, now)
         return report
 
     def answered(self, answer: dict) -> None:
-        """Note what the registry said to a heartbeat: whether it now holds this node's report."""
+        """Note the registry's answer to the heartbeat: it took the report, and whether it holds one.
+
+        Not called when the heartbeat failed: the report then goes again with the next one.
+        """
         # A registry that does not say keeps no reports: sending them again would not help.
         self._registry_has = bool(answer.get("reported", True))
+        if self._pending is not None:
+            self._sent, self._sent_at = self._pending
+            self._pending = None
 
     def report(self, jobs: Iterable[PullJob], last_used: Mapping[str, float], now: float) -> dict:
         """``{"artifacts": [...], "more_artifacts": n}`` for a heartbeat body, at ``now`` (``time.time()``,
