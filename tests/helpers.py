@@ -85,8 +85,9 @@ def metric(node_url: str, name: str) -> float:
     raise KeyError(name)
 
 
-def registry_stats(registry: str) -> dict:
-    with urllib.request.urlopen(f"{registry}/v1/stats", timeout=5) as resp:
+def registry_stats(registry: str, token: str | None = None) -> dict:
+    req = urllib.request.Request(f"{registry}/v1/stats", headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(req, timeout=5) as resp:
         return json.load(resp)
 
 

@@ -254,6 +254,11 @@ async def _serve(cfg: TrackerConfig) -> None:
                              "choose another --listen address or port") from exc
     try:
         log.info("registry and tracker on http://%s:%d", host, running.port)
+        if not cfg.token:
+            log.warning("writes are OPEN: anyone who can reach %s:%d may publish, move tags and delete artifacts; "
+                        "set MODELCAST_TOKEN (or --token-file) to require a token", host, running.port)
+        if not cfg.read_token:
+            log.info("reads are open (resolve, torrents, web seed); set MODELCAST_READ_TOKEN to require a token")
         await stop.wait()
         log.info("stopping: closing connections, then the database")
     finally:

@@ -10,8 +10,8 @@ import asyncio
 import json
 from pathlib import Path
 
-from modelcast.cmdline import Handler, client_args
-from modelcast.config import (ENV_READ_TOKEN, ENV_S3_ENDPOINT, ENV_UPSTREAM_TOKEN, ClientConfig, TrackerConfig, env_str,
+from modelcast.cmdline import Handler, client_args, secret_file
+from modelcast.config import (ENV_READ_TOKEN, ENV_TOKEN, ENV_S3_ENDPOINT, ENV_UPSTREAM_TOKEN, ClientConfig, TrackerConfig, env_str,
                               parse_hostport)
 from modelcast.reference import Reference
 from modelcast.units import human_bytes
@@ -22,7 +22,9 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     p = sub.add_parser("tracker", help="run the registry and BitTorrent tracker")
     p.add_argument("--listen", default="127.0.0.1:7070", help="HOST:PORT to serve on")
     p.add_argument("--data", required=True, type=Path, help="directory for the registry database")
-    p.add_argument("--token", help="bearer token required for writes")
+    p.add_argument("--token", help="bearer token required for writes; prefer env MODELCAST_TOKEN or --token-file, "
+                                   "which `ps` cannot read")
+    p.add_argument("--token-file", type=Path, help="file holding the write token (one line)")
     p.add_argument("--read-token", help="bearer token required for reads (resolve, manifest, torrent, list, web seed); "
                                         "the write token reads too; announce and scrape stay open "
                                         "(env MODELCAST_READ_TOKEN)")
@@ -65,7 +67,8 @@ def cmd_tracker(args) -> int:
 
     host, port = parse_hostport(args.listen, what="--listen")
     udp_host, udp_port = parse_hostport(args.udp_listen, what="--udp-listen") if args.udp_listen else (None, None)
-    serve(TrackerConfig(host=host, port=port, data_dir=args.data, token=args.token,
+    token = args.token or secret_file(args.token_file, "--token-file") or env_str(ENV_TOKEN)
+    serve(TrackerConfig(host=host, port=port, data_dir=args.data, token=token,
                         read_token=args.read_token or env_str(ENV_READ_TOKEN), upstream=args.upstream,
                         upstream_token=args.upstream_token or env_str(ENV_UPSTREAM_TOKEN),
                         upstream_tag_ttl_s=args.upstream_tag_ttl,
