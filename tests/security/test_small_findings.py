@@ -93,3 +93,32 @@ def test_a_registry_with_open_writes_says_so_at_start(tmp_path):
         assert "WARNING" in log and "anyone who can reach" in log and "MODELCAST_TOKEN" in log
     finally:
         svc.stop()
+
+
+def post(url: str, token: str | None = None) -> int:
+    req = urllib.request.Request(url, data=b"", method="POST",
+                                 headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+@pytest.mark.parametrize("how", ["env", "file"])
+def test_the_write_token_never_shows_in_ps(tmp_path, how):
+    secret = "s3cr3t-write-token"
+    if how == "env":
+        svc = start_tracker(tmp_path, token=secret)
+    else:
+        (tmp_path / "token").write_text(secret + "\n")
+        svc = start_tracker(tmp_path, extra=["--token-file", str(tmp_path / "token")])
+    try:
+        assert post(f"{svc.url}/v1/auth/check") == 401
+        assert post(f"{svc.url}/v1/auth/check", "wrong") == 401
+        assert post(f"{svc.url}/v1/auth/check", secret) == 200
+        cmdline = open(f"/proc/{svc.pid}/cmdline", "rb").read()
+        assert secret.encode() not in cmdline, cmdline
+        assert "writes are OPEN" not in svc.log_text()
+    finally:
+        svc.stop()
