@@ -99,8 +99,12 @@ def origin(tmp_path) -> FileOrigin:
 
 @pytest.fixture
 def cfg(tmp_path) -> TrackerConfig:
-    """The registry's config for the ``client`` fixture: write token 'secret', a 60 s peer TTL."""
-    return TrackerConfig(data_dir=tmp_path / "registry", token=TOKEN, peer_ttl_s=60)
+    """The registry's config for the ``client`` fixture: write token 'secret', a 60 s peer TTL.
+
+    The test client (127.0.0.1) is a trusted proxy, so its ``ip=`` lists the peers it
+    simulates; tests/security/test_peer_entries.py checks what an untrusted client gets.
+    """
+    return TrackerConfig(data_dir=tmp_path / "registry", token=TOKEN, peer_ttl_s=60, trusted_proxies=("127.0.0.1",))
 
 
 @pytest.fixture

@@ -39,6 +39,7 @@ from .state import (CONFIG, FIRST_COPY, ORIGINS, STATS, STORE, SWARMS, UDP_TRACK
                     WRITE_LOCK, OriginCache, Stats)
 from .store import RegistryStore
 from .swarm import SwarmRegistry
+from .peer_policy import PeerPolicy
 from .udp_server import UdpTracker, start_udp_tracker
 from .webseed import webseed
 
@@ -141,7 +142,7 @@ async def _udp_tracker_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     tracker = UdpTracker(app[SWARMS], interval=cfg.announce_interval_s, default_numwant=cfg.default_numwant,
-                         max_numwant=cfg.max_numwant)
+                         max_numwant=cfg.max_numwant, policy=PeerPolicy(cfg.trusted_proxies, cfg.origin_seeds))
     endpoint = await start_udp_tracker(tracker, cfg.udp_host or cfg.host, cfg.udp_port)
     app[UDP_TRACKER] = endpoint
     host, port = endpoint.address

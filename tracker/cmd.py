@@ -40,6 +40,11 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     p.add_argument("--max-heartbeat-ttl", type=float, default=TrackerConfig.heartbeat_ttl_max_s,
                    help="cap on the ttl a node's heartbeat may ask for: a dead node is gone within this")
     p.add_argument("--udp-listen", metavar="HOST:PORT", help="also serve the BEP 15 UDP tracker on HOST:PORT")
+    p.add_argument("--trusted-proxy", action="append", default=[], metavar="CIDR",
+                   help="a proxy whose announces' ip= is believed (repeatable); from anyone else ip= is ignored and "
+                        "the peer is listed at the address its request came from")
+    p.add_argument("--origin-seed", action="append", default=[], metavar="ADDR",
+                   help="an address allowed to announce role=origin (repeatable); nobody else may claim it")
     p.add_argument("--zone-gateways", type=int, default=TrackerConfig.zone_gateways, metavar="N",
                    help="per swarm, only each zone's first N peers (while their zone has others) are handed peers of "
                         "other zones; 0, the default: strict zones for node daemons, pieces cross zones through the "
@@ -75,6 +80,7 @@ def cmd_tracker(args) -> int:
                         s3_endpoint=args.s3_endpoint or env_str(ENV_S3_ENDPOINT),
                         announce_interval_s=args.announce_interval, peer_ttl_s=args.peer_ttl,
                         heartbeat_ttl_max_s=args.max_heartbeat_ttl, zone_gateways=args.zone_gateways,
+                        trusted_proxies=tuple(args.trusted_proxy), origin_seeds=tuple(args.origin_seed),
                         udp_host=udp_host, udp_port=udp_port))
     return 0
 

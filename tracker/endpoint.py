@@ -15,8 +15,8 @@ from aiohttp import web
 from modelcast.config import TrackerConfig
 from modelcast.errors import ModelcastError
 
-from .announce import ProtocolError, encode_announce, encode_failure, encode_scrape, normalize_ip, parse_announce, \
-    parse_scrape
+from .announce import encode_announce, encode_failure, encode_scrape, parse_announce, parse_scrape
+from .peer_policy import PeerPolicy
 from .swarm import SwarmRegistry
 
 BENCODE_TYPE = "text/plain"
@@ -36,16 +36,14 @@ class TrackerEndpoint:
     def __init__(self, cfg: TrackerConfig, swarms: SwarmRegistry) -> None:
         self._cfg = cfg
         self._swarms = swarms
+        self._policy = PeerPolicy(cfg.trusted_proxies, cfg.origin_seeds)
 
     def announce(self, raw_query: str | bytes, remote: str | None) -> bytes:
         """``GET /announce`` (BEP 3/23/7), with modelcast's extensions; ``remote``: the client's socket address."""
         cfg = self._cfg
         try:
             a = parse_announce(raw_query, default_numwant=cfg.default_numwant, max_numwant=cfg.max_numwant)
-            ip = a.ip or normalize_ip(remote)
-            if ip is None:
-                raise ProtocolError("cannot tell the client's IP address; pass ip=")
-            result = self._swarms.announce(a, ip, time.monotonic())
+            result = self._swarms.announce(a, self._policy.address(a, remote), time.monotonic())
         except ModelcastError as exc:
             return encode_failure(str(exc))
         return encode_announce(result.peers, result.counts, interval=cfg.announce_interval_s,

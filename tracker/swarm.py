@@ -56,6 +56,7 @@ class _Entry:
     peer: Peer
     node: str | None = None
     slot: int = -1  # the peer's position in its bucket
+    key: str | None = None  # BEP 7's key, as first announced: only its holder may stop the entry
 
 
 NO_GATEWAYS: dict[str, list[Peer]] = {}  # strict zones: nobody is handed other zones' peers (never mutated)
@@ -283,7 +284,9 @@ class SwarmRegistry:
         peer = Peer(a.peer_id, ip, a.port, a.left, a.zone, a.origin_seed)
         entry = swarm.peers.get(peer.packed)
         if a.event == "stopped":
-            if entry is not None:
+            # Only the owner stops an entry: the address matched (the request came from it,
+            # or from a trusted proxy), and so must the key it was announced with.
+            if entry is not None and (entry.key is None or entry.key == a.key):
                 self._drop(entry)
             return AnnounceResult([], swarm.counts())
         # A "completed" counts as a download once per peer entry: a client that repeats
@@ -293,6 +296,9 @@ class SwarmRegistry:
         last_seen = self._last_seen
         if entry is not None and bucket_key(entry.peer) == bucket_key(peer):
             # The common re-announce: same address, same bucket.  Updated in place.
+            if entry.key != a.key and entry.peer.peer_id != peer.peer_id:
+                # A client restarted at the same address (new peer id, new key): the new key owns it.
+                entry.key = a.key
             swarm.update(entry, peer)
             if entry.node != a.node:
                 self._set_node(entry, a.node)
@@ -304,7 +310,7 @@ class SwarmRegistry:
                 # (unless it became the origin's seed, which is never a gateway).
                 old = entry.peer
                 self._drop(entry, replacing=old.zone == peer.zone and old.origin_seed == peer.origin_seed)
-            entry = _Entry(swarm, peer)
+            entry = _Entry(swarm, peer, key=a.key)
             swarm.add(entry)
             last_seen[entry] = now
             if a.node is not None:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from modelcast.errors import ModelcastError
 
 from .announce import SwarmCounts, normalize_ip
+from .peer_policy import PeerPolicy
 from .udp import (ACTION_CONNECT, MAX_DATAGRAM, AnnounceRequest, ConnectRequest, UdpProtocolError, encode_announce,
                   encode_connect, encode_error, encode_scrape, parse_header, parse_request)
 
@@ -110,12 +111,13 @@ class UdpTracker:
     """
 
     def __init__(self, swarms: SwarmRegistry, *, interval: int, default_numwant: int = 50,
-                 max_numwant: int = 200, ids: ConnectionIds | None = None):
+                 max_numwant: int = 200, ids: ConnectionIds | None = None, policy: PeerPolicy | None = None):
         self.swarms = swarms
         self.interval = interval
         self.default_numwant = default_numwant
         self.max_numwant = max_numwant
         self.ids = ids or ConnectionIds()
+        self.policy = policy or PeerPolicy()
         self.stats = UdpStats()
 
     def handle(self, data: bytes, addr: tuple, now: float) -> bytes | None:
@@ -167,8 +169,8 @@ class UdpTracker:
             ipv6 = ":" in host
         a = req.announce
         # The 32-bit address field cannot name an IPv6 peer (BEP 15); for IPv4 it is
-        # honoured like the HTTP ``ip=`` parameter (libtorrent's announce_ip).
-        ip = a.ip if a.ip and not ipv6 else host
+        # honoured like the HTTP ``ip=`` parameter: from trusted proxies only.
+        ip = self.policy.address(a._replace(ip=None) if ipv6 else a, host)
         result = self.swarms.announce(a, ip, now)
         return encode_announce(req.transaction_id, self.interval, result.counts, result.peers, ipv6=ipv6)
 
