@@ -10,11 +10,13 @@ use them too) and re-exported here.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import random
 import subprocess
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote_from_bytes
@@ -204,3 +206,25 @@ WHEELS = ("onnxruntime==1.31.1", "onnxruntime-gpu==1.31.1", "onnxruntime-cann==1
 
 def wheelhouse_dir() -> Path:
     return Path(env_str(ENV_WHEELHOUSE) or Path.home() / ".cache" / "modelcast" / "wheelhouse").expanduser()
+
+
+def make_wheel(where: Path, name: str, version: str, files: dict[str, bytes] | None = None) -> Path:
+    """A small pure-Python wheel (``py3-none-any``, so pip takes it for any target platform).
+
+    ``files`` maps paths inside site-packages to their bytes (default: ``<name>/__init__.py``
+    holding ``VERSION``).  Its RECORD hashes are true; its entries carry a fixed time.
+    """
+    dist = name.replace("-", "_")
+    files = files or {f"{dist}/__init__.py": f"VERSION = {version!r}\n".encode()}
+    info = f"{dist}-{version}.dist-info"
+    files = {**files, f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+             f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: modelcast-tests\nRoot-Is-Purelib: true\n"
+                              b"Tag: py3-none-any\n"}
+    record = [f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},"
+              f"{len(data)}" for path, data in sorted(files.items())] + [f"{info}/RECORD,,"]
+    where.mkdir(parents=True, exist_ok=True)
+    wheel = where / f"{dist}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for path, data in [*sorted(files.items()), (f"{info}/RECORD", ("\n".join(record) + "\n").encode())]:
+            zf.writestr(zipfile.ZipInfo(path, date_time=(2020, 1, 1, 0, 0, 0)), data)
+    return wheel

@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS artifacts (
     origin_url   TEXT NOT NULL,
     s3_endpoint  TEXT,
     total_size   INTEGER NOT NULL,
-    created      TEXT NOT NULL,
+    created      TEXT NOT NULL,  -- the manifest's legacy created, else the publish time (UTC)
     published_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS artifacts_name_digest ON artifacts(name, digest);
@@ -141,6 +141,10 @@ def decode_cursor(cursor: str) -> tuple[str, str]:
         raise BadRequest(f"invalid list cursor {cursor!r}: pass back the 'next' value of the previous page") from None
 
 
+def _rfc3339(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
 def _insert_artifact(db: sqlite3.Connection, manifest: Manifest, data: bytes, torrent: bytes, origin_url: str,
                      s3_endpoint: str | None) -> bool:
     """Store the artifact in the open transaction unless it is there; True if it was new."""
@@ -151,11 +155,12 @@ def _insert_artifact(db: sqlite3.Connection, manifest: Manifest, data: bytes, to
             # Unreachable short of a SHA-256 collision; refusing beats overwriting.
             raise Conflict(f"artifact {digest} is stored with different manifest bytes")
         return False
+    now = time.time()  # the publish time lives here, beside the manifest, not in its digested bytes
     db.execute(
         "INSERT INTO artifacts (digest, name, kind, content_key, manifest, torrent, origin_url,"
         " s3_endpoint, total_size, created, published_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
         (digest, manifest.name, manifest.kind, manifest.content_key, data, bytes(torrent),
-         origin_url, s3_endpoint, manifest.total_size, manifest.created, time.time()),
+         origin_url, s3_endpoint, manifest.total_size, manifest.created or _rfc3339(now), now),
     )
     return True
 
