@@ -1,8 +1,8 @@
 """The tests' one helpers module (fixtures live in conftest.py).
 
 The tokens; running the real CLI; making models and hashing trees; reading a node's
-metrics and a registry's stats; the registry tests' artifact, built with the publisher's
-own torrent code; the runtime tests' spec and wheelhouse.  Starting a tracker or a node
+metrics and a registry's stats; a real Prometheus and promtool; the registry tests'
+artifact, built with the publisher's own torrent code; the runtime tests' spec and wheelhouse.  Starting a tracker or a node
 and waiting on a condition are shipped in :mod:`harness` (the benchmarks and the demo
 use them too) and re-exported here.
 """
@@ -14,7 +14,9 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import subprocess
+import urllib.parse
 import urllib.request
 import zipfile
 from dataclasses import dataclass
@@ -91,6 +93,61 @@ def registry_stats(registry: str, token: str | None = None) -> dict:
     req = urllib.request.Request(f"{registry}/v1/stats", headers={"Authorization": f"Bearer {token}"} if token else {})
     with urllib.request.urlopen(req, timeout=5) as resp:
         return json.load(resp)
+
+
+# -- Prometheus ----------------------------------------------------------------------------
+
+# Debian's prometheus package ships both (the Makefile's system-tools step installs it).
+PROMETHEUS = shutil.which("prometheus")
+PROMTOOL = shutil.which("promtool")
+
+
+class PrometheusProcess(ServiceProcess):
+    """A real Prometheus server on its own port, config and data directory; ``query`` asks its HTTP API."""
+
+    def api(self, path: str, **params: str) -> dict:
+        url = f"{self.url}/api/v1/{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            body = json.load(resp)
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict]:
+        """The instant vector (or scalar, as one sample) ``expr`` evaluates to now."""
+        data = self.api("query", query=expr)
+        if data["resultType"] in ("scalar", "string"):
+            return [{"metric": {}, "value": data["result"]}]
+        return data["result"]
+
+    def targets(self) -> list[dict]:
+        return self.api("targets", state="active")["activeTargets"]
+
+
+def start_prometheus(work_dir: Path, scrape_configs: list[dict], *, interval: str = "1s") -> PrometheusProcess:
+    """Prometheus scraping ``scrape_configs`` every ``interval``, its config and TSDB under ``work_dir``.
+
+    Never the packaged service's port (9090), config or data: a free port, files of its own.
+    """
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    config = work_dir / "prometheus.yml"
+    # JSON is YAML: no YAML library needed to write the config.
+    config.write_text(json.dumps({"global": {"scrape_interval": interval, "scrape_timeout": interval,
+                                             "evaluation_interval": interval},
+                                  "scrape_configs": scrape_configs}, indent=2))
+    port = free_port()
+    svc = PrometheusProcess([PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={work_dir / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+                            f"http://127.0.0.1:{port}/-/ready", work_dir / "prometheus.log", name="prometheus")
+    svc.start(60)
+    return svc
+
+
+def promtool_check_metrics(text: bytes) -> str:
+    """What ``promtool check metrics`` says of an exposition: "" when it passes, else its complaints."""
+    out = subprocess.run([PROMTOOL, "check", "metrics"], input=text, capture_output=True, timeout=60)
+    said = (out.stdout + out.stderr).decode(errors="replace").strip()
+    return said or (f"promtool exited with code {out.returncode}" if out.returncode else "")
 
 
 # -- the registry tests' artifact --------------------------------------------------------

@@ -23,6 +23,7 @@ answers reads of references it does not hold from its parent, and keeps them
 ``DELETE /v1/artifacts/{digest}?force=0|1&name=`` -> ``{"digest", "name", "tags_removed": [...]}``; 409 while
                                             tags point at it unless ``force=1`` (they go too); origin blobs stay
 ``GET  /v1/stats``                          -> ``{"origin_bytes_served", "origin_requests", "announces", "swarms"}``
+``GET  /metrics``                           -> Prometheus text (tracker/metrics.py); guarded like a read
 ``GET  /announce``, ``GET /scrape``         BitTorrent (BEP 3/23/48); extra query ``zone=`` and ``node=`` on announce
 ``POST /v1/nodes/{node_id}/heartbeat``      body ``{"zone": z, "ttl_s": 3.0}`` -> ``{"ok": true, "ttl_s", "entries"}``:
                                             keeps every swarm entry announced with ``node=node_id`` alive for

@@ -58,7 +58,7 @@ async def node_heartbeat(request: web.Request) -> web.Response:
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadRequest(f"heartbeat body is not valid JSON: {exc}") from None
     ttl = _heartbeat_ttl(body, request.app[CONFIG])
-    entries = request.app[SWARMS].heartbeat(node_id, time.monotonic(), ttl)
+    entries = request.app[SWARMS].heartbeat(node_id, time.monotonic(), ttl, body.get("zone"))
     return web.json_response({"ok": True, "ttl_s": ttl, "entries": entries})
 
 

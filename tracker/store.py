@@ -17,12 +17,14 @@ local for good.
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from modelcast.errors import BadRequest, Conflict, ModelcastError
 from modelcast.manifest import Manifest
@@ -165,10 +167,41 @@ def _insert_artifact(db: sqlite3.Connection, manifest: Manifest, data: bytes, to
     return True
 
 
-class RegistryStore:
-    """SQLite-backed registry: immutable artifacts by digest, mutable tags by name."""
+# Told of every operation: its name, its seconds (waiting for the lock included), whether it failed.
+Observer = Callable[[str, float, bool], None]
+F = TypeVar("F", bound=Callable)
 
-    def __init__(self, data_dir: Path):
+
+def _timed(method: F) -> F:
+    """Report the operation's time and failure (a :class:`StoreError`) to the store's observer."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def timed(self: RegistryStore, *args, **kwargs):
+        if self._observe is None:
+            return method(self, *args, **kwargs)
+        start = time.perf_counter()
+        failed = False
+        try:
+            return method(self, *args, **kwargs)
+        except StoreError:
+            failed = True
+            raise
+        finally:
+            self._observe(name, time.perf_counter() - start, failed)
+
+    return timed  # type: ignore[return-value]
+
+
+class RegistryStore:
+    """SQLite-backed registry: immutable artifacts by digest, mutable tags by name.
+
+    ``observe``, if given, is called after every operation (on the calling thread) with
+    its name, its duration and whether it failed: the registry's metrics.
+    """
+
+    def __init__(self, data_dir: Path, observe: Observer | None = None):
+        self._observe = observe
         self.path = Path(data_dir) / DB_NAME
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -206,6 +239,7 @@ class RegistryStore:
 
     # -- writes ---------------------------------------------------------------------
 
+    @_timed
     def publish(self, manifest: Manifest, torrent: bytes, origin_url: str, s3_endpoint: str | None,
                 tag: str | None) -> PublishResult:
         """Store an artifact and point ``name:tag`` at it, in one transaction.
@@ -231,6 +265,7 @@ class RegistryStore:
 
         return self._run(tx, write=True)
 
+    @_timed
     def pull_through(self, manifest: Manifest, torrent: bytes, upstream: str, tag: str | None) -> PublishResult:
         """Keep an artifact fetched from the upstream registry ``upstream``; with ``tag``, record it as pulled.
 
@@ -264,6 +299,7 @@ class RegistryStore:
 
         return self._run(tx, write=True)
 
+    @_timed
     def drop_pulled_tag(self, name: str, tag: str, digest: str) -> bool:
         """Remove ``name:tag`` if it is still the pulled-through tag pointing at ``digest``.
 
@@ -279,6 +315,7 @@ class RegistryStore:
 
         return self._run(tx, write=True)
 
+    @_timed
     def delete_tag(self, name: str, tag: str) -> str | None:
         """Remove ``name:tag``; the digest it pointed at, or None if there was no such tag.
 
@@ -292,6 +329,7 @@ class RegistryStore:
 
         return self._run(tx, write=True)
 
+    @_timed
     def delete_artifact(self, digest: str, *, force: bool = False, name: str | None = None) -> Deleted | None:
         """Remove the artifact ``digest``; None if it is not stored (under ``name``, when given).
 
@@ -328,6 +366,7 @@ class RegistryStore:
 
     # -- reads ----------------------------------------------------------------------
 
+    @_timed
     def lookup(self, ref: Reference) -> Found | None:
         """The artifact ``ref`` names, read in one statement, or None.
 
@@ -347,6 +386,7 @@ class RegistryStore:
             return None
         return Found(row[0], row[1], bytes(row[2]), row[3], row[4])
 
+    @_timed
     def get(self, digest: str) -> ArtifactRecord | None:
         """The whole stored artifact ``digest``, or None."""
         row = self._run(lambda db: db.execute(
@@ -356,6 +396,7 @@ class RegistryStore:
             return None
         return ArtifactRecord(row[0], row[1], row[2], bytes(row[3]), bytes(row[4]), row[5], row[6], row[7], row[8])
 
+    @_timed
     def list(self, *, name: str | None = None, content_key: str | None = None, limit: int = 100,
              after: str | None = None) -> tuple[list[dict], str | None]:
         """One page of artifacts ordered by (name, digest), with their tags, and the next cursor."""
@@ -397,6 +438,7 @@ class RegistryStore:
         nxt = encode_cursor(page[-1][1], page[-1][0]) if len(rows) > limit else None
         return items, nxt
 
+    @_timed
     def all_info_hashes(self) -> list[dict]:
         """The ``info_hash`` object of every stored manifest (to rebuild the tracker allow-list)."""
         rows = self._run(lambda db: db.execute("SELECT manifest FROM artifacts").fetchall())

@@ -29,9 +29,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterable, NamedTuple
 
-from modelcast.errors import ArtifactNotFound
+from modelcast.errors import ArtifactNotFound, ModelcastError
 
-from .announce import Announce, Peer, SwarmCounts
+from .announce import DEFAULT_ZONE, Announce, Peer, SwarmCounts
 from .handout import BucketKey, bucket_key, sample_peers
 
 Key = bytes
@@ -42,6 +42,17 @@ Bytes cache their hash, so a lookup costs no tuple building and no rehashing."""
 
 class UnknownInfoHash(ArtifactNotFound):
     """An announce or scrape names an info-hash that no published artifact has."""
+
+
+# How a tracker request that got no peers failed, for the registry's metrics (tracker/metrics.py).
+TRACKER_RESULTS = ("unknown_torrent", "invalid", "error")
+
+
+def tracker_result(exc: BaseException) -> str:
+    """The :data:`TRACKER_RESULTS` entry for a tracker request answered with ``exc`` as its failure."""
+    if isinstance(exc, UnknownInfoHash):
+        return "unknown_torrent"
+    return "invalid" if isinstance(exc, ModelcastError) else "error"
 
 
 @dataclass(slots=True, eq=False)
@@ -206,6 +217,7 @@ class _Node:
     expires: float | None = None  # None: no heartbeat yet, so its entries use the per-peer TTL
     queued: float = 0.0  # the deadline of this node's current item in the heap
     seq: int = -1  # the sequence number of that item; older items of the node are stale
+    zone: str = DEFAULT_ZONE  # as its last heartbeat said
 
 
 class SwarmRegistry:
@@ -344,8 +356,10 @@ class SwarmRegistry:
         return self._swarm(info_hash).peer_list()
 
     # ---- node liveness ---------------------------------------------------------------
-    def heartbeat(self, node_id: str, now: float, ttl: float) -> int:
+    def heartbeat(self, node_id: str, now: float, ttl: float, zone: str | None = None) -> int:
         """Keep every entry of ``node_id`` alive until ``now + ttl``; return how many it has.
+
+        ``zone`` is the node's zone, as its heartbeat names it (for the live nodes per zone).
 
         O(1): the heap is touched only when the new deadline is earlier than the queued
         one (the node shortened its ttl) or the node had no heartbeat yet.
@@ -356,6 +370,8 @@ class SwarmRegistry:
         if node is None:
             node = self._nodes[node_id] = _Node()
         node.expires = now + ttl
+        if zone is not None:
+            node.zone = zone
         if node.seq < 0 or node.expires < node.queued:
             self._queue(node_id, node, node.expires)
         return len(node.entries)
@@ -384,6 +400,22 @@ class SwarmRegistry:
     def live_nodes(self) -> int:
         """How many nodes have a live heartbeat."""
         return sum(1 for n in self._nodes.values() if n.expires is not None)
+
+    def live_nodes_by_zone(self) -> dict[str, int]:
+        """How many nodes have a live heartbeat, by the zone their heartbeat names (O(nodes))."""
+        zones: dict[str, int] = {}
+        for n in self._nodes.values():
+            if n.expires is not None:
+                zones[n.zone] = zones.get(n.zone, 0) + 1
+        return zones
+
+    def peer_counts(self) -> dict[tuple[str, bool, bool], int]:
+        """Peers of every swarm by (zone, complete, origin_seed): O(swarms x buckets), never a peer scan."""
+        counts: dict[tuple[str, bool, bool], int] = {}
+        for swarm in self.swarms():
+            for key, bucket in swarm.buckets.items():
+                counts[key] = counts.get(key, 0) + len(bucket)
+        return counts
 
     # ---- expiry ----------------------------------------------------------------------
     def expire(self, now: float, ttl_s: float) -> int:
