@@ -4,7 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # Debian tools some tests drive as real peers or readers (skipped, with the reason printed, without them).
-SYSTEM_TOOLS := aria2c:aria2 skopeo:skopeo tc:iproute2 opentracker:opentracker chromium:chromium
+# Debian's prometheus package ships promtool too; chromium is the console test's browser.
+SYSTEM_TOOLS := aria2c:aria2 skopeo:skopeo tc:iproute2 opentracker:opentracker prometheus:prometheus \
+	promtool:prometheus chromium:chromium
 
 .PHONY: install system-tools demo test bench runtime-cuda-full clean
 
@@ -27,6 +29,9 @@ system-tools:
 	    || echo "could not install$$missing; the tests that need them will say so and skip"; \
 	  case "$$missing" in *opentracker*) \
 	    command -v systemctl >/dev/null 2>&1 && systemctl disable --now opentracker >/dev/null 2>&1 || true;; esac; \
+	  case "$$missing" in *prometheus*) \
+	    command -v systemctl >/dev/null 2>&1 \
+	      && systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true;; esac; \
 	fi
 
 demo: $(STAMP)

@@ -4,13 +4,12 @@ Every libtorrent call of modelcast is in this module; the rest of the code talks
 terms of digests, paths, manifests and plain records, and libtorrent's errors are
 translated to :mod:`modelcast.errors` here.
 
-* Making (publish): :func:`make_torrent` hashes pieces in a child Python process, not a
-  thread: libtorrent 2.1's Python binding holds the GIL for the whole of
-  ``set_piece_hashes`` (measured: the event loop stalled for the 1.7 s it took to hash
-  1 GiB), which would stop the xxh3 threads, the uploads and the event loop.  In its own
-  process the SHA-1 + SHA-256 work runs on its own core beside them.  Python's
-  multiprocessing is not used because ``spawn`` re-runs the caller's ``__main__`` and
-  ``fork`` from a threaded process is unsafe.
+* Making (publish): :func:`make_torrent` lets libtorrent lay the files out and hashes the
+  pieces on a thread pool (:mod:`adapters.piece_hash`; ``hashlib`` releases the GIL), then
+  writes the torrent libtorrent would write, byte for byte.  libtorrent's own
+  ``set_piece_hashes`` (:func:`build_torrent`, kept as the reference the tests compare
+  with) hashes on one thread and its binding holds the GIL throughout, which bounded a
+  publish by one core.
 * Checking (registry and node): :func:`check_torrent` proves a torrent describes exactly
   a manifest's files.
 * Running (node): :class:`TorrentEngine` is the node's one libtorrent session.
@@ -19,11 +18,8 @@ translated to :mod:`modelcast.errors` here.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -37,9 +33,10 @@ from modelcast.config import is_wildcard
 from modelcast.errors import InvalidManifest, ModelcastError, PullFailed, UnsafePath
 from modelcast.manifest import InfoHashes, Manifest
 
+from . import piece_hash
+
 log = logging.getLogger("modelcast.torrent")
 
-_PKG_ROOT = Path(__file__).resolve().parent.parent
 INCONSISTENT_HASHES = 217  # libtorrent errors::torrent_inconsistent_hashes
 MAX_RECOVERIES = 5
 
@@ -99,80 +96,100 @@ def build_torrent(files: list[tuple[str, str, int]], torrent_name: str, piece_le
     return lt.bencode(ct.generate())
 
 
+def build_torrent_parallel(files: list[tuple[str, str | Path, int]], torrent_name: str, piece_length: int,
+                           announce: str | None = None, on_piece: Callable[[int], None] | None = None,
+                           v1_only: bool = False, stop: threading.Event | None = None,
+                           workers: int | None = None) -> bytes:
+    """The same torrent as :func:`build_torrent`, byte for byte, hashed on every core.
+
+    libtorrent lays the files out (their order, the pad files, where each starts), so the
+    torrent is the one libtorrent would make; :mod:`adapters.piece_hash` hashes the pieces
+    on a thread pool; the info dict is then written here the way libtorrent writes it
+    (tests/test_publish.py compares the bytes with libtorrent's for many layouts).  Needed
+    because the binding has no ``set_hash2`` to hand v2 hashes to ``create_torrent``.
+    """
+    sources = {f"{torrent_name}/{path}": (Path(source), size) for path, source, size in files}
+    entries = [lt.create_file_entry(name, size) for name, (_, size) in sources.items()]
+    fs = lt.create_torrent(entries, piece_length, torrent_flags(v1_only)).files()
+    pad = int(lt.file_storage.flag_pad_file)
+    layout: list[tuple[list[str], int, bool]] = []  # (path below the root, size, is pad)
+    slots: list[piece_hash.FileSlot] = []
+    slot_of: dict[int, int] = {}
+    for i in range(fs.num_files()):
+        parts = fs.file_path(i).replace("\\", "/").split("/")[1:]
+        is_pad = bool(int(fs.file_flags(i)) & pad)
+        size = fs.file_size(i)
+        layout.append((parts, size, is_pad))
+        if not is_pad and size:
+            source, expected = sources[f"{torrent_name}/{'/'.join(parts)}"]
+            if fs.file_offset(i) % piece_length or expected != size:
+                raise ModelcastError(f"libtorrent laid out {'/'.join(parts)} off a piece boundary; cannot hash in parallel")
+            slot_of[i] = len(slots)
+            slots.append(piece_hash.FileSlot(source, size, fs.file_offset(i) // piece_length))
+    pieces, trees = piece_hash.PieceHasher(slots, piece_length, fs.total_size(), v1_only=v1_only, workers=workers,
+                                           on_piece=on_piece, stop=stop).run()
+
+    v1_files = []
+    for parts, size, is_pad in layout:
+        entry: dict = {b"length": size, b"path": [part.encode() for part in parts]}
+        if is_pad:
+            entry[b"attr"] = b"p"
+        v1_files.append(entry)
+    info: dict = {b"name": torrent_name.encode(), b"piece length": piece_length, b"pieces": pieces,
+                  b"private": 1, b"files": v1_files}
+    top: dict = {b"info": info}
+    if not v1_only:
+        tree: dict = {}
+        layers: dict[bytes, bytes] = {}
+        for i, (parts, size, is_pad) in enumerate(layout):
+            if is_pad:
+                continue
+            node = tree
+            for part in parts:
+                node = node.setdefault(part.encode(), {})
+            leaf: dict = {b"length": size}
+            if size:
+                hashes = trees[slot_of[i]]
+                leaf[b"pieces root"] = hashes.pieces_root
+                if hashes.piece_layer:
+                    layers[hashes.pieces_root] = hashes.piece_layer
+            node[b""] = leaf
+        info[b"file tree"] = tree
+        info[b"meta version"] = 2
+        top[b"piece layers"] = layers
+    if announce:
+        top[b"announce"] = announce.encode()
+    return lt.bencode(top)
+
+
 def make_torrent(files: list[tuple[str, Path, int]], torrent_name: str, piece_length: int, announce: str | None = None,
                  progress: Callable[[int], None] | None = None,
                  stop: threading.Event | None = None, v1_only: bool = False) -> tuple[bytes, InfoHashes, float]:
-    """Make the torrent of ``files`` (``(path in artifact, source, size)``) in a child process.
+    """Make the torrent of ``files`` (``(path in artifact, source, size)``), hashing on every core.
 
-    Returns (torrent bytes, info-hashes, seconds).
-    ``progress`` receives bytes hashed (in piece-sized steps); setting ``stop`` kills the
-    child at its next progress report.  Blocking: call it from a thread.
+    Returns (torrent bytes, info-hashes, seconds).  ``progress`` receives file bytes hashed
+    (in piece-sized steps); setting ``stop`` ends the hashing at its next piece with a
+    :class:`ModelcastError`.  Blocking: call it from a thread.
     """
     t0 = time.monotonic()
-    total = sum(size for _, _, size in files)
-    request = json.dumps({"torrent_name": torrent_name, "piece_length": piece_length, "announce": announce, "v1_only": v1_only,
-                          "files": [[path, str(source), size] for path, source, size in files]}).encode()
-    # This very package first on the child's path: with ``-m`` the working directory would
-    # come first, and another checkout's ``adapters`` there would be imported instead.
-    child = (f"import sys; sys.path.insert(0, {str(_PKG_ROOT)!r}); "
-             "from adapters.torrent import _child_main; raise SystemExit(_child_main())")
-    with tempfile.TemporaryFile() as errors:
-        # stderr to a file: a child that writes much there can never block on a full pipe.
-        proc = subprocess.Popen([sys.executable, "-c", child], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=errors)
-        try:
-            proc.stdin.write(request)
-            proc.stdin.close()
-            data, pieces_done, num_pieces = None, 0, 1
-            while line := proc.stdout.readline():
-                if stop is not None and stop.is_set():
-                    raise ModelcastError("torrent creation stopped because another publish step failed")
-                word, _, arg = line.decode().strip().partition(" ")
-                if word == "pieces":
-                    num_pieces = max(1, int(arg))
-                elif word == "piece" and progress:
-                    # Report file bytes, not piece bytes: pad files make the pieces add up to more.
-                    before = total * pieces_done // num_pieces
-                    pieces_done += 1
-                    progress(total * pieces_done // num_pieces - before)
-                elif word == "torrent":
-                    data = proc.stdout.read(int(arg))
-            code = proc.wait()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        if code != 0 or data is None:
-            errors.seek(0)
-            detail = errors.read().decode(errors="replace").strip().splitlines()
-            raise ModelcastError(f"making the torrent of {torrent_name} failed: "
-                                 f"{detail[-1] if detail else f'hasher exited with code {code}'}")
-    return data, info_hashes(data), time.monotonic() - t0
+    on_piece = None
+    if progress is not None:
+        # Report file bytes, not piece bytes: pad files make the pieces add up to more.
+        total = sum(size for _, _, size in files)
+        num_pieces = max(1, sum(-(-size // piece_length) for _, _, size in files))
+        lock = threading.Lock()
+        done = [0]
 
-
-def _child_main() -> int:
-    """The child side of :func:`make_torrent`: JSON request on stdin, progress and torrent on stdout."""
-    req = json.loads(sys.stdin.buffer.read())
-    out = sys.stdout.buffer
-    files = [tuple(f) for f in req["files"]]
-
-    def on_piece(_index: int) -> None:
-        out.write(b"piece\n")
-        out.flush()
-
-    num_pieces = lt.create_torrent([lt.create_file_entry(f"{req['torrent_name']}/{p}", s) for p, _, s in files],
-                                   req["piece_length"], torrent_flags(req["v1_only"])).num_pieces()
-    out.write(b"pieces %d\n" % num_pieces)
+        def on_piece(_index: int) -> None:
+            with lock:
+                before = total * done[0] // num_pieces
+                done[0] += 1
+                progress(total * done[0] // num_pieces - before)
     try:
-        data = build_torrent(files, req["torrent_name"], req["piece_length"], req["announce"], on_piece,
-                             req["v1_only"])
-    except (RuntimeError, OSError) as exc:
-        print(f"{exc.__class__.__name__}: {exc}", file=sys.stderr)
-        return 1
-    out.write(b"torrent %d\n" % len(data))
-    out.write(data)
-    out.flush()
-    return 0
+        data = build_torrent_parallel(files, torrent_name, piece_length, announce, on_piece, v1_only, stop)
+    except OSError as exc:
+        raise ModelcastError(f"making the torrent of {torrent_name} failed: {exc}") from exc
+    return data, info_hashes(data), time.monotonic() - t0
 
 
 # ---------------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ twice so the page cache is warm, then publishes it through the Python API to a r
 
 Prints human lines, then a JSON last line with ``size_bytes``, ``publish_mb_per_s``,
 ``read_mb_per_s`` (a plain sequential read of the same bytes; warm, like the publish's
-reads), the phase times ``hash_s`` (xxh3), ``torrent_s`` (libtorrent piece hashes, in a
-child process) and ``upload_s`` (which overlap), and ``write_mb_per_s``: copying one of
+reads), the phase times ``hash_s`` (xxh3), ``torrent_s`` (the torrent's piece hashes, on a
+thread pool) and ``upload_s`` (which overlap), and ``write_mb_per_s``: copying one of
 the files into the origin's file system with fsync, the ceiling for a durable upload.
 
 Usage: ``python benchmarks/publish.py [--size 1G] [--files 4] [--dir DIR]``.

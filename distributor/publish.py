@@ -2,7 +2,7 @@
 
 The work is a small pipeline.  Three things read the artifact's bytes: xxh3 (for the
 manifest), the piece hashes (for the torrent) and the upload (to the origin).  The
-piece hashes run in a child process for the whole artifact; each file's upload starts
+piece hashes run on a thread pool over the whole artifact; each file's upload starts
 as soon as its xxh3 is known, since the blob's name is that hash.  The manifest is
 built once both hashes are done; nothing reaches the registry until every blob is
 stored, so a registered artifact is always complete at the origin.
@@ -15,7 +15,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -156,10 +155,6 @@ def hash_and_store(files: list[ScannedFile], origin: Origin, hash_workers: int, 
     return StoredBlobs(xxh, uploaded, skipped, hash_s, upload_s)
 
 
-def _now_rfc3339() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 async def publish(path: Path, ref: Reference, cfg: PublishConfig, *, kind: str = "model",
                   annotations: dict[str, str] | None = None, progress: bool = False) -> PublishResult:
     """Publish the directory (or single file) ``path`` as ``ref`` (NAME:TAG).
@@ -199,12 +194,12 @@ async def publish(path: Path, ref: Reference, cfg: PublishConfig, *, kind: str =
         manifest = Manifest(
             kind=kind, name=ref.name, piece_length=piece_length, info_hash=info_hash, torrent_name=torrent_name,
             files=tuple(FileEntry(f.path, f.size, blobs.xxh3[f.path]) for f in files),
-            created=_now_rfc3339(), annotations=dict(annotations or {}),
+            annotations=dict(annotations or {}),  # no publish time inside: same files, same digest anywhere
         )
         existing = await registry.find_by_content(manifest.content_key)
         if existing is not None:
-            # Same content as an earlier publish: reuse its manifest (and so its creation
-            # time) so the digest is the same.
+            # Same content as an earlier publish: reuse its manifest, so that one written
+            # with a creation time inside (before digests were clock-free) keeps its digest.
             manifest = Manifest.from_bytes(await registry.manifest_bytes(existing["digest"]),
                                            expected_digest=existing["digest"])
 

@@ -19,10 +19,10 @@ def torrent_name_for(artifact_name: str) -> str:
 def make_torrent(files: list[ScannedFile], torrent_name: str, piece_length: int, announce: str | None = None,
                  progress: Callable[[int], None] | None = None,
                  stop: threading.Event | None = None, v1_only: bool = False) -> tuple[bytes, InfoHashes, float]:
-    """Hash ``files`` into a hybrid (or, with ``v1_only``, v1) private torrent in a child process.
+    """Hash ``files`` into a hybrid (or, with ``v1_only``, v1) private torrent on every core.
 
     Returns (torrent bytes, info-hashes, seconds); ``progress`` receives bytes hashed and
-    setting ``stop`` kills the child at its next progress report.  Blocking: call it from
+    setting ``stop`` ends the hashing at its next piece.  Blocking: call it from
     a thread.
     """
     return lt_adapter.make_torrent([(f.path, f.source, f.size) for f in files], torrent_name, piece_length,

@@ -76,6 +76,14 @@ class ServiceProcess:
             raise RuntimeError(f"{self.name} not ready at {self.health_url} within {timeout_s:.0f}s"
                                + (f"; see {self.log_path}" if self.log_path else "")) from None
 
+    def log_text(self) -> str:
+        """What the process has logged so far ("" without a log file)."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        if self._log is not None:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None

@@ -56,10 +56,8 @@ def start_tracker(work_dir: Path, *, host: str = "127.0.0.1", port: int = 0, tok
     port = port or free_port(host)
     data_dir = Path(data_dir) if data_dir is not None else work_dir / "registry"
     argv = ["tracker", "--listen", hostport(host, port), "--data", str(data_dir)]
-    if token:
-        # On the command line: `modelcast tracker` reads its write token from nowhere else.
-        argv += ["--token", token]
-    env = {**(env or {}), **({ENV_READ_TOKEN: read_token} if read_token else {})}
+    # Through the environment, where `ps` cannot read them (DESIGN.md, security model).
+    env = {**(env or {}), **({ENV_TOKEN: token} if token else {}), **({ENV_READ_TOKEN: read_token} if read_token else {})}
     svc = TrackerProcess(modelcast_argv(*argv, *extra), host=host, port=port, data_dir=data_dir,
                          log_path=Path(log_path) if log_path else work_dir / "logs" / f"{name}.log", env=env, name=name)
     if start:

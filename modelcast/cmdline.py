@@ -21,6 +21,23 @@ def client_args(p: argparse.ArgumentParser, *, registry: bool = False, node: boo
         p.add_argument("--token", help="bearer token for writes (env MODELCAST_TOKEN)")
 
 
+def secret_file(path, flag: str) -> str | None:
+    """The secret held by the file at ``path`` (its first line), or None without a path.
+
+    Secrets come from files or the environment so that no ``ps`` shows them.
+    """
+    if path is None:
+        return None
+    try:
+        text = open(path, encoding="utf-8").read()
+    except OSError as exc:
+        raise ModelcastError(f"{flag} {path}: cannot read it: {exc.strerror or exc}") from exc
+    secret = text.strip().splitlines()[0].strip() if text.strip() else ""
+    if not secret:
+        raise ModelcastError(f"{flag} {path} is empty; write the token on its first line")
+    return secret
+
+
 def parse_annotations(items: list[str]) -> dict[str, str]:
     """``KEY=VALUE`` strings as a dict; a malformed one is a one-line error."""
     out = {}

@@ -134,6 +134,10 @@ class TrackerConfig:
     upstream: str | None = None
     upstream_token: str | None = None
     upstream_tag_ttl_s: float = 30.0
+    # Peer entries (tracker/peer_policy.py): the proxies whose ip= is believed (addresses
+    # or CIDRs), and the addresses that may announce role=origin.  Empty: nobody.
+    trusted_proxies: tuple[str, ...] = ()
+    origin_seeds: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

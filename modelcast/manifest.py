@@ -2,6 +2,9 @@
 
 A manifest is canonical JSON (sorted keys, no insignificant whitespace, UTF-8); the
 artifact digest is ``sha256:`` + the SHA-256 of those bytes and never changes meaning.
+Nothing in those bytes depends on the wall clock or the registry: the same files give the
+same digest anywhere.  When an artifact was published is the registry's record, kept
+beside the manifest (``published_at``), not in it.
 """
 
 from __future__ import annotations
@@ -114,8 +117,11 @@ class Manifest:
     piece_length: int
     info_hash: InfoHashes
     torrent_name: str
-    created: str
     annotations: Mapping[str, str] = field(default_factory=dict)
+    # Manifests written before digests were made clock-free carry their publish time here,
+    # inside the digested bytes; it is kept so that their digests still verify.  Publishers
+    # leave it None (and so out of the bytes).
+    created: str | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -143,8 +149,8 @@ class Manifest:
         validate_path(self.torrent_name)
         if "/" in self.torrent_name:
             raise InvalidManifest("torrent_name must be a single path component")
-        if not isinstance(self.created, str) or not self.created:
-            raise InvalidManifest("manifest needs a creation time")
+        if self.created is not None and (not isinstance(self.created, str) or not self.created):
+            raise InvalidManifest("manifest created, when present, must be a non-empty string")
         for k, v in self.annotations.items():
             if not isinstance(k, str) or not isinstance(v, str):
                 raise InvalidManifest("annotations must map strings to strings")
@@ -165,7 +171,7 @@ class Manifest:
             "torrent_name": self.torrent_name,
             "annotations": dict(self.annotations),
         }
-        if with_created:
+        if with_created and self.created is not None:
             body["created"] = self.created
         return body
 
@@ -178,10 +184,10 @@ class Manifest:
 
     @property
     def content_key(self) -> str:
-        """Digest of everything but the creation time: identical content, identical key.
+        """Digest of everything but a legacy creation time: identical content, identical key.
 
-        The publisher uses it to find an earlier manifest of the same content and reuse
-        its digest, so publishing the same bytes twice gives the same digest.
+        For a manifest without ``created`` it equals the digest.  The publisher uses it to
+        find an earlier (possibly legacy) manifest of the same content and reuse its digest.
         """
         return sha256_digest(canonical_json(self.body(with_created=False)))
 
@@ -203,7 +209,7 @@ class Manifest:
                 piece_length=obj["piece_length"],
                 info_hash=InfoHashes(v1=ih.get("v1"), v2=ih.get("v2")),
                 torrent_name=obj["torrent_name"],
-                created=obj["created"],
+                created=_created_of(obj),
                 annotations=dict(obj.get("annotations") or {}),
                 schema_version=obj["schema_version"],
             )
@@ -229,6 +235,14 @@ class Manifest:
         if manifest.canonical_bytes() != data and expected_digest is not None:
             raise InvalidManifest("manifest bytes are not in canonical form")
         return manifest
+
+
+def _created_of(obj: dict) -> str | None:
+    if "created" not in obj:
+        return None
+    if not isinstance(obj["created"], str) or not obj["created"]:
+        raise InvalidManifest("manifest created, when present, must be a non-empty string")
+    return obj["created"]
 
 
 def choose_piece_length(total_size: int, *, target_pieces: int = 1500) -> int:

@@ -9,15 +9,16 @@ from .errors import InvalidReference
 
 # OCI distribution-spec repository name and tag grammar.
 _NAME_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-NAME_RE = re.compile(rf"^{_NAME_COMPONENT}(?:/{_NAME_COMPONENT})*$")
-TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
-DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+# Whole-string matches only (fullmatch): with re.match, "$" also matches before a trailing newline.
+NAME_RE = re.compile(rf"{_NAME_COMPONENT}(?:/{_NAME_COMPONENT})*")
+TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 MAX_NAME_LEN = 255
 
 
 def validate_name(name: str) -> str:
     """Return ``name`` if it follows OCI repository rules, else raise InvalidReference."""
-    if not name or len(name) > MAX_NAME_LEN or not NAME_RE.match(name):
+    if not name or len(name) > MAX_NAME_LEN or not NAME_RE.fullmatch(name):
         raise InvalidReference(
             f"invalid artifact name {name!r}: use lowercase letters, digits and "
             "separators . _ - within components joined by /"
@@ -26,7 +27,7 @@ def validate_name(name: str) -> str:
 
 
 def validate_tag(tag: str) -> str:
-    if not TAG_RE.match(tag):
+    if not TAG_RE.fullmatch(tag):
         raise InvalidReference(
             f"invalid tag {tag!r}: up to 128 characters of letters, digits, . _ - "
             "(not starting with . or -)"
@@ -35,7 +36,7 @@ def validate_tag(tag: str) -> str:
 
 
 def validate_digest(digest: str) -> str:
-    if not DIGEST_RE.match(digest):
+    if not DIGEST_RE.fullmatch(digest):
         raise InvalidReference(f"invalid digest {digest!r}: expected sha256: and 64 lowercase hex digits")
     return digest
 

@@ -458,9 +458,13 @@ class NodeDaemon:
 
     def _gauges(self) -> NodeGauges:
         ready = [j for j in self.jobs.values() if j.state is READY]
+        busy = [j for j in self.jobs.values() if j.busy]
         return NodeGauges(
             cache_bytes=sum(j.manifest.total_size for j in ready), cache_artifacts=len(ready),
             quota_bytes=self.cfg.quota, pinned_artifacts=len(self.pins.pins) if self.pins else 0,
-            peers_connected=sum(j.peers for j in self.jobs.values() if j.busy),
+            peers_connected=sum(j.peers for j in busy),
             piece_hash_failures=self.engine.hash_failures if self.engine else 0,
-            peers_banned=self.engine.peers_banned if self.engine else 0)
+            peers_banned=self.engine.peers_banned if self.engine else 0,
+            node_id=self.node_id or "", zone=self.cfg.zone, pulls_in_progress=len(busy),
+            pulling_bytes=sum(j.manifest.total_size for j in busy),
+            pulling_done_bytes=sum(min(j.done_bytes, j.manifest.total_size) for j in busy))

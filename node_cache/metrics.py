@@ -56,6 +56,11 @@ class NodeGauges:
     peers_connected: int
     piece_hash_failures: int
     peers_banned: int
+    node_id: str = ""
+    zone: str = ""
+    pulls_in_progress: int = 0  # queued, downloading or verifying
+    pulling_bytes: int = 0  # total size of the artifacts being pulled
+    pulling_done_bytes: int = 0  # of which on disk and hash-checked
 
 
 class NodeCollector(Collector):
@@ -100,6 +105,14 @@ class NodeCollector(Collector):
         yield counter("piece_hash_failures_total", "Pieces received that failed their hash.", g.piece_hash_failures)
         yield counter("peers_banned_total", "Peers banned for sending bad data.", g.peers_banned)
         yield gauge("peers_connected", "Peers connected across active downloads.", g.peers_connected)
+        yield gauge("pulls_in_progress", "Pulls queued, downloading or verifying.", g.pulls_in_progress)
+        yield gauge("pulling_bytes", "Total size of the artifacts being pulled.", g.pulling_bytes)
+        yield gauge("pulling_done_bytes", "Bytes of the artifacts being pulled that are on disk, piece-checked.",
+                    g.pulling_done_bytes)
+        info = GaugeMetricFamily("modelcast_node_info", "This node: its id and zone (always 1); join on instance "
+                                 "to break node metrics down by zone.", labels=["node_id", "zone"])
+        info.add_metric([g.node_id, g.zone], 1)
+        yield info
 
 
 class NodeMetrics:

@@ -33,6 +33,11 @@ log = logging.getLogger("modelcast.node")
 RELAY_PARALLEL = 8  # pieces fetched at once from nodes of other zones
 RELAY_WAIT_S = 10.0  # a relay request waits this long for the holder to have the piece
 PUSH_PARALLEL = 8  # pieces pushed at once to nodes of other zones, as the origin directs
+# Pushes waiting or under way, each holding a piece in memory: beyond this a push is dropped
+# (the other zone makes the piece up from the origin once it stops progressing).  A target
+# that never answers can hold no more than this many pieces of this node's memory.
+MAX_PENDING_PUSHES = 32
+PUSH_TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=5)
 FAILURE_LOG_S = 60.0  # failed exchanges with one node are logged once a minute
 
 
@@ -104,6 +109,10 @@ class Relay:
     # ---- outgoing ----------------------------------------------------------------------
     def push(self, digest: str, target: str, piece: int, data: bytes) -> None:
         """Hand a piece the origin just served us to ``target``, a node of another zone, in the background."""
+        if len(self._pushes) >= MAX_PENDING_PUSHES:
+            self.warn(target, f"not pushing piece {piece} of {digest} to {target}: {len(self._pushes)} pushes "
+                              "are still pending")
+            return
         task = asyncio.create_task(self._push(digest, target, piece, data))
         self._pushes.add(task)
         task.add_done_callback(self._pushes.discard)
@@ -111,8 +120,7 @@ class Relay:
     async def _push(self, digest: str, target: str, piece: int, data: bytes) -> None:
         url = f"{target}/v1/artifacts/{digest}/pieces/{piece}"
         try:
-            async with self._push_slots, self.http.put(url, data=data,
-                                                       timeout=aiohttp.ClientTimeout(total=60)) as resp:
+            async with self._push_slots, self.http.put(url, data=data, timeout=PUSH_TIMEOUT) as resp:
                 if resp.status == 204:
                     self.counters.bytes_relayed += len(data)
                     return
@@ -132,9 +140,13 @@ class Relay:
                     url, timeout=aiohttp.ClientTimeout(total=RELAY_WAIT_S + 30)) as resp:
                 if resp.status != 200:
                     raise Unreachable(f"HTTP {resp.status}")
-                data = await resp.read()
-            if len(data) != span.size:
-                raise Unreachable(f"{len(data)} bytes, expected {span.size}")
+                # Never more than the piece: a holder that promises or sends more is not read on.
+                if resp.content_length != span.size:
+                    raise Unreachable(f"answer of {resp.content_length} bytes, expected {span.size}")
+                try:
+                    data = await resp.content.readexactly(span.size)
+                except asyncio.IncompleteReadError as exc:
+                    raise Unreachable(f"{len(exc.partial)} bytes, expected {span.size}") from None
         except (aiohttp.ClientError, asyncio.TimeoutError, Unreachable) as exc:
             self.warn(holder, f"piece {span.piece} of {digest} from {holder} failed ({exc}); "
                               "fetching it from the origin")

@@ -86,10 +86,26 @@ def pip_install(variant: VariantSpec, target: Path, *, wheelhouse: Path | None, 
         raise BuildFailed(f"pip install of {' '.join(variant.packages)} for {variant.id} took over "
                           f"{timeout_s:.0f} s") from exc
     if out.returncode != 0:
-        tail = " | ".join(line for line in out.stderr.strip().splitlines()[-8:] if line.strip())
+        tail = pip_error(out.stderr)
         where = f"wheelhouse {wheelhouse}" if wheelhouse else "the package index"
         raise BuildFailed(f"pip could not install {' '.join(variant.packages)} for variant {variant.id} "
                           f"({variant.python_abi}, {variant.platform}) from {where}: {tail}")
+
+
+def pip_error(stderr: str) -> str:
+    """The lines of pip's stderr that say why it failed, as one line.
+
+    pip prints its ``ERROR:`` lines last, after whatever ``WARNING:`` lines this machine's
+    setup provokes (running as root, an unwritable cache, …); those say nothing about the
+    spec, so only the errors are kept.  Without an ``ERROR:`` line (pip crashed), the last
+    lines that are not warnings.
+    """
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    errors = [ln[len("ERROR:"):].strip() for ln in lines if ln.startswith("ERROR:")]
+    if errors:
+        return "; ".join(dict.fromkeys(errors))
+    kept = [ln for ln in lines if not ln.startswith(("WARNING:", "DEPRECATION:", "[notice]"))]
+    return " | ".join(kept[-8:]) or "pip exited with an error and printed no reason"
 
 
 def normalize_tree(site: Path) -> None:

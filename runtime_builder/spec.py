@@ -19,6 +19,14 @@ Example (``runtime_builder/specs/ort.toml`` is the full one)::
 
 A variant may override ``python`` and ``platform``.  Each variant is installed with its
 dependencies for its target, so its layer is self-contained.
+
+A ``cuda`` variant must link the CUDA runtime of the major it names: after installing, the
+build reads the ELF ``NEEDED`` entries of every shared library and refuses the variant when
+none links ``libcudart.so.N`` ("variant cuda13: no library in onnxruntime==1.31.1 links the
+CUDA runtime (libcudart.so.N); is this a CUDA build?") or when one links another major
+("variant cuda12 says CUDA 12 but <lib> links libcudart.so.13; set accelerator_version =
+"13" or pin a build for CUDA 12").  Such a layer would be chosen for the wrong nodes and
+fail only there.  A build registers nothing unless every variant built.
 """
 
 from __future__ import annotations

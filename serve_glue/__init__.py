@@ -4,8 +4,9 @@ prewarm and cache-aware placement (issue 7).
 The pure parts import without Ray; the Serve helpers import Ray when used.
 """
 
-from .placement import artifact_label, modelcast_options, node_labels
+from .deploy import DeployFailed, check_placement, deploy
+from .placement import PlacementUnsatisfiable, artifact_label, modelcast_options, node_labels
 from .replica import ArtifactUnhealthy, WarmArtifacts, model_loader, multiplexed_model_id
 
-__all__ = ["ArtifactUnhealthy", "WarmArtifacts", "artifact_label", "model_loader", "modelcast_options",
-           "multiplexed_model_id", "node_labels"]
+__all__ = ["ArtifactUnhealthy", "DeployFailed", "PlacementUnsatisfiable", "WarmArtifacts", "artifact_label",
+           "check_placement", "deploy", "model_loader", "modelcast_options", "multiplexed_model_id", "node_labels"]

@@ -6,7 +6,9 @@ agent)::
     RAY_RUNTIME_ENV_PLUGINS='[{"class": "serve_glue.plugin.ModelcastPlugin"}]'
     MODELCAST_NODE=http://127.0.0.1:7071      # this host's node daemon
 
-``modelcast ray start`` sets both.  Then::
+``modelcast ray start`` sets both (``--dry-run`` prints them).  With a local ``ray.init()``
+they must be in the environment of the process that calls it, before the call: the raylet
+it starts passes them on.  Then::
 
     runtime_env={"modelcast": {"artifacts": {"MODEL": "resnet:v3"}, "runtime": "ort:1.31"}}
 
@@ -25,6 +27,9 @@ How it meets Ray's contract (ray._private.runtime_env.agent):
   failures (daemon not up yet, registry down, a failed download) are retried *here* until
   ``MODELCAST_RAY_PULL_DEADLINE_S`` (540 s, below Ray's 600 s default timeout); permanent
   ones (unknown reference, bad token, quota) fail at once with the daemon's message.
+* What we raise reaches Serve as the deployment's status message (``serve.status()``) and
+  the runtime-env agent's log; ``serve.run`` itself says only "Failed to update the
+  deployments", :func:`serve_glue.deploy` puts our exception's line in its own.
 * ``get_uris()`` never raises (Ray calls it for reference counting outside any guard).
 * ``delete_uri()`` unpins; Ray calls it when its URI cache for this plugin overflows
   (``RAY_RUNTIME_ENV_MODELCAST_CACHE_SIZE_GB``; ``modelcast ray start`` sets 0, so a pin

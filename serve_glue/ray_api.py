@@ -93,6 +93,48 @@ def stop_local_cluster(cluster: Any) -> None:
     cluster.shutdown()
 
 
+def labels_match(labels: dict[str, str], selector: dict[str, str]) -> bool:
+    """Ray's own label-selector test (``"v"``, ``"!v"``, ``"in(a,b)"``, ``"!in(a,b)"``)."""
+    from ray._raylet import node_labels_match_selector
+
+    return bool(node_labels_match_selector(dict(labels), dict(selector)))
+
+
+def connect_for_serve() -> None:
+    """Connect the way ``serve.run`` does when nothing is connected yet."""
+    import ray
+
+    if not ray.is_initialized():
+        from ray.serve._private.constants import SERVE_NAMESPACE
+
+        ray.init(namespace=SERVE_NAMESPACE)
+
+
+def app_deployments(app: Any) -> list[tuple[str, dict]]:
+    """``[(deployment name, ray_actor_options)]`` of every deployment a bound app holds."""
+    from ray.serve._private.build_app import build_app
+
+    built = build_app(app, name="modelcast-check")
+    return [(d.name, dict(d.ray_actor_options or {})) for d in built.deployments]
+
+
+def serve_run(app: Any, **kwargs: Any) -> Any:
+    from ray import serve
+
+    return serve.run(app, **kwargs)
+
+
+def deployment_messages(app_name: str) -> dict[str, str]:
+    """``{deployment: "STATUS: message"}`` of an application, as ``serve.status()`` has them."""
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    if app is None:
+        return {}
+    return {name: f"{getattr(d.status, 'value', d.status)}: {d.message}".rstrip(": ")
+            for name, d in app.deployments.items()}
+
+
 def node_id_with_label(key: str, value: str) -> str:
     for node in alive_nodes():
         if node["labels"].get(key) == value:

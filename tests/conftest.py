@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -22,7 +23,8 @@ from modelcast.runtime_index import compatible_platforms
 from tracker.app import make_app
 
 from .helpers import (CI_SPEC, PLATFORM, PYTHON, S3_ENV, TOKEN, WHEELS, Built, NodeProcess, ServiceProcess,
-                      build_artifact, free_port, run_cli, start_node, start_tracker, wheelhouse_dir)
+                      build_artifact, free_port, make_model, publish, run_cli, start_node, start_tracker,
+                      wheelhouse_dir)
 
 # -- S3 ----------------------------------------------------------------------------------
 
@@ -99,8 +101,12 @@ def origin(tmp_path) -> FileOrigin:
 
 @pytest.fixture
 def cfg(tmp_path) -> TrackerConfig:
-    """The registry's config for the ``client`` fixture: write token 'secret', a 60 s peer TTL."""
-    return TrackerConfig(data_dir=tmp_path / "registry", token=TOKEN, peer_ttl_s=60)
+    """The registry's config for the ``client`` fixture: write token 'secret', a 60 s peer TTL.
+
+    The test client (127.0.0.1) is a trusted proxy, so its ``ip=`` lists the peers it
+    simulates; tests/security/test_peer_entries.py checks what an untrusted client gets.
+    """
+    return TrackerConfig(data_dir=tmp_path / "registry", token=TOKEN, peer_ttl_s=60, trusted_proxies=("127.0.0.1",))
 
 
 @pytest.fixture
@@ -172,3 +178,48 @@ def built_runtime(wheelhouse, tmp_path_factory):
                            seconds)
     finally:
         svc.stop()
+
+
+# -- Ray without modelcast labels ------------------------------------------------------------
+
+
+class PlainRay:
+    """A one-node Ray started by ``ray.init()`` with only the plugin's environment set."""
+
+    def __init__(self, registry: str, node_url: str, model_ref: str, model_digest: str, env: dict[str, str]):
+        self.registry, self.node_url, self.model_ref, self.model_digest, self.env = \
+            registry, node_url, model_ref, model_digest, env
+
+
+@pytest.fixture(scope="module")
+def plain_ray(tmp_path_factory):
+    """A registry, a node daemon and a local ``ray.init(num_cpus=2)`` whose node has no modelcast
+    labels: the plugin's variables come from ``modelcast ray start --dry-run``, as the README says."""
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    tmp = tmp_path_factory.mktemp("plain-ray")
+    registry = start_tracker(tmp, token=TOKEN)
+    node = start_node(tmp, registry.url, "node-0", token=TOKEN)
+    saved = dict(os.environ)
+    try:
+        ref = "plain/model:v1"
+        digest = publish(registry.url, make_model(tmp / "model", {"weights.bin": 300_000, "config.json": 20}), ref,
+                         (tmp / "origin").as_uri())
+        plan = run_cli("ray", "start", "--dry-run", "--node", node.url)
+        assert plan.returncode == 0, plan.stderr
+        env = dict(shlex.split(line[len("export "):])[0].split("=", 1) for line in plan.stdout.splitlines()
+                   if line.startswith("export "))
+        os.environ.update(env)  # the raylet that ray.init starts inherits them
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+        yield PlainRay(registry.url, node.url, ref, digest, env)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            os.environ.clear()
+            os.environ.update(saved)
+            node.stop()
+            registry.stop()

@@ -1,8 +1,8 @@
 """The tests' one helpers module (fixtures live in conftest.py).
 
 The tokens; running the real CLI; making models and hashing trees; reading a node's
-metrics and a registry's stats; the registry tests' artifact, built with the publisher's
-own torrent code; the runtime tests' spec and wheelhouse.  Starting a tracker or a node
+metrics and a registry's stats; a real Prometheus and promtool; the registry tests'
+artifact, built with the publisher's own torrent code; the runtime tests' spec and wheelhouse.  Starting a tracker or a node
 and waiting on a condition are shipped in :mod:`harness` (the benchmarks and the demo
 use them too) and re-exported here.
 """
@@ -10,11 +10,15 @@ use them too) and re-exported here.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import random
+import shutil
 import subprocess
+import urllib.parse
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote_from_bytes
@@ -85,9 +89,65 @@ def metric(node_url: str, name: str) -> float:
     raise KeyError(name)
 
 
-def registry_stats(registry: str) -> dict:
-    with urllib.request.urlopen(f"{registry}/v1/stats", timeout=5) as resp:
+def registry_stats(registry: str, token: str | None = None) -> dict:
+    req = urllib.request.Request(f"{registry}/v1/stats", headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(req, timeout=5) as resp:
         return json.load(resp)
+
+
+# -- Prometheus ----------------------------------------------------------------------------
+
+# Debian's prometheus package ships both (the Makefile's system-tools step installs it).
+PROMETHEUS = shutil.which("prometheus")
+PROMTOOL = shutil.which("promtool")
+
+
+class PrometheusProcess(ServiceProcess):
+    """A real Prometheus server on its own port, config and data directory; ``query`` asks its HTTP API."""
+
+    def api(self, path: str, **params: str) -> dict:
+        url = f"{self.url}/api/v1/{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            body = json.load(resp)
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict]:
+        """The instant vector (or scalar, as one sample) ``expr`` evaluates to now."""
+        data = self.api("query", query=expr)
+        if data["resultType"] in ("scalar", "string"):
+            return [{"metric": {}, "value": data["result"]}]
+        return data["result"]
+
+    def targets(self) -> list[dict]:
+        return self.api("targets", state="active")["activeTargets"]
+
+
+def start_prometheus(work_dir: Path, scrape_configs: list[dict], *, interval: str = "1s") -> PrometheusProcess:
+    """Prometheus scraping ``scrape_configs`` every ``interval``, its config and TSDB under ``work_dir``.
+
+    Never the packaged service's port (9090), config or data: a free port, files of its own.
+    """
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    config = work_dir / "prometheus.yml"
+    # JSON is YAML: no YAML library needed to write the config.
+    config.write_text(json.dumps({"global": {"scrape_interval": interval, "scrape_timeout": interval,
+                                             "evaluation_interval": interval},
+                                  "scrape_configs": scrape_configs}, indent=2))
+    port = free_port()
+    svc = PrometheusProcess([PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={work_dir / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+                            f"http://127.0.0.1:{port}/-/ready", work_dir / "prometheus.log", name="prometheus")
+    svc.start(60)
+    return svc
+
+
+def promtool_check_metrics(text: bytes) -> str:
+    """What ``promtool check metrics`` says of an exposition: "" when it passes, else its complaints."""
+    out = subprocess.run([PROMTOOL, "check", "metrics"], input=text, capture_output=True, timeout=60)
+    said = (out.stdout + out.stderr).decode(errors="replace").strip()
+    return said or (f"promtool exited with code {out.returncode}" if out.returncode else "")
 
 
 # -- the registry tests' artifact --------------------------------------------------------
@@ -203,3 +263,25 @@ WHEELS = ("onnxruntime==1.31.1", "onnxruntime-gpu==1.31.1", "onnxruntime-cann==1
 
 def wheelhouse_dir() -> Path:
     return Path(env_str(ENV_WHEELHOUSE) or Path.home() / ".cache" / "modelcast" / "wheelhouse").expanduser()
+
+
+def make_wheel(where: Path, name: str, version: str, files: dict[str, bytes] | None = None) -> Path:
+    """A small pure-Python wheel (``py3-none-any``, so pip takes it for any target platform).
+
+    ``files`` maps paths inside site-packages to their bytes (default: ``<name>/__init__.py``
+    holding ``VERSION``).  Its RECORD hashes are true; its entries carry a fixed time.
+    """
+    dist = name.replace("-", "_")
+    files = files or {f"{dist}/__init__.py": f"VERSION = {version!r}\n".encode()}
+    info = f"{dist}-{version}.dist-info"
+    files = {**files, f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+             f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: modelcast-tests\nRoot-Is-Purelib: true\n"
+                              b"Tag: py3-none-any\n"}
+    record = [f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},"
+              f"{len(data)}" for path, data in sorted(files.items())] + [f"{info}/RECORD,,"]
+    where.mkdir(parents=True, exist_ok=True)
+    wheel = where / f"{dist}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for path, data in [*sorted(files.items()), (f"{info}/RECORD", ("\n".join(record) + "\n").encode())]:
+            zf.writestr(zipfile.ZipInfo(path, date_time=(2020, 1, 1, 0, 0, 0)), data)
+    return wheel

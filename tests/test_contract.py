@@ -15,7 +15,7 @@ HEX = "ab" * 32
 
 def manifest(**over) -> Manifest:
     fields = dict(kind="model", name="team/resnet", piece_length=262144, torrent_name="resnet",
-                  info_hash=InfoHashes(v1="1" * 40, v2="2" * 64), created="2026-11-22T00:00:00Z",
+                  info_hash=InfoHashes(v1="1" * 40, v2="2" * 64),
                   files=(FileEntry("a.bin", 3, "0" * 32), FileEntry("w/b.bin", 5, "f" * 32)),
                   annotations={"framework": "onnx"})
     fields.update(over)
@@ -49,10 +49,17 @@ def test_canonical_bytes_and_digest_are_stable():
     assert b" " not in data.replace(b"team/resnet", b"")
     assert Manifest.from_bytes(data, expected_digest=m.digest) == m
     assert m.digest.startswith("sha256:") and len(m.digest) == 71
-    # Creation time is in the digest but not in the content key.
-    later = manifest(created="2026-11-23T00:00:00Z")
-    assert later.digest != m.digest and later.content_key == m.content_key
+    # Nothing clock-dependent in the digested bytes: the digest is the content key.
+    assert b"created" not in data and m.digest == m.content_key
     assert manifest(annotations={}).content_key != m.content_key
+    # A manifest written with a creation time inside (before digests were clock-free)
+    # still parses and verifies against its own digest.
+    legacy = manifest(created="2026-11-23T00:00:00Z")
+    assert legacy.digest != m.digest and legacy.content_key == m.content_key
+    assert Manifest.from_bytes(legacy.canonical_bytes(), expected_digest=legacy.digest) == legacy
+    for bad in (None, "", 3):
+        with pytest.raises(InvalidManifest, match="created"):
+            Manifest.from_json({**json.loads(data), "created": bad})
 
 
 def test_manifest_bytes_that_do_not_hash_to_the_digest_are_refused():

@@ -150,7 +150,7 @@ async def test_zone_web_seed_relays_the_parents_bytes(aiohttp_client, tmp_path, 
     await error_of(await zone.get(f"/v1/webseed/{a.digest}/model/nope.bin"), 404)
 
     zone_stats = await (await zone.get("/v1/stats")).json()
-    parent_stats = await (await parent.get("/v1/stats")).json()
+    parent_stats = await (await parent.get("/v1/stats", headers=AUTH)).json()  # its reads need a token
     assert zone_stats["origin_bytes_served"] == 270_000 + len(blob) + 10
     assert parent_stats["origin_bytes_served"] == zone_stats["origin_bytes_served"]
 
@@ -232,7 +232,7 @@ def test_zone_nodes_pull_through_their_zone_registry_and_keep_working_without_th
         assert out.returncode == 0, out.stderr
         path = Path(out.stdout.strip().splitlines()[-1])
         assert path.name == digest.split(":")[1] and tree_hashes(path) == tree_hashes(model)
-        zone_stats, parent_stats = registry_stats(zone.url), registry_stats(parent.url)
+        zone_stats, parent_stats = registry_stats(zone.url), registry_stats(parent.url, PARENT_READ)
         # The bytes came through the zone's web seed from the parent; the swarm is the zone's.
         assert zone_stats["origin_bytes_served"] >= total and parent_stats["origin_bytes_served"] >= total
         assert zone_stats["announces"] >= 1 and parent_stats["announces"] == 0

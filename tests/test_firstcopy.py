@@ -1,25 +1,47 @@
 """The origin's first-copy gate (pure logic)."""
 
-from tracker.firstcopy import Admission, FirstCopyGate
+from tracker.firstcopy import MAX_REFUSALS, Admission, FirstCopyGate
 
 PIECE = 262144
 
 
 def test_a_piece_is_served_once_per_window_to_first_copy_requests():
     gate = FirstCopyGate(window_s=30)
-    assert gate.admit("d", "m/w.bin", 0, PIECE - 1, first_copy=True, now=0.0).serve
-    assert not gate.admit("d", "m/w.bin", 0, PIECE - 1, first_copy=True, now=1.0).serve and gate.refused == 1
-    assert gate.admit("d", "m/w.bin", PIECE, 2 * PIECE - 1, first_copy=True, now=1.0).serve
-    assert gate.admit("d", "m/w.bin", 0, PIECE - 1, first_copy=False, now=2.0).serve  # a stalled node is served
-    assert gate.admit("d", "m/w.bin", 0, PIECE - 1, first_copy=True, now=40.0).serve  # the window passed
+    assert gate.admit("d", "m/w.bin", 0, PIECE - 1, first_copy=True, now=0.0, zone="z").serve
+    assert not gate.admit("d", "m/w.bin", 0, PIECE - 1, first_copy=True, now=1.0, zone="z").serve and gate.refused == 1
+    assert gate.admit("d", "m/w.bin", PIECE, 2 * PIECE - 1, first_copy=True, now=1.0, zone="z").serve
+    assert gate.admit("d", "m/w.bin", 0, PIECE - 1, first_copy=False, now=2.0, zone="z").serve  # a stalled node is served
+    assert gate.admit("d", "m/w.bin", 0, PIECE - 1, first_copy=True, now=40.0, zone="z").serve  # the window passed
 
 
 def test_a_piece_inside_a_run_served_without_the_header_is_refused():
     gate = FirstCopyGate()
-    assert gate.admit("d", "f", 0, 8 * PIECE - 1, first_copy=False, now=0.0).serve  # a lone node's run
-    assert not gate.admit("d", "f", 3 * PIECE, 4 * PIECE - 1, first_copy=True, now=0.5).serve
-    assert gate.admit("d", "f", 8 * PIECE, 9 * PIECE - 1, first_copy=True, now=0.5).serve
-    assert gate.admit("d", "other", 0, PIECE - 1, first_copy=True, now=0.5).serve
+    assert gate.admit("d", "f", 0, 8 * PIECE - 1, first_copy=False, now=0.0, zone="z").serve  # a lone node's run
+    assert not gate.admit("d", "f", 3 * PIECE, 4 * PIECE - 1, first_copy=True, now=0.5, zone="z").serve
+    assert gate.admit("d", "f", 8 * PIECE, 9 * PIECE - 1, first_copy=True, now=0.5, zone="z").serve
+    assert gate.admit("d", "other", 0, PIECE - 1, first_copy=True, now=0.5, zone="z").serve
+
+
+def test_clients_that_name_no_zone_never_make_the_gate_refuse():
+    # Issue #15: whole-file GETs from a client in no swarm kept a zone's nodes refused.
+    gate = FirstCopyGate()
+    for t in range(10):
+        assert gate.admit("d", "f", 0, 100 * PIECE - 1, first_copy=False, now=t * 0.1).serve
+        assert gate.admit("d", "f", 0, 100 * PIECE - 1, first_copy=True, now=t * 0.1).serve
+    assert all(gate.admit("d", "f", i * PIECE, (i + 1) * PIECE - 1, first_copy=True, now=1.0, zone="z").serve
+               for i in range(100))
+    assert gate.refused == 0
+
+
+def test_a_piece_is_refused_a_bounded_number_of_times():
+    # Issue #15: a node of the zone that took the bytes and vanished never spreads them;
+    # its zone's nodes are refused a few times, then served.
+    gate = FirstCopyGate(window_s=30)
+    assert gate.admit("d", "f", 0, 10 * PIECE - 1, first_copy=True, now=0.0, zone="z").serve
+    answers = [gate.admit("d", "f", PIECE, 2 * PIECE - 1, first_copy=True, now=1.0 + i / 10, zone="z").serve
+               for i in range(10)]
+    assert answers == [False] * MAX_REFUSALS + [True] * (10 - MAX_REFUSALS)
+    assert not gate.admit("d", "f", 2 * PIECE, 3 * PIECE - 1, first_copy=True, now=2.0, zone="z").serve
 
 
 def test_memory_is_bounded():
@@ -47,10 +69,10 @@ def test_zones_get_one_relay_each_and_their_own_copy_only_without_a_holder():
     assert gate.admit("d", "f", PIECE, 2 * PIECE - 1, first_copy=True, now=1.0, zone="a").serve
     assert gate.admit("d", "f", PIECE, 2 * PIECE - 1, first_copy=True, now=1.1, zone="b", relay="http://x:1").serve
     assert gate.admit("d", "f", PIECE, 2 * PIECE - 1, first_copy=True, now=1.2, zone="a") == Admission(False)
-    # Bytes that went to a client of unknown zone, or asked for without a zone: as before zones.
+    # Bytes that went to a client of unknown zone are forgotten; such a client is always served.
     assert gate.admit("d", "g", 0, PIECE - 1, first_copy=False, now=2.0).serve
-    assert gate.admit("d", "g", 0, PIECE - 1, first_copy=True, now=2.1, zone="b") == Admission(False)
-    assert gate.admit("d", "f", 0, PIECE - 1, first_copy=True, now=2.2) == Admission(False)
+    assert gate.admit("d", "g", 0, PIECE - 1, first_copy=True, now=2.1, zone="b").serve
+    assert gate.admit("d", "f", 0, PIECE - 1, first_copy=True, now=2.2).serve
     # The window passed: served again, to whoever asks first.
     assert gate.admit("d", "f", 0, PIECE - 1, first_copy=True, now=40.0, zone="b").serve
 

@@ -16,13 +16,16 @@ NAMES = {  # name: type, as the hand-built exposition had them
     "modelcast_node_verification_failures": "counter", "modelcast_node_repairs": "counter",
     "modelcast_node_verified_bytes": "counter", "modelcast_node_piece_hash_failures": "counter",
     "modelcast_node_peers_banned": "counter", "modelcast_node_peers_connected": "gauge",
+    "modelcast_node_pulls_in_progress": "gauge", "modelcast_node_pulling_bytes": "gauge",
+    "modelcast_node_pulling_done_bytes": "gauge", "modelcast_node_info": "gauge",
 }
 
 
 def test_exposition_has_every_series_with_its_type_and_no_created_samples():
     metrics = NodeMetrics(lambda: NodeGauges(cache_bytes=300, cache_artifacts=2, quota_bytes=1 << 30,
                                              pinned_artifacts=1, peers_connected=3, piece_hash_failures=4,
-                                             peers_banned=5))
+                                             peers_banned=5, node_id="n1", zone="z1", pulls_in_progress=1,
+                                             pulling_bytes=1000, pulling_done_bytes=250))
     c = metrics.counters
     c.bytes_from_origin += 1234
     c.observe_pull(0.7, ok=True)
@@ -41,4 +44,6 @@ def test_exposition_has_every_series_with_its_type_and_no_created_samples():
     assert float(lines["modelcast_node_pull_duration_seconds_count"]) == 2
     assert float(lines["modelcast_node_cache_quota_bytes"]) == 1 << 30
     assert float(lines["modelcast_node_peers_banned_total"]) == 5
+    assert float(lines['modelcast_node_info{node_id="n1",zone="z1"}']) == 1
+    assert float(lines["modelcast_node_pulling_done_bytes"]) == 250
     assert "# HELP modelcast_node_bytes_from_peers_total Payload bytes received from peers." in text

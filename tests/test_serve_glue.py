@@ -7,7 +7,8 @@ import pytest
 from modelcast.errors import ArtifactNotFound, BadRequest, InvalidReference, PullFailed, RemoteError, Unauthorized, \
     Unreachable
 from serve_glue.launcher import plan
-from serve_glue.placement import artifact_label, modelcast_options, node_labels
+from serve_glue.deploy import summary
+from serve_glue.placement import artifact_label, modelcast_options, node_labels, unmet_requirement
 from serve_glue.spec import activation_env, is_permanent, label_safe, parse_env
 
 D = "sha256:" + "ab" * 32
@@ -61,18 +62,60 @@ def test_labels_follow_kubernetes_syntax():
     assert label_safe("x" * 200 + ":v1") != label_safe("x" * 200 + ":v2")
 
 
-def test_options_prefer_holders_softly_and_require_the_accelerator():
-    opts = modelcast_options({"MODEL": "resnet:v3"}, runtime="ort:1.31", accelerator="cuda12", num_gpus=1,
-                             runtime_env={"env_vars": {"A": "1"}})
+def test_options_prefer_accelerator_zone_and_holders_and_require_only_when_asked():
+    opts = modelcast_options({"MODEL": "resnet:v3"}, runtime="ort:1.31", accelerator="cuda12", zone="rack-a",
+                             num_gpus=1, runtime_env={"env_vars": {"A": "1"}})
     assert opts["runtime_env"] == {"env_vars": {"A": "1"},
                                    "modelcast": {"artifacts": {"MODEL": "resnet:v3"}, "runtime": "ort:1.31"}}
-    assert opts["label_selector"] == {"modelcast.io/accelerator": "cuda12", artifact_label("resnet:v3"): "1"}
-    assert opts["fallback_strategy"] == [{"label_selector": {"modelcast.io/accelerator": "cuda12"}}]
+    acc, zone, has = {"modelcast.io/accelerator": "cuda12"}, {"modelcast.io/zone": "rack-a"}, \
+        {artifact_label("resnet:v3"): "1"}
+    assert opts["label_selector"] == {**acc, **zone, **has}
+    # Relaxed one preference at a time; the last fallback admits any node.
+    assert opts["fallback_strategy"] == [{"label_selector": {**acc, **zone}}, {"label_selector": acc},
+                                         {"label_selector": {}}]
     assert opts["num_gpus"] == 1
+    required = modelcast_options({"MODEL": "resnet:v3"}, accelerator="cuda12", zone="rack-a",
+                                 require_accelerator=True)
+    assert required["fallback_strategy"][-1] == {"label_selector": acc}
+    assert modelcast_options({"MODEL": "resnet:v3"}, accelerator="cuda12", zone="rack-a", hard=True) == \
+        {"runtime_env": {"modelcast": {"artifacts": {"MODEL": "resnet:v3"}}}, "label_selector": {**acc, **zone, **has}}
+    mine = modelcast_options({"MODEL": "resnet:v3"}, accelerator="cpu", label_selector={"team": "a"})
+    assert mine["fallback_strategy"][-1] == {"label_selector": {"team": "a"}}  # a given selector is required
     plain = modelcast_options({"MODEL": "resnet:v3"}, prefer_holders=False)
     assert "label_selector" not in plain and "fallback_strategy" not in plain
     with pytest.raises(ValueError):
         modelcast_options({"MODEL": "NOT a ref"})
+    with pytest.raises(ValueError, match="needs accelerator"):
+        modelcast_options({"MODEL": "resnet:v3"}, require_accelerator=True)
+
+
+def _equal_match(labels: dict, selector: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def test_unmet_requirement_names_the_label_and_the_command_that_sets_it():
+    soft = modelcast_options({"MODEL": "resnet:v3"}, accelerator="cuda12")
+    hard = modelcast_options({"MODEL": "resnet:v3"}, accelerator="cuda12", require_accelerator=True)
+    plain_nodes = [{"ray.io/node-id": "a"}, {"ray.io/node-id": "b"}]
+    assert unmet_requirement("M", soft, plain_nodes, _equal_match) is None
+    why = unmet_requirement("M", hard, plain_nodes, _equal_match)
+    assert "'M' requires node label modelcast.io/accelerator=cuda12" in why
+    assert "none of the 2 node(s)" in why and "modelcast ray start --accelerator cuda12" in why
+    cpu_nodes = [node_labels("cpu", "rack-a")]
+    why = unmet_requirement("M", hard, cpu_nodes, _equal_match)
+    assert "modelcast.io/accelerator=cpu" in why  # what the nodes do have
+    assert unmet_requirement("M", hard, cpu_nodes + [node_labels("cuda12")], _equal_match) is None
+
+
+def test_deploy_failure_summary_keeps_the_plugins_exception():
+    message = ("DEPLOY_FAILED: The deployment failed to start 3 times in a row. See controller logs for details. "
+               "Error:\nCould not create the actor because its associated runtime env failed to be created.\n"
+               "[Node 10.0.0.1] Traceback (most recent call last):\n  File \"x.py\", line 1, in create\n"
+               "    raise X\nmodelcast.errors.ArtifactNotFound: pull a/b:v1: artifact a/b:v1 not found in registry\n")
+    assert summary(message) == ("DEPLOY_FAILED: The deployment failed to start 3 times in a row. See controller "
+                                "logs for details. modelcast.errors.ArtifactNotFound: pull a/b:v1: artifact a/b:v1 "
+                                "not found in registry")
+    assert summary("UPDATING") == "UPDATING"
 
 
 def test_ray_start_plan_sets_plugin_node_and_labels():

@@ -24,6 +24,7 @@ from adapters.origin import FileOrigin
 from tracker.announce import Announce, Peer, SwarmCounts, parse_announce
 from tracker.app import SWARMS, UDP_TRACKER, make_app
 from tracker.bencode import ProtocolError
+from tracker.peer_policy import PeerPolicy
 from tracker.swarm import SwarmRegistry
 from tracker.udp import (ACTION_ANNOUNCE, ACTION_CONNECT, ACTION_ERROR, ACTION_SCRAPE, MAX_ERROR_BYTES,
                          MAX_SCRAPE_HASHES, PROTOCOL_ID, AnnounceRequest, ConnectRequest, ScrapeRequest,
@@ -240,11 +241,11 @@ def test_connection_ids_are_stateless_and_expire():
 # -- the request path without sockets --------------------------------------------------
 
 
-def make_tracker(max_numwant: int = 200) -> UdpTracker:
+def make_tracker(max_numwant: int = 200, policy: PeerPolicy | None = None) -> UdpTracker:
     swarms = SwarmRegistry(random.Random(1))
     swarms.allow([IH])
     return UdpTracker(swarms, interval=30, default_numwant=50, max_numwant=max_numwant,
-                      ids=ConnectionIds(b"k" * 32))
+                      ids=ConnectionIds(b"k" * 32), policy=policy)
 
 
 def connect(tracker: UdpTracker, addr, now: float = 100.0) -> int:
@@ -305,11 +306,30 @@ def test_ipv6_clients_get_ipv6_peers_and_mapped_addresses_count_as_ipv4():
     assert reply.peers == (("2001:db8::1", 7001),)
 
 
-def test_ip_field_is_honoured_for_ipv4_clients():
+def test_ip_field_is_honoured_only_from_trusted_proxies():
+    # From anyone else the peer is listed where its packet came from (issue #15: the field
+    # let one client list any address, or reach another peer's entry).
     tracker = make_tracker()
     cid = connect(tracker, CLIENT)
     tracker.handle(encode_announce_request(cid, 1, an(), ip="10.7.7.7"), CLIENT, 101.0)
+    assert [p.addr for p in tracker.swarms.peers_of(IH)] == [("10.0.0.1", 6881)]
+    tracker = make_tracker(policy=PeerPolicy(trusted_proxies=["10.0.0.0/24"]))
+    cid = connect(tracker, CLIENT)
+    tracker.handle(encode_announce_request(cid, 1, an(), ip="10.7.7.7"), CLIENT, 101.0)
     assert [p.addr for p in tracker.swarms.peers_of(IH)] == [("10.7.7.7", 6881)]
+
+
+def test_role_origin_is_refused_unless_granted():
+    tracker = make_tracker()
+    cid = connect(tracker, CLIENT)
+    reply = parse_reply(tracker.handle(encode_announce_request(cid, 1, an(), url_data=b"/announce?role=origin"),
+                                       CLIENT, 101.0))
+    assert reply.action == ACTION_ERROR and "role=origin" in reply.message
+    assert list(tracker.swarms.peers_of(IH)) == []
+    tracker = make_tracker(policy=PeerPolicy(origin_seeds=["10.0.0.1"]))
+    cid = connect(tracker, CLIENT)
+    tracker.handle(encode_announce_request(cid, 1, an(), url_data=b"/announce?role=origin"), CLIENT, 101.0)
+    assert [p.origin_seed for p in tracker.swarms.peers_of(IH)] == [True]
 
 
 def test_numwant_is_clamped_in_the_answer():

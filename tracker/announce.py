@@ -239,6 +239,9 @@ def _int(params: dict[str, bytes], name: str, default: int | None, lo: int = 0, 
     if not raw.isdigit():  # bytes.isdigit: ASCII digits only
         text = _text(params, name)
         raise ProtocolError(f"parameter {name}={text[:40]!r} is not a non-negative integer")
+    if len(raw) > 20:
+        # int() of thousands of digits is slow and past 4,300 raises ValueError: refuse first.
+        raise ProtocolError(f"parameter {name} has {len(raw)} digits: out of range {lo}..{hi}")
     value = int(raw)
     if not lo <= value <= hi:
         raise ProtocolError(f"parameter {name}={value} is out of range {lo}..{hi}")

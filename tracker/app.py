@@ -37,16 +37,18 @@ from .federation import Upstream, validate_upstream
 from .firstcopy import FirstCopyGate
 from .fleet import add_fleet_routes
 from .liveness import node_heartbeat, node_leave, peer_expiry_ctx
+from .metrics import METRICS, RegistryMetrics, metrics, metrics_middleware
 from .nodebook import NodeBook
 from .state import (CONFIG, FIRST_COPY, NODES, ORIGINS, STATS, STORE, SWARMS, UDP_TRACKER, UPSTREAM, WEBSEED_CACHE,
                     WRITE_LOCK, OriginCache, Stats)
 from .store import RegistryStore
 from .swarm import SwarmRegistry
+from .peer_policy import PeerPolicy
 from .udp_server import UdpTracker, start_udp_tracker
 from .webseed import webseed
 
 __all__ = [
-    "CONFIG", "FIRST_COPY", "ORIGINS", "STATS", "STORE", "SWARMS", "TRACKER", "UDP_TRACKER", "UPSTREAM",
+    "CONFIG", "FIRST_COPY", "METRICS", "ORIGINS", "STATS", "STORE", "SWARMS", "TRACKER", "UDP_TRACKER", "UPSTREAM",
     "WEBSEED_CACHE", "WRITE_LOCK", "RunningServer", "make_app", "serve", "start_server",
 ]
 
@@ -96,7 +98,7 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
 async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     """Open the registry database and allow the swarms of every published artifact."""
     cfg = app[CONFIG]
-    store = await asyncio.to_thread(RegistryStore, Path(cfg.data_dir))
+    store = await asyncio.to_thread(RegistryStore, Path(cfg.data_dir), app[METRICS].observe_store)
     app[STORE] = store
     # Swarm state is not persisted (peers re-announce within one interval), but the
     # allow-list is: without it every announce after a restart would be refused.
@@ -144,7 +146,7 @@ async def _udp_tracker_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     tracker = UdpTracker(app[SWARMS], interval=cfg.announce_interval_s, default_numwant=cfg.default_numwant,
-                         max_numwant=cfg.max_numwant)
+                         max_numwant=cfg.max_numwant, policy=PeerPolicy(cfg.trusted_proxies, cfg.origin_seeds))
     endpoint = await start_udp_tracker(tracker, cfg.udp_host or cfg.host, cfg.udp_port)
     app[UDP_TRACKER] = endpoint
     host, port = endpoint.address
@@ -158,8 +160,10 @@ async def _udp_tracker_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def make_app(cfg: TrackerConfig) -> web.Application:
     """Build the registry + tracker application for ``cfg`` (used by :func:`serve` and tests)."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
+    # Metrics outermost: they see the status the error middleware's answer has.
+    app = web.Application(middlewares=[metrics_middleware, error_middleware], client_max_size=MAX_BODY_BYTES)
     app[CONFIG] = cfg
+    app[METRICS] = RegistryMetrics(app)
     app[SWARMS] = SwarmRegistry(zone_gateways=cfg.zone_gateways)
     app[TRACKER] = TrackerEndpoint(cfg, app[SWARMS])
     app[STATS] = Stats()
@@ -176,6 +180,7 @@ def make_app(cfg: TrackerConfig) -> web.Application:
     app.cleanup_ctx.append(_udp_tracker_ctx)
     app.router.add_get("/v1/health", api.health)
     app.router.add_get("/v1/stats", api.stats)
+    app.router.add_get("/metrics", metrics)
     app.router.add_post("/v1/artifacts", api.publish)
     app.router.add_post("/v1/auth/check", api.check_token)
     app.router.add_get("/v1/artifacts", api.list_artifacts)
@@ -260,6 +265,11 @@ async def _serve(cfg: TrackerConfig) -> None:
                              "choose another --listen address or port") from exc
     try:
         log.info("registry and tracker on http://%s:%d", host, running.port)
+        if not cfg.token:
+            log.warning("writes are OPEN: anyone who can reach %s:%d may publish, move tags and delete artifacts; "
+                        "set MODELCAST_TOKEN (or --token-file) to require a token", host, running.port)
+        if not cfg.read_token:
+            log.info("reads are open (resolve, torrents, web seed); set MODELCAST_READ_TOKEN to require a token")
         await stop.wait()
         log.info("stopping: closing connections, then the database")
     finally:

@@ -23,6 +23,7 @@ answers reads of references it does not hold from its parent, and keeps them
 ``DELETE /v1/artifacts/{digest}?force=0|1&name=`` -> ``{"digest", "name", "tags_removed": [...]}``; 409 while
                                             tags point at it unless ``force=1`` (they go too); origin blobs stay
 ``GET  /v1/stats``                          -> ``{"origin_bytes_served", "origin_requests", "announces", "swarms"}``
+``GET  /metrics``                           -> Prometheus text (tracker/metrics.py); guarded like a read
 ``GET  /announce``, ``GET /scrape``         BitTorrent (BEP 3/23/48); extra query ``zone=`` and ``node=`` on announce
 ``POST /v1/nodes/{node_id}/heartbeat``      body ``{"zone": z, "ttl_s": 3.0, "artifacts": [...], "more_artifacts": n}``
                                             -> ``{"ok": true, "ttl_s", "entries", "reported": bool}``: keeps every
@@ -47,6 +48,7 @@ from typing import Any
 from urllib.parse import quote
 
 from adapters.http import JsonClient
+from modelcast.errors import IntegrityError
 from modelcast.manifest import Manifest, canonical_json, sha256_digest
 from modelcast.reference import Reference
 
@@ -75,9 +77,13 @@ class RegistryClient(JsonClient):
     async def resolve(self, ref: str | Reference) -> tuple[str, Manifest]:
         """Resolve a reference to ``(digest, manifest)``; the digest is checked locally."""
         ref_s = str(ref)
-        Reference.parse(ref_s)
+        parsed = Reference.parse(ref_s)
         answer = await self.request("GET", f"/v1/resolve?ref={quote(ref_s, safe='')}", what=f"resolve {ref_s}")
         digest = answer["digest"]
+        if parsed.digest is not None and digest != parsed.digest:
+            # A reference that names a digest is answered with that digest or an error (DESIGN.md).
+            raise IntegrityError(f"the registry at {self.base_url} answered {digest} when asked for {parsed.digest}; "
+                                 "it is misconfigured or not to be trusted")
         inline = answer.get("manifest")
         if isinstance(inline, dict):
             # The answer carries the manifest: if its canonical form hashes to the digest,

@@ -11,8 +11,8 @@ import asyncio
 import json
 from pathlib import Path
 
-from modelcast.cmdline import Handler, client_args
-from modelcast.config import (ENV_READ_TOKEN, ENV_S3_ENDPOINT, ENV_UPSTREAM_TOKEN, ClientConfig, TrackerConfig, env_str,
+from modelcast.cmdline import Handler, client_args, secret_file
+from modelcast.config import (ENV_READ_TOKEN, ENV_TOKEN, ENV_S3_ENDPOINT, ENV_UPSTREAM_TOKEN, ClientConfig, TrackerConfig, env_str,
                               parse_hostport)
 from modelcast.errors import ModelcastError
 from modelcast.reference import Reference
@@ -24,7 +24,9 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     p = sub.add_parser("tracker", help="run the registry and BitTorrent tracker")
     p.add_argument("--listen", default="127.0.0.1:7070", help="HOST:PORT to serve on")
     p.add_argument("--data", required=True, type=Path, help="directory for the registry database")
-    p.add_argument("--token", help="bearer token required for writes")
+    p.add_argument("--token", help="bearer token required for writes; prefer env MODELCAST_TOKEN or --token-file, "
+                                   "which `ps` cannot read")
+    p.add_argument("--token-file", type=Path, help="file holding the write token (one line)")
     p.add_argument("--read-token", help="bearer token required for reads (resolve, manifest, torrent, list, web seed); "
                                         "the write token reads too; announce and scrape stay open "
                                         "(env MODELCAST_READ_TOKEN)")
@@ -40,6 +42,11 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     p.add_argument("--max-heartbeat-ttl", type=float, default=TrackerConfig.heartbeat_ttl_max_s,
                    help="cap on the ttl a node's heartbeat may ask for: a dead node is gone within this")
     p.add_argument("--udp-listen", metavar="HOST:PORT", help="also serve the BEP 15 UDP tracker on HOST:PORT")
+    p.add_argument("--trusted-proxy", action="append", default=[], metavar="CIDR",
+                   help="a proxy whose announces' ip= is believed (repeatable); from anyone else ip= is ignored and "
+                        "the peer is listed at the address its request came from")
+    p.add_argument("--origin-seed", action="append", default=[], metavar="ADDR",
+                   help="an address allowed to announce role=origin (repeatable); nobody else may claim it")
     p.add_argument("--zone-gateways", type=int, default=TrackerConfig.zone_gateways, metavar="N",
                    help="per swarm, only each zone's first N peers (while their zone has others) are handed peers of "
                         "other zones; 0, the default: strict zones for node daemons, pieces cross zones through the "
@@ -74,13 +81,15 @@ def cmd_tracker(args) -> int:
 
     host, port = parse_hostport(args.listen, what="--listen")
     udp_host, udp_port = parse_hostport(args.udp_listen, what="--udp-listen") if args.udp_listen else (None, None)
-    serve(TrackerConfig(host=host, port=port, data_dir=args.data, token=args.token,
+    token = args.token or secret_file(args.token_file, "--token-file") or env_str(ENV_TOKEN)
+    serve(TrackerConfig(host=host, port=port, data_dir=args.data, token=token,
                         read_token=args.read_token or env_str(ENV_READ_TOKEN), upstream=args.upstream,
                         upstream_token=args.upstream_token or env_str(ENV_UPSTREAM_TOKEN),
                         upstream_tag_ttl_s=args.upstream_tag_ttl,
                         s3_endpoint=args.s3_endpoint or env_str(ENV_S3_ENDPOINT),
                         announce_interval_s=args.announce_interval, peer_ttl_s=args.peer_ttl,
                         heartbeat_ttl_max_s=args.max_heartbeat_ttl, zone_gateways=args.zone_gateways,
+                        trusted_proxies=tuple(args.trusted_proxy), origin_seeds=tuple(args.origin_seed),
                         udp_host=udp_host, udp_port=udp_port))
     return 0
 

@@ -15,9 +15,9 @@ from aiohttp import web
 from modelcast.config import TrackerConfig
 from modelcast.errors import ModelcastError
 
-from .announce import ProtocolError, encode_announce, encode_failure, encode_scrape, normalize_ip, parse_announce, \
-    parse_scrape
-from .swarm import SwarmRegistry
+from .announce import encode_announce, encode_failure, encode_scrape, parse_announce, parse_scrape
+from .peer_policy import PeerPolicy
+from .swarm import SwarmRegistry, tracker_result
 
 BENCODE_TYPE = "text/plain"
 
@@ -36,18 +36,27 @@ class TrackerEndpoint:
     def __init__(self, cfg: TrackerConfig, swarms: SwarmRegistry) -> None:
         self._cfg = cfg
         self._swarms = swarms
+        self._policy = PeerPolicy(cfg.trusted_proxies, cfg.origin_seeds)
+        # Read by the registry's metrics at scrape time (tracker/metrics.py).  Plain ints: an
+        # announce costs one increment, not a prometheus_client Counter.inc().
+        self.announces = 0  # answered with peers
+        self.scrapes = 0
+        self.failures: dict[tuple[str, str], int] = {}  # (announce|scrape, TRACKER_RESULTS entry) -> answers
+
+    def _failed(self, kind: str, exc: ModelcastError) -> bytes:
+        key = (kind, tracker_result(exc))
+        self.failures[key] = self.failures.get(key, 0) + 1
+        return encode_failure(str(exc))
 
     def announce(self, raw_query: str | bytes, remote: str | None) -> bytes:
         """``GET /announce`` (BEP 3/23/7), with modelcast's extensions; ``remote``: the client's socket address."""
         cfg = self._cfg
         try:
             a = parse_announce(raw_query, default_numwant=cfg.default_numwant, max_numwant=cfg.max_numwant)
-            ip = a.ip or normalize_ip(remote)
-            if ip is None:
-                raise ProtocolError("cannot tell the client's IP address; pass ip=")
-            result = self._swarms.announce(a, ip, time.monotonic())
+            result = self._swarms.announce(a, self._policy.address(a, remote), time.monotonic())
         except ModelcastError as exc:
-            return encode_failure(str(exc))
+            return self._failed("announce", exc)
+        self.announces += 1
         return encode_announce(result.peers, result.counts, interval=cfg.announce_interval_s,
                                min_interval=cfg.min_announce_interval_s, compact=a.compact, no_peer_id=a.no_peer_id)
 
@@ -56,7 +65,8 @@ class TrackerEndpoint:
         try:
             hashes = parse_scrape(raw_query)
         except ModelcastError as exc:
-            return encode_failure(str(exc))
+            return self._failed("scrape", exc)
+        self.scrapes += 1
         return encode_scrape(self._swarms.scrape(hashes))
 
 

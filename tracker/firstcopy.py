@@ -20,6 +20,12 @@ as it has them: the other zone gets them without asking, at the pace the origin 
 Either way one copy crosses between zones, chosen by the gate rather than by each node's
 piece picker.  Bytes served to another zone by a node that named no relay URL are served
 again: one copy per zone.
+
+What no client can do (issue #15): a request that names no zone is served and forgotten, so
+plain downloads never make the gate refuse anyone; a requested range is refused at most
+:data:`MAX_REFUSALS` times within the window, so no pattern of requests can keep a zone from the origin's
+bytes (a node whose swarm did not bring a piece asks again and is served); and relay URLs
+are believed only when they point at the requester's own address (tracker/webseed.py).
 """
 
 from __future__ import annotations
@@ -31,6 +37,10 @@ from dataclasses import dataclass
 MAX_NODES_PER_ZONE = 1000
 MAX_ZONES = 256  # per artifact; nodes of further zones are not pushed to (they still fetch)
 MAX_ARTIFACTS = 2000  # artifacts whose pulling nodes are remembered (the oldest forgotten first)
+# A served range refuses at most this many first-copy requests, then serves again: enough for
+# the few nodes of a zone that pick one piece at the same moment, too few for a client that
+# took bytes and vanished (and so never spread them) to stall a zone.
+MAX_REFUSALS = 4
 
 
 @dataclass(eq=False)
@@ -38,7 +48,7 @@ class _Served:
     start: int
     end: int
     at: float
-    zone: str | None  # None: a client that named no zone
+    zone: str
     holder: str | None  # the relay URL of the node it went to, if it named one
 
 
@@ -64,11 +74,16 @@ class FirstCopyGate:
         # Per artifact and zone, the relay URLs of nodes that asked lately (LRU order).
         self._pulling: dict[str, dict[str, OrderedDict[str, float]]] = {}
         self._turn: dict[tuple[str, str], int] = {}
+        # (artifact, path, start, end) -> [refusals, when first refused], oldest first
+        self._refusals: OrderedDict[tuple[str, str, int, int], list] = OrderedDict()
         self.refused = 0
         self.relayed = 0
         self.pushed = 0
 
     def _expire(self, now: float) -> None:
+        refusals = self._refusals
+        while refusals and (now - next(iter(refusals.values()))[1] > self.window_s or len(refusals) > self.max_ranges):
+            refusals.popitem(last=False)
         while self._order and (now - self._order[0][1].at > self.window_s or len(self._order) > self.max_ranges):
             key, served = self._order.popleft()
             ranges = self._ranges.get(key)
@@ -88,14 +103,24 @@ class FirstCopyGate:
         """
         now = time.monotonic() if now is None else now
         self._expire(now)
+        if zone is None:
+            # Not a node of any zone (a plain BEP 19 client, a probe): served, and it makes
+            # nobody wait for a swarm it is not in.
+            return SERVE
         key = (artifact, path)
-        if zone is not None and relay is not None:
+        if relay is not None:
             self._seen(artifact, zone, relay, now)
         decision = SERVE
         if first_copy:
             covering = [s for s in self._ranges.get(key, ()) if s.start <= start and end <= s.end]
-            if covering:
+            refused = self._refusals.get((artifact, path, start, end))
+            if covering and (refused is None or refused[0] < MAX_REFUSALS):
                 decision = self._elsewhere(covering, zone)
+                if not decision.serve:
+                    if refused is None:
+                        self._refusals[(artifact, path, start, end)] = [1, now]
+                    else:
+                        refused[0] += 1
                 if decision is ELSEWHERE:
                     return decision
         # Served, or on its way to the requester from a node of another zone: either way
@@ -148,10 +173,10 @@ class FirstCopyGate:
             targets.append((other, urls[turn % len(urls)]))
         return targets
 
-    def _elsewhere(self, covering: list[_Served], zone: str | None) -> Admission:
+    def _elsewhere(self, covering: list[_Served], zone: str) -> Admission:
         """The answer for bytes already served: from peers, from a holder, or (SERVE) again."""
-        if zone is None or any(s.zone is None or s.zone == zone for s in covering):
-            # Served to this zone (or to a client of unknown zone): the swarm brings it.
+        if any(s.zone == zone for s in covering):
+            # Served to this zone: the swarm brings it.
             self.refused += 1
             return ELSEWHERE
         holder = next((s.holder for s in covering if s.holder), None)

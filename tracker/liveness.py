@@ -58,7 +58,7 @@ async def node_heartbeat(request: web.Request) -> web.Response:
     ttl = _heartbeat_ttl(body, request.app[CONFIG])
     report = parse_report(body)  # checked whole before anything is recorded
     now = time.monotonic()
-    entries = request.app[SWARMS].heartbeat(node_id, now, ttl)
+    entries = request.app[SWARMS].heartbeat(node_id, now, ttl, body.get("zone"))
     node = request.app[NODES].heartbeat(node_id, body.get("zone"), report, now, time.time(), ttl)
     # "reported": whether this registry holds a report of the node, so that a node which
     # sends its report only when it changes sends it again to a registry that lost it.

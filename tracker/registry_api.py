@@ -114,7 +114,8 @@ async def check_token(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    """``GET /v1/stats``."""
+    """``GET /v1/stats`` (read access: it names nodes and zones)."""
+    check_auth(request, read=True)
     app = request.app
     swarms = app[SWARMS]
     return web.json_response({

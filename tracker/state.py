@@ -23,12 +23,30 @@ from .swarm import SwarmRegistry
 from .udp_server import UdpTrackerProtocol
 
 
+# Zones a client names are counted under their own name up to this many; the rest under
+# "_other" (not a valid zone name), so a client cannot grow the registry's metrics without bound.
+MAX_COUNTED_ZONES = 256
+NO_ZONE = "_none"  # a client that named no zone (a plain BEP 19 client)
+
+
 @dataclass
 class Stats:
-    """Counters reported by ``GET /v1/stats``."""
+    """Counters reported by ``GET /v1/stats`` and, by zone, by ``GET /metrics``."""
 
     origin_bytes_served: int = 0
     origin_requests: int = 0
+    origin_bytes_by_zone: dict[str, int] = field(default_factory=dict)
+    origin_requests_by_zone: dict[str, int] = field(default_factory=dict)
+
+    def served(self, zone: str | None, nbytes: int) -> None:
+        """Count one answer of ``nbytes`` origin bytes to a node of ``zone`` (None: it named none)."""
+        self.origin_requests += 1
+        self.origin_bytes_served += nbytes
+        zone = zone or NO_ZONE
+        if zone not in self.origin_requests_by_zone and len(self.origin_requests_by_zone) >= MAX_COUNTED_ZONES:
+            zone = "_other"
+        self.origin_requests_by_zone[zone] = self.origin_requests_by_zone.get(zone, 0) + 1
+        self.origin_bytes_by_zone[zone] = self.origin_bytes_by_zone.get(zone, 0) + nbytes
 
 
 @dataclass(frozen=True)

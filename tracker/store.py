@@ -17,6 +17,7 @@ local for good.
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import threading
@@ -24,6 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterable
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from modelcast.errors import BadRequest, Conflict, ModelcastError
 from modelcast.manifest import Manifest
@@ -43,7 +45,7 @@ CREATE TABLE IF NOT EXISTS artifacts (
     origin_url   TEXT NOT NULL,
     s3_endpoint  TEXT,
     total_size   INTEGER NOT NULL,
-    created      TEXT NOT NULL,
+    created      TEXT NOT NULL,  -- the manifest's legacy created, else the publish time (UTC)
     published_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS artifacts_name_digest ON artifacts(name, digest);
@@ -142,6 +144,10 @@ def decode_cursor(cursor: str) -> tuple[str, str]:
         raise BadRequest(f"invalid list cursor {cursor!r}: pass back the 'next' value of the previous page") from None
 
 
+def _rfc3339(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
 def _insert_artifact(db: sqlite3.Connection, manifest: Manifest, data: bytes, torrent: bytes, origin_url: str,
                      s3_endpoint: str | None) -> bool:
     """Store the artifact in the open transaction unless it is there; True if it was new."""
@@ -152,19 +158,51 @@ def _insert_artifact(db: sqlite3.Connection, manifest: Manifest, data: bytes, to
             # Unreachable short of a SHA-256 collision; refusing beats overwriting.
             raise Conflict(f"artifact {digest} is stored with different manifest bytes")
         return False
+    now = time.time()  # the publish time lives here, beside the manifest, not in its digested bytes
     db.execute(
         "INSERT INTO artifacts (digest, name, kind, content_key, manifest, torrent, origin_url,"
         " s3_endpoint, total_size, created, published_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
         (digest, manifest.name, manifest.kind, manifest.content_key, data, bytes(torrent),
-         origin_url, s3_endpoint, manifest.total_size, manifest.created, time.time()),
+         origin_url, s3_endpoint, manifest.total_size, manifest.created or _rfc3339(now), now),
     )
     return True
 
 
-class RegistryStore:
-    """SQLite-backed registry: immutable artifacts by digest, mutable tags by name."""
+# Told of every operation: its name, its seconds (waiting for the lock included), whether it failed.
+Observer = Callable[[str, float, bool], None]
+F = TypeVar("F", bound=Callable)
 
-    def __init__(self, data_dir: Path):
+
+def _timed(method: F) -> F:
+    """Report the operation's time and failure (a :class:`StoreError`) to the store's observer."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def timed(self: RegistryStore, *args, **kwargs):
+        if self._observe is None:
+            return method(self, *args, **kwargs)
+        start = time.perf_counter()
+        failed = False
+        try:
+            return method(self, *args, **kwargs)
+        except StoreError:
+            failed = True
+            raise
+        finally:
+            self._observe(name, time.perf_counter() - start, failed)
+
+    return timed  # type: ignore[return-value]
+
+
+class RegistryStore:
+    """SQLite-backed registry: immutable artifacts by digest, mutable tags by name.
+
+    ``observe``, if given, is called after every operation (on the calling thread) with
+    its name, its duration and whether it failed: the registry's metrics.
+    """
+
+    def __init__(self, data_dir: Path, observe: Observer | None = None):
+        self._observe = observe
         self.path = Path(data_dir) / DB_NAME
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -202,6 +240,7 @@ class RegistryStore:
 
     # -- writes ---------------------------------------------------------------------
 
+    @_timed
     def publish(self, manifest: Manifest, torrent: bytes, origin_url: str, s3_endpoint: str | None,
                 tag: str | None) -> PublishResult:
         """Store an artifact and point ``name:tag`` at it, in one transaction.
@@ -227,6 +266,7 @@ class RegistryStore:
 
         return self._run(tx, write=True)
 
+    @_timed
     def pull_through(self, manifest: Manifest, torrent: bytes, upstream: str, tag: str | None) -> PublishResult:
         """Keep an artifact fetched from the upstream registry ``upstream``; with ``tag``, record it as pulled.
 
@@ -260,6 +300,7 @@ class RegistryStore:
 
         return self._run(tx, write=True)
 
+    @_timed
     def drop_pulled_tag(self, name: str, tag: str, digest: str) -> bool:
         """Remove ``name:tag`` if it is still the pulled-through tag pointing at ``digest``.
 
@@ -275,6 +316,7 @@ class RegistryStore:
 
         return self._run(tx, write=True)
 
+    @_timed
     def delete_tag(self, name: str, tag: str) -> str | None:
         """Remove ``name:tag``; the digest it pointed at, or None if there was no such tag.
 
@@ -288,6 +330,7 @@ class RegistryStore:
 
         return self._run(tx, write=True)
 
+    @_timed
     def delete_artifact(self, digest: str, *, force: bool = False, name: str | None = None) -> Deleted | None:
         """Remove the artifact ``digest``; None if it is not stored (under ``name``, when given).
 
@@ -324,6 +367,7 @@ class RegistryStore:
 
     # -- reads ----------------------------------------------------------------------
 
+    @_timed
     def lookup(self, ref: Reference) -> Found | None:
         """The artifact ``ref`` names, read in one statement, or None.
 
@@ -343,6 +387,7 @@ class RegistryStore:
             return None
         return Found(row[0], row[1], bytes(row[2]), row[3], row[4])
 
+    @_timed
     def get(self, digest: str) -> ArtifactRecord | None:
         """The whole stored artifact ``digest``, or None."""
         row = self._run(lambda db: db.execute(
@@ -352,6 +397,7 @@ class RegistryStore:
             return None
         return ArtifactRecord(row[0], row[1], row[2], bytes(row[3]), bytes(row[4]), row[5], row[6], row[7], row[8])
 
+    @_timed
     def list(self, *, name: str | None = None, content_key: str | None = None, limit: int = 100,
              after: str | None = None, name_contains: str | None = None) -> tuple[list[dict], str | None]:
         """One page of artifacts ordered by (name, digest), with their tags, and the next cursor.
@@ -400,6 +446,7 @@ class RegistryStore:
         nxt = encode_cursor(page[-1][1], page[-1][0]) if len(rows) > limit else None
         return items, nxt
 
+    @_timed
     def names(self, digests: Iterable[str]) -> dict[str, str]:
         """The name of each of ``digests`` that is stored (for showing what nodes report)."""
         digests = list(dict.fromkeys(digests))
@@ -411,12 +458,14 @@ class RegistryStore:
             out.update(rows)
         return out
 
+    @_timed
     def tags_of(self, digest: str) -> list[str]:
         """The tags that point at ``digest``, in order."""
         rows = self._run(lambda db: db.execute(
             "SELECT tag FROM tags WHERE digest = ? ORDER BY tag", (digest,)).fetchall())
         return [r[0] for r in rows]
 
+    @_timed
     def all_info_hashes(self) -> list[dict]:
         """The ``info_hash`` object of every stored manifest (to rebuild the tracker allow-list)."""
         rows = self._run(lambda db: db.execute("SELECT manifest FROM artifacts").fetchall())

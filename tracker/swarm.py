@@ -29,9 +29,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterable, NamedTuple
 
-from modelcast.errors import ArtifactNotFound
+from modelcast.errors import ArtifactNotFound, ModelcastError
 
-from .announce import Announce, Peer, SwarmCounts
+from .announce import DEFAULT_ZONE, Announce, Peer, SwarmCounts
 from .handout import BucketKey, bucket_key, sample_peers
 
 Key = bytes
@@ -42,6 +42,17 @@ Bytes cache their hash, so a lookup costs no tuple building and no rehashing."""
 
 class UnknownInfoHash(ArtifactNotFound):
     """An announce or scrape names an info-hash that no published artifact has."""
+
+
+# How a tracker request that got no peers failed, for the registry's metrics (tracker/metrics.py).
+TRACKER_RESULTS = ("unknown_torrent", "invalid", "error")
+
+
+def tracker_result(exc: BaseException) -> str:
+    """The :data:`TRACKER_RESULTS` entry for a tracker request answered with ``exc`` as its failure."""
+    if isinstance(exc, UnknownInfoHash):
+        return "unknown_torrent"
+    return "invalid" if isinstance(exc, ModelcastError) else "error"
 
 
 @dataclass(slots=True, eq=False)
@@ -56,6 +67,7 @@ class _Entry:
     peer: Peer
     node: str | None = None
     slot: int = -1  # the peer's position in its bucket
+    key: str | None = None  # BEP 7's key, as first announced: only its holder may stop the entry
 
 
 NO_GATEWAYS: dict[str, list[Peer]] = {}  # strict zones: nobody is handed other zones' peers (never mutated)
@@ -205,6 +217,7 @@ class _Node:
     expires: float | None = None  # None: no heartbeat yet, so its entries use the per-peer TTL
     queued: float = 0.0  # the deadline of this node's current item in the heap
     seq: int = -1  # the sequence number of that item; older items of the node are stale
+    zone: str = DEFAULT_ZONE  # as its last heartbeat said
 
 
 class SwarmRegistry:
@@ -283,7 +296,9 @@ class SwarmRegistry:
         peer = Peer(a.peer_id, ip, a.port, a.left, a.zone, a.origin_seed)
         entry = swarm.peers.get(peer.packed)
         if a.event == "stopped":
-            if entry is not None:
+            # Only the owner stops an entry: the address matched (the request came from it,
+            # or from a trusted proxy), and so must the key it was announced with.
+            if entry is not None and (entry.key is None or entry.key == a.key):
                 self._drop(entry)
             return AnnounceResult([], swarm.counts())
         # A "completed" counts as a download once per peer entry: a client that repeats
@@ -293,6 +308,9 @@ class SwarmRegistry:
         last_seen = self._last_seen
         if entry is not None and bucket_key(entry.peer) == bucket_key(peer):
             # The common re-announce: same address, same bucket.  Updated in place.
+            if entry.key != a.key and entry.peer.peer_id != peer.peer_id:
+                # A client restarted at the same address (new peer id, new key): the new key owns it.
+                entry.key = a.key
             swarm.update(entry, peer)
             if entry.node != a.node:
                 self._set_node(entry, a.node)
@@ -304,7 +322,7 @@ class SwarmRegistry:
                 # (unless it became the origin's seed, which is never a gateway).
                 old = entry.peer
                 self._drop(entry, replacing=old.zone == peer.zone and old.origin_seed == peer.origin_seed)
-            entry = _Entry(swarm, peer)
+            entry = _Entry(swarm, peer, key=a.key)
             swarm.add(entry)
             last_seen[entry] = now
             if a.node is not None:
@@ -338,8 +356,10 @@ class SwarmRegistry:
         return self._swarm(info_hash).peer_list()
 
     # ---- node liveness ---------------------------------------------------------------
-    def heartbeat(self, node_id: str, now: float, ttl: float) -> int:
+    def heartbeat(self, node_id: str, now: float, ttl: float, zone: str | None = None) -> int:
         """Keep every entry of ``node_id`` alive until ``now + ttl``; return how many it has.
+
+        ``zone`` is the node's zone, as its heartbeat names it (for the live nodes per zone).
 
         O(1): the heap is touched only when the new deadline is earlier than the queued
         one (the node shortened its ttl) or the node had no heartbeat yet.
@@ -350,6 +370,8 @@ class SwarmRegistry:
         if node is None:
             node = self._nodes[node_id] = _Node()
         node.expires = now + ttl
+        if zone is not None:
+            node.zone = zone
         if node.seq < 0 or node.expires < node.queued:
             self._queue(node_id, node, node.expires)
         return len(node.entries)
@@ -378,6 +400,22 @@ class SwarmRegistry:
     def live_nodes(self) -> int:
         """How many nodes have a live heartbeat."""
         return sum(1 for n in self._nodes.values() if n.expires is not None)
+
+    def live_nodes_by_zone(self) -> dict[str, int]:
+        """How many nodes have a live heartbeat, by the zone their heartbeat names (O(nodes))."""
+        zones: dict[str, int] = {}
+        for n in self._nodes.values():
+            if n.expires is not None:
+                zones[n.zone] = zones.get(n.zone, 0) + 1
+        return zones
+
+    def peer_counts(self) -> dict[tuple[str, bool, bool], int]:
+        """Peers of every swarm by (zone, complete, origin_seed): O(swarms x buckets), never a peer scan."""
+        counts: dict[tuple[str, bool, bool], int] = {}
+        for swarm in self.swarms():
+            for key, bucket in swarm.buckets.items():
+                counts[key] = counts.get(key, 0) + len(bucket)
+        return counts
 
     # ---- expiry ----------------------------------------------------------------------
     def expire(self, now: float, ttl_s: float) -> int:

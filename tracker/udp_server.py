@@ -20,17 +20,18 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 from modelcast.errors import ModelcastError
 
 from .announce import SwarmCounts, normalize_ip
-from .udp import (ACTION_CONNECT, MAX_DATAGRAM, AnnounceRequest, ConnectRequest, UdpProtocolError, encode_announce,
-                  encode_connect, encode_error, encode_scrape, parse_header, parse_request)
+from .peer_policy import PeerPolicy
+from .swarm import SwarmRegistry, tracker_result
+from .udp import (ACTION_ANNOUNCE, ACTION_CONNECT, ACTION_SCRAPE, MAX_DATAGRAM, AnnounceRequest, ConnectRequest,
+                  UdpProtocolError, encode_announce, encode_connect, encode_error, encode_scrape, parse_header,
+                  parse_request)
 
-if TYPE_CHECKING:
-    from .swarm import SwarmRegistry
+_ACTION_NAMES = {ACTION_CONNECT: "connect", ACTION_ANNOUNCE: "announce", ACTION_SCRAPE: "scrape"}
 
 log = logging.getLogger("modelcast.tracker.udp")
 
@@ -94,12 +95,18 @@ class UdpStats:
 
     packets: int = 0
     connects: int = 0
-    announces: int = 0
-    scrapes: int = 0
+    announces: int = 0  # answered with peers
+    scrapes: int = 0  # answered with counts
     errors: int = 0  # error actions sent
     dropped: int = 0  # packets too short to answer
     internal_errors: int = 0  # bugs: unexpected exceptions while answering
     send_errors: int = 0  # sends refused by the OS or dropped under backpressure
+    # (announce|scrape|connect|other, TRACKER_RESULTS entry) -> error actions sent; for the registry's metrics.
+    failures: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def failed(self, action: int, exc: BaseException) -> None:
+        key = (_ACTION_NAMES.get(action, "other"), tracker_result(exc))
+        self.failures[key] = self.failures.get(key, 0) + 1
 
 
 class UdpTracker:
@@ -110,12 +117,13 @@ class UdpTracker:
     """
 
     def __init__(self, swarms: SwarmRegistry, *, interval: int, default_numwant: int = 50,
-                 max_numwant: int = 200, ids: ConnectionIds | None = None):
+                 max_numwant: int = 200, ids: ConnectionIds | None = None, policy: PeerPolicy | None = None):
         self.swarms = swarms
         self.interval = interval
         self.default_numwant = default_numwant
         self.max_numwant = max_numwant
         self.ids = ids or ConnectionIds()
+        self.policy = policy or PeerPolicy()
         self.stats = UdpStats()
 
     def handle(self, data: bytes, addr: tuple, now: float) -> bytes | None:
@@ -124,6 +132,7 @@ class UdpTracker:
         stats.packets += 1
         host, port = addr[0], addr[1]
         tid = None
+        action = -1
         try:
             connection_id, action, tid = parse_header(data)
             if action != ACTION_CONNECT and not self.ids.valid(connection_id, host, port, now):
@@ -135,19 +144,21 @@ class UdpTracker:
                 stats.connects += 1
                 return encode_connect(tid, self.ids.issue(host, port, now))
             if isinstance(req, AnnounceRequest):
+                answer = self._announce(req, host, now)
                 stats.announces += 1
-                return self._announce(req, host, now)
-            stats.scrapes += 1
+                return answer
             found = self.swarms.scrape(req.info_hashes)
             zero = SwarmCounts()
+            stats.scrapes += 1
             return encode_scrape(tid, [found.get(ih, zero) for ih in req.info_hashes])
         except ModelcastError as exc:
             if tid is None:
                 stats.dropped += 1
                 return None
             stats.errors += 1
+            stats.failed(action, exc)
             return encode_error(tid, str(exc))
-        except Exception:
+        except Exception as exc:
             stats.internal_errors += 1
             # A bug, not bad input; logged sparingly so a flood cannot fill the disk.
             if stats.internal_errors in (1, 10, 100) or stats.internal_errors % 10_000 == 0:
@@ -156,6 +167,7 @@ class UdpTracker:
             if tid is None:
                 return None
             stats.errors += 1
+            stats.failed(action, exc)
             return encode_error(tid, "internal error in the tracker")
 
     def _announce(self, req: AnnounceRequest, host: str, now: float) -> bytes:
@@ -167,8 +179,8 @@ class UdpTracker:
             ipv6 = ":" in host
         a = req.announce
         # The 32-bit address field cannot name an IPv6 peer (BEP 15); for IPv4 it is
-        # honoured like the HTTP ``ip=`` parameter (libtorrent's announce_ip).
-        ip = a.ip if a.ip and not ipv6 else host
+        # honoured like the HTTP ``ip=`` parameter: from trusted proxies only.
+        ip = self.policy.address(a._replace(ip=None) if ipv6 else a, host)
         result = self.swarms.announce(a, ip, now)
         return encode_announce(req.transaction_id, self.interval, result.counts, result.peers, ipv6=ipv6)
 

@@ -29,7 +29,7 @@ from modelcast.errors import ArtifactNotFound, ModelcastError, OriginError
 from modelcast.manifest import FileEntry, Manifest
 from modelcast.wire import FIRST_COPY_HEADER, RELAY_FROM_HEADER, RELAY_HEADER, RELAY_TO_HEADER, ZONE_HEADER
 
-from .announce import ZONE_RE
+from .announce import ZONE_RE, normalize_ip
 from .auth import check_auth
 from .federation import UpstreamUnreachable, is_upstream_origin
 from .firstcopy import Admission
@@ -51,6 +51,7 @@ class OriginTally:
 
     stats: Stats
     relay_to: tuple[str, ...] = ()
+    zone: str | None = None  # the requesting node's zone, if it named a valid one
 
 
 class _OriginBytes(web.StreamResponse):
@@ -67,9 +68,7 @@ class _OriginBytes(web.StreamResponse):
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if not self.prepared and request.method == "GET" and self.status in (200, 206):
-            stats = self.tally.stats
-            stats.origin_requests += 1
-            stats.origin_bytes_served += self.content_length or 0
+            self.tally.stats.served(self.tally.zone, self.content_length or 0)
             if self.tally.relay_to:
                 self.headers[RELAY_TO_HEADER] = " ".join(self.tally.relay_to)
         return await super().prepare(request)
@@ -141,9 +140,14 @@ def _byte_range(request: web.Request, size: int) -> tuple[int, int] | None:
     return first, last
 
 
-def _relay_url(value: str | None) -> str | None:
-    """A node's relay URL as given in its header, if it is a plain http(s)://host[:port] URL."""
-    if not value or len(value) > 256:
+def _relay_url(value: str | None, remote: str | None) -> str | None:
+    """A node's relay URL as given in its header, if it is a plain http(s)://host[:port] URL at the requester's address.
+
+    The gate hands such URLs to nodes of other zones, which then send pieces there and
+    fetch from there: a URL pointing anywhere but at the requester would turn nodes into
+    senders of requests to any service (issue #15).
+    """
+    if not value or len(value) > 256 or not remote:
         return None
     try:
         parts = urlsplit(value)
@@ -152,6 +156,8 @@ def _relay_url(value: str | None) -> str | None:
         return None
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.query or parts.fragment \
             or parts.path not in ("", "/"):
+        return None
+    if normalize_ip(parts.hostname) != normalize_ip(remote):
         return None
     return f"{parts.scheme}://{parts.netloc}"
 
@@ -187,13 +193,13 @@ async def webseed(request: web.Request) -> web.StreamResponse:
     span = _byte_range(request, entry.size) if entry.size else None
     first_byte, last_byte = span if span is not None else (0, max(entry.size - 1, 0))
     zone = request.headers.get(ZONE_HEADER)
+    zone = zone if zone is not None and ZONE_RE.fullmatch(zone) else None
     admission = request.app[FIRST_COPY].admit(
         digest, tail, first_byte, last_byte, first_copy=request.headers.get(FIRST_COPY_HEADER) == "1",
-        zone=zone if zone is not None and ZONE_RE.fullmatch(zone) else None,
-        relay=_relay_url(request.headers.get(RELAY_HEADER)))
+        zone=zone, relay=_relay_url(request.headers.get(RELAY_HEADER), request.remote))
     if not admission.serve:
         return _refusal(admission, tail, first_byte, last_byte)
-    tally = OriginTally(request.app[STATS], admission.relay_to)
+    tally = OriginTally(request.app[STATS], admission.relay_to, zone)
     if is_upstream_origin(art.origin_url):
         return await _stream_upstream(request, tally, art, digest, tail, entry)
     origin = await request.app[ORIGINS].get(art.origin_url, art.s3_endpoint)
