@@ -138,6 +138,9 @@ class TrackerConfig:
     # or CIDRs), and the addresses that may announce role=origin.  Empty: nobody.
     trusted_proxies: tuple[str, ...] = ()
     origin_seeds: tuple[str, ...] = ()
+    # S3 endpoints a publish may name besides s3_endpoint: the registry signs requests to
+    # them with its credentials, so they are its operator's choice, not a publisher's.
+    allowed_s3_endpoints: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

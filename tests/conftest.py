@@ -68,9 +68,15 @@ def _boto_kwargs() -> dict:
 
 
 @pytest.fixture
-def tracker(tmp_path):
-    """A registry + tracker process on 127.0.0.1 with token 'secret'; yields it (``.url``)."""
-    svc = start_tracker(tmp_path, token=TOKEN, env=S3_ENV)
+def tracker(tmp_path, request):
+    """A registry + tracker process on 127.0.0.1 with token 'secret'; yields it (``.url``).
+
+    A test that uses the S3 server gets a registry that allows its endpoint.
+    """
+    extra = []
+    if {"s3_server", "s3_bucket"} & set(request.fixturenames):
+        extra = ["--allow-s3-endpoint", request.getfixturevalue("s3_server")]
+    svc = start_tracker(tmp_path, token=TOKEN, env=S3_ENV, extra=extra)
     yield svc
     svc.stop()
 

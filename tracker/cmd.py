@@ -36,6 +36,8 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     p.add_argument("--upstream-tag-ttl", type=float, default=TrackerConfig.upstream_tag_ttl_s,
                    help="seconds a tag pulled through from --upstream is served before it is checked there again")
     p.add_argument("--s3-endpoint", help="S3 endpoint URL for s3:// origins (env MODELCAST_S3_ENDPOINT)")
+    p.add_argument("--allow-s3-endpoint", action="append", default=[], metavar="URL",
+                   help="another S3 endpoint a publish may name (repeatable); any other is refused")
     p.add_argument("--announce-interval", type=int, default=TrackerConfig.announce_interval_s)
     p.add_argument("--peer-ttl", type=float, default=TrackerConfig.peer_ttl_s,
                    help="seconds a peer without node heartbeats stays listed after its last announce")
@@ -90,6 +92,7 @@ def cmd_tracker(args) -> int:
                         announce_interval_s=args.announce_interval, peer_ttl_s=args.peer_ttl,
                         heartbeat_ttl_max_s=args.max_heartbeat_ttl, zone_gateways=args.zone_gateways,
                         trusted_proxies=tuple(args.trusted_proxy), origin_seeds=tuple(args.origin_seed),
+                        allowed_s3_endpoints=tuple(args.allow_s3_endpoint),
                         udp_host=udp_host, udp_port=udp_port))
     return 0
 

@@ -59,6 +59,8 @@ PROXY_CHUNK = 256 * 1024
 # After the parent failed, kept tags are served without asking it for this long (at most
 # the tag ttl): a parent that swallows packets would otherwise cost every read a timeout.
 RETRY_AFTER_S = 5.0
+NEGATIVE_TTL_S = 5.0  # a reference the parent said it lacks is not asked for again this soon
+MAX_NEGATIVE = 10_000  # references remembered as missing (the oldest forgotten first)
 
 
 class UpstreamUnreachable(Unreachable):
@@ -104,6 +106,7 @@ class Upstream:
         # at once costs the parent one round of requests, not one per node.
         self._inflight: dict[str, asyncio.Task] = {}
         self._quiet_until = 0.0  # monotonic; see RETRY_AFTER_S
+        self._missing: dict[str, float] = {}  # reference -> monotonic time until which it is known missing
         self.pulls = 0
 
     async def close(self) -> None:
@@ -133,6 +136,15 @@ class Upstream:
         UpstreamUnreachable when the parent cannot answer and nothing is kept here.
         """
         key = str(ref)
+        now = time.monotonic()
+        if found is None:
+            # Negative caching (issue #15): with the parent down, or for names it lacks, a
+            # stream of unknown references must not become a stream of requests to it.
+            if self._missing.get(key, 0.0) > now:
+                raise ArtifactNotFound(f"artifact {ref} not found in registry nor in its upstream registry {self.url}")
+            if now < self._quiet_until:
+                raise UpstreamUnreachable(f"upstream registry {self.url} failed moments ago; not asking it again for "
+                                          f"{self._quiet_until - now:.1f} s")
         task = self._inflight.get(key)
         if task is None:
             task = asyncio.create_task(self._fetch(ref), name=f"modelcast-upstream {key}")
@@ -146,6 +158,10 @@ class Upstream:
                 # The parent deleted the tag: follow it, unless the tag moved meanwhile.
                 if await asyncio.to_thread(self._store.drop_pulled_tag, ref.name, ref.tag, found.digest):
                     log.info("%s was removed from upstream %s; removed here too", ref, self.url)
+            if found is None:
+                self._missing[key] = time.monotonic() + NEGATIVE_TTL_S
+                while len(self._missing) > MAX_NEGATIVE:
+                    del self._missing[next(iter(self._missing))]
             raise ArtifactNotFound(f"artifact {ref} not found in registry nor in its upstream registry {self.url}") from None
         except UpstreamUnreachable as exc:
             self._quiet_until = time.monotonic() + min(self.tag_ttl_s, RETRY_AFTER_S)

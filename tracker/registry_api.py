@@ -24,7 +24,7 @@ from modelcast.reference import Reference, validate_digest, validate_name, valid
 
 from .auth import check_auth
 from .bencode import set_announce
-from .state import FIRST_COPY, STATS, STORE, SWARMS, UPSTREAM, WEBSEED_CACHE, WRITE_LOCK
+from .state import CONFIG, FIRST_COPY, STATS, STORE, SWARMS, UPSTREAM, WEBSEED_CACHE, WRITE_LOCK
 from .store import MAX_LIST_LIMIT, ArtifactRecord, Found
 from .torrent_check import check_torrent
 
@@ -142,6 +142,13 @@ async def publish(request: web.Request) -> web.Response:
     except (binascii.Error, ValueError) as exc:
         raise BadRequest(f"'torrent' is not valid base64: {exc}") from None
     origin_url, s3_endpoint = _validate_origin(body.get("origin"))
+    cfg = request.app[CONFIG]
+    allowed = {e.rstrip("/") for e in (cfg.s3_endpoint, *cfg.allowed_s3_endpoints) if e}
+    if s3_endpoint is not None and s3_endpoint.rstrip("/") not in allowed:
+        # The registry signs requests to this endpoint with its own credentials and streams
+        # what comes back: a publisher must not choose where (issue #15).
+        raise BadRequest(f"origin s3_endpoint {s3_endpoint!r} is not one this registry uses; start it with "
+                         f"--s3-endpoint {s3_endpoint} or --allow-s3-endpoint {s3_endpoint}")
     tag = body.get("tag")
     if tag is not None:
         if not isinstance(tag, str):

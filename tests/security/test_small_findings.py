@@ -3,7 +3,9 @@
 Each test failed on the code of 2026-12-03 and passes now: a huge integer in an announce
 was a 500 with a traceback, the node's heartbeat loop died on an unexpected exception, a
 resolve answer naming another digest was taken, a reference with a trailing newline was
-accepted, ``/v1/stats`` was open around ``--read-token`` and open writes started silently.
+accepted, ``/v1/stats`` was open around ``--read-token``, open writes started silently, a
+publisher chose the S3 endpoint the registry signs requests for, and a federated zone asked
+its parent again for every unknown reference.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import pytest
 from aiohttp import web
 
 from harness import start_tracker
+from modelcast.config import TrackerConfig
 from modelcast.errors import IntegrityError, InvalidReference
 from modelcast.reference import Reference
+from tracker.app import make_app
 from tracker.client import RegistryClient
 
-from ..helpers import TOKEN
+from ..helpers import AUTH, TOKEN
 
 HASH = "%AA" * 20
 
@@ -122,3 +126,33 @@ def test_the_write_token_never_shows_in_ps(tmp_path, how):
         assert "writes are OPEN" not in svc.log_text()
     finally:
         svc.stop()
+
+
+async def test_a_publish_cannot_choose_the_s3_endpoint_the_registry_signs_for(client, art, origin):
+    body = {**art.body(origin), "origin": {"url": "s3://bucket/prefix", "s3_endpoint": "http://169.254.169.254/"}}
+    resp = await client.post("/v1/artifacts", json=body, headers=AUTH)
+    assert resp.status == 400
+    assert "--allow-s3-endpoint" in (await resp.json())["error"]["message"]
+
+
+@pytest.mark.parametrize("parent_answer", [404, 503])
+async def test_a_zone_does_not_ask_its_parent_again_for_every_unknown_reference(aiohttp_server, aiohttp_client,
+                                                                                 tmp_path, parent_answer):
+    asked = []
+
+    async def parent(request: web.Request) -> web.Response:
+        asked.append(request.path_qs)
+        code = "not_found" if parent_answer == 404 else "unreachable"
+        return web.json_response({"error": {"code": code, "message": "no"}}, status=parent_answer)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", parent)
+    upstream = await aiohttp_server(app)
+    zone = await aiohttp_client(make_app(TrackerConfig(data_dir=tmp_path / "zone", token=TOKEN,
+                                                       upstream=str(upstream.make_url("")))))
+    for i in range(20):
+        # The same unknown name over and over (404), or many names while the parent fails (503).
+        ref = "fed/missing:v1" if parent_answer == 404 else f"fed/missing{i}:v1"
+        resp = await zone.get(f"/v1/resolve?ref={ref}")
+        assert resp.status in (404, 502, 503, 504), resp.status
+    assert len(asked) <= 2, asked
