@@ -225,7 +225,8 @@ async def test_heartbeat_reports_are_checked_kept_listed_and_dropped_on_leave(ai
 
 async def test_console_needs_the_read_token_and_never_shows_a_token_or_credential(aiohttp_client, tmp_path, origin):
     read = "console-read-3f9a1c"
-    cfg = TrackerConfig(data_dir=tmp_path / "reg", token=TOKEN, read_token=read)
+    endpoint = "http://minio:MINIOSECRET@127.0.0.1:9000/"
+    cfg = TrackerConfig(data_dir=tmp_path / "reg", token=TOKEN, read_token=read, allowed_s3_endpoints=(endpoint,))
     client = await aiohttp_client(make_app(cfg))
     art = build_artifact(tmp_path)
     upload(art, origin)
@@ -234,7 +235,7 @@ async def test_console_needs_the_read_token_and_never_shows_a_token_or_credentia
     other = build_artifact(tmp_path, name="demo/s3")
     body = other.body(origin, "v1")
     body["origin"] = {"url": "s3://AKIAEXAMPLE:S3SECRETKEY@bucket/prefix?X-Amz-Signature=SIGSECRET",
-                      "s3_endpoint": "http://minio:MINIOSECRET@127.0.0.1:9000/"}
+                      "s3_endpoint": endpoint}
     assert (await client.post("/v1/artifacts", json=body, headers=AUTH)).status == 201
     bearer = {"Authorization": f"Bearer {read}"}
     total = art.manifest.total_size
