@@ -205,6 +205,14 @@ async def test_heartbeat_reports_are_checked_kept_listed_and_dropped_on_leave(ai
     assert (await client.post("/v1/nodes/n2/heartbeat", json=report2)).status == 200
     nodes = (await (await client.get("/v1/nodes")).json())["nodes"]
     assert [(n["node"], n["zone"], n["alive"]) for n in nodes] == [("n1", "z1", True), ("n2", "z2", True)]
+    one = await (await client.get("/v1/nodes?zone=z2")).json()
+    assert [n["node"] for n in one["nodes"]] == ["n2"] and one["more"] == 0
+    one = await (await client.get("/v1/nodes?limit=1")).json()
+    assert [n["node"] for n in one["nodes"]] == ["n1"] and one["more"] == 1
+    for query in ("zone=a%20b", "limit=0", "limit=x", "limit=99999999"):
+        assert (await client.get(f"/v1/nodes?{query}")).status == 400, query
+    page = await (await client.get("/ui/nodes?zone=z2")).text()
+    assert 'data-node="n2"' in page and 'data-node="n1"' not in page
     assert nodes[0]["artifacts"][0]["name"] == "demo/model" and nodes[0]["artifacts"][0]["done_bytes"] == total // 2
     view = await (await client.get(f"/v1/rollout/{art.digest}")).json()
     assert view["name"] == "demo/model" and view["total_bytes"] == total

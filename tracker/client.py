@@ -33,8 +33,9 @@ answers reads of references it does not hold from its parent, and keeps them
                                             most 64 KiB) is what the node pulls and holds; without it the last
                                             report is kept; ``reported`` says whether the registry holds one
 ``DELETE /v1/nodes/{node_id}``              -> ``{"ok": true, "removed": n}``: the node leaves every swarm at once
-``GET  /v1/nodes``                          -> ``{"nodes": [{"node", "zone", "alive", "gone", "last_heartbeat",
-                                            "artifacts": [...], ...}], "live", "gone"}``: from heartbeats
+``GET  /v1/nodes?zone=&limit=``             -> ``{"nodes": [{"node", "zone", "alive", "gone", "last_heartbeat",
+                                            "artifacts": [...], ...}], "more", "live", "gone"}``: from heartbeats,
+                                            at most ``limit`` (1000; up to 10000), ``more`` left out
 ``GET  /v1/rollout/{digest}``               -> ``{"digest", "name", "total_bytes", "nodes": [row per node pulling or
                                             holding it], "zones": [sums], "summary": {..., "done"}, "swarm"}``
 ``GET  /ui``                                the console (tracker/console/): HTML pages, read access as above
@@ -148,9 +149,10 @@ class RegistryClient(JsonClient):
                                   json={"zone": zone, "ttl_s": ttl_s, **(report or {})},
                                   what=f"heartbeat of node {node_id}", timeout_s=max(1.0, ttl_s))
 
-    async def nodes(self) -> dict:
-        """Every node the registry knows, with what each last reported (``GET /v1/nodes``)."""
-        return await self.request("GET", "/v1/nodes", what="node list")
+    async def nodes(self, zone: str | None = None, limit: int = 1000) -> dict:
+        """The nodes the registry knows, with what each last reported (``GET /v1/nodes``)."""
+        query = f"?limit={limit}" + (f"&zone={quote(zone, safe='')}" if zone else "")
+        return await self.request("GET", f"/v1/nodes{query}", what="node list")
 
     async def rollout(self, digest: str) -> dict:
         """One artifact across the fleet: each node pulling or holding it (``GET /v1/rollout/{digest}``)."""

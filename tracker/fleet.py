@@ -13,15 +13,18 @@ import time
 
 from aiohttp import web
 
-from modelcast.errors import ArtifactNotFound, InvalidManifest
+from modelcast.errors import ArtifactNotFound, BadRequest, InvalidManifest
 from modelcast.manifest import Manifest
 from modelcast.reference import Reference
 
+from .announce import ZONE_RE
 from .auth import check_auth
 from .registry_api import digest_param
 from .state import NODES, STORE, SWARMS
 
 _SUMS = ("bytes_from_peers", "bytes_from_origin", "bytes_from_other_zones", "rate")
+DEFAULT_NODES = 1000  # nodes in one answer of GET /v1/nodes (and the console's page) unless ?limit= says
+MAX_NODES = 10_000
 
 
 async def stored_manifest(app: web.Application, digest: str) -> Manifest | None:
@@ -35,19 +38,36 @@ async def stored_manifest(app: web.Application, digest: str) -> Manifest | None:
         return None
 
 
-async def nodes_view(app: web.Application) -> dict:
-    """Every live node (then the recently gone), with what each last reported, artifact names added."""
+async def nodes_view(app: web.Application, zone: str | None = None, limit: int = DEFAULT_NODES) -> dict:
+    """Live nodes (then the recently gone), with what each last reported, artifact names added.
+
+    At most ``limit``, by zone then id; ``zone`` keeps one zone's.  ``more`` counts the
+    nodes left out, so a page never has to carry a whole large fleet.
+    """
     wall = time.time()
     book = app[NODES]
-    records = book.nodes()
-    names = await asyncio.to_thread(app[STORE].names, (d for n in records for d in n.artifacts))
+    records = [n for n in book.nodes() if zone is None or n.zone == zone]
+    shown = records[:limit]
+    names = await asyncio.to_thread(app[STORE].names, (d for n in shown for d in n.artifacts))
     nodes = []
-    for record in records:
+    for record in shown:
         item = record.to_json(wall)
         for entry in item["artifacts"]:
             entry["name"] = names.get(entry["digest"])
         nodes.append(item)
-    return {"nodes": nodes, "live": len(book.live), "gone": len(book.gone), "at": wall}
+    return {"nodes": nodes, "more": len(records) - len(shown), "live": len(book.live), "gone": len(book.gone),
+            "at": wall}
+
+
+def nodes_query(request: web.Request) -> tuple[str | None, int]:
+    """``?zone=&limit=`` of a node list, checked."""
+    zone = request.query.get("zone") or None
+    if zone is not None and not ZONE_RE.fullmatch(zone):
+        raise BadRequest(f"zone {zone[:80]!r} is invalid: up to 64 letters, digits and . _ : -")
+    limit_s = request.query.get("limit") or str(DEFAULT_NODES)
+    if not (limit_s.isascii() and limit_s.isdigit() and len(limit_s) < 7) or not 1 <= int(limit_s) <= MAX_NODES:
+        raise BadRequest(f"limit must be an integer from 1 to {MAX_NODES}, got {limit_s[:20]!r}")
+    return zone, int(limit_s)
 
 
 def _zero() -> dict:
@@ -101,9 +121,9 @@ async def rollout_view(app: web.Application, digest: str, manifest: Manifest | N
 
 
 async def nodes(request: web.Request) -> web.Response:
-    """``GET /v1/nodes``: every node the registry knows through heartbeats."""
+    """``GET /v1/nodes?zone=&limit=``: the nodes the registry knows through heartbeats."""
     check_auth(request, read=True)
-    return web.json_response(await nodes_view(request.app))
+    return web.json_response(await nodes_view(request.app, *nodes_query(request)))
 
 
 async def rollout(request: web.Request) -> web.Response:

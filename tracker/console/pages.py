@@ -289,7 +289,7 @@ def _artifact_link(entry: dict) -> str:
     return f'<a href="{artifact_href(entry["digest"])}" title="{esc(entry["digest"])}">{esc(label)}</a>'
 
 
-def nodes_page(view: dict) -> str:
+def nodes_page(view: dict, zone: str | None = None) -> str:
     rows = []
     for n in view["nodes"]:
         held = [a for a in n["artifacts"] if a["state"] == "ready"]
@@ -305,15 +305,22 @@ def nodes_page(view: dict) -> str:
             f'<tr data-node="{esc(n["node"])}" data-alive="{str(n["alive"]).lower()}" '
             f'data-holds="{esc(" ".join(a["digest"] for a in held))}" '
             f'data-pulling="{esc(" ".join(a["digest"] for a in pulling))}">'
-            f'<td class="mono">{esc(n["node"])}</td><td>{esc(n["zone"] or "-")}</td>'
+            f'<td class="mono">{esc(n["node"])}</td><td>{_zone_link(n["zone"])}</td>'
             f'<td class="{"alive" if n["alive"] else "gone"}">{alive}</td>'
             f'<td>{utc(n["last_heartbeat"])} <span class="hint">({ago(n["seconds_since_heartbeat"])})</span></td>'
             f"<td>{holds}</td><td>{pulls}</td></tr>")
-    body = (f"<h1>Nodes</h1>\n<p class=\"summary\">{view['live']} live, {view['gone']} recently gone; as of "
+    where = f' in zone {esc(zone)} (<a href="/ui/nodes">all zones</a>)' if zone else ""
+    more = (f'<p class="hint">{view["more"]} more not shown: pick a zone (<code>?zone=</code>) or raise '
+            '<code>?limit=</code>.</p>' if view["more"] else "")
+    body = (f"<h1>Nodes{where}</h1>\n<p class=\"summary\">{view['live']} live, {view['gone']} recently gone; as of "
             f"{utc(view['at'])}. Nodes report with each heartbeat.</p>\n"
             + table(("Node", "Zone", "Alive", "Last heartbeat", "Holds", "Pulling"), rows, attrs='id="nodes"',
-                    empty="no node has sent a heartbeat yet"))
+                    empty="no node has sent a heartbeat yet") + more)
     return page("Nodes", body, nav="nodes", live_nodes=view["live"])
+
+
+def _zone_link(zone: str | None) -> str:
+    return f'<a href="/ui/nodes?zone={quote(zone, safe="")}">{esc(zone)}</a>' if zone else "-"
 
 
 def _pull(a: dict) -> str:

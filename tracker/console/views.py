@@ -19,7 +19,7 @@ from modelcast.errors import ArtifactNotFound, BadRequest, ModelcastError, Unaut
 from modelcast.manifest import Manifest
 from modelcast.reference import validate_name
 
-from ..fleet import nodes_view, rollout_view, stored_manifest
+from ..fleet import nodes_query, nodes_view, rollout_view, stored_manifest
 from ..registry_api import digest_param
 from ..state import CONFIG, NODES, STORE
 from ..store import MAX_LIST_LIMIT
@@ -144,8 +144,9 @@ async def rollout(request: web.Request) -> web.Response:
 
 @page
 async def nodes(request: web.Request) -> web.Response:
-    """``/ui/nodes``: every node, its zone, liveness, and what it holds and pulls."""
-    return html(pages.nodes_page(await nodes_view(request.app)))
+    """``/ui/nodes?zone=&limit=``: each node, its zone, liveness, and what it holds and pulls."""
+    zone, limit = nodes_query(request)
+    return html(pages.nodes_page(await nodes_view(request.app, zone, limit), zone))
 
 
 def _not_here(digest: str) -> ModelcastError:
@@ -165,7 +166,7 @@ async def rollout_feed(request: web.Request) -> web.Response:
 
 @feed
 async def nodes_feed(request: web.Request) -> web.Response:
-    return web.json_response(await nodes_view(request.app))
+    return web.json_response(await nodes_view(request.app, *nodes_query(request)))
 
 
 # ---- sign-in and static files -----------------------------------------------------------------
