@@ -4,12 +4,15 @@ Layers: the report's wire form and the registry's node book without I/O; the hea
 ``/v1/nodes``, ``/v1/rollout`` and ``/ui`` routes in process (the read token, bad reports);
 then a registry and three node daemons as real processes, watched pulling a 100 MiB
 artifact through Debian's chromium driven by Playwright, and through ``modelcast status``.
-The browser test saves a screenshot of each page to docs/console/ (the README shows them).
+The browser test saves a screenshot of each page; with MODELCAST_UPDATE_SCREENSHOTS=1 it
+writes them to docs/console/, which the README shows (otherwise to its temporary folder, so a
+test run leaves the tree clean).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import urllib.request
@@ -341,7 +344,8 @@ def test_console_in_a_browser_follows_three_nodes_pulling_100_mib(tmp_path):
         pytest.skip("no chromium: `make system-tools` installs Debian's (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
-    SHOTS.mkdir(parents=True, exist_ok=True)
+    shots = SHOTS if os.environ.get("MODELCAST_UPDATE_SCREENSHOTS") == "1" else tmp_path / "shots"
+    shots.mkdir(parents=True, exist_ok=True)
     tracker = start_tracker(tmp_path, token=TOKEN)
     procs = [tracker]
     try:
@@ -396,13 +400,13 @@ def test_console_in_a_browser_follows_three_nodes_pulling_100_mib(tmp_path):
                     rollout_page.wait_for_function(
                         "Array.from(document.querySelectorAll('table.rollout-nodes tbody tr[data-node]'))"
                         ".filter(tr => 0.02 < +tr.dataset.fraction && +tr.dataset.fraction < 1).length >= 2")
-                    rollout_page.screenshot(path=str(SHOTS / "rollout.png"), full_page=True)
+                    rollout_page.screenshot(path=str(shots / "rollout.png"), full_page=True)
                     # The node list mid-rollout: each node, what it pulls and how far.
                     nodes_page = context.new_page()
                     nodes_page.goto(f"{tracker.url}/ui/nodes")
                     pulling = {r["node"]: r["pulling"] for r in nodes_page.evaluate(NODE_ROWS)}
                     assert set(pulling) == set(ids) and list(pulling.values()).count(digest) >= 2, pulling
-                    nodes_page.screenshot(path=str(SHOTS / "nodes.png"), full_page=True)
+                    nodes_page.screenshot(path=str(shots / "nodes.png"), full_page=True)
                     nodes_page.close()
                     page.bring_to_front()
                     shot["rollout"] = True
@@ -416,7 +420,7 @@ def test_console_in_a_browser_follows_three_nodes_pulling_100_mib(tmp_path):
                 assert samples[-1] == ("ready", 1.0), (node, samples)
             assert shot, "never saw two nodes mid-pull at once"
             assert "3 of 3 nodes complete" in page.locator(".summary").inner_text()
-            page.screenshot(path=str(SHOTS / "artifact.png"), full_page=True)
+            page.screenshot(path=str(shots / "artifact.png"), full_page=True)
 
             # The status command waited for the same rollout, and says the same.
             out, err = status.communicate(timeout=30)
@@ -451,7 +455,7 @@ def test_console_in_a_browser_follows_three_nodes_pulling_100_mib(tmp_path):
                 assert r["tags"] == " ".join(f"{a['name']}:{t}" for t in a["tags"])
             assert [r["complete"] for r in shown] == [_get(f"{tracker.url}/v1/rollout/{digest}")["summary"]["complete"],
                                                       0] == [3, 0]
-            page.screenshot(path=str(SHOTS / "artifacts.png"), full_page=True)
+            page.screenshot(path=str(shots / "artifacts.png"), full_page=True)
             page.fill("input[name=q]", "token")
             page.click("form.search button")
             page.wait_for_url("**/ui?q=token")
