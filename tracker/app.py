@@ -39,10 +39,11 @@ from .fleet import add_fleet_routes
 from .liveness import node_heartbeat, node_leave, peer_expiry_ctx
 from .metrics import METRICS, RegistryMetrics, metrics, metrics_middleware
 from .nodebook import NodeBook
-from .state import (CONFIG, FIRST_COPY, NODES, ORIGINS, STATS, STORE, SWARMS, UDP_TRACKER, UPSTREAM, WEBSEED_CACHE,
+from .state import (CONFIG, FIRST_COPY, NODE_KEYS, NODES, ORIGINS, STATS, STORE, SWARMS, UDP_TRACKER, UPSTREAM, WEBSEED_CACHE,
                     WRITE_LOCK, OriginCache, Stats)
 from .store import RegistryStore
 from .swarm import SwarmRegistry
+from .nodekeys import NodeKeys
 from .peer_policy import PeerPolicy
 from .udp_server import UdpTracker, start_udp_tracker
 from .webseed import webseed
@@ -146,7 +147,7 @@ async def _udp_tracker_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     tracker = UdpTracker(app[SWARMS], interval=cfg.announce_interval_s, default_numwant=cfg.default_numwant,
-                         max_numwant=cfg.max_numwant, policy=PeerPolicy(cfg.trusted_proxies, cfg.origin_seeds))
+                         max_numwant=cfg.max_numwant, policy=PeerPolicy(cfg.trusted_proxies, cfg.origin_seeds), node_keys=app[NODE_KEYS])
     endpoint = await start_udp_tracker(tracker, cfg.udp_host or cfg.host, cfg.udp_port)
     app[UDP_TRACKER] = endpoint
     host, port = endpoint.address
@@ -165,7 +166,8 @@ def make_app(cfg: TrackerConfig) -> web.Application:
     app[CONFIG] = cfg
     app[METRICS] = RegistryMetrics(app)
     app[SWARMS] = SwarmRegistry(zone_gateways=cfg.zone_gateways)
-    app[TRACKER] = TrackerEndpoint(cfg, app[SWARMS])
+    app[NODE_KEYS] = NodeKeys()
+    app[TRACKER] = TrackerEndpoint(cfg, app[SWARMS], app[NODE_KEYS])
     app[STATS] = Stats()
     app[ORIGINS] = OriginCache(cfg.s3_endpoint)
     app[WEBSEED_CACHE] = OrderedDict()

@@ -52,6 +52,7 @@ from adapters.http import JsonClient
 from modelcast.errors import IntegrityError
 from modelcast.manifest import Manifest, canonical_json, sha256_digest
 from modelcast.reference import Reference
+from modelcast.wire import NODE_KEY_HEADER, NODE_TOKEN_PARAM, announce_token
 
 
 class RegistryClient(JsonClient):
@@ -137,17 +138,24 @@ class RegistryClient(JsonClient):
         # BEP 19: for a multi-file torrent the client appends "<name>/<path>".
         return f"{self.base_url}/v1/webseed/{digest}/"
 
-    def announce_url(self, zone: str | None = None, node_id: str | None = None) -> str:
+    def announce_url(self, zone: str | None = None, node_id: str | None = None, node_key: str | None = None) -> str:
         params = [f"zone={quote(zone, safe='')}"] if zone else []
         if node_id:
             params.append(f"node={quote(node_id, safe='')}")
+            if node_key:
+                params.append(f"{NODE_TOKEN_PARAM}={announce_token(node_key)}")
         return f"{self.base_url}/announce" + ("?" + "&".join(params) if params else "")
 
-    async def heartbeat(self, node_id: str, zone: str, ttl_s: float, report: dict | None = None) -> dict:
-        """Keep the node's swarm entries alive; ``report`` (node_cache/report.py) says what it pulls and holds."""
+    async def heartbeat(self, node_id: str, zone: str, ttl_s: float, report: dict | None = None,
+                        node_key: str | None = None) -> dict:
+        """Keep the node's swarm entries alive; ``report`` (node_cache/report.py) says what it pulls and holds.
+
+        ``node_key`` proves the node id (the first heartbeat with a key binds the id to it).
+        """
         return await self.request("POST", f"/v1/nodes/{quote(node_id, safe='')}/heartbeat",
                                   json={"zone": zone, "ttl_s": ttl_s, **(report or {})},
-                                  what=f"heartbeat of node {node_id}", timeout_s=max(1.0, ttl_s))
+                                  what=f"heartbeat of node {node_id}", timeout_s=max(1.0, ttl_s),
+                                  headers={NODE_KEY_HEADER: node_key} if node_key else {})
 
     async def nodes(self, zone: str | None = None, limit: int = 1000) -> dict:
         """The nodes the registry knows, with what each last reported (``GET /v1/nodes``)."""
@@ -158,6 +166,6 @@ class RegistryClient(JsonClient):
         """One artifact across the fleet: each node pulling or holding it (``GET /v1/rollout/{digest}``)."""
         return await self.request("GET", f"/v1/rollout/{digest}", what=f"rollout of {digest}")
 
-    async def leave(self, node_id: str) -> dict:
+    async def leave(self, node_id: str, node_key: str | None = None) -> dict:
         return await self.request("DELETE", f"/v1/nodes/{quote(node_id, safe='')}", what=f"leave of node {node_id}",
-                                  timeout_s=2.0)
+                                  timeout_s=2.0, headers={NODE_KEY_HEADER: node_key} if node_key else {})

@@ -19,10 +19,11 @@ from aiohttp import web
 from modelcast.config import TrackerConfig
 from modelcast.errors import BadRequest
 from modelcast.progress import MAX_HEARTBEAT_BODY, parse_report
+from modelcast.wire import NODE_KEY_HEADER
 
 from .announce import ZONE_RE, validate_node_id
 from .auth import check_auth
-from .state import CONFIG, NODES, SWARMS
+from .state import CONFIG, NODE_KEYS, NODES, SWARMS
 
 log = logging.getLogger("modelcast.tracker")
 
@@ -50,6 +51,7 @@ async def node_heartbeat(request: web.Request) -> web.Response:
     """
     check_auth(request, read=True)
     node_id = validate_node_id(request.match_info["node_id"])
+    request.app[NODE_KEYS].heartbeat(node_id, request.headers.get(NODE_KEY_HEADER))
     raw = await _read_capped(request, MAX_HEARTBEAT_BODY)
     try:
         body = json.loads(raw or b"{}")
@@ -83,6 +85,7 @@ async def node_leave(request: web.Request) -> web.Response:
     """``DELETE /v1/nodes/{node_id}``: the node stops; its entries leave every swarm at once."""
     check_auth(request, read=True)
     node_id = validate_node_id(request.match_info["node_id"])
+    request.app[NODE_KEYS].leave(node_id, request.headers.get(NODE_KEY_HEADER))
     removed = request.app[SWARMS].leave(node_id)
     request.app[NODES].leave(node_id, time.time())
     log.info("node %s left %d swarm entries", node_id, removed)
