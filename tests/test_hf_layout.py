@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,7 @@ from modelcast.errors import BadRequest, Conflict
 from modelcast.hf import ANN_REF, ANN_REPO, ANN_REVISION, HfName, HfTarget, repo_folder, resolve_target
 from node_cache.hf import HfLayouts, Layout, Link, plan_links, plan_removal
 
-from .helpers import make_model, publish, run_cli
+from .helpers import make_model, publish, run_cli, wait_until
 
 DIGEST_A = "sha256:" + "a" * 64
 DIGEST_B = "sha256:" + "b" * 64
@@ -256,3 +258,85 @@ def test_a_pulled_snapshot_loads_offline_by_repo_id_and_eviction_leaves_no_dangl
         errors = {k: v.get("error") if isinstance(v, dict) else f"returned {v}" for k, v in gone.items()}
         assert errors == {"snapshot": "LocalEntryNotFoundError", "config": "LocalEntryNotFoundError"}, gone
     assert dangling_links(hub) == []
+
+
+def node_artifact(node_url: str, digest: str) -> dict | None:
+    with urllib.request.urlopen(f"{node_url}/v1/artifacts", timeout=5) as resp:
+        return next((a for a in json.load(resp)["artifacts"] if a["digest"] == digest), None)
+
+
+def test_a_layout_follows_its_artifact_through_repair_restarts_and_deletion_behind_the_nodes_back(
+        tracker, node_factory, tmp_path):
+    model = make_model(tmp_path / "plain", {"weights.bin": 1 << 20, "config.json": 300}, seed=3)
+    original = {p.name: p.read_bytes() for p in model.iterdir()}
+    # A plain folder, named as a Hugging Face repo at publish.
+    digest = publish(tracker.url, model, "plain/m:v1", (tmp_path / "origin").as_uri(), "--hf-repo", "acme/plain")
+    node = node_factory(tracker.url, "n1")
+    hub = tmp_path / "hub"
+    out = run_cli("pull", "plain/m:v1", "--hf", "--hf-cache", str(hub), "--node", node.url)
+    assert out.returncode == 0, out.stderr
+    commit = digest.split(":")[1][:40]  # no commit was recorded: the digest names the snapshot
+    snapshot = hub / "models--acme--plain" / "snapshots" / commit
+    assert Path(out.stdout.strip()) == snapshot
+    assert (hub / "models--acme--plain/refs/main").read_text() == commit
+    assert node_artifact(node.url, digest)["hf_layouts"][0]["snapshot"] == str(snapshot)
+
+    # Corrupt a verified file: the repair takes the links away, and puts them back once the file is whole.
+    stored = node.cache / "artifacts/sha256" / digest.split(":")[1] / "weights.bin"
+    os.chmod(stored, 0o644)
+    stored.write_bytes(b"\0" * len(original["weights.bin"]))
+    assert run_cli("node", "verify", "plain/m:v1", "--node", node.url).returncode == 1
+    wait_until(lambda: (node_artifact(node.url, digest) or {}).get("state") == "ready"
+               and (snapshot / "weights.bin").exists(), 60, message="the repaired artifact and its layout")
+    assert (snapshot / "weights.bin").read_bytes() == original["weights.bin"]
+
+    # A link removed by hand comes back at the next start.
+    node.stop()
+    (snapshot / "config.json").unlink()
+    node.start()
+    assert (snapshot / "config.json").read_bytes() == original["config.json"]
+    # An artifact deleted behind the node's back takes its layout with it at the next start.
+    node.stop()
+    gone = node.cache / "artifacts/sha256" / digest.split(":")[1]
+    os.chmod(gone, 0o755)
+    shutil.rmtree(gone)
+    node.start()
+    assert not (hub / "models--acme--plain").exists() and dangling_links(hub) == []
+    assert offline_load(hub, "acme/plain")["snapshot"]["error"] == "LocalEntryNotFoundError"
+
+
+class _WorkerContext:
+    """What Ray hands the plugin's modify_context: the worker's environment to fill."""
+
+    def __init__(self):
+        self.env_vars: dict[str, str] = {}
+
+
+def test_the_ray_plugin_lays_out_by_repo_id_and_points_the_worker_at_that_cache(tracker, node_factory, tmp_path):
+    pytest.importorskip("ray")
+    import asyncio
+    import logging
+
+    from serve_glue.config import GlueConfig
+    from serve_glue.plugin import ModelcastPlugin
+
+    model = make_model(tmp_path / "served", {"config.json": 200, "model.safetensors": 1 << 20}, seed=5)
+    digest = publish(tracker.url, model, "served/m:v1", (tmp_path / "origin").as_uri(), "--hf-repo", "acme/served")
+    node = node_factory(tracker.url, "n1")
+    hub = tmp_path / "worker-hub"
+    plugin = ModelcastPlugin()
+    plugin._cfg = GlueConfig(node=node.url)
+    env = {"modelcast": {"artifacts": {"MODEL": "served/m:v1"}, "hf": {"MODEL": ""}},
+           "env_vars": {"HF_HUB_CACHE": str(hub)}}
+    [uri] = plugin.get_uris(env)
+    quiet = logging.getLogger("test-plugin")
+    asyncio.run(plugin.create(uri, env, _WorkerContext(), quiet))
+    worker = _WorkerContext()
+    plugin.modify_context([uri], env, worker, quiet)
+    assert worker.env_vars["HF_HUB_CACHE"] == str(hub)
+    handed = json.loads(worker.env_vars["MODELCAST_ARTIFACTS"])["MODEL"]
+    assert handed["hf"]["repo_id"] == "acme/served" and handed["digest"] == digest
+    loaded = offline_load(hub, "acme/served")
+    for name in ("config.json", "model.safetensors"):
+        assert (Path(loaded["snapshot"]) / name).read_bytes() == (model / name).read_bytes()
+    assert plugin.delete_uri(uri, quiet) > 0  # unpinned: evictable again
