@@ -106,7 +106,8 @@ def annotations_for(repo_id: str, commit: str, ref: str | None) -> dict[str, str
     return {ANN_REPO: repo_id, ANN_REVISION: commit, **({ANN_REF: validate_ref(ref)} if ref else {})}
 
 
-def resolve_target(name: HfName | None, annotations: Mapping[str, str], digest: str) -> HfTarget:
+def resolve_target(name: HfName | None, annotations: Mapping[str, str], digest: str,
+                   label: str | None = None) -> HfTarget:
     """The repo, commit and ref to lay an artifact out under.
 
     ``name`` None means "as published": the artifact's annotations must name the repo.
@@ -119,8 +120,8 @@ def resolve_target(name: HfName | None, annotations: Mapping[str, str], digest: 
     annotated = annotations.get(ANN_REPO)
     if name is None:
         if not annotated:
-            raise BadRequest(f"{digest} has no {ANN_REPO} annotation (it was not published from a Hugging Face "
-                             "snapshot); name the repo: --hf ORG/NAME")
+            raise BadRequest(f"{label or digest} has no {ANN_REPO} annotation (it was not published from a "
+                             "Hugging Face snapshot or with --hf-repo); name the repo: --hf ORG/NAME")
         name = HfName(validate_repo_id(annotated))
     same = annotated == name.repo_id
     ann_commit = annotations.get(ANN_REVISION) if same else None

@@ -51,7 +51,7 @@ class NodeClient(JsonClient):
         """Lay a ready artifact out in a Hugging Face hub cache (``repo`` None: as published)."""
         body = {"repo": repo or "", **({"cache": cache} if cache else {})}
         return await self.request("POST", f"/v1/artifacts/{digest}/hf", json=body,
-                                  what=f"lay {digest} out for Hugging Face", timeout_s=None)
+                                  what="Hugging Face layout", timeout_s=None)
 
     async def evict(self, digest: str) -> dict:
         """Delete a complete, unpinned artifact now (its Hugging Face layouts first)."""

@@ -457,7 +457,8 @@ class NodeDaemon:
         if cache is None:
             raise BadRequest("no Hugging Face cache given and this node has none configured; "
                              "pass \"cache\": \"/abs/dir\" (modelcast pull --hf-cache DIR)")
-        layout = layout_for(digest, job.manifest, cache, resolve_target(name, job.manifest.annotations, digest))
+        layout = layout_for(digest, job.manifest, cache, resolve_target(name, job.manifest.annotations, digest,
+                                                                          label=job.manifest.name))
         try:
             await asyncio.to_thread(self.hf.apply, layout)
         except OSError as exc:

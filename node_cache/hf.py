@@ -28,12 +28,12 @@ import os
 import secrets
 import stat
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 from modelcast.errors import BadRequest, Conflict, ModelcastError
-from modelcast.hf import HfTarget, repo_folder, validate_ref, validate_repo_id, COMMIT
+from modelcast.hf import COMMIT, HfTarget, repo_folder, validate_ref, validate_repo_id
 from modelcast.manifest import Manifest, validate_path
 
 log = logging.getLogger("modelcast.node")

@@ -280,6 +280,13 @@ def test_a_layout_follows_its_artifact_through_repair_restarts_and_deletion_behi
     assert Path(out.stdout.strip()) == snapshot
     assert (hub / "models--acme--plain/refs/main").read_text() == commit
     assert node_artifact(node.url, digest)["hf_layouts"][0]["snapshot"] == str(snapshot)
+    # Bad names and unnamed artifacts fail in one line that says what to do.
+    bad = run_cli("pull", "plain/m:v1", "--hf", "acme--x/y", "--hf-cache", str(hub), "--node", node.url)
+    assert bad.returncode != 0 and "not a Hugging Face repo id" in bad.stderr and "Traceback" not in bad.stderr
+    publish(tracker.url, make_model(tmp_path / "unnamed", {"w.bin": 1000}), "plain/unnamed:v1",
+            (tmp_path / "origin").as_uri())
+    bad = run_cli("pull", "plain/unnamed:v1", "--hf", "--hf-cache", str(hub), "--node", node.url)
+    assert bad.returncode != 0 and "--hf ORG/NAME" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
 
     # Corrupt a verified file: the repair takes the links away, and puts them back once the file is whole.
     stored = node.cache / "artifacts/sha256" / digest.split(":")[1] / "weights.bin"
