@@ -20,6 +20,11 @@ ENV_UPSTREAM_TOKEN = "MODELCAST_UPSTREAM_TOKEN"  # modelcast tracker --upstream-
 ENV_S3_ENDPOINT = "MODELCAST_S3_ENDPOINT"
 ENV_WHEELHOUSE = "MODELCAST_WHEELHOUSE"
 ENV_SOURCE_DATE_EPOCH = "SOURCE_DATE_EPOCH"  # the reproducible-builds convention for fixed timestamps
+# Where huggingface_hub keeps its cache, in the order it reads them (huggingface_hub/constants.py).
+ENV_HF_HUB_CACHE = "HF_HUB_CACHE"
+ENV_HF_HUB_CACHE_OLD = "HUGGINGFACE_HUB_CACHE"
+ENV_HF_HOME = "HF_HOME"
+ENV_XDG_CACHE_HOME = "XDG_CACHE_HOME"
 
 DEFAULT_REGISTRY = "http://127.0.0.1:7070"
 DEFAULT_NODE = "http://127.0.0.1:7071"
@@ -38,6 +43,20 @@ def env_float(name: str, default: float) -> float:
         return float(raw)
     except ValueError:
         raise BadRequest(f"environment variable {name}={raw!r} is not a number") from None
+
+
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache this process's huggingface_hub would use (absolute).
+
+    ``HF_HUB_CACHE``, else ``HUGGINGFACE_HUB_CACHE``, else ``$HF_HOME/hub``, else
+    ``$XDG_CACHE_HOME/huggingface/hub``, else ``~/.cache/huggingface/hub``: the library's order.
+    """
+    explicit = env_str(ENV_HF_HUB_CACHE) or env_str(ENV_HF_HUB_CACHE_OLD)
+    if explicit:
+        return Path(os.path.expandvars(explicit)).expanduser().absolute()
+    home = env_str(ENV_HF_HOME) or os.path.join(env_str(ENV_XDG_CACHE_HOME) or os.path.expanduser("~/.cache"),
+                                                "huggingface")
+    return (Path(os.path.expandvars(home)).expanduser() / "hub").absolute()
 
 
 def is_wildcard(host: str) -> bool:
@@ -177,6 +196,9 @@ class NodeConfig:
     # Where accelerator detection looks for /proc/driver/nvidia, /dev/davinci* and driver
     # version files; tests point it at a faked tree (node_cache/runtime.py).
     accel_root: Path = Path("/")
+    # The Hugging Face hub cache a layout goes to when a request names none (the daemon's
+    # own HF_HUB_CACHE, see hf_hub_cache()); None: a request must name one.
+    hf_cache: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""``modelcast node pin|unpin|ls|status|verify``: talk to a running node daemon."""
+"""``modelcast node pin|unpin|ls|status|evict|verify``: talk to a running node daemon."""
 
 from __future__ import annotations
 
@@ -65,6 +65,12 @@ async def _run(args, node_url: str) -> int:
                 else:
                     print(text)
                     return 0
+        elif args.node_action == "evict":
+            digest = await _digest_of(node, args.ref)
+            answer = await node.evict(digest)
+            for layout in answer.get("hf_removed", []):
+                print(f"removed Hugging Face layout {layout['repo_id']}@{layout['revision']} at {layout['snapshot']}")
+            print(f"{digest} evicted")
         elif args.node_action == "verify":
             digest = await _digest_of(node, args.ref) if args.ref else None
             answer = await node.verify(digest)

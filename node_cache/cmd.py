@@ -13,14 +13,15 @@ import sys
 from pathlib import Path
 
 from modelcast.cmdline import Handler, client_args
-from modelcast.config import ClientConfig, NodeConfig, parse_hostport, parse_size
+from modelcast.config import ClientConfig, NodeConfig, hf_hub_cache, parse_hostport, parse_size
 from modelcast.errors import ModelcastError
+from modelcast.hf import HfName
 from modelcast.reference import Reference
 
 
 def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     """Add this component's subcommands to ``sub``; return their handlers by name."""
-    p = sub.add_parser("node", help="run the node cache daemon, or manage one (pin, unpin, ls, status, verify)")
+    p = sub.add_parser("node", help="run the node cache daemon, or manage one (pin, unpin, ls, status, evict, verify)")
     actions = p.add_subparsers(dest="node_action", metavar="[ACTION]")
     a = actions.add_parser("pin", help="pin an artifact so eviction never removes it")
     a.add_argument("ref")
@@ -37,6 +38,10 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     a = actions.add_parser("status", help="live table of artifacts, progress and rates")
     a.add_argument("--once", action="store_true", help="print the table once and exit")
     a.add_argument("--interval", type=float, default=0.5)
+    client_args(a, node=True)
+    a = actions.add_parser("evict", help="delete an artifact from the node now (not pinned, not in use); its "
+                                         "Hugging Face layouts go first")
+    a.add_argument("ref")
     client_args(a, node=True)
     a = actions.add_parser("verify", help="re-hash artifacts (all, or one) and repair what fails")
     a.add_argument("ref", nargs="?")
@@ -72,6 +77,13 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     p = sub.add_parser("pull", help="make an artifact warm on a node and print its local path")
     p.add_argument("ref")
     p.add_argument("--no-wait", action="store_true", help="start the pull and return at once")
+    p.add_argument("--hf", nargs="?", const="", metavar="ORG/NAME[@REVISION]",
+                   help="also lay it out in the Hugging Face hub cache as this repo (no value: the repo and "
+                        "revision it was published from), so huggingface_hub loads it offline by repo id; prints "
+                        "the snapshot folder")
+    p.add_argument("--hf-cache", type=Path, metavar="DIR",
+                   help="the hub cache for --hf (default: HF_HUB_CACHE, else HF_HOME/hub, else "
+                        "~/.cache/huggingface/hub)")
     client_args(p, node=True)
     return {"node": cmd_node, "pull": cmd_pull}
 
@@ -114,7 +126,7 @@ def cmd_node(args) -> int:
                      webseed_grace_s=args.webseed_grace, quota=parse_size(args.quota), p2p=not args.no_p2p,
                      accel_root=args.accel_root, heartbeat_interval_s=args.heartbeat_interval,
                      heartbeat_ttl_s=args.heartbeat_ttl, relay_host=relay_host, relay_port=relay_port,
-                     relay_url=args.relay_url))
+                     relay_url=args.relay_url, hf_cache=hf_hub_cache()))
     return 0
 
 
@@ -123,7 +135,25 @@ def cmd_pull(args) -> int:
 
     client = ClientConfig.from_env(node=args.node)
     Reference.parse(args.ref)
-    status = asyncio.run(pull_with_progress(client.node, args.ref, wait=not args.no_wait, progress=sys.stderr.isatty()))
+    hf = None
+    if args.hf is not None:
+        if args.no_wait:
+            raise ModelcastError("--hf lays out a complete artifact: drop --no-wait")
+        if args.hf:
+            HfName.parse(args.hf)  # a bad repo id fails here, before any download
+        # The cache of the user who runs this (their HF_HUB_CACHE), not the daemon's.
+        hf = {"repo": args.hf, "cache": str((args.hf_cache or hf_hub_cache()).absolute())}
+    elif args.hf_cache is not None:
+        raise ModelcastError("--hf-cache goes with --hf [ORG/NAME]")
+    status = asyncio.run(pull_with_progress(client.node, args.ref, wait=not args.no_wait,
+                                            progress=sys.stderr.isatty(), hf=hf))
+    if hf is not None:
+        layout = status["hf"]
+        print(f"{args.ref} is {layout['repo_id']} (revision {layout['revision']}"
+              + (f", refs/{layout['ref']}" if layout.get("ref") else "") + f") in the Hugging Face cache "
+              f"{layout['cache']}", file=sys.stderr)
+        print(layout["snapshot"])
+        return 0
     print(status.get("path") or status.get("state"))
     return 0
 
