@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -182,6 +183,17 @@ def offline_load(hub: Path, repo_id: str, revision: str = "") -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def post_json(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return json.load(resp)
+
+
+def node_artifact(node_url: str, digest: str) -> dict | None:
+    with urllib.request.urlopen(f"{node_url}/v1/artifacts", timeout=5) as resp:
+        return next((a for a in json.load(resp)["artifacts"] if a["digest"] == digest), None)
+
+
 def hub_snapshot(cache: Path, repo_id: str, commit: str, files: dict[str, bytes]) -> Path:
     """A snapshot as huggingface_hub leaves it: blobs by sha256, relative links, refs/main."""
     repo = cache / repo_folder(repo_id)
@@ -225,10 +237,15 @@ def test_a_pulled_snapshot_loads_offline_by_repo_id_and_eviction_leaves_no_dangl
     assert out.returncode == 0, out.stderr
     laid = Path(out.stdout.strip())
     assert laid == hub / "models--acme--tiny-bert" / "snapshots" / COMMIT
-    # The same artifact under a name of the user's choosing, at a branch.
-    out = run_cli("pull", "acme/tiny-bert:v1", "--hf", "me/bert-copy@prod", "--hf-cache", str(hub), "--node",
-                  node.url)
-    assert out.returncode == 0, out.stderr
+    # The same artifact under a name of the user's choosing, at a branch, through the node's API.
+    answer = post_json(f"{node.url}/v1/pull", {"ref": "acme/tiny-bert:v1",
+                                                "hf": {"repo": "me/bert-copy@prod", "cache": str(hub)}})
+    # Another repo: the commit is the artifact's own (its digest's first 40 hex), not acme's.
+    assert answer["hf"]["snapshot"] == str(hub / "models--me--bert-copy/snapshots" / digest.split(":")[1][:40])
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        post_json(f"{node.url}/v1/pull", {"ref": "acme/tiny-bert:v1", "wait": False, "hf": "me/bert-copy"})
+    assert refused.value.code == 400
+    assert 'needs "wait": true' in json.loads(refused.value.read())["error"]["message"]
 
     loaded = offline_load(hub, "acme/tiny-bert")
     assert loaded["snapshot"] == str(laid), loaded
@@ -258,11 +275,6 @@ def test_a_pulled_snapshot_loads_offline_by_repo_id_and_eviction_leaves_no_dangl
         errors = {k: v.get("error") if isinstance(v, dict) else f"returned {v}" for k, v in gone.items()}
         assert errors == {"snapshot": "LocalEntryNotFoundError", "config": "LocalEntryNotFoundError"}, gone
     assert dangling_links(hub) == []
-
-
-def node_artifact(node_url: str, digest: str) -> dict | None:
-    with urllib.request.urlopen(f"{node_url}/v1/artifacts", timeout=5) as resp:
-        return next((a for a in json.load(resp)["artifacts"] if a["digest"] == digest), None)
 
 
 def test_a_layout_follows_its_artifact_through_repair_restarts_and_deletion_behind_the_nodes_back(
