@@ -34,6 +34,7 @@ from modelcast.errors import InvalidManifest, ModelcastError, PullFailed, Unsafe
 from modelcast.manifest import InfoHashes, Manifest
 
 from . import piece_hash
+from .tls import libtorrent_ca
 
 log = logging.getLogger("modelcast.torrent")
 
@@ -323,7 +324,8 @@ class TorrentEngine:
     """
 
     def __init__(self, peer_host: str, peer_port: int, *, upload_limit: int = 0, download_limit: int = 0,
-                 connections: int = 200, on_event: Callable[[str, EngineEvent], None] | None = None):
+                 connections: int = 200, on_event: Callable[[str, EngineEvent], None] | None = None,
+                 ca: Path | None = None):
         specific = not is_wildcard(peer_host)
         settings = {
             "listen_interfaces": f"[{peer_host}]:{peer_port}" if ":" in peer_host else f"{peer_host}:{peer_port}",
@@ -358,7 +360,9 @@ class TorrentEngine:
             # and the other peers see the address this node accepts connections on.
             settings["outgoing_interfaces"] = peer_host
             settings["announce_ip"] = peer_host
-        self.session = lt.session(settings)
+        # ca: a CA file that https trackers' certificates may chain to, besides the system's roots.
+        with libtorrent_ca(ca):
+            self.session = lt.session(settings)
         if upload_limit or download_limit:
             # Peers on loopback/LAN are "local" and skip rate limits unless put in the
             # global peer class; limits are the point, so every address goes there.

@@ -31,13 +31,13 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
 def cmd_publish(args) -> int:
     from .publish import publish_sync
 
-    client = ClientConfig.from_env(registry=args.registry, token=args.token)
+    client = ClientConfig.from_env(registry=args.registry, token=args.token, ca=args.ca)
     ref = Reference.parse(args.ref)
     if ref.tag is None:
         raise ModelcastError(f"publish needs NAME:TAG, got {args.ref!r}")
     cfg = PublishConfig(registry=client.registry, origin=args.origin,
                         s3_endpoint=args.s3_endpoint or env_str(ENV_S3_ENDPOINT), token=client.token,
-                        torrent_format=args.torrent)
+                        torrent_format=args.torrent, ca=client.ca)
     result = publish_sync(args.path, ref, cfg, kind=args.kind, annotations=parse_annotations(args.annotation),
                           progress=sys.stderr.isatty())
     print(result.digest)

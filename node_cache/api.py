@@ -13,6 +13,7 @@ import logging
 
 from aiohttp import web
 
+from adapters.tls import server_context
 from modelcast.config import NodeConfig
 from modelcast.errors import ArtifactNotFound, BadRequest
 
@@ -158,4 +159,4 @@ def serve(cfg: NodeConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # No access log: clients poll pull status several times a second.
     web.run_app(make_app(cfg), host=cfg.api_host, port=cfg.api_port, print=None, shutdown_timeout=2,
-                access_log=None)
+                access_log=None, ssl_context=server_context(cfg.tls))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from urllib.parse import quote
 
 from modelcast.errors import PullFailed, from_error_body
@@ -49,9 +50,9 @@ class NodeClient(JsonClient):
 
 
 async def pull_with_progress(node_url: str, ref: str, *, wait: bool = True, progress: bool = False,
-                             poll_s: float = 0.2) -> dict:
+                             poll_s: float = 0.2, ca: Path | None = None) -> dict:
     """Start a pull and follow it to the end, drawing a progress bar on a terminal."""
-    async with NodeClient(node_url) as node:
+    async with NodeClient(node_url, ca=ca) as node:
         status = await node.pull(ref, wait=False)
         if not wait:
             return status
