@@ -35,8 +35,8 @@ def server_context(tls: TlsFiles | None) -> ssl.SSLContext | None:
     except FileNotFoundError as exc:
         raise BadRequest(f"TLS: {exc.filename} does not exist; check --tls-cert and --tls-key") from None
     except (ssl.SSLError, OSError) as exc:
-        raise BadRequest(f"TLS: cannot load the certificate {tls.cert} with the key {tls.key} ({describe_ssl_error(exc)});"
-                         " --tls-cert takes the PEM certificate chain, --tls-key its PEM private key") from None
+        raise BadRequest(f"TLS: cannot load the certificate {tls.cert} with the key {tls.key} "
+                         f"({describe_ssl_error(exc)}); --tls-cert takes the PEM certificate chain, --tls-key its PEM private key") from None
     return ctx
 
 

@@ -23,9 +23,9 @@ def client_args(p: argparse.ArgumentParser, *, registry: bool = False, node: boo
         ca_arg(p)
 
 
-def ca_arg(p: argparse.ArgumentParser, what: str = "https:// registries and nodes") -> None:
+def ca_arg(p: argparse.ArgumentParser, what: str = "https:// registries and nodes", dest: str = "ca") -> None:
     """Add ``--ca FILE``: a CA trusted besides the system's roots."""
-    p.add_argument("--ca", metavar="FILE", help=f"PEM file of the CA that signed the certificates of {what}, trusted "
+    p.add_argument("--ca", dest=dest, metavar="FILE", help=f"PEM file of the CA that signed the certificates of {what}, trusted "
                                                 "besides the system's roots (env MODELCAST_CA)")
 
 

@@ -69,7 +69,8 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     p.add_argument("--accel-root", type=Path, default=NodeConfig.accel_root,
                    help="where accelerator detection looks for /dev, /proc and driver files (for tests)")
     tls_args(p, "the local API and the relay listener")
-    ca_arg(p, "an https:// registry and other nodes' relay listeners")
+    # Its own dest: the actions' --ca (client_args) would otherwise reset "node --ca FILE ls" to none.
+    ca_arg(p, "an https:// registry and other nodes' relay listeners", dest="daemon_ca")
 
     p = sub.add_parser("pull", help="make an artifact warm on a node and print its local path")
     p.add_argument("ref")
@@ -96,13 +97,13 @@ def cmd_node(args) -> int:
     if args.node_action:
         from .admin import run_action
 
-        client = ClientConfig.from_env(node=args.node, ca=args.ca)
+        client = ClientConfig.from_env(node=args.node, ca=args.ca or args.daemon_ca)
         return run_action(args, client.node, ca=client.ca)
     from .api import serve
 
     if args.cache is None:
         raise ModelcastError("modelcast node needs --cache DIR to run the daemon")
-    client = ClientConfig.from_env(registry=args.registry, token=args.token, ca=args.ca)
+    client = ClientConfig.from_env(registry=args.registry, token=args.token, ca=args.daemon_ca)
     api_host, api_port = parse_hostport(args.api, what="--api")
     if not 0 < args.heartbeat_interval < args.heartbeat_ttl:
         raise ModelcastError(f"--heartbeat-interval {args.heartbeat_interval} must be positive and shorter than "

@@ -99,8 +99,8 @@ class NodeDaemon:
         # Origin and relay fetches leave from the node's peer address, like its peer
         # connections: other nodes and the network see one address per node.
         # https:// registries and relays are checked against the system's roots and --ca.
-        connector = aiohttp.TCPConnector(ssl=connector_ssl(self.cfg.ca),
-                                         local_addr=None if is_wildcard(self.cfg.peer_host) else (self.cfg.peer_host, 0))
+        local_addr = None if is_wildcard(self.cfg.peer_host) else (self.cfg.peer_host, 0)
+        connector = aiohttp.TCPConnector(ssl=connector_ssl(self.cfg.ca), local_addr=local_addr)
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300, sock_read=30), connector=connector)
         self.relay.attach(self.engine, self._http)
         self.fetcher.attach(self.engine, self._http)

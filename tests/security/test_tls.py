@@ -12,6 +12,7 @@ Each test failed on the code of 2026-12-04 (no --tls-cert, --tls-key or --ca).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import socket
@@ -22,8 +23,10 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from adapters.tls import client_context, server_context
 from modelcast.errors import ModelcastError
 from node_cache.client import NodeClient
+from tracker.app import make_app, start_server
 from tracker.bencode import bdecode
 from tracker.client import RegistryClient
 
@@ -124,6 +127,27 @@ def test_a_whole_pull_over_tls(tls_tracker, nodes, pki, tmp_path):
         assert_clean_log(svc)
 
 
+async def test_one_tls_connection_goes_from_the_fast_path_to_aiohttp(cfg, pki):
+    """Announces answered by the fast path, then a registry route: aiohttp takes the TLS connection over."""
+    running = await start_server(make_app(cfg), "127.0.0.1", 0, ssl_context=server_context(pki.tls))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.port, ssl=client_context(pki.ca),
+                                                       server_hostname="127.0.0.1")
+        announce = (b"GET /announce?info_hash=aaaaaaaaaaaaaaaaaaaa&peer_id=bbbbbbbbbbbbbbbbbbbb&port=1 HTTP/1.1\r\n"
+                    b"Host: t\r\n\r\n")
+        writer.write(announce + announce + b"GET /v1/health HTTP/1.1\r\nHost: t\r\n\r\n"
+                     + announce.replace(b"Host: t", b"Host: t\r\nConnection: close"))
+        data = await asyncio.wait_for(reader.read(), 10)  # to the close the last request asked for
+        writer.close()
+        with contextlib.suppress(OSError, TimeoutError):
+            await asyncio.wait_for(writer.wait_closed(), 5)
+        assert data.count(b"HTTP/1.1 200 OK") == 4, data
+        assert b'{"ok": true}' in data and data.count(b"failure reason") == 3, data
+        assert (running.fast.answered, running.fast.handed_off) == (2, 1)
+    finally:
+        await running.stop()
+
+
 def _plain_request(url: str, path: str) -> None:
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
@@ -173,9 +197,13 @@ def test_a_client_without_the_ca_is_refused(tls_tracker, nodes, pki, tmp_path):
         assert out.returncode == 1, out
         assert len(out.stderr.strip().splitlines()) == 1, out.stderr
         assert "certificate verify failed" in out.stderr and "--ca" in out.stderr, out.stderr
-    # The CA through the environment is as good as --ca.
+    # The CA through the environment is as good as --ca, which goes before or after a node action.
     out = run_cli("ls", "--registry", tracker.url, env={"MODELCAST_CA": str(pki.ca)})
     assert out.returncode == 0, out.stderr
+    for argv in (["node", "--ca", str(pki.ca), "ls", "--node", node.url],
+                 ["node", "ls", "--node", node.url, "--ca", str(pki.ca)]):
+        out = run_cli(*argv, env=no_ca_env())
+        assert out.returncode == 0 and "zone default" in out.stdout, (argv, out)
     # A node daemon without the CA cannot use the registry, and says why.
     lost = nodes(tracker.url, "lost", tls=False, ca=False)
 
