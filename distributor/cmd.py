@@ -36,13 +36,13 @@ def cmd_publish(args) -> int:
     from .hf_snapshot import hf_source
     from .publish import publish_sync
 
-    client = ClientConfig.from_env(registry=args.registry, token=args.token)
+    client = ClientConfig.from_env(registry=args.registry, token=args.token, ca=args.ca)
     ref = Reference.parse(args.ref)
     if ref.tag is None:
         raise ModelcastError(f"publish needs NAME:TAG, got {args.ref!r}")
     cfg = PublishConfig(registry=client.registry, origin=args.origin,
                         s3_endpoint=args.s3_endpoint or env_str(ENV_S3_ENDPOINT), token=client.token,
-                        torrent_format=args.torrent)
+                        torrent_format=args.torrent, ca=client.ca)
     hf = hf_source(args.path, args.hf_repo)
     if hf is not None:
         print(f"publishing {args.path} as Hugging Face repo {hf.repo_id}"

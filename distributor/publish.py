@@ -171,7 +171,7 @@ async def publish(path: Path, ref: Reference, cfg: PublishConfig, *, kind: str =
         raise InvalidReference(f"publish needs NAME:TAG, got {ref}")
     t0 = time.monotonic()
     label = f"{ref.name}:{ref.tag}"
-    async with RegistryClient(cfg.registry, cfg.token) as registry:
+    async with RegistryClient(cfg.registry, cfg.token, ca=cfg.ca) as registry:
         # Fail on a wrong token, a dead registry or a bad origin URL before reading gigabytes.
         await registry.check_write_access(f"publish {label}")
         origin = await asyncio.to_thread(open_origin, cfg.origin, cfg.s3_endpoint)

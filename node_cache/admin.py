@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from pathlib import Path
 
 from modelcast.errors import ArtifactNotFound
 from modelcast.units import human_bytes
@@ -35,8 +36,8 @@ def table(listing: dict, pinned_only: bool = False) -> str:
     return "\n".join(rows)
 
 
-async def _run(args, node_url: str) -> int:
-    async with NodeClient(node_url) as node:
+async def _run(args, node_url: str, ca: Path | None) -> int:
+    async with NodeClient(node_url, ca=ca) as node:
         if args.node_action == "pin":
             answer = await node.pin(args.ref, holder=args.holder)
             print(f"{answer['digest']} pinned by {', '.join(answer['pinned_by'])}")
@@ -83,9 +84,9 @@ async def _run(args, node_url: str) -> int:
     return 0
 
 
-def run_action(args, node_url: str) -> int:
+def run_action(args, node_url: str, ca: Path | None = None) -> int:
     try:
-        return asyncio.run(_run(args, node_url))
+        return asyncio.run(_run(args, node_url, ca))
     except KeyboardInterrupt:
         return 130
     except ArtifactNotFound:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from adapters.tls import server_context
 from modelcast.config import NodeConfig
 from modelcast.errors import ArtifactNotFound, BadRequest
 from modelcast.hf import HfName
@@ -205,4 +206,4 @@ def serve(cfg: NodeConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # No access log: clients poll pull status several times a second.
     web.run_app(make_app(cfg), host=cfg.api_host, port=cfg.api_port, print=None, shutdown_timeout=2,
-                access_log=None)
+                access_log=None, ssl_context=server_context(cfg.tls))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from urllib.parse import quote
 
 from modelcast.errors import PullFailed, from_error_body
@@ -63,13 +64,14 @@ class NodeClient(JsonClient):
 
 
 async def pull_with_progress(node_url: str, ref: str, *, wait: bool = True, progress: bool = False,
-                             poll_s: float = 0.2, hf: dict | None = None) -> dict:
+                             poll_s: float = 0.2, hf: dict | None = None,
+                             ca: Path | None = None) -> dict:
     """Start a pull and follow it to the end, drawing a progress bar on a terminal.
 
     With ``hf`` (``{"repo", "cache"}``, as :meth:`NodeClient.lay_out_hf` takes) the ready
     artifact is laid out in that Hugging Face hub cache; the answer's ``hf`` says where.
     """
-    async with NodeClient(node_url) as node:
+    async with NodeClient(node_url, ca=ca) as node:
         status = await _follow(node, ref, wait=wait, progress=progress, poll_s=poll_s)
         if hf is not None and status["state"] == "ready":
             status["hf"] = await node.lay_out_hf(status["digest"], hf.get("repo"), hf.get("cache"))

@@ -12,8 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from modelcast.cmdline import Handler, client_args
-from modelcast.config import ClientConfig, NodeConfig, hf_hub_cache, parse_hostport, parse_size
+from modelcast.cmdline import Handler, ca_arg, client_args, tls_args
+from modelcast.config import ClientConfig, NodeConfig, TlsFiles, hf_hub_cache, parse_hostport, parse_size
 from modelcast.errors import ModelcastError
 from modelcast.hf import HfName
 from modelcast.reference import Reference
@@ -59,7 +59,7 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
                    help="where nodes of other zones fetch and push pieces, as the origin directs (default: the "
                         "peer host, any free port)")
     p.add_argument("--relay-url", metavar="URL",
-                   help="the URL other nodes reach the relay at, if not http://HOST:PORT of --relay-listen; '' = no "
+                   help="the URL other nodes reach the relay at, if not http(s)://HOST:PORT of --relay-listen; '' = no "
                         "relay (this node's zone then takes its own copy from the origin)")
     p.add_argument("--token", help="bearer token for the registry (env MODELCAST_TOKEN); without it a registry "
                                    "with a token refuses this node's heartbeats")
@@ -73,6 +73,9 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
                    help="seconds without peer progress before the origin web seed is used")
     p.add_argument("--accel-root", type=Path, default=NodeConfig.accel_root,
                    help="where accelerator detection looks for /dev, /proc and driver files (for tests)")
+    tls_args(p, "the local API and the relay listener")
+    # Its own dest: the actions' --ca (client_args) would otherwise reset "node --ca FILE ls" to none.
+    ca_arg(p, "an https:// registry and other nodes' relay listeners", dest="daemon_ca")
 
     p = sub.add_parser("pull", help="make an artifact warm on a node and print its local path")
     p.add_argument("ref")
@@ -106,12 +109,13 @@ def cmd_node(args) -> int:
     if args.node_action:
         from .admin import run_action
 
-        return run_action(args, ClientConfig.from_env(node=args.node).node)
+        client = ClientConfig.from_env(node=args.node, ca=args.ca or args.daemon_ca)
+        return run_action(args, client.node, ca=client.ca)
     from .api import serve
 
     if args.cache is None:
         raise ModelcastError("modelcast node needs --cache DIR to run the daemon")
-    client = ClientConfig.from_env(registry=args.registry, token=args.token)
+    client = ClientConfig.from_env(registry=args.registry, token=args.token, ca=args.daemon_ca)
     api_host, api_port = parse_hostport(args.api, what="--api")
     if not 0 < args.heartbeat_interval < args.heartbeat_ttl:
         raise ModelcastError(f"--heartbeat-interval {args.heartbeat_interval} must be positive and shorter than "
@@ -126,14 +130,15 @@ def cmd_node(args) -> int:
                      webseed_grace_s=args.webseed_grace, quota=parse_size(args.quota), p2p=not args.no_p2p,
                      accel_root=args.accel_root, heartbeat_interval_s=args.heartbeat_interval,
                      heartbeat_ttl_s=args.heartbeat_ttl, relay_host=relay_host, relay_port=relay_port,
-                     relay_url=args.relay_url, hf_cache=hf_hub_cache()))
+                     relay_url=args.relay_url, hf_cache=hf_hub_cache(),
+                     tls=TlsFiles.from_args(args.tls_cert, args.tls_key), ca=client.ca))
     return 0
 
 
 def cmd_pull(args) -> int:
     from .client import pull_with_progress
 
-    client = ClientConfig.from_env(node=args.node)
+    client = ClientConfig.from_env(node=args.node, ca=args.ca)
     Reference.parse(args.ref)
     hf = None
     if args.hf is not None:
@@ -146,7 +151,8 @@ def cmd_pull(args) -> int:
     elif args.hf_cache is not None:
         raise ModelcastError("--hf-cache goes with --hf [ORG/NAME]")
     status = asyncio.run(pull_with_progress(client.node, args.ref, wait=not args.no_wait,
-                                            progress=sys.stderr.isatty(), hf=hf))
+                                            progress=sys.stderr.isatty(), hf=hf,
+                                            ca=client.ca))
     if hf is not None:
         layout = status["hf"]
         print(f"{args.ref} is {layout['repo_id']} (revision {layout['revision']}"
@@ -161,11 +167,11 @@ def cmd_pull(args) -> int:
 def cmd_runtime_resolve(args) -> int:
     from .runtime import RuntimeClient
 
-    client = ClientConfig.from_env(node=args.node)
+    client = ClientConfig.from_env(node=args.node, ca=args.ca)
     Reference.parse(args.ref)
 
     async def run():
-        async with RuntimeClient(client.node) as node:
+        async with RuntimeClient(client.node, ca=client.ca) as node:
             return await (node.resolve(args.ref) if args.dry_run else node.activate(args.ref, args.python_abi))
 
     answer = asyncio.run(run())

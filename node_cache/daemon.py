@@ -28,6 +28,7 @@ from pathlib import Path
 
 import aiohttp
 
+from adapters.tls import connector_ssl
 from adapters.torrent import TorrentEngine, TorrentInfo, check_torrent, piece_spans
 from modelcast.config import NodeConfig, is_wildcard
 from modelcast.errors import (ArtifactNotFound, BadRequest, Conflict, DiskFull, IntegrityError, InvalidManifest,
@@ -83,7 +84,7 @@ class NodeDaemon:
         self.tags: dict[str, str] = {}  # last resolution of each name:tag, for when the registry is down
         self.metrics = NodeMetrics(self._gauges)
         self.counters = self.metrics.counters
-        self.registry = RegistryClient(cfg.registry, cfg.token)
+        self.registry = RegistryClient(cfg.registry, cfg.token, ca=cfg.ca)
         self.relay = Relay(cfg, self.counters, self.jobs)
         self.fetcher = OriginFetcher(cfg, self.counters, self.relay)
         self._downloads: dict[str, Download] = {}
@@ -107,11 +108,12 @@ class NodeDaemon:
         clean = await asyncio.to_thread(self.store.take_clean_stop)
         self.engine = TorrentEngine(self.cfg.peer_host, self.cfg.peer_port, upload_limit=self.cfg.upload_limit,
                                     download_limit=self.cfg.download_limit, connections=self.cfg.peer_connections,
-                                    on_event=self._on_engine_event)
+                                    on_event=self._on_engine_event, ca=self.cfg.ca)
         # Origin and relay fetches leave from the node's peer address, like its peer
         # connections: other nodes and the network see one address per node.
-        connector = (None if is_wildcard(self.cfg.peer_host)
-                     else aiohttp.TCPConnector(local_addr=(self.cfg.peer_host, 0)))
+        # https:// registries and relays are checked against the system's roots and --ca.
+        local_addr = None if is_wildcard(self.cfg.peer_host) else (self.cfg.peer_host, 0)
+        connector = aiohttp.TCPConnector(ssl=connector_ssl(self.cfg.ca), local_addr=local_addr)
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300, sock_read=30), connector=connector)
         self.relay.attach(self.engine, self._http)
         self.fetcher.attach(self.engine, self._http)

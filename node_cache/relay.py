@@ -20,6 +20,7 @@ import time
 import aiohttp
 from aiohttp import web
 
+from adapters.tls import server_context
 from adapters.torrent import PieceSpan, TorrentEngine
 from modelcast.config import NodeConfig, is_wildcard
 from modelcast.errors import ArtifactNotFound, BadRequest, Conflict, ModelcastError, Unreachable
@@ -45,13 +46,15 @@ def advertised_relay_url(cfg: NodeConfig, host: str, port: int) -> str | None:
     """The base URL nodes of other zones use to reach this node's relay listener at ``host:port``.
 
     ``cfg.relay_url`` if set (for an address others see, e.g. behind NAT); none for a
-    wildcard listener, whose address for others this node cannot know.
+    wildcard listener, whose address for others this node cannot know.  https:// when
+    the node serves TLS (``cfg.tls``).
     """
     if cfg.relay_url:
         return cfg.relay_url.rstrip("/")
     if is_wildcard(host):
         return None
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    scheme = "https" if cfg.tls is not None else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 class Relay:
@@ -89,7 +92,7 @@ class Relay:
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         try:
-            await web.TCPSite(runner, host, self.cfg.relay_port).start()
+            await web.TCPSite(runner, host, self.cfg.relay_port, ssl_context=server_context(self.cfg.tls)).start()
         except OSError as exc:
             await runner.cleanup()
             raise ModelcastError(f"cannot serve relays on {host}:{self.cfg.relay_port}: {exc.strerror or exc}; "

@@ -45,7 +45,7 @@ class NodeCache:
     def __init__(self, cfg: GlueConfig, logger: logging.Logger | None = None):
         self.cfg = cfg
         self.log = logger or log
-        self._client = NodeClient(cfg.node, cfg.token)
+        self._client = NodeClient(cfg.node, cfg.token, ca=cfg.ca)
 
     async def __aenter__(self) -> "NodeCache":
         return self
