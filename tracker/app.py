@@ -19,19 +19,20 @@ import asyncio
 import logging
 import signal
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
+from adapters.http_server import REGISTRY_LIMITS, BoundedServer, ServerLimits
 from modelcast.config import TrackerConfig
 from modelcast.errors import ModelcastError, error_body
 from modelcast.manifest import Manifest
 
 from . import registry_api as api
 from .endpoint import TRACKER, TrackerEndpoint, announce, scrape
-from .fastpath import HEAD_TIMEOUT_S, KEEPALIVE_TIMEOUT_S, FastPathServer
+from .fastpath import FastPathServer
 from .federation import Upstream, validate_upstream
 from .firstcopy import FirstCopyGate
 from .liveness import node_heartbeat, node_leave, peer_expiry_ctx
@@ -40,7 +41,7 @@ from .state import (CONFIG, FIRST_COPY, ORIGINS, STATS, STORE, SWARMS, UDP_TRACK
                     WRITE_LOCK, OriginCache, Stats)
 from .store import RegistryStore
 from .swarm import SwarmRegistry
-from .peer_policy import PeerPolicy
+from .peer_policy import PeerPolicy, parse_networks
 from .udp_server import UdpTracker, start_udp_tracker
 from .webseed import webseed
 
@@ -51,9 +52,9 @@ __all__ = [
 
 log = logging.getLogger("modelcast.tracker")
 
-# Torrents of very large artifacts carry v2 piece layers; base64 adds a third.  64 MiB
-# leaves room for any realistic torrent while bounding what one request can make us buffer.
-MAX_BODY_BYTES = 64 * 1024 * 1024
+# aiohttp's own bound on request.read() and request.json(): no route reads more than a
+# publish (each reads with adapters.http_server.read_body and its own, smaller, bound).
+MAX_BODY_BYTES = api.MAX_PUBLISH_BODY
 
 # ---------------------------------------------------------------------------------------
 # Errors
@@ -203,6 +204,7 @@ class RunningServer:
     runner: web.AppRunner
     server: asyncio.Server
     fast: FastPathServer
+    bounded: BoundedServer
 
     @property
     def port(self) -> int:
@@ -217,24 +219,35 @@ class RunningServer:
         await self.runner.cleanup()
 
 
-async def start_server(app: web.Application, host: str, port: int, *, head_timeout_s: float = HEAD_TIMEOUT_S,
-                       keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S) -> RunningServer:
+async def start_server(app: web.Application, host: str, port: int, *, head_timeout_s: float | None = None,
+                       keepalive_timeout_s: float | None = None, limits: ServerLimits = REGISTRY_LIMITS
+                       ) -> RunningServer:
     """Start ``app`` (from :func:`make_app`) on ``host:port`` (0: any free port), as :func:`serve` runs it.
 
     Each connection is sniffed: plain announce and scrape GETs are answered by
-    :mod:`tracker.fastpath`, everything else is handed to aiohttp's request handler.
+    :mod:`tracker.fastpath`, everything else is handed to aiohttp's request handler.  Both
+    hold to ``limits`` (:mod:`adapters.http_server`: head, body and keep-alive timeouts,
+    connection caps; the registry's trusted proxies are exempt from the per-address cap);
+    ``head_timeout_s`` and ``keepalive_timeout_s`` override its timeouts.
     """
+    if head_timeout_s is not None:
+        limits = replace(limits, header_timeout_s=head_timeout_s)
+    if keepalive_timeout_s is not None:
+        limits = replace(limits, keepalive_timeout_s=keepalive_timeout_s)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()
     try:
         endpoint = app[TRACKER]
-        fast = FastPathServer(runner.server, {b"/announce": endpoint.announce, b"/scrape": endpoint.scrape},
-                              head_timeout_s=head_timeout_s, keepalive_timeout_s=keepalive_timeout_s)
+        bounded = BoundedServer(runner.server, limits, log, "registry",
+                                exempt=parse_networks(app[CONFIG].trusted_proxies, "--trusted-proxy"))
+        fast = FastPathServer(bounded, {b"/announce": endpoint.announce, b"/scrape": endpoint.scrape},
+                              head_timeout_s=limits.header_timeout_s, keepalive_timeout_s=limits.keepalive_timeout_s,
+                              limiter=bounded.limiter)
         server = await asyncio.get_running_loop().create_server(fast, host, port)
     except BaseException:
         await runner.cleanup()
         raise
-    return RunningServer(runner, server, fast)
+    return RunningServer(runner, server, fast, bounded)
 
 
 def serve(cfg: TrackerConfig) -> None:

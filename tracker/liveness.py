@@ -9,13 +9,13 @@ keep the plain per-peer TTL.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import Any, AsyncIterator
 
 from aiohttp import web
 
+from adapters.http_server import read_json
 from modelcast.config import TrackerConfig
 from modelcast.errors import BadRequest
 
@@ -51,12 +51,8 @@ async def node_heartbeat(request: web.Request) -> web.Response:
     """
     check_auth(request, read=True)
     node_id = validate_node_id(request.match_info["node_id"])
-    if (request.content_length or 0) > MAX_HEARTBEAT_BODY:
-        raise BadRequest(f"heartbeat body is {request.content_length} bytes; at most {MAX_HEARTBEAT_BODY} are read")
-    try:
-        body = json.loads(await request.read() or b"{}")
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise BadRequest(f"heartbeat body is not valid JSON: {exc}") from None
+    # Bounded however it is framed (a chunked body has no Content-Length to check first).
+    body = await read_json(request, MAX_HEARTBEAT_BODY, "heartbeat body", '{"zone": "z1", "ttl_s": 3.0}', empty={})
     ttl = _heartbeat_ttl(body, request.app[CONFIG])
     entries = request.app[SWARMS].heartbeat(node_id, time.monotonic(), ttl, body.get("zone"))
     return web.json_response({"ok": True, "ttl_s": ttl, "entries": entries})
