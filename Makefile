@@ -4,9 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # Debian tools some tests drive as real peers or readers (skipped, with the reason printed, without them).
-# Debian's prometheus package ships promtool too.
+# Debian's prometheus package ships promtool too; chromium is the console test's browser.
 SYSTEM_TOOLS := aria2c:aria2 skopeo:skopeo tc:iproute2 opentracker:opentracker prometheus:prometheus \
-	promtool:prometheus
+	promtool:prometheus chromium:chromium
 
 .PHONY: install system-tools demo test bench runtime-cuda-full clean
 
@@ -49,6 +49,7 @@ bench: $(STAMP) system-tools
 	$(BIN)/python benchmarks/fanout.py --zones 2 --no-baseline
 	$(BIN)/python benchmarks/serve_start.py
 	$(BIN)/python benchmarks/tracker_load.py
+	$(BIN)/python benchmarks/heartbeat_reports.py
 
 # The full CUDA variant: onnxruntime-gpu with its CUDA 13 / cuDNN wheels (~1.5 GB download,
 # 2.6 GB layer), outside `make test`; runs the model on CUDAExecutionProvider where a GPU is.

@@ -19,6 +19,21 @@ RELAY_FROM_HEADER = "X-Modelcast-Relay-From"
 # With served bytes: push them to these nodes of other zones (space-separated base URLs).
 RELAY_TO_HEADER = "X-Modelcast-Relay-To"
 
+# ---- node identity (tracker/nodekeys.py) ----------------------------------------------
+# The node's own secret, with each heartbeat and leave: the first one binds its node id.
+NODE_KEY_HEADER = "X-Modelcast-Node-Key"
+# Announce parameter proving ``node=``: derived from the key, so announce URLs (which
+# libtorrent may log, and which travel to the tracker in the clear) never carry the key.
+NODE_TOKEN_PARAM = "nk"
+
+
+def announce_token(node_key: str) -> str:
+    """The announce token of a node key (``nk=``): a hash of the key, not the key."""
+    import hashlib
+
+    return hashlib.sha256(b"modelcast-announce:" + node_key.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
 # ---- routes ----------------------------------------------------------------------------
 WEBSEED_PREFIX = "/v1/webseed/"
 HEALTH_PATH = "/v1/health"

@@ -22,13 +22,15 @@ import asyncio
 import errno
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import aiohttp
 
 from adapters.torrent import TorrentEngine, TorrentInfo, check_torrent, piece_spans
 from modelcast.config import NodeConfig, is_wildcard
-from modelcast.errors import DiskFull, IntegrityError, InvalidManifest, ModelcastError, PullFailed, Unreachable
+from modelcast.errors import (BadRequest, DiskFull, IntegrityError, InvalidManifest, ModelcastError, PullFailed,
+                              Unreachable)
 from modelcast.manifest import Manifest
 from modelcast.reference import Reference
 from modelcast.units import human_bytes
@@ -39,6 +41,7 @@ from .metrics import NodeGauges, NodeMetrics
 from .origin_fill import OriginFetcher, OriginFill
 from .pins import PinsAndUse
 from .relay import Relay
+from .report import ProgressReporter
 from .store import Store
 from .upkeep import CacheUpkeep
 
@@ -69,6 +72,7 @@ class NodeDaemon:
         self.cfg = cfg
         self.store: Store | None = None  # made at start
         self.node_id: str | None = None
+        self.node_key: str | None = None  # proves node_id to the registry (tracker/nodekeys.py)
         self.pins: PinsAndUse | None = None
         self.engine: TorrentEngine | None = None
         self.jobs: dict[str, PullJob] = {}
@@ -84,12 +88,14 @@ class NodeDaemon:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self.upkeep = CacheUpkeep(self)
+        self.reporter = ProgressReporter()
         self._resume_lock = asyncio.Lock()  # one writer of resume/ at a time: a save never follows a drop
 
     # ---- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
         self.store = await asyncio.to_thread(Store, self.cfg.cache_dir)
         self.node_id = await asyncio.to_thread(self.store.node_id)
+        self.node_key = await asyncio.to_thread(self.store.node_key)
         self.pins = await PinsAndUse.load(self.store)
         clean = await asyncio.to_thread(self.store.take_clean_stop)
         self.engine = TorrentEngine(self.cfg.peer_host, self.cfg.peer_port, upload_limit=self.cfg.upload_limit,
@@ -145,7 +151,7 @@ class NodeDaemon:
                 self._end(job, FAILED, PullFailed(f"pull of {job.manifest.name} ({job.digest}) was cancelled"))
         try:
             # Leave every swarm at once, before libtorrent's per-torrent "stopped" announces.
-            await self.registry.leave(self.node_id)
+            await self.registry.leave(self.node_id, self.node_key)
         except ModelcastError as exc:
             log.warning("could not tell the tracker this node leaves: %s", exc)
         await self.engine.close()
@@ -198,22 +204,44 @@ class NodeDaemon:
             await asyncio.to_thread(self.store.drop_resume, digest)
 
     async def _heartbeat(self) -> None:
-        """One heartbeat per node (not per torrent) keeps all its swarm entries alive."""
+        """One heartbeat per node (not per torrent) keeps all its swarm entries alive.
+
+        It carries the node's report (node_cache/report.py): what it pulls and holds, how
+        far each pull is and where its bytes came from, for the registry's console.
+        """
         warned = False
+        reports = True
         while True:
             try:
-                await self.registry.heartbeat(self.node_id, self.cfg.zone, self.cfg.heartbeat_ttl_s)
+                report = (self.reporter.next_report(self.jobs.values(), self.pins.last_used, time.time())
+                          if reports else None)
+                try:
+                    answer = await self.registry.heartbeat(self.node_id, self.cfg.zone, self.cfg.heartbeat_ttl_s,
+                                                           report, self.node_key)
+                    self.reporter.answered(answer)
+                except BadRequest as exc:
+                    if report is None:
+                        raise
+                    # A registry older than reports refuses the larger body: liveness matters more.
+                    log.warning("the registry refuses this node's progress reports (%s); heartbeats go on without them",
+                                exc)
+                    reports = False
+                    await self.registry.heartbeat(self.node_id, self.cfg.zone, self.cfg.heartbeat_ttl_s,
+                                                  node_key=self.node_key)
                 warned = False
-            except ModelcastError as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure (too many redirects, a bug): log, keep beating
                 if not warned:
-                    log.warning("heartbeat failed (will keep trying): %s", exc)
+                    detail = str(exc) if isinstance(exc, ModelcastError) else f"{exc.__class__.__name__}: {exc}"
+                    log.warning("heartbeat failed (will keep trying): %s", detail)
                     warned = True
             await asyncio.sleep(self.cfg.heartbeat_interval_s)
 
     def trackers(self) -> list[str]:
         if not self.cfg.p2p:
             return []
-        return [self.registry.announce_url(self.cfg.zone, self.node_id)]
+        return [self.registry.announce_url(self.cfg.zone, self.node_id, self.node_key)]
 
     # ---- the reconcile loop ------------------------------------------------------------
     def wake(self) -> None:

@@ -161,6 +161,22 @@ class Store:
             self._write_atomic(path, secrets.token_hex(10).encode())
             return path.read_text().strip()
 
+    def node_key(self) -> str:
+        """This cache's node key (made once, kept in state/node_key, readable by its owner only).
+
+        It proves the node id to the registry (tracker/nodekeys.py): with it, nobody else can
+        heartbeat as this node or make it leave.
+        """
+        path = self.state_dir / "node_key"
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            import secrets
+
+            self._write_atomic(path, secrets.token_hex(32).encode())
+            os.chmod(path, 0o600)
+            return path.read_text().strip()
+
     def artifact_path(self, digest: str) -> Path:
         return self.artifacts_dir / _hex(digest)
 

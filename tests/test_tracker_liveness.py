@@ -149,7 +149,8 @@ async def test_heartbeat_and_leave_routes(aiohttp_client, tmp_path):
     resp = await client.post("/v1/nodes/a%20b/heartbeat", json={}, headers=auth)
     assert resp.status == 400 and "invalid node id" in (await resp.json())["error"]["message"]
     resp = await client.post(url, json={"zone": "z", "ttl_s": 99}, headers=auth)
-    assert resp.status == 200 and await resp.json() == {"ok": True, "ttl_s": 5.0, "entries": 0}  # capped
+    assert resp.status == 200 and await resp.json() == {"ok": True, "ttl_s": 5.0, "entries": 0,  # capped
+                                                         "reported": False}
     query = "&".join(f"{k}={quote_from_bytes(v) if isinstance(v, bytes) else v}" for k, v in {
         "info_hash": IH1, "peer_id": b"p" * 20, "port": 7001, "left": 0, "ip": "10.0.0.1", "node": "abc123"}.items())
     assert b"failure reason" not in bdecode(await (await client.get("/announce?" + query)).read())

@@ -62,6 +62,7 @@ class Announce(NamedTuple):
     no_peer_id: bool = False
     origin_seed: bool = False
     node: str | None = None
+    node_token: str | None = None  # nk=: proves node= (tracker/nodekeys.py)
 
 
 def pack_addr(ip: str, port: int) -> bytes:
@@ -310,7 +311,16 @@ def make_announce(info_hash: bytes, peer_id: bytes, port: int, uploaded: int, do
     return Announce(info_hash, peer_id, port, uploaded, downloaded, left, "" if event == "paused" else event, compact,
                     min(default_numwant if numwant < 0 else numwant, max_numwant), normalize_ip(ip) if ip else None,
                     zone, key, no_peer_id, _text(extensions, "role") == "origin",
-                    validate_node_id(node) if node else None)
+                    validate_node_id(node) if node else None, _node_token(extensions))
+
+
+def _node_token(extensions: Mapping[str, bytes]) -> str | None:
+    token = extensions.get("nk")
+    if token is None:
+        return None
+    if len(token) > 64:
+        raise ProtocolError("parameter nk is longer than 64 characters")
+    return token.decode("latin-1")
 
 
 def parse_announce(raw_query: str | bytes, *, default_numwant: int = 50, max_numwant: int = 200) -> Announce:

@@ -31,16 +31,20 @@ from modelcast.errors import ModelcastError, error_body
 from modelcast.manifest import Manifest
 
 from . import registry_api as api
+from .console import add_console_routes
 from .endpoint import TRACKER, TrackerEndpoint, announce, scrape
 from .fastpath import FastPathServer
 from .federation import Upstream, validate_upstream
 from .firstcopy import FirstCopyGate
+from .fleet import add_fleet_routes
 from .liveness import node_heartbeat, node_leave, peer_expiry_ctx
 from .metrics import METRICS, RegistryMetrics, metrics, metrics_middleware
-from .state import (CONFIG, FIRST_COPY, ORIGINS, STATS, STORE, SWARMS, UDP_TRACKER, UPSTREAM, WEBSEED_CACHE,
+from .nodebook import NodeBook
+from .state import (CONFIG, FIRST_COPY, NODE_KEYS, NODES, ORIGINS, STATS, STORE, SWARMS, UDP_TRACKER, UPSTREAM, WEBSEED_CACHE,
                     WRITE_LOCK, OriginCache, Stats)
 from .store import RegistryStore
 from .swarm import SwarmRegistry
+from .nodekeys import NodeKeys
 from .peer_policy import PeerPolicy, parse_networks
 from .udp_server import UdpTracker, start_udp_tracker
 from .webseed import webseed
@@ -144,7 +148,7 @@ async def _udp_tracker_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     tracker = UdpTracker(app[SWARMS], interval=cfg.announce_interval_s, default_numwant=cfg.default_numwant,
-                         max_numwant=cfg.max_numwant, policy=PeerPolicy(cfg.trusted_proxies, cfg.origin_seeds))
+                         max_numwant=cfg.max_numwant, policy=PeerPolicy(cfg.trusted_proxies, cfg.origin_seeds), node_keys=app[NODE_KEYS])
     endpoint = await start_udp_tracker(tracker, cfg.udp_host or cfg.host, cfg.udp_port)
     app[UDP_TRACKER] = endpoint
     host, port = endpoint.address
@@ -163,12 +167,14 @@ def make_app(cfg: TrackerConfig) -> web.Application:
     app[CONFIG] = cfg
     app[METRICS] = RegistryMetrics(app)
     app[SWARMS] = SwarmRegistry(zone_gateways=cfg.zone_gateways)
-    app[TRACKER] = TrackerEndpoint(cfg, app[SWARMS])
+    app[NODE_KEYS] = NodeKeys()
+    app[TRACKER] = TrackerEndpoint(cfg, app[SWARMS], app[NODE_KEYS])
     app[STATS] = Stats()
     app[ORIGINS] = OriginCache(cfg.s3_endpoint)
     app[WEBSEED_CACHE] = OrderedDict()
     app[FIRST_COPY] = FirstCopyGate()
     app[WRITE_LOCK] = asyncio.Lock()
+    app[NODES] = NodeBook()
     app.cleanup_ctx.append(_registry_ctx)
     app.cleanup_ctx.append(peer_expiry_ctx)
     if cfg.upstream:
@@ -191,6 +197,8 @@ def make_app(cfg: TrackerConfig) -> web.Application:
     app.router.add_get("/scrape", scrape)
     app.router.add_post("/v1/nodes/{node_id}/heartbeat", node_heartbeat)
     app.router.add_delete("/v1/nodes/{node_id}", node_leave)
+    add_fleet_routes(app)  # GET /v1/nodes, /v1/rollout/{digest}: what nodes report with their heartbeats
+    add_console_routes(app)  # /ui
     return app
 
 

@@ -25,11 +25,20 @@ answers reads of references it does not hold from its parent, and keeps them
 ``GET  /v1/stats``                          -> ``{"origin_bytes_served", "origin_requests", "announces", "swarms"}``
 ``GET  /metrics``                           -> Prometheus text (tracker/metrics.py); guarded like a read
 ``GET  /announce``, ``GET /scrape``         BitTorrent (BEP 3/23/48); extra query ``zone=`` and ``node=`` on announce
-``POST /v1/nodes/{node_id}/heartbeat``      body ``{"zone": z, "ttl_s": 3.0}`` -> ``{"ok": true, "ttl_s", "entries"}``:
-                                            keeps every swarm entry announced with ``node=node_id`` alive for
-                                            ``ttl_s`` more seconds (capped by ``--max-heartbeat-ttl``); guarded
-                                            like a read
+``POST /v1/nodes/{node_id}/heartbeat``      body ``{"zone": z, "ttl_s": 3.0, "artifacts": [...], "more_artifacts": n}``
+                                            -> ``{"ok": true, "ttl_s", "entries", "reported": bool}``: keeps every
+                                            swarm entry announced with ``node=node_id`` alive for ``ttl_s`` more
+                                            seconds (capped by ``--max-heartbeat-ttl``); guarded like a read.
+                                            ``artifacts`` (optional; modelcast/progress.py, at most 128, body at
+                                            most 64 KiB) is what the node pulls and holds; without it the last
+                                            report is kept; ``reported`` says whether the registry holds one
 ``DELETE /v1/nodes/{node_id}``              -> ``{"ok": true, "removed": n}``: the node leaves every swarm at once
+``GET  /v1/nodes?zone=&limit=``             -> ``{"nodes": [{"node", "zone", "alive", "gone", "last_heartbeat",
+                                            "artifacts": [...], ...}], "more", "live", "gone"}``: from heartbeats,
+                                            at most ``limit`` (1000; up to 10000), ``more`` left out
+``GET  /v1/rollout/{digest}``               -> ``{"digest", "name", "total_bytes", "nodes": [row per node pulling or
+                                            holding it], "zones": [sums], "summary": {..., "done"}, "swarm"}``
+``GET  /ui``                                the console (tracker/console/): HTML pages, read access as above
 UDP (BEP 15, ``--udp-listen``)              connect, announce, scrape; ``zone=`` as BEP 41 URL data
 """
 
@@ -43,6 +52,7 @@ from adapters.http import JsonClient
 from modelcast.errors import IntegrityError
 from modelcast.manifest import Manifest, canonical_json, sha256_digest
 from modelcast.reference import Reference
+from modelcast.wire import NODE_KEY_HEADER, NODE_TOKEN_PARAM, announce_token
 
 
 class RegistryClient(JsonClient):
@@ -128,17 +138,34 @@ class RegistryClient(JsonClient):
         # BEP 19: for a multi-file torrent the client appends "<name>/<path>".
         return f"{self.base_url}/v1/webseed/{digest}/"
 
-    def announce_url(self, zone: str | None = None, node_id: str | None = None) -> str:
+    def announce_url(self, zone: str | None = None, node_id: str | None = None, node_key: str | None = None) -> str:
         params = [f"zone={quote(zone, safe='')}"] if zone else []
         if node_id:
             params.append(f"node={quote(node_id, safe='')}")
+            if node_key:
+                params.append(f"{NODE_TOKEN_PARAM}={announce_token(node_key)}")
         return f"{self.base_url}/announce" + ("?" + "&".join(params) if params else "")
 
-    async def heartbeat(self, node_id: str, zone: str, ttl_s: float) -> dict:
-        return await self.request("POST", f"/v1/nodes/{quote(node_id, safe='')}/heartbeat",
-                                  json={"zone": zone, "ttl_s": ttl_s}, what=f"heartbeat of node {node_id}",
-                                  timeout_s=max(1.0, ttl_s))
+    async def heartbeat(self, node_id: str, zone: str, ttl_s: float, report: dict | None = None,
+                        node_key: str | None = None) -> dict:
+        """Keep the node's swarm entries alive; ``report`` (node_cache/report.py) says what it pulls and holds.
 
-    async def leave(self, node_id: str) -> dict:
+        ``node_key`` proves the node id (the first heartbeat with a key binds the id to it).
+        """
+        return await self.request("POST", f"/v1/nodes/{quote(node_id, safe='')}/heartbeat",
+                                  json={"zone": zone, "ttl_s": ttl_s, **(report or {})},
+                                  what=f"heartbeat of node {node_id}", timeout_s=max(1.0, ttl_s),
+                                  headers={NODE_KEY_HEADER: node_key} if node_key else {})
+
+    async def nodes(self, zone: str | None = None, limit: int = 1000) -> dict:
+        """The nodes the registry knows, with what each last reported (``GET /v1/nodes``)."""
+        query = f"?limit={limit}" + (f"&zone={quote(zone, safe='')}" if zone else "")
+        return await self.request("GET", f"/v1/nodes{query}", what="node list")
+
+    async def rollout(self, digest: str) -> dict:
+        """One artifact across the fleet: each node pulling or holding it (``GET /v1/rollout/{digest}``)."""
+        return await self.request("GET", f"/v1/rollout/{digest}", what=f"rollout of {digest}")
+
+    async def leave(self, node_id: str, node_key: str | None = None) -> dict:
         return await self.request("DELETE", f"/v1/nodes/{quote(node_id, safe='')}", what=f"leave of node {node_id}",
-                                  timeout_s=2.0)
+                                  timeout_s=2.0, headers={NODE_KEY_HEADER: node_key} if node_key else {})

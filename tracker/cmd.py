@@ -1,4 +1,5 @@
-"""``modelcast tracker`` (run the registry and tracker) and the registry client commands ``ls``, ``inspect``, ``rm``.
+"""``modelcast tracker`` (run the registry and tracker) and the registry client commands ``ls``, ``inspect``, ``rm``,
+``status``.
 
 Only argument parsing and wiring; the work is in :mod:`tracker.app` and :mod:`tracker.client`.
 """
@@ -13,6 +14,7 @@ from pathlib import Path
 from modelcast.cmdline import Handler, client_args, secret_file
 from modelcast.config import (ENV_READ_TOKEN, ENV_TOKEN, ENV_S3_ENDPOINT, ENV_UPSTREAM_TOKEN, ClientConfig, TrackerConfig, env_str,
                               parse_hostport)
+from modelcast.errors import ModelcastError
 from modelcast.reference import Reference
 from modelcast.units import human_bytes
 
@@ -66,7 +68,14 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     p.add_argument("ref")
     p.add_argument("--force", action="store_true", help="delete an artifact even while tags point at it (they go too)")
     client_args(p, registry=True, token=True)
-    return {"tracker": cmd_tracker, "ls": cmd_ls, "inspect": cmd_inspect, "rm": cmd_rm}
+
+    p = sub.add_parser("status", help="live table of one artifact's rollout across the fleet, as the registry "
+                                      "hears it from the nodes' heartbeats; waits until every node is done")
+    p.add_argument("ref", help="NAME:TAG, NAME@DIGEST or DIGEST")
+    p.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    client_args(p, registry=True, token=True)
+    return {"tracker": cmd_tracker, "ls": cmd_ls, "inspect": cmd_inspect, "rm": cmd_rm, "status": cmd_status}
 
 
 def cmd_tracker(args) -> int:
@@ -148,3 +157,13 @@ def cmd_rm(args) -> int:
         print(f"deleted {answer['name']}@{answer['digest']}"
               + (f" and its tags {', '.join(removed)}" if removed else ""))
     return 0
+
+
+def cmd_status(args) -> int:
+    from .status import watch
+
+    client = ClientConfig.from_env(registry=args.registry, token=args.token)
+    Reference.parse(args.ref)
+    if not args.interval > 0:
+        raise ModelcastError(f"--interval {args.interval} must be a positive number of seconds")
+    return asyncio.run(watch(client.registry, client.token, args.ref, once=args.once, interval=args.interval))

@@ -16,6 +16,7 @@ from modelcast.config import TrackerConfig
 from modelcast.errors import ModelcastError
 
 from .announce import encode_announce, encode_failure, encode_scrape, parse_announce, parse_scrape
+from .nodekeys import NodeKeys
 from .peer_policy import PeerPolicy
 from .swarm import SwarmRegistry, tracker_result
 
@@ -33,9 +34,10 @@ class TrackerEndpoint:
     bencoded ``failure reason``, as BitTorrent clients expect.
     """
 
-    def __init__(self, cfg: TrackerConfig, swarms: SwarmRegistry) -> None:
+    def __init__(self, cfg: TrackerConfig, swarms: SwarmRegistry, node_keys: NodeKeys | None = None) -> None:
         self._cfg = cfg
         self._swarms = swarms
+        self._node_keys = node_keys or NodeKeys()
         self._policy = PeerPolicy(cfg.trusted_proxies, cfg.origin_seeds)
         # Read by the registry's metrics at scrape time (tracker/metrics.py).  Plain ints: an
         # announce costs one increment, not a prometheus_client Counter.inc().
@@ -53,6 +55,8 @@ class TrackerEndpoint:
         cfg = self._cfg
         try:
             a = parse_announce(raw_query, default_numwant=cfg.default_numwant, max_numwant=cfg.max_numwant)
+            if a.node is not None and not self._node_keys.may_announce_as(a.node, a.node_token):
+                a = a._replace(node=None)  # a plain peer: the node's liveness is not its to borrow
             result = self._swarms.announce(a, self._policy.address(a, remote), time.monotonic())
         except ModelcastError as exc:
             return self._failed("announce", exc)

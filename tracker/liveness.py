@@ -18,14 +18,14 @@ from aiohttp import web
 from adapters.http_server import read_json
 from modelcast.config import TrackerConfig
 from modelcast.errors import BadRequest
+from modelcast.progress import MAX_HEARTBEAT_BODY, parse_report
+from modelcast.wire import NODE_KEY_HEADER
 
 from .announce import ZONE_RE, validate_node_id
 from .auth import check_auth
-from .state import CONFIG, SWARMS
+from .state import CONFIG, NODE_KEYS, NODES, SWARMS
 
 log = logging.getLogger("modelcast.tracker")
-
-MAX_HEARTBEAT_BODY = 4096
 
 
 def _heartbeat_ttl(body: Any, cfg: TrackerConfig) -> float:
@@ -51,18 +51,27 @@ async def node_heartbeat(request: web.Request) -> web.Response:
     """
     check_auth(request, read=True)
     node_id = validate_node_id(request.match_info["node_id"])
+    request.app[NODE_KEYS].heartbeat(node_id, request.headers.get(NODE_KEY_HEADER))
     # Bounded however it is framed (a chunked body has no Content-Length to check first).
     body = await read_json(request, MAX_HEARTBEAT_BODY, "heartbeat body", '{"zone": "z1", "ttl_s": 3.0}', empty={})
     ttl = _heartbeat_ttl(body, request.app[CONFIG])
-    entries = request.app[SWARMS].heartbeat(node_id, time.monotonic(), ttl, body.get("zone"))
-    return web.json_response({"ok": True, "ttl_s": ttl, "entries": entries})
+    report = parse_report(body)  # checked whole before anything is recorded
+    now = time.monotonic()
+    entries = request.app[SWARMS].heartbeat(node_id, now, ttl, body.get("zone"))
+    node = request.app[NODES].heartbeat(node_id, body.get("zone"), report, now, time.time(), ttl)
+    # "reported": whether this registry holds a report of the node, so that a node which
+    # sends its report only when it changes sends it again to a registry that lost it.
+    return web.json_response({"ok": True, "ttl_s": ttl, "entries": entries,
+                              "reported": node is not None and node.reported})
 
 
 async def node_leave(request: web.Request) -> web.Response:
     """``DELETE /v1/nodes/{node_id}``: the node stops; its entries leave every swarm at once."""
     check_auth(request, read=True)
     node_id = validate_node_id(request.match_info["node_id"])
+    request.app[NODE_KEYS].leave(node_id, request.headers.get(NODE_KEY_HEADER))
     removed = request.app[SWARMS].leave(node_id)
+    request.app[NODES].leave(node_id, time.time())
     log.info("node %s left %d swarm entries", node_id, removed)
     return web.json_response({"ok": True, "removed": removed})
 
@@ -78,7 +87,9 @@ async def _expire_peers(app: web.Application) -> None:
     while True:
         await asyncio.sleep(period)
         try:
-            gone = app[SWARMS].expire(time.monotonic(), cfg.peer_ttl_s)
+            now = time.monotonic()
+            gone = app[SWARMS].expire(now, cfg.peer_ttl_s)
+            app[NODES].expire(now, time.time())
             if gone:
                 log.debug("expired %d swarm entries of dead nodes and silent peers", gone)
         except Exception:  # A bug here must not stop expiry for the life of the server.

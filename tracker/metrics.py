@@ -45,7 +45,7 @@ API_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
 STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 # The store's operations (tracker/store.py), created at zero so a dashboard sees them all.
 STORE_OPERATIONS = ("publish", "pull_through", "drop_pulled_tag", "delete_tag", "delete_artifact", "lookup", "get",
-                    "list", "all_info_hashes")
+                    "list", "all_info_hashes", "names", "tags_of")
 MAX_ZONE_LABELS = 256
 OTHER_ZONES = "_other"  # not a valid zone name (tracker/announce.py ZONE_RE), so it cannot clash with one
 

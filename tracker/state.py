@@ -17,6 +17,8 @@ from modelcast.manifest import FileEntry
 
 from .federation import Upstream
 from .firstcopy import FirstCopyGate
+from .nodebook import NodeBook
+from .nodekeys import NodeKeys
 from .store import RegistryStore
 from .swarm import SwarmRegistry
 from .udp_server import UdpTrackerProtocol
@@ -90,3 +92,7 @@ WRITE_LOCK = web.AppKey("write_lock", asyncio.Lock)
 UPSTREAM = web.AppKey("upstream", Upstream)
 # The BEP 15 endpoint when TrackerConfig.udp_port is set; tests read its bound port.
 UDP_TRACKER = web.AppKey("udp_tracker", UdpTrackerProtocol)
+# Every node's zone, liveness and latest progress report (tracker/nodebook.py), from heartbeats.
+NODES = web.AppKey("nodes", NodeBook)
+# Which key holds each node id (tracker/nodekeys.py): heartbeats, leaves and node= announces.
+NODE_KEYS = web.AppKey("node_keys", NodeKeys)

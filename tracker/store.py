@@ -23,6 +23,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
+from typing import Iterable
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -398,14 +399,21 @@ class RegistryStore:
 
     @_timed
     def list(self, *, name: str | None = None, content_key: str | None = None, limit: int = 100,
-             after: str | None = None) -> tuple[list[dict], str | None]:
-        """One page of artifacts ordered by (name, digest), with their tags, and the next cursor."""
+             after: str | None = None, name_contains: str | None = None) -> tuple[list[dict], str | None]:
+        """One page of artifacts ordered by (name, digest), with their tags, and the next cursor.
+
+        ``name`` matches whole names; ``name_contains`` any name holding that text (the
+        console's search).
+        """
         if not 1 <= limit <= MAX_LIST_LIMIT:
             raise BadRequest(f"limit must be between 1 and {MAX_LIST_LIMIT}, got {limit}")
         where, args = [], []
         if name is not None:
             where.append("name = ?")
             args.append(name)
+        if name_contains:
+            where.append("instr(name, ?) > 0")  # instr, not LIKE: '%' and '_' in the text match themselves
+            args.append(name_contains)
         if content_key is not None:
             where.append("content_key = ?")
             args.append(content_key)
@@ -437,6 +445,25 @@ class RegistryStore:
         ]
         nxt = encode_cursor(page[-1][1], page[-1][0]) if len(rows) > limit else None
         return items, nxt
+
+    @_timed
+    def names(self, digests: Iterable[str]) -> dict[str, str]:
+        """The name of each of ``digests`` that is stored (for showing what nodes report)."""
+        digests = list(dict.fromkeys(digests))
+        out: dict[str, str] = {}
+        for i in range(0, len(digests), 500):  # SQLite bounds the parameters of one statement
+            chunk = digests[i:i + 500]
+            rows = self._run(lambda db: db.execute(
+                f"SELECT digest, name FROM artifacts WHERE digest IN ({','.join('?' * len(chunk))})", chunk).fetchall())
+            out.update(rows)
+        return out
+
+    @_timed
+    def tags_of(self, digest: str) -> list[str]:
+        """The tags that point at ``digest``, in order."""
+        rows = self._run(lambda db: db.execute(
+            "SELECT tag FROM tags WHERE digest = ? ORDER BY tag", (digest,)).fetchall())
+        return [r[0] for r in rows]
 
     @_timed
     def all_info_hashes(self) -> list[dict]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from modelcast.errors import ModelcastError
 
 from .announce import SwarmCounts, normalize_ip
+from .nodekeys import NodeKeys
 from .peer_policy import PeerPolicy
 from .swarm import SwarmRegistry, tracker_result
 from .udp import (ACTION_ANNOUNCE, ACTION_CONNECT, ACTION_SCRAPE, MAX_DATAGRAM, AnnounceRequest, ConnectRequest,
@@ -117,13 +118,15 @@ class UdpTracker:
     """
 
     def __init__(self, swarms: SwarmRegistry, *, interval: int, default_numwant: int = 50,
-                 max_numwant: int = 200, ids: ConnectionIds | None = None, policy: PeerPolicy | None = None):
+                 max_numwant: int = 200, ids: ConnectionIds | None = None, policy: PeerPolicy | None = None,
+                 node_keys: NodeKeys | None = None):
         self.swarms = swarms
         self.interval = interval
         self.default_numwant = default_numwant
         self.max_numwant = max_numwant
         self.ids = ids or ConnectionIds()
         self.policy = policy or PeerPolicy()
+        self.node_keys = node_keys or NodeKeys()
         self.stats = UdpStats()
 
     def handle(self, data: bytes, addr: tuple, now: float) -> bytes | None:
@@ -181,6 +184,8 @@ class UdpTracker:
         # The 32-bit address field cannot name an IPv6 peer (BEP 15); for IPv4 it is
         # honoured like the HTTP ``ip=`` parameter: from trusted proxies only.
         ip = self.policy.address(a._replace(ip=None) if ipv6 else a, host)
+        if a.node is not None and not self.node_keys.may_announce_as(a.node, a.node_token):
+            a = a._replace(node=None)
         result = self.swarms.announce(a, ip, now)
         return encode_announce(req.transaction_id, self.interval, result.counts, result.peers, ipv6=ipv6)
 

@@ -118,13 +118,14 @@ def test_a_pull_finishes_while_a_client_pollutes_the_gate(published, node_factor
     for status in statuses:
         assert status["state"] == "ready", status
         assert tree_hashes(status["path"]) == tree_hashes(model)
-    # The nodes were refused a bounded number of times: at most MAX_REFUSALS per piece they
-    # asked for (the code of 2026-12-03 refused them thousands of times, until each gave up
-    # on first copies after 5 s without progress).
+    # The nodes were refused a bounded number of times: at most MAX_REFUSALS per range they
+    # asked for in a window (a piece may be asked for in runs of different lengths, hence
+    # the factor 2; the code of 2026-12-03 refused them 8,256 times, until each gave up on
+    # first copies after 5 s without progress).
     with urllib.request.urlopen(f"{tracker.url}/v1/artifacts/{digest}", timeout=10) as resp:
         pieces = -(-80 * MiB // json.load(resp)["piece_length"])
     refused = registry_stats(tracker.url)["origin_refused_repeats"]
-    assert refused <= MAX_REFUSALS * pieces, (refused, pieces, sent[0])
+    assert refused <= 2 * MAX_REFUSALS * pieces, (refused, pieces, sent[0])
 
 
 async def test_a_holder_answering_too_much_is_not_read_on(aiohttp_server):
