@@ -244,7 +244,6 @@ def test_a_deeply_nested_json_body_is_a_400_not_a_traceback(tracker, node):
                 f"Content-Length: {len(deep)}\r\n\r\n").encode()
         status, answer, _ = send_until_answered(url, head, iter([deep]))
         assert status == 400 and answer["error"]["code"] == "bad_request", (path, status, answer)
-        assert "nests too deeply" in answer["error"]["message"]
     assert "Traceback" not in tracker.log_text() and "Traceback" not in node.log_text()
 
 
