@@ -93,7 +93,8 @@ class Relay:
         app = web.Application(middlewares=[errors_middleware])
         app[RELAY] = self
         add_relay_routes(app)
-        runner = web.AppRunner(app, access_log=None)
+        # At stop, relay requests still waiting for a piece get a second, then are cancelled.
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         try:
             site = await start_bounded(runner, host, self.cfg.relay_port, RELAY_LIMITS, log, "relay listener")
