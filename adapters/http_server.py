@@ -182,10 +182,11 @@ class ConnectionLimiter:
             self._exempt_cache[ip] = known
         return known
 
-    def admit(self, transport: asyncio.BaseTransport) -> Slot | None:
-        """A slot for this new connection, or None: then it has been answered 503 and closed."""
-        peer = transport.get_extra_info("peername")
-        ip = peer[0] if isinstance(peer, tuple) and peer else None
+    def admit(self, transport: asyncio.BaseTransport, ip: str | None = None) -> Slot | None:
+        """A slot for this new connection (from ``ip``, else its peer's), or None: answered 503 and closed."""
+        if ip is None:
+            peer = transport.get_extra_info("peername")
+            ip = peer[0] if isinstance(peer, tuple) and peer else None
         held = self.by_ip.get(ip, 0)
         if self.open >= self.total:
             why = f"{self.open} connections are open (at most {self.total})"

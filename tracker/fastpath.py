@@ -221,15 +221,15 @@ class FastPathProtocol(asyncio.Protocol):
 
     # ---- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        self._remote = peer[0] if isinstance(peer, tuple) and peer else None
         limiter = self._server.limiter
         if limiter is not None:
-            self._slot = limiter.admit(transport)
+            self._slot = limiter.admit(transport, self._remote)
             if self._slot is None:  # over a cap: answered 503 and closed
                 self._closing = True
                 return
         self._transport = transport  # type: ignore[assignment]
-        peer = transport.get_extra_info("peername")
-        self._remote = peer[0] if isinstance(peer, tuple) and peer else None
         self._server.connections.add(self)
         self._idle_since = time.monotonic()
         self._arm(self._idle_since + self._server.keepalive_timeout_s)
