@@ -277,6 +277,11 @@ class BoundedRequestHandler(web.RequestHandler):
         self._cancel_timer()
         if self._slot is not None:
             self._slot.release()
+        body = self._body
+        if body is not None and not body.is_eof() and body.exception() is None:
+            # aiohttp reads the rest of an unread body after the answer ("lingering", up to
+            # 10 s) and, the connection gone, would wait all of it: end that read now.
+            body.set_exception(ConnectionResetError("the connection closed before the request body ended"))
         self._body = self._request = None
         if not self._refused:
             super().connection_lost(exc)
