@@ -5,10 +5,10 @@ local API, the node's relay listener) runs through here, so the limits are set o
 
 * **request head**: whole within :attr:`ServerLimits.header_timeout_s` of its first byte,
   else a 408 and the connection closes (a half-sent request holds nothing for long);
-* **request body**: a pause of :attr:`ServerLimits.body_timeout_s` without a byte, while
-  the handler waits for one, closes the connection (a PUT that promised 256 KiB and sent
-  1 byte); bodies are read with :func:`read_body`, bounded however they are framed
-  (``Content-Length`` or chunked);
+* **request body**: a pause of :attr:`ServerLimits.body_timeout_s` without a byte while a
+  body is incomplete (and not because we stopped reading) gets a 408 and the connection
+  closes (a PUT that promised 256 KiB and sent 1 byte); bodies are read with
+  :func:`read_body`, bounded however they are framed (``Content-Length`` or chunked);
 * **keep-alive**: an idle connection closes after :attr:`ServerLimits.keepalive_timeout_s`
   (aiohttp's own default is 3,630 s);
 * **connections**: at most :attr:`ServerLimits.max_connections` in all and
@@ -197,7 +197,8 @@ class ConnectionLimiter:
             self.by_ip[ip] = held + 1
             return Slot(self, ip)
         self.refused += 1
-        self.log.line("refused:" + ("total" if self.open >= self.total else str(ip)), "refused a connection from "
+        # One line a minute per cap, however many addresses hit it.
+        self.log.line("refused:" + ("total" if self.open >= self.total else "per_ip"), "refused a connection from "
                       "%s: %s", ip, why)
         body = json.dumps({"error": {"code": "busy", "message": f"too many connections: {why}; retry later"}}).encode()
         transport.write(_REFUSED % (len(body), body))  # type: ignore[attr-defined]
