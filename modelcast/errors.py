@@ -42,6 +42,20 @@ class BadRequest(ModelcastError, ValueError):
     http_status = 400
 
 
+class TooLarge(BadRequest):
+    """A request body over what its route reads (HTTP 413)."""
+
+    code = "too_large"
+    http_status = 413
+
+
+class Busy(ModelcastError, RuntimeError):
+    """A server at one of its bounds (connections, waiting requests); retry later (HTTP 503)."""
+
+    code = "busy"
+    http_status = 503
+
+
 class ArtifactNotFound(ModelcastError, LookupError):
     """A reference or digest is unknown to the registry or the cache."""
 
@@ -121,6 +135,8 @@ _BY_CODE: dict[str, type[ModelcastError]] = {
         InvalidManifest,
         UnsafePath,
         BadRequest,
+        TooLarge,
+        Busy,
         ArtifactNotFound,
         Unauthorized,
         Conflict,

@@ -11,15 +11,18 @@ the relay listener (:mod:`node_cache.relay`), not here.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import signal
 from pathlib import Path
 
 from aiohttp import web
 
+from adapters.http_server import MAX_JSON_BODY, NODE_API_LIMITS, read_json, start_bounded
 from adapters.tls import server_context
 from modelcast.config import NodeConfig
-from modelcast.errors import ArtifactNotFound, BadRequest
+from modelcast.errors import ArtifactNotFound, BadRequest, ModelcastError
 from modelcast.hf import HfName
 
 from .daemon import NodeDaemon
@@ -29,13 +32,11 @@ from .middleware import errors_middleware
 from .runtime import add_runtime_routes
 
 DAEMON = web.AppKey("daemon", NodeDaemon)
+log = logging.getLogger("modelcast.node")
 
 
 async def _json_body(request: web.Request, example: str) -> dict:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise BadRequest(f"body must be JSON: {example}") from None
+    body = await read_json(request, MAX_JSON_BODY, "request body", example)
     if not isinstance(body, dict) or not isinstance(body.get("ref"), str):
         raise BadRequest(f"body needs a string field \"ref\": {example}")
     return body
@@ -181,7 +182,7 @@ def make_app(cfg: NodeConfig) -> web.Application:
             await daemon.stop()
         finally:
             if relay is not None:
-                await relay.cleanup()
+                await relay.stop()
 
     app.cleanup_ctx.append(lifecycle)
     digest = "sha256:{hex:[0-9a-f]{64}}"
@@ -203,7 +204,27 @@ def make_app(cfg: NodeConfig) -> web.Application:
 
 
 def serve(cfg: NodeConfig) -> None:
+    """Run the node daemon and its API on ``cfg.api_host:cfg.api_port`` until SIGTERM or SIGINT."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(_serve(cfg))
+
+
+async def _serve(cfg: NodeConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     # No access log: clients poll pull status several times a second.
-    web.run_app(make_app(cfg), host=cfg.api_host, port=cfg.api_port, print=None, shutdown_timeout=2,
-                access_log=None, ssl_context=server_context(cfg.tls))
+    runner = web.AppRunner(make_app(cfg), access_log=None, shutdown_timeout=2)
+    await runner.setup()  # starts the daemon (the app's cleanup_ctx)
+    try:
+        try:
+            site = await start_bounded(runner, cfg.api_host, cfg.api_port, NODE_API_LIMITS, log, "node API",
+                                        ssl_context=server_context(cfg.tls))
+        except OSError as exc:
+            raise ModelcastError(f"cannot serve the node API on {cfg.api_host}:{cfg.api_port}: "
+                                 f"{exc.strerror or exc}; pick another --api address or port") from None
+        await stop.wait()
+        site.server.close()
+    finally:
+        await runner.cleanup()  # closes the connections, then stops the daemon

@@ -18,8 +18,8 @@ async def errors_middleware(request: web.Request, handler):
         return await handler(request)
     except ModelcastError as exc:
         return web.json_response(error_body(exc), status=exc.http_status)
-    except web.HTTPException:
-        raise
+    except (web.HTTPException, ConnectionResetError):
+        raise  # aiohttp answers the first; the second is a client gone (or closed for being slow)
     except Exception as exc:  # never let a bad request take the daemon down
         log.exception("unhandled error on %s", request.path)
         return web.json_response(error_body(PullFailed(f"internal error: {exc}")), status=500)

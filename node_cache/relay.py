@@ -21,9 +21,10 @@ import aiohttp
 from aiohttp import web
 
 from adapters.tls import server_context
+from adapters.http_server import RELAY_LIMITS, BoundedSite, start_bounded
 from adapters.torrent import PieceSpan, TorrentEngine
 from modelcast.config import NodeConfig, is_wildcard
-from modelcast.errors import ArtifactNotFound, BadRequest, Conflict, ModelcastError, Unreachable
+from modelcast.errors import ArtifactNotFound, BadRequest, Busy, Conflict, ModelcastError, Unreachable
 
 from .jobs import PullJob, PullState
 from .metrics import NodeCounters
@@ -33,6 +34,10 @@ log = logging.getLogger("modelcast.node")
 
 RELAY_PARALLEL = 8  # pieces fetched at once from nodes of other zones
 RELAY_WAIT_S = 10.0  # a relay request waits this long for the holder to have the piece
+# Relay requests waiting for a piece at once (each on a future libtorrent's alert resolves,
+# none polling); more are answered 503 at once and the asking node goes to the origin.
+# Nodes of other zones fetch at most RELAY_PARALLEL pieces each at a time.
+MAX_RELAY_WAITERS = 128
 PUSH_PARALLEL = 8  # pieces pushed at once to nodes of other zones, as the origin directs
 # Pushes waiting or under way, each holding a piece in memory: beyond this a push is dropped
 # (the other zone makes the piece up from the origin once it stops progressing).  A target
@@ -72,13 +77,14 @@ class Relay:
         self._push_slots = asyncio.Semaphore(PUSH_PARALLEL)
         self._pushes: set[asyncio.Task] = set()
         self._failures: dict[str, float] = {}  # node -> when its failures were last logged
+        self.waiting = 0  # relay requests waiting for a piece to arrive
 
     def attach(self, engine: TorrentEngine, http: aiohttp.ClientSession) -> None:
         """Use the daemon's libtorrent engine and HTTP client (both made at start)."""
         self.engine, self.http = engine, http
         self._attached.set()
 
-    async def start_listener(self) -> web.AppRunner | None:
+    async def start_listener(self) -> BoundedSite | None:
         """Serve pieces to nodes of other zones on the relay address (the peer address by default).
 
         Its URL goes with every origin request (tracker/firstcopy.py).
@@ -86,21 +92,23 @@ class Relay:
         if not self.cfg.p2p or self.cfg.relay_url == "":
             return None
         host = self.cfg.peer_host if self.cfg.relay_host is None else self.cfg.relay_host
+        # Bodies are pieces: a PUT must say its size (the piece's) and is read no further.
         app = web.Application(middlewares=[errors_middleware])
         app[RELAY] = self
         add_relay_routes(app)
-        runner = web.AppRunner(app, access_log=None)
+        # At stop, relay requests still waiting for a piece get a second, then are cancelled.
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         try:
-            await web.TCPSite(runner, host, self.cfg.relay_port, ssl_context=server_context(self.cfg.tls)).start()
+            site = await start_bounded(runner, host, self.cfg.relay_port, RELAY_LIMITS, log, "relay listener",
+                                        ssl_context=server_context(self.cfg.tls))
         except OSError as exc:
             await runner.cleanup()
             raise ModelcastError(f"cannot serve relays on {host}:{self.cfg.relay_port}: {exc.strerror or exc}; "
                                  "pick another --relay-listen") from None
-        port = runner.addresses[0][1]
-        self.url = advertised_relay_url(self.cfg, host, port)
-        log.info("relay for other zones on %s:%d (advertised as %s)", host, port, self.url or "nothing")
-        return runner
+        self.url = advertised_relay_url(self.cfg, host, site.port)
+        log.info("relay for other zones on %s:%d (advertised as %s)", host, site.port, self.url or "nothing")
+        return site
 
     def warn(self, node: str, message: str) -> None:
         """Log a failed exchange with a node of another zone, once a minute per node (a dead one fails them all)."""
@@ -167,14 +175,23 @@ class Relay:
         """``piece`` of ``digest`` (padding included), waiting up to ``wait_s`` for it to arrive here."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
-        try:
-            async with asyncio.timeout_at(deadline):
-                await self._attached.wait()
-                while not self.engine.have_piece(digest, piece):
-                    # No await between the check and the wait: the arrival cannot slip between.
-                    await self.engine.piece_arrival(digest, piece)
-        except TimeoutError:
-            raise ArtifactNotFound(f"piece {piece} of {digest} is not on this node (waited {wait_s:g}s)") from None
+        if not (self._attached.is_set() and self.engine.have_piece(digest, piece)):
+            if wait_s > 0 and self.waiting >= MAX_RELAY_WAITERS:
+                raise Busy(f"{self.waiting} relay requests are already waiting for pieces here (at most "
+                           f"{MAX_RELAY_WAITERS}); fetch piece {piece} of {digest} from the origin")
+            self.waiting += 1
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._attached.wait()
+                    while not self.engine.have_piece(digest, piece):
+                        # Event-driven: libtorrent's piece alert resolves the future (no polling).  No
+                        # await between the check and the wait: the arrival cannot slip between.
+                        await self.engine.piece_arrival(digest, piece)
+            except TimeoutError:
+                raise ArtifactNotFound(f"piece {piece} of {digest} is not on this node (waited {wait_s:g}s)") \
+                    from None
+            finally:
+                self.waiting -= 1
         data = await self.engine.read_piece(digest, piece)
         self.counters.bytes_relayed += len(data)
         return data

@@ -34,6 +34,7 @@ from aiohttp import web
 
 from modelcast.errors import BadRequest, InvalidManifest, ModelcastError
 from adapters.http import JsonClient
+from adapters.http_server import MAX_JSON_BODY, read_json
 from modelcast.runtime_index import (INDEX_FILE, LAYER_FILE, LAYER_META_FILE, Accelerator, Choice, NodeTarget,
                                      RuntimeIndex, Variant, choose_variant, variant_id)
 
@@ -285,12 +286,10 @@ def add_runtime_routes(app: web.Application, daemon_key: web.AppKey) -> None:
         return made[0]
 
     async def body_of(request: web.Request) -> dict:
-        try:
-            body = await request.json()
-        except ValueError:
-            body = None
+        example = '{"ref": "name:tag", "python_abi": "cp311"}'
+        body = await read_json(request, MAX_JSON_BODY, "request body", example)
         if not isinstance(body, dict) or not isinstance(body.get("ref"), str):
-            raise BadRequest('body needs a string field "ref": {"ref": "name:tag", "python_abi": "cp311"}')
+            raise BadRequest(f'body needs a string field "ref": {example}')
         return body
 
     async def handle_activate(request: web.Request) -> web.Response:

@@ -191,12 +191,12 @@ async def test_heartbeat_reports_are_checked_kept_listed_and_dropped_on_leave(ai
         assert error["code"] == "bad_request" and needle in error["message"]
     assert (await (await client.get("/v1/nodes")).json())["nodes"] == []  # nothing recorded from a bad one
     over = json.dumps({"artifacts": [], "pad": "x" * MAX_HEARTBEAT_BODY})
-    assert (await client.post(url, data=over)).status == 400
+    assert (await client.post(url, data=over)).status == 413  # too large (adapters/http_server.read_body)
 
     async def chunked():
         yield over.encode()
 
-    assert (await client.post(url, data=chunked())).status == 400  # no Content-Length: still capped
+    assert (await client.post(url, data=chunked())).status == 413  # no Content-Length: still capped
 
     total = art.manifest.total_size
     assert (await (await client.post(url, json={"zone": "z1"})).json())["reported"] is False

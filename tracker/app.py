@@ -20,13 +20,14 @@ import logging
 import signal
 import ssl
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
 from adapters.tls import server_context
+from adapters.http_server import REGISTRY_LIMITS, BoundedServer, ServerLimits
 from modelcast.config import TrackerConfig
 from modelcast.errors import ModelcastError, error_body
 from modelcast.manifest import Manifest
@@ -34,7 +35,7 @@ from modelcast.manifest import Manifest
 from . import registry_api as api
 from .console import add_console_routes
 from .endpoint import TRACKER, TrackerEndpoint, announce, scrape
-from .fastpath import HEAD_TIMEOUT_S, KEEPALIVE_TIMEOUT_S, FastPathServer
+from .fastpath import FastPathServer
 from .federation import Upstream, validate_upstream
 from .firstcopy import FirstCopyGate
 from .fleet import add_fleet_routes
@@ -46,7 +47,7 @@ from .state import (CONFIG, FIRST_COPY, NODE_KEYS, NODES, ORIGINS, STATS, STORE,
 from .store import RegistryStore
 from .swarm import SwarmRegistry
 from .nodekeys import NodeKeys
-from .peer_policy import PeerPolicy
+from .peer_policy import PeerPolicy, parse_networks
 from .udp_server import UdpTracker, start_udp_tracker
 from .webseed import webseed
 
@@ -57,9 +58,9 @@ __all__ = [
 
 log = logging.getLogger("modelcast.tracker")
 
-# Torrents of very large artifacts carry v2 piece layers; base64 adds a third.  64 MiB
-# leaves room for any realistic torrent while bounding what one request can make us buffer.
-MAX_BODY_BYTES = 64 * 1024 * 1024
+# aiohttp's own bound on request.read() and request.json(): no route reads more than a
+# publish (each reads with adapters.http_server.read_body and its own, smaller, bound).
+MAX_BODY_BYTES = api.MAX_PUBLISH_BODY
 
 # ---------------------------------------------------------------------------------------
 # Errors
@@ -214,6 +215,7 @@ class RunningServer:
     runner: web.AppRunner
     server: asyncio.Server
     fast: FastPathServer
+    bounded: BoundedServer
 
     @property
     def port(self) -> int:
@@ -228,30 +230,40 @@ class RunningServer:
         await self.runner.cleanup()
 
 
-async def start_server(app: web.Application, host: str, port: int, *, head_timeout_s: float = HEAD_TIMEOUT_S,
-                       keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
+async def start_server(app: web.Application, host: str, port: int, *, head_timeout_s: float | None = None,
+                       keepalive_timeout_s: float | None = None, limits: ServerLimits = REGISTRY_LIMITS,
                        ssl_context: ssl.SSLContext | None = None) -> RunningServer:
     """Start ``app`` (from :func:`make_app`) on ``host:port`` (0: any free port), as :func:`serve` runs it.
 
     Each connection is sniffed: plain announce and scrape GETs are answered by
-    :mod:`tracker.fastpath`, everything else is handed to aiohttp's request handler.
+    :mod:`tracker.fastpath`, everything else is handed to aiohttp's request handler.  Both
+    hold to ``limits`` (:mod:`adapters.http_server`: head, body and keep-alive timeouts,
+    connection caps; the registry's trusted proxies are exempt from the per-address cap);
+    ``head_timeout_s`` and ``keepalive_timeout_s`` override its timeouts.
     With ``ssl_context`` the socket speaks TLS: asyncio does the handshake, and both the
     fast path and aiohttp (the same transport, handed over) see the plaintext.
     """
+    if head_timeout_s is not None:
+        limits = replace(limits, header_timeout_s=head_timeout_s)
+    if keepalive_timeout_s is not None:
+        limits = replace(limits, keepalive_timeout_s=keepalive_timeout_s)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()
     try:
         endpoint = app[TRACKER]
-        fast = FastPathServer(runner.server, {b"/announce": endpoint.announce, b"/scrape": endpoint.scrape},
-                              head_timeout_s=head_timeout_s, keepalive_timeout_s=keepalive_timeout_s)
+        bounded = BoundedServer(runner.server, limits, log, "registry",
+                                exempt=parse_networks(app[CONFIG].trusted_proxies, "--trusted-proxy"))
+        fast = FastPathServer(bounded, {b"/announce": endpoint.announce, b"/scrape": endpoint.scrape},
+                              head_timeout_s=limits.header_timeout_s, keepalive_timeout_s=limits.keepalive_timeout_s,
+                              limiter=bounded.limiter)
         server = await asyncio.get_running_loop().create_server(
             fast, host, port, ssl=ssl_context,
             # A handshake that never completes holds a connection no longer than a request head may.
-            ssl_handshake_timeout=head_timeout_s if ssl_context is not None else None)
+            ssl_handshake_timeout=limits.header_timeout_s if ssl_context is not None else None)
     except BaseException:
         await runner.cleanup()
         raise
-    return RunningServer(runner, server, fast)
+    return RunningServer(runner, server, fast, bounded)
 
 
 def serve(cfg: TrackerConfig) -> None:

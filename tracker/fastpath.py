@@ -20,6 +20,10 @@ byte closes the connection with a 408; a connection idle for ``keepalive_timeout
 closes, and one whose client has read none of our answers for that long is aborted.
 Bytes held per connection stay bounded: a head longer than :data:`MAX_HEAD` goes to
 aiohttp (which refuses it), and nothing more is read while answers wait to be sent.
+Connections are counted here, in all and per client address, by the ``limiter`` (a
+:class:`adapters.http_server.ConnectionLimiter`); a connection handed to aiohttp keeps its
+place, and aiohttp's handler (:class:`adapters.http_server.BoundedRequestHandler`) bounds
+heads, bodies and keep-alive from then on.
 
 The request parsing is :func:`parse_head`, pure and tested without sockets.
 """
@@ -33,6 +37,8 @@ import re
 import time
 from typing import Callable, Mapping, NamedTuple
 
+from adapters.http_server import ConnectionLimiter, ServerLimits, Slot
+
 from .announce import encode_failure
 
 log = logging.getLogger("modelcast.tracker.fastpath")
@@ -43,8 +49,9 @@ MAX_LINE = 8190
 MAX_HEAD = 32 * 1024
 # How many pipelined requests are answered before the loop serves other connections.
 MAX_PIPELINED = 64
-HEAD_TIMEOUT_S = 10.0
-KEEPALIVE_TIMEOUT_S = 75.0  # aiohttp's default
+# The defaults of every modelcast listener (adapters/http_server.py); the registry passes its own.
+HEAD_TIMEOUT_S = ServerLimits.header_timeout_s
+KEEPALIVE_TIMEOUT_S = ServerLimits.keepalive_timeout_s
 
 # Given the request target's query (after "?", raw bytes) and the client's IP address
 # (as the socket reports it, or None), return the bencoded answer.  Must not raise for
@@ -168,12 +175,15 @@ class FastPathServer:
 
     ``fallback`` makes the protocol that takes over a connection this path does not
     answer: aiohttp's ``AppRunner.server`` (a ``web.Server``, whose call makes a
-    ``RequestHandler``).  ``routes`` maps a path (``b"/announce"``) to its :data:`Route`.
+    ``RequestHandler``), or, with a ``limiter``, an
+    :class:`adapters.http_server.BoundedServer`, called with the connection's slot.  ``routes`` maps a path (``b"/announce"``) to its :data:`Route`.
     """
 
-    def __init__(self, fallback: Callable[[], asyncio.Protocol], routes: Mapping[bytes, Route], *,
-                 head_timeout_s: float = HEAD_TIMEOUT_S, keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S) -> None:
+    def __init__(self, fallback: Callable[..., asyncio.Protocol], routes: Mapping[bytes, Route], *,
+                 head_timeout_s: float = HEAD_TIMEOUT_S, keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
+                 limiter: ConnectionLimiter | None = None) -> None:
         self.fallback = fallback
+        self.limiter = limiter
         self.routes = dict(routes)
         self.paths = frozenset(self.routes)
         self.head_timeout_s = head_timeout_s
@@ -207,12 +217,19 @@ class FastPathProtocol(asyncio.Protocol):
         self._head_since = 0.0  # when the request now in the buffer began
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        self._slot: Slot | None = None
 
     # ---- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self._remote = peer[0] if isinstance(peer, tuple) and peer else None
+        limiter = self._server.limiter
+        if limiter is not None:
+            self._slot = limiter.admit(transport, self._remote)
+            if self._slot is None:  # over a cap: answered 503 and closed
+                self._closing = True
+                return
+        self._transport = transport  # type: ignore[assignment]
         self._server.connections.add(self)
         self._idle_since = time.monotonic()
         self._arm(self._idle_since + self._server.keepalive_timeout_s)
@@ -235,6 +252,9 @@ class FastPathProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._detach()
+        if self._slot is not None:
+            self._slot.release()
+            self._slot = None
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -337,7 +357,8 @@ class FastPathProtocol(asyncio.Protocol):
         transport = self._transport
         self._detach()
         self._server.handed_off += 1
-        handler = self._server.fallback()
+        slot, self._slot = self._slot, None  # the connection keeps its place under aiohttp
+        handler = self._server.fallback() if slot is None else self._server.fallback(slot)
         handler.connection_made(transport)
         transport.set_protocol(handler)
         if self._read_paused:

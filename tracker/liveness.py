@@ -9,13 +9,13 @@ keep the plain per-peer TTL.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import Any, AsyncIterator
 
 from aiohttp import web
 
+from adapters.http_server import read_json
 from modelcast.config import TrackerConfig
 from modelcast.errors import BadRequest
 from modelcast.progress import MAX_HEARTBEAT_BODY, parse_report
@@ -52,11 +52,8 @@ async def node_heartbeat(request: web.Request) -> web.Response:
     check_auth(request, read=True)
     node_id = validate_node_id(request.match_info["node_id"])
     request.app[NODE_KEYS].heartbeat(node_id, request.headers.get(NODE_KEY_HEADER))
-    raw = await _read_capped(request, MAX_HEARTBEAT_BODY)
-    try:
-        body = json.loads(raw or b"{}")
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise BadRequest(f"heartbeat body is not valid JSON: {str(exc)[:200]}") from None
+    # Bounded however it is framed (a chunked body has no Content-Length to check first).
+    body = await read_json(request, MAX_HEARTBEAT_BODY, "heartbeat body", '{"zone": "z1", "ttl_s": 3.0}', empty={})
     ttl = _heartbeat_ttl(body, request.app[CONFIG])
     report = parse_report(body)  # checked whole before anything is recorded
     now = time.monotonic()
@@ -66,19 +63,6 @@ async def node_heartbeat(request: web.Request) -> web.Response:
     # sends its report only when it changes sends it again to a registry that lost it.
     return web.json_response({"ok": True, "ttl_s": ttl, "entries": entries,
                               "reported": node is not None and node.reported})
-
-
-async def _read_capped(request: web.Request, cap: int) -> bytes:
-    """The request body, refused with 400 past ``cap`` bytes, whether it says its length or is chunked."""
-    if (request.content_length or 0) > cap:
-        raise BadRequest(f"heartbeat body is {request.content_length} bytes; at most {cap} are read")
-    chunks, size = [], 0
-    while chunk := await request.content.read(cap + 1 - size):
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > cap:
-            raise BadRequest(f"heartbeat body is over {cap} bytes; at most {cap} are read")
-    return b"".join(chunks)
 
 
 async def node_leave(request: web.Request) -> web.Response:

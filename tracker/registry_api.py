@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 from aiohttp import web
 
+from adapters.http_server import read_body
 from modelcast.errors import ArtifactNotFound, BadRequest, InvalidManifest, ModelcastError
 from modelcast.manifest import Manifest, canonical_json
 from modelcast.reference import Reference, validate_digest, validate_name, validate_tag
@@ -29,6 +30,10 @@ from .store import MAX_LIST_LIMIT, ArtifactRecord, Found
 from .torrent_check import check_torrent
 
 log = logging.getLogger("modelcast.tracker")
+
+# Torrents of very large artifacts carry v2 piece layers; base64 adds a third.  64 MiB
+# leaves room for any realistic torrent while bounding what one publish can make us buffer.
+MAX_PUBLISH_BODY = 64 * 1024 * 1024
 
 
 def _parse_json_body(raw: bytes) -> dict:
@@ -132,7 +137,7 @@ async def stats(request: web.Request) -> web.Response:
 async def publish(request: web.Request) -> web.Response:
     """``POST /v1/artifacts``: validate manifest, torrent and origin, then store and tag."""
     check_auth(request)
-    body = _parse_json_body(await request.read())
+    body = _parse_json_body(await read_body(request, MAX_PUBLISH_BODY, "publish body"))
     manifest = _parse_manifest(body.get("manifest"))
     torrent_b64 = body.get("torrent")
     if not isinstance(torrent_b64, str):
