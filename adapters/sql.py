@@ -139,13 +139,14 @@ class Database:
 
 
 def open_database(target: str | Path) -> Database:
-    """A ``postgresql://`` (or ``postgres://``) URL opens PostgreSQL; anything else is a SQLite file path."""
-    if isinstance(target, str) and target.split("://", 1)[0] in ("postgresql", "postgres"):
+    """A ``postgresql://`` (or ``postgres://``) URL opens PostgreSQL; a :class:`~pathlib.Path`, that SQLite file."""
+    if isinstance(target, Path):
+        return SqliteDatabase(target)
+    if target.split("://", 1)[0] in ("postgresql", "postgres"):
         return PostgresDatabase(target)
-    if isinstance(target, str) and "://" in target:
-        raise DatabaseError(f"registry database {target!r}: expected a postgresql://USER@HOST:PORT/DBNAME URL "
-                            "(or no --db, for SQLite in the --data directory)")
-    return SqliteDatabase(Path(target))
+    shown = f"{target.split('://', 1)[0]}://…" if "://" in target else repr(target)  # no password in messages
+    raise DatabaseError(f"registry database {shown}: expected a postgresql://USER@HOST:PORT/DBNAME URL "
+                        "(or no --db, for SQLite in the --data directory)")
 
 
 # ---------------------------------------------------------------------------------------

@@ -109,6 +109,48 @@ def test_tracker_refuses_a_database_url_it_cannot_use(tmp_path):
     assert out.returncode == 1 and "needs --data DIR (SQLite) or --db postgresql://" in out.stderr
 
 
+# -- the store's own semantics, on both engines ------------------------------------------------
+
+
+@pytest.mark.stores("sqlite", "postgresql")
+def test_pulled_tags_shared_torrents_and_search_behave_alike_on_both_stores(registry_db, tmp_path):
+    """What the HTTP tests reach only through federation and the console, on each engine."""
+    a, b = _artifacts(tmp_path, 2)
+    twin = build_artifact(tmp_path / "twin", "other/model", files={"w.bin": (0).to_bytes(4, "big") * 1000})
+    assert twin.manifest.info_hash == a.manifest.info_hash  # same files, same torrent
+    store = RegistryStore(tmp_path / "reg", db=registry_db)
+    try:
+        v1 = Reference.parse(f"{NAME}:v1")
+        store.pull_through(a.manifest, a.torrent, "http://parent:7070", "v1")
+        found = store.lookup(v1)
+        assert (found.digest, found.pulled_from) == (a.digest, "http://parent:7070") and found.checked_at > 0
+        # A local publish makes the tag local for good: the upstream cannot move it back.
+        store.publish(b.manifest, b.torrent, "file:///origin", None, "v1")
+        store.pull_through(a.manifest, a.torrent, "http://parent:7070", "v1")
+        found = store.lookup(v1)
+        assert (found.digest, found.pulled_from) == (b.digest, None)
+        assert not store.drop_pulled_tag(NAME, "v1", b.digest)
+        # A pulled tag the parent dropped goes, unless it moved meanwhile.
+        store.pull_through(a.manifest, a.torrent, "http://parent:7070", "v2")
+        assert not store.drop_pulled_tag(NAME, "v2", b.digest)
+        assert store.drop_pulled_tag(NAME, "v2", a.digest)
+        assert store.lookup(Reference.parse(f"{NAME}:v2")) is None
+
+        store.publish(twin.manifest, twin.torrent, "file:///origin", None, None)
+        items, _ = store.list(name_contains="model")
+        assert {i["name"] for i in items} == {NAME, "other/model"}
+        assert [i["name"] for i in store.list(name_contains="ther/")[0]] == ["other/model"]
+        assert store.list(name_contains="%")[0] == []  # a plain substring, no wildcard
+        assert store.names([a.digest, twin.digest, "sha256:" + "0" * 64]) == {a.digest: NAME, twin.digest: "other/model"}
+        assert store.tags_of(b.digest) == ["v1"]
+        # A torrent another artifact still has stays tracked; the last one's goes.
+        assert store.delete_artifact(a.digest).dropped_keys == []
+        assert sorted(store.delete_artifact(twin.digest).dropped_keys) == sorted(a.manifest.info_hash.tracker_keys())
+        assert len(store.all_info_hashes()) == 1
+    finally:
+        store.close()
+
+
 # -- replicas on one database ----------------------------------------------------------------
 
 
