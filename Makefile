@@ -5,8 +5,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # Debian tools some tests drive as real peers or readers (skipped, with the reason printed, without them).
 # Debian's prometheus package ships promtool too; chromium is the console test's browser.
+# postgresql: the registry's PostgreSQL tests run initdb and pg_ctl from /usr/lib/postgresql/*/bin
+# (not on PATH); pg_ctlcluster, from the same install, says whether it is there.
 SYSTEM_TOOLS := aria2c:aria2 skopeo:skopeo tc:iproute2 opentracker:opentracker prometheus:prometheus \
-	promtool:prometheus chromium:chromium
+	promtool:prometheus chromium:chromium pg_ctlcluster:postgresql
 
 .PHONY: install system-tools demo test bench runtime-cuda-full clean
 
@@ -32,6 +34,8 @@ system-tools:
 	  case "$$missing" in *prometheus*) \
 	    command -v systemctl >/dev/null 2>&1 \
 	      && systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true;; esac; \
+	  case "$$missing" in *postgresql*) \
+	    command -v systemctl >/dev/null 2>&1 && systemctl disable --now postgresql >/dev/null 2>&1 || true;; esac; \
 	fi
 
 demo: $(STAMP)

@@ -18,6 +18,7 @@ ENV_TOKEN = "MODELCAST_TOKEN"
 ENV_READ_TOKEN = "MODELCAST_READ_TOKEN"  # modelcast tracker --read-token
 ENV_UPSTREAM_TOKEN = "MODELCAST_UPSTREAM_TOKEN"  # modelcast tracker --upstream-token
 ENV_S3_ENDPOINT = "MODELCAST_S3_ENDPOINT"
+ENV_DB = "MODELCAST_DB"  # modelcast tracker --db
 ENV_WHEELHOUSE = "MODELCAST_WHEELHOUSE"
 ENV_SOURCE_DATE_EPOCH = "SOURCE_DATE_EPOCH"  # the reproducible-builds convention for fixed timestamps
 # Where huggingface_hub keeps its cache, in the order it reads them (huggingface_hub/constants.py).
@@ -157,6 +158,9 @@ class TrackerConfig:
     host: str = "127.0.0.1"
     port: int = 7070
     data_dir: Path = Path("./modelcast-registry")
+    # The registry database: None keeps SQLite in data_dir; a postgresql://USER@HOST:PORT/DB
+    # URL keeps it in PostgreSQL, which replicas of the registry can share.
+    db: str | None = None
     token: str | None = None
     # Announce interval handed to clients.  Short, because a private swarm is small
     # and a stale peer list costs a whole fan-out; see README "Tuning".

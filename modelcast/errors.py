@@ -7,6 +7,8 @@ built-in exception it resembles, so callers may catch either.  Foreign exception
 
 from __future__ import annotations
 
+import math
+
 
 class ModelcastError(Exception):
     """Root of every modelcast error.  ``code`` is the stable name used on the wire."""
@@ -84,6 +86,17 @@ class Unreachable(ModelcastError, ConnectionError):
     http_status = 502
 
 
+class Unavailable(ModelcastError, ConnectionError):
+    """A service is up but cannot answer now (its database is unreachable); retry after ``retry_after_s``.
+
+    Servers answer it with HTTP 503 and a ``Retry-After`` header.
+    """
+
+    code = "unavailable"
+    http_status = 503
+    retry_after_s: float = 1.0
+
+
 class OriginError(ModelcastError, OSError):
     """The origin store failed to read or write bytes."""
 
@@ -141,6 +154,7 @@ _BY_CODE: dict[str, type[ModelcastError]] = {
         Unauthorized,
         Conflict,
         Unreachable,
+        Unavailable,
         OriginError,
         IntegrityError,
         PullFailed,
@@ -153,6 +167,12 @@ _BY_CODE: dict[str, type[ModelcastError]] = {
 def error_body(exc: ModelcastError) -> dict:
     """The JSON body every modelcast HTTP API sends for an error."""
     return {"error": {"code": exc.code, "message": str(exc)}}
+
+
+def retry_after(exc: ModelcastError) -> dict[str, str]:
+    """The ``Retry-After`` header an answer of ``exc`` carries (503 Unavailable), else none."""
+    seconds = getattr(exc, "retry_after_s", None)
+    return {"Retry-After": str(max(1, math.ceil(seconds)))} if seconds is not None else {}
 
 
 def from_error_body(body: object, http_status: int, fallback: str, context: str | None = None) -> ModelcastError:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from adapters.origin import FileOrigin
+from harness.postgres import PostgresServer, postgres_bin
 from modelcast.config import ENV_WHEELHOUSE, TrackerConfig
 from modelcast.runtime_index import compatible_platforms
 from tracker.app import make_app
@@ -64,6 +65,47 @@ def _boto_kwargs() -> dict:
             "region_name": S3_ENV["AWS_DEFAULT_REGION"]}
 
 
+# -- PostgreSQL --------------------------------------------------------------------------
+
+NO_POSTGRES = ("PostgreSQL is not installed (Debian package postgresql, its initdb and pg_ctl in "
+               "/usr/lib/postgresql/*/bin; `make system-tools` installs it as root)")
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server of the tests' own (initdb + pg_ctl in a temporary directory, a free port)."""
+    if postgres_bin() is None:
+        pytest.skip(NO_POSTGRES)
+    server = PostgresServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def postgres_db(postgres):
+    """The URL of a fresh, empty database on :func:`postgres`; dropped after the test."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    url = postgres.create_database(name)
+    yield url
+    postgres.drop_database(name)
+
+
+def pytest_generate_tests(metafunc):
+    """A module marked ``pytest.mark.stores("sqlite", "postgresql")`` runs its registry tests on each store."""
+    marker = metafunc.definition.get_closest_marker("stores")
+    if marker is not None and "registry_db" in metafunc.fixturenames:
+        metafunc.parametrize("registry_db", marker.args, indirect=True)
+
+
+@pytest.fixture
+def registry_db(request):
+    """The ``cfg`` fixture's database: None (SQLite in its data directory) or a fresh PostgreSQL database's URL."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        yield None
+    else:
+        yield request.getfixturevalue("postgres_db")
+
+
 # -- processes ---------------------------------------------------------------------------
 
 
@@ -106,13 +148,16 @@ def origin(tmp_path) -> FileOrigin:
 
 
 @pytest.fixture
-def cfg(tmp_path) -> TrackerConfig:
+def cfg(tmp_path, registry_db) -> TrackerConfig:
     """The registry's config for the ``client`` fixture: write token 'secret', a 60 s peer TTL.
+
+    Its database is SQLite unless the module is marked to run on PostgreSQL too (``registry_db``).
 
     The test client (127.0.0.1) is a trusted proxy, so its ``ip=`` lists the peers it
     simulates; tests/security/test_peer_entries.py checks what an untrusted client gets.
     """
-    return TrackerConfig(data_dir=tmp_path / "registry", token=TOKEN, peer_ttl_s=60, trusted_proxies=("127.0.0.1",))
+    return TrackerConfig(data_dir=tmp_path / "registry", db=registry_db, token=TOKEN, peer_ttl_s=60,
+                         trusted_proxies=("127.0.0.1",))
 
 
 @pytest.fixture

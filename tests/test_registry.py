@@ -25,7 +25,7 @@ from .helpers import (AUTH, TOKEN, announce_query, api_publish, bget, build_arti
 
 # The libtorrent clients below are added with add_torrent(dict), which libtorrent 2.1's
 # Python bindings flag as deprecated.
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.stores("sqlite", "postgresql")]
 
 
 # -- publish, resolve, auth ----------------------------------------------------------

@@ -22,6 +22,7 @@ from .helpers import (AUTH, TOKEN, TrackerProcess, announce_query, api_publish, 
                       run_cli, start_tracker, upload)
 
 READER = "reader-token"
+pytestmark = pytest.mark.stores("sqlite", "postgresql")
 
 
 def tracker_process(tmp_path, *extra: str) -> TrackerProcess:

@@ -29,7 +29,7 @@ from aiohttp import web
 from adapters.tls import server_context
 from adapters.http_server import REGISTRY_LIMITS, BoundedServer, ServerLimits
 from modelcast.config import TrackerConfig
-from modelcast.errors import ModelcastError, error_body
+from modelcast.errors import ModelcastError, error_body, retry_after
 from modelcast.manifest import Manifest
 
 from . import registry_api as api
@@ -75,7 +75,7 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
     try:
         return await handler(request)
     except ModelcastError as exc:
-        return web.json_response(error_body(exc), status=exc.http_status)
+        return web.json_response(error_body(exc), status=exc.http_status, headers=retry_after(exc))
     except web.HTTPException as exc:
         # 416 carries a Content-Range header that clients need; let aiohttp send it as is.
         if exc.status < 400 or exc.status == 416:
@@ -102,14 +102,15 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
 async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     """Open the registry database and allow the swarms of every published artifact."""
     cfg = app[CONFIG]
-    store = await asyncio.to_thread(RegistryStore, Path(cfg.data_dir), app[METRICS].observe_store)
+    store = await asyncio.to_thread(RegistryStore, Path(cfg.data_dir), app[METRICS].observe_store, db=cfg.db)
     app[STORE] = store
     # Swarm state is not persisted (peers re-announce within one interval), but the
     # allow-list is: without it every announce after a restart would be refused.
     swarms = app[SWARMS]
     for ih in await asyncio.to_thread(store.all_info_hashes):
         swarms.allow(_tracker_keys(ih))
-    log.info("registry database %s; %d published swarms", store.path, len(swarms.swarms()))
+    log.info("registry database %s (schema version %d); %d published swarms", store.location, store.schema_version,
+             len(swarms.swarms()))
     try:
         yield
     finally:

@@ -9,21 +9,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from modelcast.cmdline import Handler, ca_arg, client_args, secret_file, tls_args
-from modelcast.config import (ENV_READ_TOKEN, ENV_TOKEN, ENV_S3_ENDPOINT, ENV_UPSTREAM_TOKEN, ClientConfig, TlsFiles,
-                              TrackerConfig, ca_from_args, env_str, parse_hostport)
+from modelcast.config import (ENV_DB, ENV_READ_TOKEN, ENV_TOKEN, ENV_S3_ENDPOINT, ENV_UPSTREAM_TOKEN, ClientConfig,
+                              TlsFiles, TrackerConfig, ca_from_args, env_str, parse_hostport)
 from modelcast.errors import ModelcastError
 from modelcast.reference import Reference
 from modelcast.units import human_bytes
+
+log = logging.getLogger("modelcast.tracker")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     """Add this component's subcommands to ``sub``; return their handlers by name."""
     p = sub.add_parser("tracker", help="run the registry and BitTorrent tracker")
     p.add_argument("--listen", default="127.0.0.1:7070", help="HOST:PORT to serve on")
-    p.add_argument("--data", required=True, type=Path, help="directory for the registry database")
+    p.add_argument("--data", type=Path, help="directory for the registry's SQLite database (without --db)")
+    p.add_argument("--db", metavar="URL", help="keep the registry's state in PostgreSQL at postgresql://USER@HOST:PORT/DB "
+                                             "instead of SQLite in --data (env MODELCAST_DB; give a password "
+                                             "through MODELCAST_DB, PGPASSWORD or ~/.pgpass, not here)")
     p.add_argument("--token", help="bearer token required for writes; prefer env MODELCAST_TOKEN or --token-file, "
                                    "which `ps` cannot read")
     p.add_argument("--token-file", type=Path, help="file holding the write token (one line)")
@@ -86,7 +93,14 @@ def cmd_tracker(args) -> int:
     host, port = parse_hostport(args.listen, what="--listen")
     udp_host, udp_port = parse_hostport(args.udp_listen, what="--udp-listen") if args.udp_listen else (None, None)
     token = args.token or secret_file(args.token_file, "--token-file") or env_str(ENV_TOKEN)
-    serve(TrackerConfig(host=host, port=port, data_dir=args.data, token=token,
+    db = args.db or env_str(ENV_DB)
+    if args.data is None and not db:
+        raise ModelcastError("modelcast tracker needs --data DIR (SQLite) or --db postgresql://USER@HOST:PORT/DB "
+                             f"(or env {ENV_DB})")
+    if args.db and urlsplit(args.db).password:
+        log.warning("the database password in --db is on the command line, where ps shows it; "
+                    "pass the URL in env %s, or the password in PGPASSWORD or ~/.pgpass", ENV_DB)
+    serve(TrackerConfig(host=host, port=port, data_dir=args.data or TrackerConfig.data_dir, db=db, token=token,
                         read_token=args.read_token or env_str(ENV_READ_TOKEN), upstream=args.upstream,
                         upstream_token=args.upstream_token or env_str(ENV_UPSTREAM_TOKEN),
                         upstream_tag_ttl_s=args.upstream_tag_ttl,

@@ -50,7 +50,7 @@ from modelcast.manifest import Manifest
 from modelcast.reference import Reference
 
 from .client import RegistryClient
-from .store import Found, RegistryStore
+from .store import Found, RegistryStore, StoreError
 from .torrent_check import check_torrent
 
 log = logging.getLogger("modelcast.tracker.federation")
@@ -199,7 +199,7 @@ class Upstream:
             torrent = stored.torrent if stored is not None else await self._client.torrent(digest)
             # The same check a publish gets: a parent is trusted no more than a publisher.
             await asyncio.to_thread(check_torrent, torrent, manifest)
-        except (ArtifactNotFound, UpstreamUnreachable):
+        except (ArtifactNotFound, UpstreamUnreachable, StoreError):  # StoreError: ours, not the parent's
             raise
         except Unauthorized as exc:
             raise UpstreamUnreachable(f"{what}: the parent refused this zone's token ({exc}); "

@@ -12,7 +12,7 @@ Two kinds of sources, one :class:`~prometheus_client.CollectorRegistry` per appl
   and label lookup: the announce fast path's throughput is a measured budget
   (``benchmarks/tracker_load.py``).
 * Request latencies of the registry API (through aiohttp, by the route's canonical name,
-  never the raw path) and of the SQLite store are ``prometheus_client`` histograms,
+  never the raw path) and of the SQL store are ``prometheus_client`` histograms,
   observed per request by :func:`metrics_middleware` and per store call.
 
 Every label set is bounded: routes and store operations are fixed by the code, results
@@ -199,7 +199,7 @@ class RegistryMetrics:
             ["route", "method"], buckets=API_BUCKETS, registry=self.registry)
         self.store_seconds = Histogram(
             "modelcast_registry_store_operation_duration_seconds",
-            "Time of one registry database (SQLite) operation, waiting for its lock included.",
+            "Time of one registry database (SQLite or PostgreSQL) operation, waiting for its lock included.",
             ["operation"], buckets=STORE_BUCKETS, registry=self.registry)
         self.store_errors = Counter("modelcast_registry_store_errors", "Registry database operations that failed.",
                                     ["operation"], registry=self.registry)

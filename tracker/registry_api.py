@@ -1,7 +1,7 @@
 """The registry's HTTP API (``/v1/…``, JSON): publish, resolve, manifests, torrents, lists, deletes.
 
-Handlers are thin: they parse with :mod:`modelcast`, call the store in a thread (SQLite
-blocks) and, on a zone registry, pull unknown references through from the parent
+Handlers are thin: they parse with :mod:`modelcast`, call the store in a thread (its database
+driver blocks) and, on a zone registry, pull unknown references through from the parent
 (:mod:`tracker.federation`).  Errors are raised as :mod:`modelcast.errors` and become
 ``{"error": {"code", "message"}}`` JSON in the application's middleware.
 """

@@ -1,13 +1,18 @@
-"""The registry's durable state in SQLite: artifacts (manifest + torrent + origin) and tags.
+"""The registry's durable state in SQL: artifacts (manifest + torrent + origin) and tags.
 
-The API is synchronous; the server calls it through ``asyncio.to_thread``.  One
-connection is shared behind a lock, which serialises writers the way SQLite does anyway
-and keeps every transaction on one connection.  WAL mode lets a reader run while a
-writer commits, and makes a crash mid-publish leave either the whole artifact or none.
+SQLite in the data directory is the embedded default; a ``postgresql://`` URL (``modelcast
+tracker --db``) keeps it in PostgreSQL, where any number of registry replicas share it.
+The engines sit behind :mod:`adapters.sql`; the queries here are written once for both.
+The schema is versioned: :data:`MIGRATIONS` run at start-up, each once, whoever starts first.
+
+The API is synchronous; the server calls it through ``asyncio.to_thread``.
 
 Every method is one statement or one transaction, so a reader never sees a tag pointing
 at an artifact that is not (yet, or any more) stored: a publish inserts the artifact and
 moves the tag together, and a delete removes the tags before the artifact they point at.
+Writers of one ``name:tag`` take turns (on PostgreSQL under an advisory lock, across
+replicas), so among concurrent publishes to one tag exactly one is last, and every
+artifact published stays stored.
 
 Tags pulled through from an upstream registry (:mod:`tracker.federation`) are ordinary
 tags plus a row in ``pulled_tags`` saying where they came from and when they were last
@@ -19,60 +24,61 @@ from __future__ import annotations
 
 import functools
 import json
-import sqlite3
-import threading
 import time
 from dataclasses import dataclass
 from typing import Iterable
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from modelcast.errors import BadRequest, Conflict, ModelcastError
+from adapters.sql import Database, DatabaseError, Transaction, open_database
+from modelcast.errors import BadRequest, Conflict
 from modelcast.manifest import Manifest
 from modelcast.reference import Reference, validate_digest, validate_name
 
 DB_NAME = "registry.sqlite3"
 MAX_LIST_LIMIT = 500
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS artifacts (
-    digest       TEXT PRIMARY KEY,
-    name         TEXT NOT NULL,
-    kind         TEXT NOT NULL,
-    content_key  TEXT NOT NULL,
-    manifest     BLOB NOT NULL,
-    torrent      BLOB NOT NULL,
-    origin_url   TEXT NOT NULL,
-    s3_endpoint  TEXT,
-    total_size   INTEGER NOT NULL,
-    created      TEXT NOT NULL,  -- the manifest's legacy created, else the publish time (UTC)
-    published_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS artifacts_name_digest ON artifacts(name, digest);
-CREATE INDEX IF NOT EXISTS artifacts_content_key ON artifacts(content_key);
-CREATE TABLE IF NOT EXISTS tags (
-    name   TEXT NOT NULL,
-    tag    TEXT NOT NULL,
-    digest TEXT NOT NULL REFERENCES artifacts(digest),
-    PRIMARY KEY (name, tag)
-);
-CREATE INDEX IF NOT EXISTS tags_digest ON tags(digest);
-CREATE TABLE IF NOT EXISTS pulled_tags (
-    name       TEXT NOT NULL,
-    tag        TEXT NOT NULL,
-    upstream   TEXT NOT NULL,
-    checked_at REAL NOT NULL,
-    PRIMARY KEY (name, tag),
-    FOREIGN KEY (name, tag) REFERENCES tags(name, tag) ON DELETE CASCADE
-);
-"""
+# The schema, one entry per version ({blob}, {real}, {bigint}, {key}: adapters.sql types).
+# Never edit a released version: add one.  Version 1 is the schema SQLite registries had
+# before versions were recorded; its IF NOT EXISTS lets it adopt such a database.
+MIGRATIONS = [
+    [
+        """CREATE TABLE IF NOT EXISTS artifacts (
+            digest       {key} PRIMARY KEY,
+            name         {key} NOT NULL,
+            kind         TEXT NOT NULL,
+            content_key  TEXT NOT NULL,
+            manifest     {blob} NOT NULL,
+            torrent      {blob} NOT NULL,
+            origin_url   TEXT NOT NULL,
+            s3_endpoint  TEXT,
+            total_size   {bigint} NOT NULL,
+            created      TEXT NOT NULL,  -- the manifest's legacy created, else the publish time (UTC)
+            published_at {real} NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS artifacts_name_digest ON artifacts(name, digest)",
+        "CREATE INDEX IF NOT EXISTS artifacts_content_key ON artifacts(content_key)",
+        """CREATE TABLE IF NOT EXISTS tags (
+            name   {key} NOT NULL,
+            tag    {key} NOT NULL,
+            digest {key} NOT NULL REFERENCES artifacts(digest),
+            PRIMARY KEY (name, tag)
+        )""",
+        "CREATE INDEX IF NOT EXISTS tags_digest ON tags(digest)",
+        """CREATE TABLE IF NOT EXISTS pulled_tags (
+            name       {key} NOT NULL,
+            tag        {key} NOT NULL,
+            upstream   TEXT NOT NULL,
+            checked_at {real} NOT NULL,
+            PRIMARY KEY (name, tag),
+            FOREIGN KEY (name, tag) REFERENCES tags(name, tag) ON DELETE CASCADE
+        )""",
+    ],
+]
 
-
-class StoreError(ModelcastError):
-    """The registry database failed (disk full, corrupt file, locked by another process)."""
-
-    code = "store_error"
-    http_status = 500
+# The registry database failed (disk full, corrupt file, locked by another process); its
+# subclass adapters.sql.DatabaseUnavailable (503) while PostgreSQL cannot be reached.
+StoreError = DatabaseError
 
 
 @dataclass(frozen=True)
@@ -148,24 +154,31 @@ def _rfc3339(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def _insert_artifact(db: sqlite3.Connection, manifest: Manifest, data: bytes, torrent: bytes, origin_url: str,
+def _insert_artifact(db: Transaction, manifest: Manifest, data: bytes, torrent: bytes, origin_url: str,
                      s3_endpoint: str | None) -> bool:
     """Store the artifact in the open transaction unless it is there; True if it was new."""
     digest = manifest.digest
-    row = db.execute("SELECT manifest FROM artifacts WHERE digest = ?", (digest,)).fetchone()
-    if row is not None:
-        if bytes(row[0]) != data:
-            # Unreachable short of a SHA-256 collision; refusing beats overwriting.
-            raise Conflict(f"artifact {digest} is stored with different manifest bytes")
-        return False
     now = time.time()  # the publish time lives here, beside the manifest, not in its digested bytes
-    db.execute(
+    # One statement, not a look then an insert: two replicas publishing one digest at once
+    # both succeed, one of them inserting it.
+    cur = db.execute(
         "INSERT INTO artifacts (digest, name, kind, content_key, manifest, torrent, origin_url,"
-        " s3_endpoint, total_size, created, published_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        " s3_endpoint, total_size, created, published_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+        " ON CONFLICT(digest) DO NOTHING",
         (digest, manifest.name, manifest.kind, manifest.content_key, data, bytes(torrent),
          origin_url, s3_endpoint, manifest.total_size, manifest.created or _rfc3339(now), now),
     )
-    return True
+    if cur.rowcount > 0:
+        return True
+    row = db.execute("SELECT manifest FROM artifacts WHERE digest = ?", (digest,)).fetchone()
+    if row is not None and bytes(row[0]) != data:
+        # Unreachable short of a SHA-256 collision; refusing beats overwriting.
+        raise Conflict(f"artifact {digest} is stored with different manifest bytes")
+    return False
+
+
+def _tag_key(name: str, tag: str) -> str:
+    return f"tag {name}:{tag}"
 
 
 # Told of every operation: its name, its seconds (waiting for the lock included), whether it failed.
@@ -195,48 +208,35 @@ def _timed(method: F) -> F:
 
 
 class RegistryStore:
-    """SQLite-backed registry: immutable artifacts by digest, mutable tags by name.
+    """The registry's SQL store: immutable artifacts by digest, mutable tags by name.
 
-    ``observe``, if given, is called after every operation (on the calling thread) with
-    its name, its duration and whether it failed: the registry's metrics.
+    ``db`` is a ``postgresql://`` URL, or None for SQLite in ``data_dir``.  ``observe``,
+    if given, is called after every operation (on the calling thread) with its name, its
+    duration and whether it failed: the registry's metrics.
     """
 
-    def __init__(self, data_dir: Path, observe: Observer | None = None):
+    def __init__(self, data_dir: Path, observe: Observer | None = None, *, db: str | None = None):
         self._observe = observe
-        self.path = Path(data_dir) / DB_NAME
+        # The SQLite file, or None on PostgreSQL; ``location`` names either in messages.
+        self.path: Path | None = None if db else Path(data_dir) / DB_NAME
+        self._db: Database = open_database(db or self.path)
+        self.location = self._db.location
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # check_same_thread=False: calls arrive on asyncio's worker threads; the lock
-            # below is what keeps them from interleaving.
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.execute("PRAGMA busy_timeout=5000")
-            self._db.executescript(_SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"cannot open the registry database {self.path}: {exc}") from exc
-        self._lock = threading.Lock()
+            self.schema_version = self._db.migrate(MIGRATIONS)
+        except BaseException:
+            self._db.close()
+            raise
+
+    @property
+    def dialect(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return self._db.dialect
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._db.close()
 
     def _run(self, fn, *, write: bool = False):
-        with self._lock:
-            try:
-                if not write:
-                    return fn(self._db)
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    result = fn(self._db)
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
-                return result
-            except sqlite3.Error as exc:
-                raise StoreError(f"registry database {self.path} failed: {exc}") from exc
+        return self._db.write(fn) if write else self._db.read(fn)
 
     # -- writes ---------------------------------------------------------------------
 
@@ -251,7 +251,9 @@ class RegistryStore:
         data = manifest.canonical_bytes()
         digest = manifest.digest
 
-        def tx(db: sqlite3.Connection) -> PublishResult:
+        def tx(db: Transaction) -> PublishResult:
+            if tag is not None:
+                self._db.lock_key(db, _tag_key(manifest.name, tag))
             created = _insert_artifact(db, manifest, data, torrent, origin_url, s3_endpoint)
             if tag is not None:
                 db.execute(
@@ -277,7 +279,9 @@ class RegistryStore:
         data = manifest.canonical_bytes()
         digest = manifest.digest
 
-        def tx(db: sqlite3.Connection) -> PublishResult:
+        def tx(db: Transaction) -> PublishResult:
+            if tag is not None:
+                self._db.lock_key(db, _tag_key(manifest.name, tag))
             created = _insert_artifact(db, manifest, data, torrent, upstream, None)
             if tag is not None:
                 local = db.execute(
@@ -307,7 +311,8 @@ class RegistryStore:
         Used when the upstream no longer has the tag.  A tag published here, or moved
         since the caller looked, is kept.  True if it was removed.
         """
-        def tx(db: sqlite3.Connection) -> bool:
+        def tx(db: Transaction) -> bool:
+            self._db.lock_key(db, _tag_key(name, tag))
             cur = db.execute(
                 "DELETE FROM tags WHERE name = ? AND tag = ? AND digest = ? AND EXISTS"
                 " (SELECT 1 FROM pulled_tags p WHERE p.name = tags.name AND p.tag = tags.tag)",
@@ -322,7 +327,8 @@ class RegistryStore:
 
         The artifact stays: it is still reachable by digest, and other tags may point at it.
         """
-        def tx(db: sqlite3.Connection) -> str | None:
+        def tx(db: Transaction) -> str | None:
+            self._db.lock_key(db, _tag_key(name, tag))
             row = db.execute("SELECT digest FROM tags WHERE name = ? AND tag = ?", (name, tag)).fetchone()
             if row is not None:
                 db.execute("DELETE FROM tags WHERE name = ? AND tag = ?", (name, tag))
@@ -338,7 +344,7 @@ class RegistryStore:
         removes those tags first (pointers before data, in the same transaction).  The
         origin's blobs are not touched: other artifacts may share them.
         """
-        def tx(db: sqlite3.Connection) -> Deleted | None:
+        def tx(db: Transaction) -> Deleted | None:
             row = db.execute("SELECT name, manifest FROM artifacts WHERE digest = ?", (digest,)).fetchone()
             if row is None or (name is not None and row[0] != name):
                 return None
@@ -357,7 +363,7 @@ class RegistryStore:
             # substring selects the few candidate manifests without parsing every one.
             dropped = []
             for hex_hash, key in zip([h for h in (info_hash.v1, info_hash.v2) if h], info_hash.tracker_keys()):
-                others = db.execute("SELECT manifest FROM artifacts WHERE instr(manifest, ?) > 0",
+                others = db.execute(f"SELECT manifest FROM artifacts WHERE {self._db.contains('manifest')}",
                                     (hex_hash.encode(),)).fetchall()
                 if not any(key in Manifest.from_bytes(bytes(o[0])).info_hash.tracker_keys() for o in others):
                     dropped.append(key)
@@ -412,7 +418,7 @@ class RegistryStore:
             where.append("name = ?")
             args.append(name)
         if name_contains:
-            where.append("instr(name, ?) > 0")  # instr, not LIKE: '%' and '_' in the text match themselves
+            where.append(self._db.contains("name"))  # not LIKE: '%' and '_' in the text match themselves
             args.append(name_contains)
         if content_key is not None:
             where.append("content_key = ?")
@@ -426,7 +432,7 @@ class RegistryStore:
         sql += " ORDER BY name, digest LIMIT ?"
         args.append(limit + 1)
 
-        def read(db: sqlite3.Connection):
+        def read(db: Transaction):
             rows = db.execute(sql, args).fetchall()
             page = rows[:limit]
             tags: dict[str, list[str]] = {r[0]: [] for r in page}

@@ -15,7 +15,7 @@ from typing import Awaitable, Callable
 
 from aiohttp import web
 
-from modelcast.errors import ArtifactNotFound, BadRequest, ModelcastError, Unauthorized
+from modelcast.errors import ArtifactNotFound, BadRequest, ModelcastError, Unauthorized, retry_after
 from modelcast.manifest import Manifest
 from modelcast.reference import validate_name
 
@@ -57,7 +57,9 @@ def page(handler: Handler) -> Handler:
         try:
             return await handler(request)
         except ModelcastError as exc:
-            return html(pages.error_page(exc.http_status, str(exc)), status=exc.http_status)
+            response = html(pages.error_page(exc.http_status, str(exc)), status=exc.http_status)
+            response.headers.update(retry_after(exc))
+            return response
 
     return wrapped
 
