@@ -101,7 +101,10 @@ def test_sigkill_at_any_moment_never_shows_a_half_artifact_and_resume_fetches_no
     # in flight (requested, not yet verified) when the node died: 4 requests of 1.5 MiB.
     fetched_after = registry_stats(tracker.url)["origin_bytes_served"] - served_at_kill
     assert fetched_after <= size - kept + 7 * MiB, (fetched_after, size - kept)
-    assert registry_stats(tracker.url)["origin_bytes_served"] - served_before < 1.6 * size
+    # In all: the artifact once, plus at most what was in flight at each of the three kills
+    # (the registry counts an answer's bytes when its headers go out). A fixed 1.6x bound
+    # failed once under load at 1.63x, within this one.
+    assert registry_stats(tracker.url)["origin_bytes_served"] - served_before <= size + 3 * 7 * MiB
 
 
 def test_sigterm_saves_resume_data_and_exits_within_5s(tracker, node_factory, tmp_path):
