@@ -241,6 +241,19 @@ async def error_of(resp, status: int) -> dict:
     return body["error"]
 
 
+def announce_from(tracker_url: str, source: str, query: str) -> dict:
+    """``GET /announce?query`` sent from the local address ``source`` (e.g. 127.0.0.3); the decoded answer."""
+    import http.client
+
+    host, port = tracker_url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10, source_address=(source, 0))
+    try:
+        conn.request("GET", "/announce?" + query)
+        return bdecode(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
 def announce_query(info_hash: bytes, n: int, **extra) -> str:
     """The query string of peer ``n``'s announce (port 7000 + n), every byte percent-encoded."""
     params = {"info_hash": info_hash, "peer_id": f"-MC0001-{n:012d}".encode(), "port": str(7000 + n),

@@ -8,16 +8,14 @@ code of 2026-12-03 all three worked.
 
 from __future__ import annotations
 
-import http.client
 import json
 import urllib.error
 import urllib.request
 
 from harness import wait_until
 from tracker.announce import decode_compact_peers
-from tracker.bencode import bdecode
 
-from ..helpers import TOKEN, announce_query, make_model, publish
+from ..helpers import TOKEN, announce_from, announce_query, make_model, publish
 
 
 def call(method: str, url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
@@ -54,18 +52,8 @@ def test_nobody_else_can_leave_heartbeat_or_announce_as_a_node(tmp_path, tracker
                      (tmp_path / "o").as_uri())
     _, manifest = call("GET", f"{tracker.url}/v1/artifacts/{digest}")
     ih = bytes.fromhex(manifest["info_hash"]["v1"])
-    host, port = tracker.url.removeprefix("http://").rsplit(":", 1)
-
-    def announce(source: str, query: str) -> dict:
-        conn = http.client.HTTPConnection(host, int(port), timeout=10, source_address=(source, 0))
-        try:
-            conn.request("GET", "/announce?" + query)
-            return bdecode(conn.getresponse().read())
-        finally:
-            conn.close()
-
-    announce("127.0.0.3", announce_query(ih, 1, node=node_id))
+    announce_from(tracker.url, "127.0.0.3", announce_query(ih, 1, node=node_id))
     node.stop()
     wait_until(lambda: not alive(tracker.url, node_id), 10, 0.1, "the node's leave")
-    answer = announce("127.0.0.4", announce_query(ih, 2, left="1"))
+    answer = announce_from(tracker.url, "127.0.0.4", announce_query(ih, 2, left="1"))
     assert ("127.0.0.3", 7001) in decode_compact_peers(answer[b"peers"])

@@ -9,7 +9,6 @@ below failed there.
 
 from __future__ import annotations
 
-import http.client
 import json
 import urllib.request
 
@@ -17,21 +16,13 @@ import pytest
 
 from harness import start_tracker
 from tracker.announce import decode_compact_peers
-from tracker.bencode import bdecode
 
-from ..helpers import TOKEN, announce_query, make_model, publish
+from ..helpers import TOKEN, announce_from, announce_query, make_model, publish
 
 VICTIM, ATTACKER, PROXY, WATCHER = "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"
 
 
-def announce(tracker_url: str, source: str, query: str) -> dict:
-    host, port = tracker_url.removeprefix("http://").rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=10, source_address=(source, 0))
-    try:
-        conn.request("GET", "/announce?" + query)
-        return bdecode(conn.getresponse().read())
-    finally:
-        conn.close()
+announce = announce_from
 
 
 def listed(tracker_url: str, info_hash: bytes) -> set[tuple[str, int]]:

@@ -10,7 +10,6 @@ its parent again for every unknown reference.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import urllib.error
 import urllib.request
