@@ -29,6 +29,7 @@ import asyncio
 import ipaddress
 import json
 import logging
+import ssl
 import resource
 import time
 from dataclasses import dataclass, replace
@@ -430,13 +431,17 @@ class BoundedSite:
 
 
 async def start_bounded(runner: web.AppRunner, host: str, port: int, limits: ServerLimits, log: logging.Logger,
-                        what: str, *, exempt: Iterable[Any] = ()) -> BoundedSite:
-    """Serve ``runner`` (already set up) on ``host:port`` (0: a free port) within ``limits``.
+                        what: str, *, exempt: Iterable[Any] = (), ssl_context: ssl.SSLContext | None = None
+                        ) -> BoundedSite:
+    """Serve ``runner`` (already set up) on ``host:port`` (0: a free port) within ``limits``, over TLS with ``ssl_context``.
 
     Raises OSError if the address cannot be bound (the caller says what to do about it).
     """
     bounded = BoundedServer(runner.server, limits, log, what, exempt)
-    server = await asyncio.get_running_loop().create_server(bounded, host, port)
+    server = await asyncio.get_running_loop().create_server(
+        bounded, host, port, ssl=ssl_context,
+        # A handshake that never completes holds a connection no longer than a request head may.
+        ssl_handshake_timeout=limits.header_timeout_s if ssl_context is not None else None)
     return BoundedSite(runner, server, bounded)
 
 

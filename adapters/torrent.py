@@ -34,6 +34,7 @@ from modelcast.errors import InvalidManifest, ModelcastError, PullFailed, Unsafe
 from modelcast.manifest import InfoHashes, Manifest
 
 from . import piece_hash
+from .tls import libtorrent_ca
 
 log = logging.getLogger("modelcast.torrent")
 
@@ -162,6 +163,26 @@ def build_torrent_parallel(files: list[tuple[str, str | Path, int]], torrent_nam
     return lt.bencode(top)
 
 
+class _FileBytesProgress:
+    """Turns "piece done" calls (from any hashing thread) into file bytes for a progress bar.
+
+    File bytes, not piece bytes: pad files make the pieces add up to more.
+    """
+
+    def __init__(self, files: list[tuple[str, Path, int]], piece_length: int, progress: Callable[[int], None]):
+        self.total = sum(size for _, _, size in files)
+        self.num_pieces = max(1, sum(-(-size // piece_length) for _, _, size in files))
+        self.progress = progress
+        self.done = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, _index: int) -> None:
+        with self._lock:
+            before = self.total * self.done // self.num_pieces
+            self.done += 1
+            self.progress(self.total * self.done // self.num_pieces - before)
+
+
 def make_torrent(files: list[tuple[str, Path, int]], torrent_name: str, piece_length: int, announce: str | None = None,
                  progress: Callable[[int], None] | None = None,
                  stop: threading.Event | None = None, v1_only: bool = False) -> tuple[bytes, InfoHashes, float]:
@@ -172,19 +193,7 @@ def make_torrent(files: list[tuple[str, Path, int]], torrent_name: str, piece_le
     :class:`ModelcastError`.  Blocking: call it from a thread.
     """
     t0 = time.monotonic()
-    on_piece = None
-    if progress is not None:
-        # Report file bytes, not piece bytes: pad files make the pieces add up to more.
-        total = sum(size for _, _, size in files)
-        num_pieces = max(1, sum(-(-size // piece_length) for _, _, size in files))
-        lock = threading.Lock()
-        done = [0]
-
-        def on_piece(_index: int) -> None:
-            with lock:
-                before = total * done[0] // num_pieces
-                done[0] += 1
-                progress(total * done[0] // num_pieces - before)
+    on_piece = None if progress is None else _FileBytesProgress(files, piece_length, progress)
     try:
         data = build_torrent_parallel(files, torrent_name, piece_length, announce, on_piece, v1_only, stop)
     except OSError as exc:
@@ -323,7 +332,8 @@ class TorrentEngine:
     """
 
     def __init__(self, peer_host: str, peer_port: int, *, upload_limit: int = 0, download_limit: int = 0,
-                 connections: int = 200, on_event: Callable[[str, EngineEvent], None] | None = None):
+                 connections: int = 200, on_event: Callable[[str, EngineEvent], None] | None = None,
+                 ca: Path | None = None):
         specific = not is_wildcard(peer_host)
         settings = {
             "listen_interfaces": f"[{peer_host}]:{peer_port}" if ":" in peer_host else f"{peer_host}:{peer_port}",
@@ -358,7 +368,9 @@ class TorrentEngine:
             # and the other peers see the address this node accepts connections on.
             settings["outgoing_interfaces"] = peer_host
             settings["announce_ip"] = peer_host
-        self.session = lt.session(settings)
+        # ca: a CA file that https trackers' certificates may chain to, besides the system's roots.
+        with libtorrent_ca(ca):
+            self.session = lt.session(settings)
         if upload_limit or download_limit:
             # Peers on loopback/LAN are "local" and skip rate limits unless put in the
             # global peer class; limits are the point, so every address goes there.

@@ -24,21 +24,31 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
                    help="torrent format: hybrid v1+v2 (default), or v1 only for clients that cannot read v2 "
                         "(aria2 < 1.37)")
     p.add_argument("--annotation", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--hf-repo", metavar="ORG/NAME[@REVISION]",
+                   help="record this Hugging Face repo (and revision) in the manifest, for `modelcast pull --hf`; "
+                        "a snapshot folder of a hub cache (…/models--ORG--NAME/snapshots/<commit>) is recognised "
+                        "without it")
     client_args(p, registry=True, token=True)
     return {"publish": cmd_publish}
 
 
 def cmd_publish(args) -> int:
+    from .hf_snapshot import hf_source
     from .publish import publish_sync
 
-    client = ClientConfig.from_env(registry=args.registry, token=args.token)
+    client = ClientConfig.from_env(registry=args.registry, token=args.token, ca=args.ca)
     ref = Reference.parse(args.ref)
     if ref.tag is None:
         raise ModelcastError(f"publish needs NAME:TAG, got {args.ref!r}")
     cfg = PublishConfig(registry=client.registry, origin=args.origin,
                         s3_endpoint=args.s3_endpoint or env_str(ENV_S3_ENDPOINT), token=client.token,
-                        torrent_format=args.torrent)
-    result = publish_sync(args.path, ref, cfg, kind=args.kind, annotations=parse_annotations(args.annotation),
-                          progress=sys.stderr.isatty())
+                        torrent_format=args.torrent, ca=client.ca)
+    hf = hf_source(args.path, args.hf_repo)
+    if hf is not None:
+        print(f"publishing {args.path} as Hugging Face repo {hf.repo_id}"
+              + (f" at {hf.commit}" if hf.commit else "") + (f" (refs/{hf.ref})" if hf.ref else ""), file=sys.stderr)
+    annotations = {**(hf.annotations() if hf else {}), **parse_annotations(args.annotation)}
+    result = publish_sync(args.path, ref, cfg, kind=args.kind, annotations=annotations,
+                          progress=sys.stderr.isatty(), link_root=hf.repo_dir if hf else None)
     print(result.digest)
     return 0

@@ -156,8 +156,13 @@ def hash_and_store(files: list[ScannedFile], origin: Origin, hash_workers: int, 
 
 
 async def publish(path: Path, ref: Reference, cfg: PublishConfig, *, kind: str = "model",
-                  annotations: dict[str, str] | None = None, progress: bool = False) -> PublishResult:
+                  annotations: dict[str, str] | None = None, progress: bool = False,
+                  link_root: Path | None = None) -> PublishResult:
     """Publish the directory (or single file) ``path`` as ``ref`` (NAME:TAG).
+
+    Links inside ``path`` are read as the files they point to while they stay inside
+    ``link_root`` (default ``path``; a Hugging Face snapshot's repo folder, see
+    :mod:`distributor.hf_snapshot`).
 
     Identical content gives the digest of its first publish and uploads nothing.
     Errors are :class:`modelcast.errors.ModelcastError` subclasses naming what failed.
@@ -166,11 +171,11 @@ async def publish(path: Path, ref: Reference, cfg: PublishConfig, *, kind: str =
         raise InvalidReference(f"publish needs NAME:TAG, got {ref}")
     t0 = time.monotonic()
     label = f"{ref.name}:{ref.tag}"
-    async with RegistryClient(cfg.registry, cfg.token) as registry:
+    async with RegistryClient(cfg.registry, cfg.token, ca=cfg.ca) as registry:
         # Fail on a wrong token, a dead registry or a bad origin URL before reading gigabytes.
         await registry.check_write_access(f"publish {label}")
         origin = await asyncio.to_thread(open_origin, cfg.origin, cfg.s3_endpoint)
-        files = await asyncio.to_thread(scan, path)
+        files = await asyncio.to_thread(scan, path, link_root)
         total = sum(f.size for f in files)
         piece_length = choose_piece_length(total)
         torrent_name = torrent_name_for(ref.name)

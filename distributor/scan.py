@@ -40,25 +40,29 @@ def _scanned(rel: str, path: Path) -> ScannedFile:
     return ScannedFile(_checked_rel(rel), path, st.st_size, st.st_mtime_ns)
 
 
-def scan(root: Path) -> list[ScannedFile]:
+def scan(root: Path, link_root: Path | None = None) -> list[ScannedFile]:
     """Return the artifact's files sorted by path.
 
     ``root`` may be a directory (every regular file below it) or one regular file.
-    Links are followed only while they stay inside ``root`` (and never in a loop); a link
-    that leaves it, a dangling link, or a device/socket/fifo is refused with UnsafePath,
-    because publishing it would copy bytes the user did not mean to share.
+    Links are followed only while they stay inside ``link_root`` (default: ``root``; for a
+    Hugging Face snapshot, its repo folder, whose ``blobs/`` the snapshot's links point
+    into) and never in a loop; a link that leaves it, a dangling link, or a
+    device/socket/fifo is refused with UnsafePath, because publishing it would copy bytes
+    the user did not mean to share.  The artifact holds the files links point to, never
+    links (DESIGN.md, Paths).
     """
     root = Path(root)
     try:
-        return _scan(root)
+        return _scan(root, link_root)
     except OSError as exc:
         raise ModelcastError(f"cannot scan {exc.filename or root}: {exc.strerror or exc}") from exc
 
 
-def _scan(root: Path) -> list[ScannedFile]:
+def _scan(root: Path, link_root: Path | None) -> list[ScannedFile]:
     if not root.exists():
         raise BadRequest(f"{root} does not exist; give the directory (or file) to publish")
     real_root = root.resolve()
+    fence = Path(link_root).resolve() if link_root is not None else real_root
     mode = real_root.stat().st_mode
     if stat.S_ISREG(mode):
         # The name the user gave, not the target of a link they gave.
@@ -83,9 +87,11 @@ def _scan(root: Path) -> list[ScannedFile]:
                 try:
                     target = path.resolve(strict=True)
                 except (FileNotFoundError, RuntimeError) as exc:
-                    raise UnsafePath(f"{entry_rel} is a dangling or looping link") from exc
-                if target != real_root and real_root not in target.parents:
-                    raise UnsafePath(f"{entry_rel} is a link to {target}, outside the artifact {root}; "
+                    hint = (" (an incomplete Hugging Face download? run snapshot_download again)"
+                            if link_root is not None else "")
+                    raise UnsafePath(f"{entry_rel} is a dangling or looping link{hint}") from exc
+                if target != fence and fence not in target.parents:
+                    raise UnsafePath(f"{entry_rel} is a link to {target}, outside {fence}; "
                                      "copy the file in or publish its own directory")
             mode = path.stat().st_mode
             if stat.S_ISDIR(mode):

@@ -10,6 +10,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
+from adapters.tls import client_context
+
 from .wait import wait_until
 
 
@@ -29,13 +31,17 @@ class ServiceProcess:
     """A modelcast service in its own process, ready once its health URL answers.
 
     ``url`` is the base URL clients use (by default, the health URL's scheme and address).
+    An https health URL is checked against the system's roots plus ``ca``.
     The process can be started again after a stop (a restart, on the same port).
     """
 
     def __init__(self, argv: list[str], health_url: str, log_path: Path | None = None,
-                 env: dict[str, str] | None = None, name: str = "service", url: str | None = None):
+                 env: dict[str, str] | None = None, name: str = "service", url: str | None = None,
+                 ca: Path | None = None):
         self.argv = argv
         self.health_url = health_url
+        self.ca = ca
+        self._ssl = client_context(ca) if health_url.startswith("https:") else None
         self.url = url or "/".join(health_url.split("/", 3)[:3])
         self.log_path = log_path
         self.name = name
@@ -64,7 +70,7 @@ class ServiceProcess:
                 raise RuntimeError(f"{self.name} exited with code {code} before it was ready"
                                    + (f"; see {self.log_path}" if self.log_path else ""))
             try:
-                with urllib.request.urlopen(self.health_url, timeout=1) as resp:
+                with urllib.request.urlopen(self.health_url, timeout=1, context=self._ssl) as resp:
                     return resp.status == 200
             except OSError:
                 return False

@@ -12,13 +12,28 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def client_args(p: argparse.ArgumentParser, *, registry: bool = False, node: bool = False, token: bool = False) -> None:
-    """Add the ``--registry``, ``--node`` and ``--token`` options a client command takes."""
+    """Add the ``--registry``, ``--node``, ``--token`` and ``--ca`` options a client command takes."""
     if registry:
         p.add_argument("--registry", help="registry URL (env MODELCAST_REGISTRY)")
     if node:
         p.add_argument("--node", help="node daemon URL (env MODELCAST_NODE)")
     if token:
         p.add_argument("--token", help="bearer token for writes (env MODELCAST_TOKEN)")
+    if registry or node:
+        ca_arg(p)
+
+
+def ca_arg(p: argparse.ArgumentParser, what: str = "https:// registries and nodes", dest: str = "ca") -> None:
+    """Add ``--ca FILE``: a CA trusted besides the system's roots."""
+    p.add_argument("--ca", dest=dest, metavar="FILE", help=f"PEM file of the CA that signed the certificates of {what}, trusted "
+                                                "besides the system's roots (env MODELCAST_CA)")
+
+
+def tls_args(p: argparse.ArgumentParser, what: str) -> None:
+    """Add ``--tls-cert FILE --tls-key FILE``: serve ``what`` over TLS."""
+    p.add_argument("--tls-cert", metavar="FILE", help=f"PEM certificate chain: serve {what} over TLS (https://); "
+                                                      "needs --tls-key (env MODELCAST_TLS_CERT)")
+    p.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert (env MODELCAST_TLS_KEY)")
 
 
 def secret_file(path, flag: str) -> str | None:

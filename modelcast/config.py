@@ -20,6 +20,16 @@ ENV_UPSTREAM_TOKEN = "MODELCAST_UPSTREAM_TOKEN"  # modelcast tracker --upstream-
 ENV_S3_ENDPOINT = "MODELCAST_S3_ENDPOINT"
 ENV_WHEELHOUSE = "MODELCAST_WHEELHOUSE"
 ENV_SOURCE_DATE_EPOCH = "SOURCE_DATE_EPOCH"  # the reproducible-builds convention for fixed timestamps
+# Where huggingface_hub keeps its cache, in the order it reads them (huggingface_hub/constants.py).
+ENV_HF_HUB_CACHE = "HF_HUB_CACHE"
+ENV_HF_HUB_CACHE_OLD = "HUGGINGFACE_HUB_CACHE"
+ENV_HF_HOME = "HF_HOME"
+ENV_XDG_CACHE_HOME = "XDG_CACHE_HOME"
+# TLS: a server's certificate chain and key (PEM), and the CA file (PEM) a client trusts
+# besides the system's roots (a private CA that signed the registry's and nodes' certificates).
+ENV_TLS_CERT = "MODELCAST_TLS_CERT"  # modelcast tracker|node --tls-cert
+ENV_TLS_KEY = "MODELCAST_TLS_KEY"  # modelcast tracker|node --tls-key
+ENV_CA = "MODELCAST_CA"  # --ca on every client command, the node daemon and the registry (for --upstream)
 
 DEFAULT_REGISTRY = "http://127.0.0.1:7070"
 DEFAULT_NODE = "http://127.0.0.1:7071"
@@ -40,6 +50,20 @@ def env_float(name: str, default: float) -> float:
         raise BadRequest(f"environment variable {name}={raw!r} is not a number") from None
 
 
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache this process's huggingface_hub would use (absolute).
+
+    ``HF_HUB_CACHE``, else ``HUGGINGFACE_HUB_CACHE``, else ``$HF_HOME/hub``, else
+    ``$XDG_CACHE_HOME/huggingface/hub``, else ``~/.cache/huggingface/hub``: the library's order.
+    """
+    explicit = env_str(ENV_HF_HUB_CACHE) or env_str(ENV_HF_HUB_CACHE_OLD)
+    if explicit:
+        return Path(os.path.expandvars(explicit)).expanduser().absolute()
+    home = env_str(ENV_HF_HOME) or os.path.join(env_str(ENV_XDG_CACHE_HOME) or os.path.expanduser("~/.cache"),
+                                                "huggingface")
+    return (Path(os.path.expandvars(home)).expanduser() / "hub").absolute()
+
+
 def is_wildcard(host: str) -> bool:
     """Whether a listen host means every interface (so it names no one address)."""
     return host in ("", "0.0.0.0", "::")
@@ -55,6 +79,37 @@ def parse_hostport(text: str, *, what: str) -> tuple[str, int]:
     if not 0 <= port_i <= 65535:
         raise BadRequest(f"{what} {text!r}: port out of range")
     return host, port_i
+
+
+def env_path(name: str) -> Path | None:
+    value = env_str(name)
+    return Path(value) if value else None
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A server's TLS certificate chain and private key (PEM files); serving TLS needs both."""
+
+    cert: Path
+    key: Path
+
+    @classmethod
+    def from_args(cls, cert: str | Path | None, key: str | Path | None) -> "TlsFiles | None":
+        """The pair from ``--tls-cert``/``--tls-key`` (or MODELCAST_TLS_CERT/_KEY); None: plain HTTP."""
+        cert = cert or env_str(ENV_TLS_CERT)
+        key = key or env_str(ENV_TLS_KEY)
+        if not cert and not key:
+            return None
+        if not cert or not key:
+            given, missing = ("--tls-cert", "--tls-key") if cert else ("--tls-key", "--tls-cert")
+            raise BadRequest(f"{given} needs {missing} too (env {ENV_TLS_CERT} and {ENV_TLS_KEY}): TLS takes the "
+                             "certificate chain and its private key")
+        return cls(Path(cert), Path(key))
+
+
+def ca_from_args(ca: str | Path | None) -> Path | None:
+    """The CA file a client trusts besides the system's roots: ``--ca``, else MODELCAST_CA, else none."""
+    return Path(ca) if ca else env_path(ENV_CA)
 
 
 def parse_size(text: str) -> int:
@@ -81,13 +136,17 @@ class ClientConfig:
     node: str = DEFAULT_NODE
     token: str | None = None
     timeout_s: float = 30.0
+    # A CA file trusted besides the system's roots, for https:// registries and nodes.
+    ca: Path | None = None
 
     @classmethod
-    def from_env(cls, registry: str | None = None, node: str | None = None, token: str | None = None) -> "ClientConfig":
+    def from_env(cls, registry: str | None = None, node: str | None = None, token: str | None = None,
+                 ca: str | Path | None = None) -> "ClientConfig":
         return cls(
             registry=(registry or env_str(ENV_REGISTRY, DEFAULT_REGISTRY)).rstrip("/"),
             node=(node or env_str(ENV_NODE, DEFAULT_NODE)).rstrip("/"),
             token=token or env_str(ENV_TOKEN),
+            ca=ca_from_args(ca),
         )
 
 
@@ -141,6 +200,10 @@ class TrackerConfig:
     # S3 endpoints a publish may name besides s3_endpoint: the registry signs requests to
     # them with its credentials, so they are its operator's choice, not a publisher's.
     allowed_s3_endpoints: tuple[str, ...] = ()
+    # TLS on the one listening socket (registry API, web seed and tracker); None: plain HTTP.
+    tls: TlsFiles | None = None
+    # The CA trusted besides the system's roots when this registry is a client (of --upstream).
+    ca: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -177,6 +240,14 @@ class NodeConfig:
     # Where accelerator detection looks for /proc/driver/nvidia, /dev/davinci* and driver
     # version files; tests point it at a faked tree (node_cache/runtime.py).
     accel_root: Path = Path("/")
+    # The Hugging Face hub cache a layout goes to when a request names none (the daemon's
+    # own HF_HUB_CACHE, see hf_hub_cache()); None: a request must name one.
+    hf_cache: Path | None = None
+    # TLS on the local API and the relay listener (whose advertised URL is then https://).
+    tls: TlsFiles | None = None
+    # The CA trusted besides the system's roots for the registry (API, web seed, tracker
+    # announces) and other nodes' relay listeners.
+    ca: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -191,6 +262,7 @@ class PublishConfig:
     upload_workers: int = 8
     # "hybrid" (v1 + v2, the default) or "v1": for BitTorrent clients that cannot read v2.
     torrent_format: str = "hybrid"
+    ca: Path | None = None  # trusted besides the system's roots for an https:// registry
 
 
 @dataclass(frozen=True)
@@ -208,6 +280,7 @@ class RuntimeBuildConfig:
     # Timestamp of every layer entry: the same inputs give the same bytes and digest.
     source_date_epoch: int = 0
     pip_timeout_s: float = 1800.0
+    ca: Path | None = None  # trusted besides the system's roots for an https:// registry
 
     @classmethod
     def from_env(cls, **kwargs) -> "RuntimeBuildConfig":

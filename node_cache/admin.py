@@ -1,10 +1,11 @@
-"""``modelcast node pin|unpin|ls|status|verify``: talk to a running node daemon."""
+"""``modelcast node pin|unpin|ls|status|evict|verify``: talk to a running node daemon."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import sys
+from pathlib import Path
 
 from modelcast.errors import ArtifactNotFound
 from modelcast.units import human_bytes
@@ -35,8 +36,8 @@ def table(listing: dict, pinned_only: bool = False) -> str:
     return "\n".join(rows)
 
 
-async def _run(args, node_url: str) -> int:
-    async with NodeClient(node_url) as node:
+async def _run(args, node_url: str, ca: Path | None) -> int:
+    async with NodeClient(node_url, ca=ca) as node:
         if args.node_action == "pin":
             answer = await node.pin(args.ref, holder=args.holder)
             print(f"{answer['digest']} pinned by {', '.join(answer['pinned_by'])}")
@@ -65,6 +66,12 @@ async def _run(args, node_url: str) -> int:
                 else:
                     print(text)
                     return 0
+        elif args.node_action == "evict":
+            digest = await _digest_of(node, args.ref)
+            answer = await node.evict(digest)
+            for layout in answer.get("hf_removed", []):
+                print(f"removed Hugging Face layout {layout['repo_id']}@{layout['revision']} at {layout['snapshot']}")
+            print(f"{digest} evicted")
         elif args.node_action == "verify":
             digest = await _digest_of(node, args.ref) if args.ref else None
             answer = await node.verify(digest)
@@ -77,9 +84,9 @@ async def _run(args, node_url: str) -> int:
     return 0
 
 
-def run_action(args, node_url: str) -> int:
+def run_action(args, node_url: str, ca: Path | None = None) -> int:
     try:
-        return asyncio.run(_run(args, node_url))
+        return asyncio.run(_run(args, node_url, ca))
     except KeyboardInterrupt:
         return 130
     except ArtifactNotFound:

@@ -1,6 +1,8 @@
 """The node's local HTTP API: thin handlers over :class:`~node_cache.daemon.NodeDaemon`, and the app's lifecycle.
 
 Routes: ``POST /v1/pull``, ``GET /v1/pulls/{digest}``, ``GET /v1/artifacts``,
+``DELETE /v1/artifacts/{digest}`` (evict now), ``POST /v1/artifacts/{digest}/hf`` (lay out
+in a Hugging Face hub cache, :mod:`node_cache.hf`),
 ``POST /v1/artifacts/{digest}/verify``, ``POST /v1/verify``, ``GET /v1/resolve``,
 ``GET|POST /v1/pins``, ``DELETE /v1/pins/{digest}``, ``GET /v1/health``, ``GET /metrics``,
 and ``/v1/runtime/*`` (:mod:`node_cache.runtime`).  Pieces for nodes of other zones are on
@@ -11,13 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+from pathlib import Path
 
 from aiohttp import web
 
 from adapters.http_server import MAX_JSON_BODY, NODE_API_LIMITS, read_json, start_bounded
+from adapters.tls import server_context
 from modelcast.config import NodeConfig
 from modelcast.errors import ArtifactNotFound, BadRequest, ModelcastError
+from modelcast.hf import HfName
 
 from .daemon import NodeDaemon
 from .jobs import PullJob, PullState
@@ -40,19 +46,59 @@ def _digest(request: web.Request) -> str:
     return "sha256:" + request.match_info["hex"]
 
 
+HF_EXAMPLE = '{"repo": "org/name@revision", "cache": "/abs/hub/cache"} (repo "": as published; cache: the node\'s)'
+
+
+def _hf_request(value: object) -> tuple[HfName | None, Path | None]:
+    """``"org/name[@rev]"``, ``""`` (the repo the artifact was published from), or ``{"repo", "cache"}``."""
+    if isinstance(value, str):
+        value = {"repo": value}
+    if not isinstance(value, dict) or set(value) - {"repo", "cache"}:
+        raise BadRequest(f"\"hf\" must be a repo id string or {HF_EXAMPLE}")
+    repo, cache = value.get("repo") or None, value.get("cache") or None
+    if repo is not None and not isinstance(repo, str):
+        raise BadRequest(f"\"hf\".repo must be a string like \"org/name\": {HF_EXAMPLE}")
+    if cache is not None and (not isinstance(cache, str) or not os.path.isabs(cache)):
+        raise BadRequest(f"\"hf\".cache must be an absolute path: {HF_EXAMPLE}")
+    return (HfName.parse(repo) if repo else None), (Path(cache) if cache else None)
+
+
 async def handle_pull(request: web.Request) -> web.Response:
-    body = await _json_body(request, '{"ref": "name:tag", "wait": true, "pin": "holder"}')
+    body = await _json_body(request, '{"ref": "name:tag", "wait": true, "pin": "holder", "hf": "org/name"}')
     pin = body.get("pin")
     if pin is not None and not isinstance(pin, str):
         raise BadRequest("\"pin\" must be a string naming who holds the pin")
+    wait = body.get("wait", True)
+    hf = _hf_request(body["hf"]) if body.get("hf") is not None else None
+    if hf is not None and not wait:
+        raise BadRequest("\"hf\" needs \"wait\": true (or, once the pull is ready, "
+                         "POST /v1/artifacts/<digest>/hf)")
     daemon = request.app[DAEMON]
     job = await daemon.pull(body["ref"], pin=pin)
-    wait = body.get("wait", True)
     if wait:
         await job.wait()
         if job.state is PullState.FAILED:
             raise job.error
-    return web.json_response(daemon.job_json(job), status=200 if job.state is PullState.READY else 202)
+    answer = {}
+    if hf is not None:
+        answer["hf"] = await daemon.lay_out_hf(job.digest, *hf)
+    return web.json_response({**daemon.job_json(job), **answer},
+                             status=200 if job.state is PullState.READY else 202)
+
+
+async def handle_hf(request: web.Request) -> web.Response:
+    """Lay a ready artifact out in a Hugging Face hub cache (again: it is idempotent)."""
+    try:
+        body = await request.json() if request.can_read_body else {}
+    except ValueError:
+        raise BadRequest(f"body must be JSON: {HF_EXAMPLE}") from None
+    name, cache = _hf_request(body if body else {})
+    return web.json_response(await request.app[DAEMON].lay_out_hf(_digest(request), name, cache))
+
+
+async def handle_evict(request: web.Request) -> web.Response:
+    """Delete a complete artifact now (not pinned, not in use); its Hugging Face layouts go first."""
+    return web.json_response(await request.app[DAEMON].evict(_digest(request)))
 
 
 def _job(request: web.Request) -> PullJob:
@@ -144,6 +190,8 @@ def make_app(cfg: NodeConfig) -> web.Application:
     app.router.add_get(f"/v1/pulls/{digest}", handle_pull_status)
     app.router.add_get("/v1/artifacts", handle_list)
     app.router.add_post(f"/v1/artifacts/{digest}/verify", handle_verify)
+    app.router.add_post(f"/v1/artifacts/{digest}/hf", handle_hf)
+    app.router.add_delete(f"/v1/artifacts/{digest}", handle_evict)
     app.router.add_post("/v1/verify", handle_verify_all)
     app.router.add_get("/v1/resolve", handle_resolve)
     app.router.add_get("/v1/pins", handle_pins)
@@ -171,7 +219,8 @@ async def _serve(cfg: NodeConfig) -> None:
     await runner.setup()  # starts the daemon (the app's cleanup_ctx)
     try:
         try:
-            site = await start_bounded(runner, cfg.api_host, cfg.api_port, NODE_API_LIMITS, log, "node API")
+            site = await start_bounded(runner, cfg.api_host, cfg.api_port, NODE_API_LIMITS, log, "node API",
+                                        ssl_context=server_context(cfg.tls))
         except OSError as exc:
             raise ModelcastError(f"cannot serve the node API on {cfg.api_host}:{cfg.api_port}: "
                                  f"{exc.strerror or exc}; pick another --api address or port") from None

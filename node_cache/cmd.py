@@ -12,15 +12,16 @@ import json
 import sys
 from pathlib import Path
 
-from modelcast.cmdline import Handler, client_args
-from modelcast.config import ClientConfig, NodeConfig, parse_hostport, parse_size
+from modelcast.cmdline import Handler, ca_arg, client_args, tls_args
+from modelcast.config import ClientConfig, NodeConfig, TlsFiles, hf_hub_cache, parse_hostport, parse_size
 from modelcast.errors import ModelcastError
+from modelcast.hf import HfName
 from modelcast.reference import Reference
 
 
 def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     """Add this component's subcommands to ``sub``; return their handlers by name."""
-    p = sub.add_parser("node", help="run the node cache daemon, or manage one (pin, unpin, ls, status, verify)")
+    p = sub.add_parser("node", help="run the node cache daemon, or manage one (pin, unpin, ls, status, evict, verify)")
     actions = p.add_subparsers(dest="node_action", metavar="[ACTION]")
     a = actions.add_parser("pin", help="pin an artifact so eviction never removes it")
     a.add_argument("ref")
@@ -38,6 +39,10 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     a.add_argument("--once", action="store_true", help="print the table once and exit")
     a.add_argument("--interval", type=float, default=0.5)
     client_args(a, node=True)
+    a = actions.add_parser("evict", help="delete an artifact from the node now (not pinned, not in use); its "
+                                         "Hugging Face layouts go first")
+    a.add_argument("ref")
+    client_args(a, node=True)
     a = actions.add_parser("verify", help="re-hash artifacts (all, or one) and repair what fails")
     a.add_argument("ref", nargs="?")
     client_args(a, node=True)
@@ -54,7 +59,7 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
                    help="where nodes of other zones fetch and push pieces, as the origin directs (default: the "
                         "peer host, any free port)")
     p.add_argument("--relay-url", metavar="URL",
-                   help="the URL other nodes reach the relay at, if not http://HOST:PORT of --relay-listen; '' = no "
+                   help="the URL other nodes reach the relay at, if not http(s)://HOST:PORT of --relay-listen; '' = no "
                         "relay (this node's zone then takes its own copy from the origin)")
     p.add_argument("--token", help="bearer token for the registry (env MODELCAST_TOKEN); without it a registry "
                                    "with a token refuses this node's heartbeats")
@@ -68,10 +73,20 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
                    help="seconds without peer progress before the origin web seed is used")
     p.add_argument("--accel-root", type=Path, default=NodeConfig.accel_root,
                    help="where accelerator detection looks for /dev, /proc and driver files (for tests)")
+    tls_args(p, "the local API and the relay listener")
+    # Its own dest: the actions' --ca (client_args) would otherwise reset "node --ca FILE ls" to none.
+    ca_arg(p, "an https:// registry and other nodes' relay listeners", dest="daemon_ca")
 
     p = sub.add_parser("pull", help="make an artifact warm on a node and print its local path")
     p.add_argument("ref")
     p.add_argument("--no-wait", action="store_true", help="start the pull and return at once")
+    p.add_argument("--hf", nargs="?", const="", metavar="ORG/NAME[@REVISION]",
+                   help="also lay it out in the Hugging Face hub cache as this repo (no value: the repo and "
+                        "revision it was published from), so huggingface_hub loads it offline by repo id; prints "
+                        "the snapshot folder")
+    p.add_argument("--hf-cache", type=Path, metavar="DIR",
+                   help="the hub cache for --hf (default: HF_HUB_CACHE, else HF_HOME/hub, else "
+                        "~/.cache/huggingface/hub)")
     client_args(p, node=True)
     return {"node": cmd_node, "pull": cmd_pull}
 
@@ -94,12 +109,13 @@ def cmd_node(args) -> int:
     if args.node_action:
         from .admin import run_action
 
-        return run_action(args, ClientConfig.from_env(node=args.node).node)
+        client = ClientConfig.from_env(node=args.node, ca=args.ca or args.daemon_ca)
+        return run_action(args, client.node, ca=client.ca)
     from .api import serve
 
     if args.cache is None:
         raise ModelcastError("modelcast node needs --cache DIR to run the daemon")
-    client = ClientConfig.from_env(registry=args.registry, token=args.token)
+    client = ClientConfig.from_env(registry=args.registry, token=args.token, ca=args.daemon_ca)
     api_host, api_port = parse_hostport(args.api, what="--api")
     if not 0 < args.heartbeat_interval < args.heartbeat_ttl:
         raise ModelcastError(f"--heartbeat-interval {args.heartbeat_interval} must be positive and shorter than "
@@ -114,16 +130,36 @@ def cmd_node(args) -> int:
                      webseed_grace_s=args.webseed_grace, quota=parse_size(args.quota), p2p=not args.no_p2p,
                      accel_root=args.accel_root, heartbeat_interval_s=args.heartbeat_interval,
                      heartbeat_ttl_s=args.heartbeat_ttl, relay_host=relay_host, relay_port=relay_port,
-                     relay_url=args.relay_url))
+                     relay_url=args.relay_url, hf_cache=hf_hub_cache(),
+                     tls=TlsFiles.from_args(args.tls_cert, args.tls_key), ca=client.ca))
     return 0
 
 
 def cmd_pull(args) -> int:
     from .client import pull_with_progress
 
-    client = ClientConfig.from_env(node=args.node)
+    client = ClientConfig.from_env(node=args.node, ca=args.ca)
     Reference.parse(args.ref)
-    status = asyncio.run(pull_with_progress(client.node, args.ref, wait=not args.no_wait, progress=sys.stderr.isatty()))
+    hf = None
+    if args.hf is not None:
+        if args.no_wait:
+            raise ModelcastError("--hf lays out a complete artifact: drop --no-wait")
+        if args.hf:
+            HfName.parse(args.hf)  # a bad repo id fails here, before any download
+        # The cache of the user who runs this (their HF_HUB_CACHE), not the daemon's.
+        hf = {"repo": args.hf, "cache": str((args.hf_cache or hf_hub_cache()).absolute())}
+    elif args.hf_cache is not None:
+        raise ModelcastError("--hf-cache goes with --hf [ORG/NAME]")
+    status = asyncio.run(pull_with_progress(client.node, args.ref, wait=not args.no_wait,
+                                            progress=sys.stderr.isatty(), hf=hf,
+                                            ca=client.ca))
+    if hf is not None:
+        layout = status["hf"]
+        print(f"{args.ref} is {layout['repo_id']} (revision {layout['revision']}"
+              + (f", refs/{layout['ref']}" if layout.get("ref") else "") + f") in the Hugging Face cache "
+              f"{layout['cache']}", file=sys.stderr)
+        print(layout["snapshot"])
+        return 0
     print(status.get("path") or status.get("state"))
     return 0
 
@@ -131,11 +167,11 @@ def cmd_pull(args) -> int:
 def cmd_runtime_resolve(args) -> int:
     from .runtime import RuntimeClient
 
-    client = ClientConfig.from_env(node=args.node)
+    client = ClientConfig.from_env(node=args.node, ca=args.ca)
     Reference.parse(args.ref)
 
     async def run():
-        async with RuntimeClient(client.node) as node:
+        async with RuntimeClient(client.node, ca=client.ca) as node:
             return await (node.resolve(args.ref) if args.dry_run else node.activate(args.ref, args.python_abi))
 
     answer = asyncio.run(run())

@@ -24,18 +24,22 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 
+from adapters.tls import connector_ssl
 from adapters.torrent import TorrentEngine, TorrentInfo, check_torrent, piece_spans
 from modelcast.config import NodeConfig, is_wildcard
-from modelcast.errors import (BadRequest, DiskFull, IntegrityError, InvalidManifest, ModelcastError, PullFailed,
-                              Unreachable)
+from modelcast.errors import (ArtifactNotFound, BadRequest, Conflict, DiskFull, IntegrityError, InvalidManifest,
+                              ModelcastError, PullFailed, Unreachable)
+from modelcast.hf import HfName, resolve_target
 from modelcast.manifest import Manifest
 from modelcast.reference import Reference
 from modelcast.units import human_bytes
 from tracker.client import RegistryClient
 
+from .hf import STATE_FILE as HF_STATE_FILE, HfLayouts, layout_for
 from .jobs import PullJob, PullState
 from .metrics import NodeGauges, NodeMetrics
 from .origin_fill import OriginFetcher, OriginFill
@@ -74,12 +78,13 @@ class NodeDaemon:
         self.node_id: str | None = None
         self.node_key: str | None = None  # proves node_id to the registry (tracker/nodekeys.py)
         self.pins: PinsAndUse | None = None
+        self.hf: HfLayouts | None = None  # made at start
         self.engine: TorrentEngine | None = None
         self.jobs: dict[str, PullJob] = {}
         self.tags: dict[str, str] = {}  # last resolution of each name:tag, for when the registry is down
         self.metrics = NodeMetrics(self._gauges)
         self.counters = self.metrics.counters
-        self.registry = RegistryClient(cfg.registry, cfg.token)
+        self.registry = RegistryClient(cfg.registry, cfg.token, ca=cfg.ca)
         self.relay = Relay(cfg, self.counters, self.jobs)
         self.fetcher = OriginFetcher(cfg, self.counters, self.relay)
         self._downloads: dict[str, Download] = {}
@@ -97,14 +102,18 @@ class NodeDaemon:
         self.node_id = await asyncio.to_thread(self.store.node_id)
         self.node_key = await asyncio.to_thread(self.store.node_key)
         self.pins = await PinsAndUse.load(self.store)
+        store = self.store
+        self.hf = await asyncio.to_thread(HfLayouts, lambda: store.load_state(HF_STATE_FILE, []),
+                                          lambda obj: store.save_state(HF_STATE_FILE, obj), store.artifact_path)
         clean = await asyncio.to_thread(self.store.take_clean_stop)
         self.engine = TorrentEngine(self.cfg.peer_host, self.cfg.peer_port, upload_limit=self.cfg.upload_limit,
                                     download_limit=self.cfg.download_limit, connections=self.cfg.peer_connections,
-                                    on_event=self._on_engine_event)
+                                    on_event=self._on_engine_event, ca=self.cfg.ca)
         # Origin and relay fetches leave from the node's peer address, like its peer
         # connections: other nodes and the network see one address per node.
-        connector = (None if is_wildcard(self.cfg.peer_host)
-                     else aiohttp.TCPConnector(local_addr=(self.cfg.peer_host, 0)))
+        # https:// registries and relays are checked against the system's roots and --ca.
+        local_addr = None if is_wildcard(self.cfg.peer_host) else (self.cfg.peer_host, 0)
+        connector = aiohttp.TCPConnector(ssl=connector_ssl(self.cfg.ca), local_addr=local_addr)
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300, sock_read=30), connector=connector)
         self.relay.attach(self.engine, self._http)
         self.fetcher.attach(self.engine, self._http)
@@ -129,6 +138,8 @@ class NodeDaemon:
                 await asyncio.to_thread(self.store.drop_resume, digest)
             self.start_job(PullJob(digest, manifest))
             resumed += 1
+        # Hugging Face layouts: links back for what is complete, gone for what is not.
+        await self.hf_reconcile()
         log.info("node %s ready: zone %s, peers on %s:%s, %d artifacts in cache, %d downloads resumed (%s stop)",
                  self.node_id, self.cfg.zone, self.cfg.peer_host, self.engine.listen_port,
                  sum(j.state is READY for j in self.jobs.values()), resumed, "clean" if clean else "unclean")
@@ -373,6 +384,8 @@ class NodeDaemon:
         log.info("%s ready at %s: %d bytes from peers, %d from the origin",
                  manifest.name, path, job.bytes_from_peers, job.bytes_from_origin)
         self._end(job, READY)
+        if self.hf.for_digest(digest):
+            await self.hf_reconcile()  # a repaired artifact gets its Hugging Face layouts back
 
     async def _abort(self, job: PullJob, problem: str | BaseException) -> None:
         """Downloading -> failed, keeping the verified pieces (and resume data) for the next pull."""
@@ -455,12 +468,61 @@ class NodeDaemon:
         self.wake()
         return job
 
+    # ---- Hugging Face layouts and deletion --------------------------------------------------
+    async def hf_reconcile(self) -> None:
+        """Links of every Hugging Face layout in place for ready artifacts, and for no other (hf.py)."""
+        ready = {d for d, j in self.jobs.items() if j.state is READY}
+        try:
+            await asyncio.to_thread(self.hf.reconcile, ready, set(self.jobs))
+        except OSError as exc:
+            log.warning("could not bring the Hugging Face layouts up to date: %s", exc)
+
+    async def lay_out_hf(self, digest: str, name: HfName | None, cache: Path | None) -> dict:
+        """Lay a ready artifact out in a Hugging Face hub cache; returns where (snapshot, repo, revision)."""
+        job = self.jobs.get(digest)
+        if job is None or job.state is not READY:
+            raise ArtifactNotFound(f"{digest} is not complete on this node; pull it first")
+        cache = cache or self.cfg.hf_cache
+        if cache is None:
+            raise BadRequest("no Hugging Face cache given and this node has none configured; "
+                             "pass \"cache\": \"/abs/dir\" (modelcast pull --hf-cache DIR)")
+        layout = layout_for(digest, job.manifest, cache, resolve_target(name, job.manifest.annotations, digest,
+                                                                          label=job.manifest.name))
+        try:
+            await asyncio.to_thread(self.hf.apply, layout)
+        except OSError as exc:
+            raise ModelcastError(f"could not lay {job.manifest.name} out at {layout.snapshot}: "
+                                 f"{exc.strerror or exc}") from exc
+        if self.jobs.get(digest) is not job or job.state is not READY:
+            # Evicted while the links were made: take them away again, never leave them dangling.
+            await asyncio.to_thread(self.hf.drop, digest)
+            raise ArtifactNotFound(f"{digest} was evicted while it was being laid out; pull it again")
+        log.info("%s laid out for Hugging Face as %s@%s at %s", job.manifest.name, layout.repo_id, layout.commit,
+                 layout.snapshot)
+        return layout.summary()
+
+    async def evict(self, digest: str) -> dict:
+        """Delete a complete artifact now (``modelcast node evict``): its layouts first, then its bytes."""
+        job = self.jobs.get(digest)
+        if job is None or job.state is FAILED:
+            raise ArtifactNotFound(f"{digest} is not on this node")
+        if job.busy:
+            raise Conflict(f"{job.manifest.name} ({digest}) is being {job.state.value}; evict it once it is ready")
+        holders = self.pins.holders(digest)
+        if holders:
+            raise Conflict(f"{job.manifest.name} ({digest}) is pinned by {', '.join(holders)}; unpin it first "
+                           f"(modelcast node unpin {digest})")
+        removed = [layout.summary() for layout in self.hf.for_digest(digest)]
+        await self.upkeep.evict_now(digest)
+        return {"digest": digest, "name": job.manifest.name, "evicted": True, "hf_removed": removed}
+
     # ---- views -------------------------------------------------------------------------
     def listing(self) -> list[dict]:
         return [self.job_json(j) for j in sorted(self.jobs.values(), key=lambda j: j.started)]
 
     def job_json(self, job: PullJob) -> dict:
-        return job.to_json(self.pins.pins, self.pins.last_used.get(job.digest))
+        return {**job.to_json(self.pins.pins, self.pins.last_used.get(job.digest)),
+                "hf_layouts": [layout.summary() for layout in self.hf.for_digest(job.digest)] if self.hf else []}
 
     def _gauges(self) -> NodeGauges:
         ready = [j for j in self.jobs.values() if j.state is READY]

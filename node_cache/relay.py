@@ -20,6 +20,7 @@ import time
 import aiohttp
 from aiohttp import web
 
+from adapters.tls import server_context
 from adapters.http_server import RELAY_LIMITS, BoundedSite, start_bounded
 from adapters.torrent import PieceSpan, TorrentEngine
 from modelcast.config import NodeConfig, is_wildcard
@@ -50,13 +51,15 @@ def advertised_relay_url(cfg: NodeConfig, host: str, port: int) -> str | None:
     """The base URL nodes of other zones use to reach this node's relay listener at ``host:port``.
 
     ``cfg.relay_url`` if set (for an address others see, e.g. behind NAT); none for a
-    wildcard listener, whose address for others this node cannot know.
+    wildcard listener, whose address for others this node cannot know.  https:// when
+    the node serves TLS (``cfg.tls``).
     """
     if cfg.relay_url:
         return cfg.relay_url.rstrip("/")
     if is_wildcard(host):
         return None
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    scheme = "https" if cfg.tls is not None else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 class Relay:
@@ -97,7 +100,8 @@ class Relay:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         try:
-            site = await start_bounded(runner, host, self.cfg.relay_port, RELAY_LIMITS, log, "relay listener")
+            site = await start_bounded(runner, host, self.cfg.relay_port, RELAY_LIMITS, log, "relay listener",
+                                        ssl_context=server_context(self.cfg.tls))
         except OSError as exc:
             await runner.cleanup()
             raise ModelcastError(f"cannot serve relays on {host}:{self.cfg.relay_port}: {exc.strerror or exc}; "

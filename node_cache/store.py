@@ -103,6 +103,15 @@ class Store:
         with self._state_lock:
             self._write_atomic(self.state_dir / "pins.json", json.dumps(pins, sort_keys=True).encode())
 
+    def load_state(self, name: str, default=None):
+        """A JSON document under ``state/`` (``default`` if missing or hand-broken)."""
+        return self._read_json(name, default)
+
+    def save_state(self, name: str, obj) -> None:
+        """Write a JSON document under ``state/`` atomically (temp, fsync, rename)."""
+        with self._state_lock:
+            self._write_atomic(self.state_dir / name, json.dumps(obj, sort_keys=True).encode())
+
     def load_last_used(self) -> dict[str, float]:
         return {k: float(v) for k, v in self._read_json("last_used.json", {}).items()}
 

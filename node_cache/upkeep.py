@@ -94,6 +94,8 @@ class CacheUpkeep:
         log.error("%s (%s) failed verification: %s; repairing it from the swarm", job.manifest.name, job.digest,
                   problem)
         await node.remove_torrent(job.digest)
+        # Its Hugging Face layouts go first (records kept): no link points at a file under repair.
+        await asyncio.to_thread(node.hf.suspend, job.digest)
         await asyncio.to_thread(node.store.demote, job.digest)
         await node.drop_resume(job.digest)
         node.start_job(PullJob(job.digest, job.manifest, repairing=True))
@@ -115,17 +117,29 @@ class CacheUpkeep:
             plan = plan_eviction(self.held(), name=job.manifest.name, digest=job.digest, size=size,
                                  quota=self.node.cfg.quota)
             for digest in plan.digests:
-                await self._evict(digest)
+                await self._evict(digest, for_quota=True)
             on_disk = await asyncio.to_thread(store.partial_bytes, job.digest, job.manifest)
             free = await asyncio.to_thread(store.disk_free)
             check_disk(name=job.manifest.name, size=size, on_disk=on_disk, free=free, root=store.root)
 
-    async def _evict(self, digest: str) -> None:
+    async def evict_now(self, digest: str) -> None:
+        """Delete a complete artifact on request (``DELETE /v1/artifacts/…``), between two pulls' room-making."""
+        async with self._space_lock:
+            job = self.node.jobs.get(digest)
+            if job is None or job.state is not PullState.READY:
+                raise ArtifactNotFound(f"{digest} is not complete on this node")
+            await self._evict(digest, for_quota=False)
+
+    async def _evict(self, digest: str, *, for_quota: bool) -> None:
+        """Delete a complete artifact: pointers first (its job, its Hugging Face layouts), then the bytes."""
         node = self.node
         job = node.jobs.pop(digest)
+        await asyncio.to_thread(node.hf.drop, digest)
         await node.remove_torrent(digest)
         await asyncio.to_thread(node.store.evict, digest)
         node.pins.forget(digest)
-        node.counters.evictions += 1
-        node.counters.evicted_bytes += job.manifest.total_size
-        log.info("evicted %s (%s, %s) to make room", job.manifest.name, digest, human_bytes(job.manifest.total_size))
+        if for_quota:  # the counters are the quota's (modelcast_node_evictions_total)
+            node.counters.evictions += 1
+            node.counters.evicted_bytes += job.manifest.total_size
+        log.info("evicted %s (%s, %s) %s", job.manifest.name, digest, human_bytes(job.manifest.total_size),
+                 "to make room" if for_quota else "on request")

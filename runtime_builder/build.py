@@ -59,11 +59,12 @@ async def build_and_publish(spec: RuntimeSpec, cfg: RuntimeBuildConfig, *, tag: 
     t0 = time.monotonic()
     tag = validate_tag(tag or spec.version)
     variants = [spec.variant(v) for v in only] if only else list(spec.variants)
-    pub_cfg = PublishConfig(registry=cfg.registry, origin=cfg.origin, s3_endpoint=cfg.s3_endpoint, token=cfg.token)
+    pub_cfg = PublishConfig(registry=cfg.registry, origin=cfg.origin, s3_endpoint=cfg.s3_endpoint, token=cfg.token,
+                            ca=cfg.ca)
     out_dir = cfg.out_dir or Path(tempfile.mkdtemp(prefix="modelcast-runtime-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     say = report or (lambda line: log.info("%s", line))
-    async with RegistryClient(cfg.registry, cfg.token) as registry:
+    async with RegistryClient(cfg.registry, cfg.token, ca=cfg.ca) as registry:
         # A wrong token or a dead registry should fail now, not after minutes of pip.
         await registry.check_write_access(f"runtime build {spec.name}:{tag}")
     try:
@@ -125,7 +126,7 @@ async def _unregister(pub_cfg: PublishConfig, added: list[tuple[str, str]]) -> N
     if not added:
         return
     try:
-        async with RegistryClient(pub_cfg.registry, pub_cfg.token) as registry:
+        async with RegistryClient(pub_cfg.registry, pub_cfg.token, ca=pub_cfg.ca) as registry:
             for name, digest in added:
                 try:
                     await registry.delete_artifact(digest, force=True, name=name)

@@ -33,10 +33,11 @@ def cmd_build(args) -> int:
     from .build import build_and_publish
     from .spec import RuntimeSpec
 
-    client = ClientConfig.from_env(registry=args.registry, token=args.token)
+    client = ClientConfig.from_env(registry=args.registry, token=args.token, ca=args.ca)
     spec = RuntimeSpec.load(args.spec)
     cfg = RuntimeBuildConfig.from_env(registry=client.registry, origin=args.origin, s3_endpoint=args.s3_endpoint,
-                                      token=client.token, wheelhouse=args.wheelhouse, out_dir=args.out)
+                                      token=client.token, wheelhouse=args.wheelhouse, out_dir=args.out,
+                                      ca=client.ca)
     result = asyncio.run(build_and_publish(spec, cfg, tag=args.tag, only=args.variant,
                                            report=lambda line: print(line, flush=True)))
     print(result.digest)
@@ -46,7 +47,7 @@ def cmd_build(args) -> int:
 def cmd_export(args) -> int:
     from .oci import export_oci
 
-    client = ClientConfig.from_env(registry=args.registry, token=args.token)
-    for name, digest in asyncio.run(export_oci(args.ref, client.registry, client.token, args.oci)):
+    client = ClientConfig.from_env(registry=args.registry, token=args.token, ca=args.ca)
+    for name, digest in asyncio.run(export_oci(args.ref, client.registry, client.token, args.oci, ca=client.ca)):
         print(f"oci:{args.oci}:{name} {digest}")
     return 0

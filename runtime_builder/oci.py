@@ -25,6 +25,7 @@ from modelcast.wire import bearer
 from modelcast.manifest import Manifest
 from modelcast.reference import Reference
 from modelcast.runtime_index import INDEX_FILE, LAYER_FILE, LAYER_META_FILE, RuntimeIndex, parse_platform
+from adapters.tls import connector_ssl
 from tracker.client import RegistryClient
 
 MT_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -96,7 +97,7 @@ async def _fetch(http: aiohttp.ClientSession, registry: RegistryClient, token: s
 
 
 async def export_oci(ref: str, registry_url: str, token: str | None, out_dir: Path,
-                     only: list[str] | None = None) -> list[tuple[str, str]]:
+                     only: list[str] | None = None, ca: Path | None = None) -> list[tuple[str, str]]:
     """Export the runtime index ``ref`` (or the variants in ``only``) to ``out_dir``.
 
     Returns ``[(reference name, manifest digest), ...]``, one per variant.
@@ -104,7 +105,8 @@ async def export_oci(ref: str, registry_url: str, token: str | None, out_dir: Pa
     parsed = Reference.parse(ref)
     layout = _Layout(out_dir)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=60)
-    async with RegistryClient(registry_url, token) as registry, aiohttp.ClientSession(timeout=timeout) as http:
+    async with (RegistryClient(registry_url, token, ca=ca) as registry,
+                aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(ssl=connector_ssl(ca))) as http):
         index_digest, index_manifest = await registry.resolve(ref)
         if index_manifest.kind != "runtime-index":
             raise BadRequest(f"{ref} is a {index_manifest.kind} artifact; export needs a runtime index")

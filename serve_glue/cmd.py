@@ -6,8 +6,8 @@ import argparse
 import asyncio
 import json
 
-from modelcast.cmdline import Handler, client_args
-from modelcast.config import ClientConfig
+from modelcast.cmdline import Handler, ca_arg, client_args
+from modelcast.config import ClientConfig, ca_from_args
 from modelcast.reference import Reference
 from modelcast.units import human_bytes
 
@@ -34,6 +34,7 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     p.add_argument("--pin", metavar="HOLDER", help="also pin it on every node for HOLDER")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait per node")
     client_args(p, token=True)
+    ca_arg(p, "https:// node daemons")
     return {"ray": cmd_ray, "prewarm": cmd_prewarm}
 
 
@@ -42,7 +43,7 @@ def cmd_ray(args) -> int:
 
     ray_args = args.ray_args[1:] if args.ray_args[:1] == ["--"] else args.ray_args
     plan = start(args.node, ray_args, accelerator=args.accelerator, zone=args.zone, preloaded=args.preload,
-                 dry_run=args.dry_run)
+                 dry_run=args.dry_run, ca=args.ca)
     for key, value in sorted(plan.env.items()):
         print(f"export {key}='{value}'")
     print(" ".join(plan.argv))
@@ -57,7 +58,7 @@ def cmd_prewarm(args) -> int:
         urls = [u.strip() for u in args.nodes.split(",") if u.strip()]
         results = asyncio.run(prewarm_nodes(args.ref, urls, zone=args.zone, pin=args.pin,
                                             token=ClientConfig.from_env(token=args.token).token,
-                                            deadline_s=args.timeout))
+                                            deadline_s=args.timeout, ca=ca_from_args(args.ca)))
     else:
         results = prewarm_ray(args.ref, zone=args.zone, pin=args.pin, address=args.ray_address,
                               deadline_s=args.timeout)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
-from modelcast.config import DEFAULT_NODE, ENV_NODE, ENV_TOKEN, env_float, env_str
+from modelcast.config import DEFAULT_NODE, ENV_NODE, ENV_TOKEN, ca_from_args, env_float, env_str
 
 # Where a node's daemon listens; set per Ray node (each host runs its own daemon).
 ENV_NODE_URL = ENV_NODE
@@ -56,12 +57,15 @@ class GlueConfig:
     # Full re-hash through the daemon from check_health at most this often (0 = never;
     # the cheap stat check runs at every health check regardless).
     verify_every_s: float = 0.0
+    # A CA trusted besides the system's roots, for a daemon that serves https (env MODELCAST_CA).
+    ca: Path | None = None
 
     @classmethod
-    def from_env(cls, node: str | None = None) -> "GlueConfig":
+    def from_env(cls, node: str | None = None, ca: str | Path | None = None) -> "GlueConfig":
         return cls(
             node=(node or env_str(ENV_NODE_URL, DEFAULT_NODE)).rstrip("/"),
             token=env_str(ENV_TOKEN),
+            ca=ca_from_args(ca),
             pull_deadline_s=env_float(ENV_PULL_DEADLINE, cls.pull_deadline_s),
             verify_every_s=env_float(ENV_VERIFY_EVERY, cls.verify_every_s),
         )

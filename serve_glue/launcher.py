@@ -18,7 +18,9 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from modelcast.config import ENV_CA
 from modelcast.errors import ModelcastError
 
 from .config import ENV_NODE_URL, RAY_PLUGINS_ENV, RAY_URI_CACHE_ENV, GlueConfig, plugin_env_value
@@ -48,11 +50,13 @@ class RayStartPlan:
 
 
 def plan(node_url: str, ray_args: list[str], *, accelerator: str, zone: str | None,
-         preloaded: list[str]) -> RayStartPlan:
+         preloaded: list[str], ca: Path | None = None) -> RayStartPlan:
     labels = node_labels(accelerator, zone, preloaded)
     beside = os.path.join(os.path.dirname(sys.executable), "ray")  # the ray of this interpreter's env
     argv = [beside if os.path.exists(beside) else "ray", "start", *ray_args, "--labels", ",".join(f"{k}={v}" for k, v in labels.items())]
-    env = {RAY_PLUGINS_ENV: plugin_env_value(), ENV_NODE_URL: node_url, RAY_URI_CACHE_ENV: "0"}
+    env = {RAY_PLUGINS_ENV: plugin_env_value(), ENV_NODE_URL: node_url, RAY_URI_CACHE_ENV: "0",
+           # The plugin and the workers reach an https daemon with the same CA.
+           **({ENV_CA: str(Path(ca).resolve())} if ca else {})}
     return RayStartPlan(argv, env, labels)
 
 
@@ -71,11 +75,11 @@ async def preload(cfg: GlueConfig, refs: list[str]) -> dict:
 
 
 def start(node_url: str | None, ray_args: list[str], *, accelerator: str | None = None, zone: str | None = None,
-          preloaded: list[str] = (), dry_run: bool = False) -> RayStartPlan:
-    cfg = GlueConfig.from_env(node_url)
+          preloaded: list[str] = (), dry_run: bool = False, ca: Path | None = None) -> RayStartPlan:
+    cfg = GlueConfig.from_env(node_url, ca=ca)
     health = asyncio.run(preload(cfg, list(preloaded)))
     the_plan = plan(cfg.node, ray_args, accelerator=accelerator or detect_accelerator(),
-                    zone=zone or health.get("zone"), preloaded=list(preloaded))
+                    zone=zone or health.get("zone"), preloaded=list(preloaded), ca=cfg.ca)
     if not dry_run:
         os.execvpe(the_plan.argv[0], the_plan.argv, {**os.environ, **the_plan.env})
     return the_plan

@@ -33,9 +33,10 @@ class Warm:
     path: str
     total_bytes: int
     seconds: float  # time this call waited for it
+    hf: dict | None = None  # its Hugging Face layout (repo_id, revision, cache, snapshot), if asked for
 
     def to_json(self) -> dict:
-        return {"ref": self.ref, "digest": self.digest, "path": self.path}
+        return {"ref": self.ref, "digest": self.digest, "path": self.path, **({"hf": self.hf} if self.hf else {})}
 
 
 class NodeCache:
@@ -44,7 +45,7 @@ class NodeCache:
     def __init__(self, cfg: GlueConfig, logger: logging.Logger | None = None):
         self.cfg = cfg
         self.log = logger or log
-        self._client = NodeClient(cfg.node, cfg.token)
+        self._client = NodeClient(cfg.node, cfg.token, ca=cfg.ca)
 
     async def __aenter__(self) -> "NodeCache":
         return self
@@ -56,15 +57,18 @@ class NodeCache:
         await self._client.close()
 
     # ---- warm ---------------------------------------------------------------------------
-    async def ensure_warm(self, ref: str, *, pin: str | None = None, deadline_s: float | None = None) -> Warm:
+    async def ensure_warm(self, ref: str, *, pin: str | None = None, deadline_s: float | None = None,
+                          hf: dict | None = None) -> Warm:
         """Make ``ref`` warm on this node (pinned by ``pin`` if given) and return its path.
 
         Idempotent and safe to cancel at any await: the daemon's download goes on without
         us, and the next call joins it.  Retries transient failures until ``deadline_s``.
+        ``hf`` (``{"repo": "org/name" or "", "cache": dir or None}``) lays it out in that
+        Hugging Face hub cache too (the daemon's own cache when ``cache`` is None).
         """
-        return await self._retrying(f"pull {ref}", lambda: self._pull_once(ref, pin), deadline_s)
+        return await self._retrying(f"pull {ref}", lambda: self._pull_once(ref, pin, hf), deadline_s)
 
-    async def _pull_once(self, ref: str, pin: str | None) -> Warm:
+    async def _pull_once(self, ref: str, pin: str | None, hf: dict | None = None) -> Warm:
         start = time.monotonic()
         body = {"ref": ref, "wait": False, **({"pin": pin} if pin else {})}
         status = await self._client.request("POST", "/v1/pull", json=body, what=f"pull {ref}", timeout_s=60)
@@ -81,7 +85,10 @@ class NodeCache:
             await self._verify_quietly(status["digest"])
             raise PullFailed(f"pull {ref}: the node says {status['digest']} is ready at {path!r}, "
                              "but that directory is missing; asked the node to verify and repair it")
-        return Warm(ref, status["digest"], path, int(status.get("total_bytes") or 0), time.monotonic() - start)
+        layout = (await self._client.lay_out_hf(status["digest"], hf.get("repo"), hf.get("cache"))
+                  if hf is not None else None)
+        return Warm(ref, status["digest"], path, int(status.get("total_bytes") or 0), time.monotonic() - start,
+                    layout)
 
     async def activate_runtime(self, ref: str, deadline_s: float | None = None) -> dict:
         """Pull and activate a runtime layer: ``{"variant", "digest", "path", "env"}``."""

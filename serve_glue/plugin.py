@@ -13,6 +13,8 @@ it starts passes them on.  Then::
     runtime_env={"modelcast": {"artifacts": {"MODEL": "resnet:v3"}, "runtime": "ort:1.31"}}
 
 gives the worker ``MODELCAST_MODEL_PATH`` / ``MODELCAST_MODEL_DIGEST`` (one pair per key),
+``HF_HUB_CACHE`` where ``"hf": {"MODEL": "org/name"}`` laid an artifact out for Hugging Face
+(the runtime_env's own ``env_vars`` ``HF_HUB_CACHE`` if set, else the daemon's),
 ``MODELCAST_ARTIFACTS`` (JSON of them all), ``MODELCAST_NODE``, and, with ``runtime``, the
 layer's activation environment (``PYTHONPATH``, ``LD_LIBRARY_PATH``, …) plus
 ``MODELCAST_RUNTIME_PATH`` and ``MODELCAST_RUNTIME``.
@@ -44,12 +46,19 @@ from __future__ import annotations
 import json
 import logging
 
+from modelcast.config import ENV_HF_HUB_CACHE
+
 from . import ray_api
 from .config import ENV_ARTIFACTS, ENV_NODE_URL, ENV_RUNTIME, GlueConfig
 from .node import NodeCache, Warm, run_sync
 from .spec import ARTIFACT_SCHEME, FIELD, RUNTIME_SCHEME, EnvSpec, activation_env, holder_for, parse_env
 
 log = logging.getLogger(__name__)
+
+
+def _hf_cache(runtime_env) -> str | None:
+    """The hub cache the runtime_env's own ``env_vars`` name (None: the node daemon's)."""
+    return (runtime_env.get("env_vars") or {}).get(ENV_HF_HUB_CACHE) or None
 
 
 class ModelcastPlugin(ray_api.plugin_base()):
@@ -87,10 +96,11 @@ class ModelcastPlugin(ray_api.plugin_base()):
         size = 0
         async with NodeCache(self.cfg, logger) as node:
             for u in uris:
-                size += await self._create_one(node, spec, u, logger)
+                size += await self._create_one(node, spec, u, logger, _hf_cache(runtime_env))
         return float(size)
 
-    async def _create_one(self, node: NodeCache, spec: EnvSpec, uri: str, logger: logging.Logger) -> int:
+    async def _create_one(self, node: NodeCache, spec: EnvSpec, uri: str, logger: logging.Logger,
+                          hf_cache: str | None = None) -> int:
         if uri.startswith(RUNTIME_SCHEME):
             ref = uri[len(RUNTIME_SCHEME):]
             answer = await node.activate_runtime(ref)
@@ -101,7 +111,8 @@ class ModelcastPlugin(ray_api.plugin_base()):
         art = spec.artifact_for(uri)
         if art is None:
             raise ValueError(f"modelcast: URI {uri!r} is not part of this runtime_env ({spec.uris})")
-        warm = await node.ensure_warm(art.ref, pin=art.holder)
+        hf = {"repo": art.hf, "cache": hf_cache} if art.hf is not None else None
+        warm = await node.ensure_warm(art.ref, pin=art.holder, hf=hf)
         self._warm[uri] = warm
         logger.info("modelcast: %s (%s) warm at %s after %.2f s", art.ref, warm.digest, warm.path, warm.seconds)
         return warm.total_bytes
@@ -112,29 +123,31 @@ class ModelcastPlugin(ray_api.plugin_base()):
         env[ENV_NODE_URL] = self.cfg.node
         handed = {}
         for art in spec.artifacts:
-            warm = self._warm.get(art.uri) or self._recreate(art.uri, spec, logger)
+            warm = self._warm.get(art.uri) or self._recreate(art.uri, spec, logger, _hf_cache(runtime_env))
             env[art.path_var] = warm.path
             env[art.digest_var] = warm.digest
             handed[art.key] = warm.to_json()
+            if warm.hf:
+                env[ENV_HF_HUB_CACHE] = warm.hf["cache"]  # where huggingface_hub in the worker looks
         env[ENV_ARTIFACTS] = json.dumps(handed, sort_keys=True)
         if spec.runtime:
             uri = RUNTIME_SCHEME + spec.runtime
             answer = self._runtimes.get(uri)
             if answer is None:
-                self._recreate(uri, spec, logger)
+                self._recreate(uri, spec, logger, _hf_cache(runtime_env))
                 answer = self._runtimes[uri]
             env.update(activation_env(dict(answer.get("env") or {}), env))
             env["MODELCAST_RUNTIME_PATH"] = str(answer.get("path") or "")
             env[ENV_RUNTIME] = json.dumps({"ref": spec.runtime, **{k: answer.get(k) for k in
                                                                     ("variant", "digest", "path")}}, sort_keys=True)
 
-    def _recreate(self, uri: str, spec: EnvSpec, logger: logging.Logger) -> Warm | None:
+    def _recreate(self, uri: str, spec: EnvSpec, logger: logging.Logger, hf_cache: str | None = None) -> Warm | None:
         # Ray found the URI in its cache but this process has no record of it (it cannot
         # normally happen: the cache lives in this process).  Ask the daemon again; when
         # warm this is one local HTTP round trip.
         async def again():
             async with NodeCache(self.cfg, logger) as node:
-                await self._create_one(node, spec, uri, logger)
+                await self._create_one(node, spec, uri, logger, hf_cache)
 
         run_sync(again, timeout_s=60)
         return self._warm.get(uri)

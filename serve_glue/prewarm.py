@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from modelcast.errors import ModelcastError
 
@@ -42,10 +43,11 @@ class PrewarmResult:
         return asdict(self)
 
 
-async def _warm_one(node_url: str, ref: str, pin: str | None, token: str | None, deadline_s: float) -> PrewarmResult:
+async def _warm_one(node_url: str, ref: str, pin: str | None, token: str | None, deadline_s: float,
+                    ca: Path | None = None) -> PrewarmResult:
     start = time.monotonic()
     try:
-        async with NodeCache(GlueConfig(node=node_url, token=token)) as node:
+        async with NodeCache(GlueConfig(node=node_url, token=token, ca=ca)) as node:
             warm = await node.ensure_warm(ref, pin=pin, deadline_s=deadline_s)
             status = await node.status(warm.digest)
         return PrewarmResult(node_url, True, round(time.monotonic() - start, 3), warm.digest,
@@ -54,28 +56,29 @@ async def _warm_one(node_url: str, ref: str, pin: str | None, token: str | None,
         return PrewarmResult(node_url, False, round(time.monotonic() - start, 3), error=str(exc))
 
 
-async def _zone_of(node_url: str, token: str | None) -> str | None:
+async def _zone_of(node_url: str, token: str | None, ca: Path | None = None) -> str | None:
     try:
-        async with NodeCache(GlueConfig(node=node_url, token=token)) as node:
+        async with NodeCache(GlueConfig(node=node_url, token=token, ca=ca)) as node:
             return (await node.health()).get("zone")
     except ModelcastError:
         return None
 
 
 async def prewarm_nodes(ref: str, node_urls: list[str], *, zone: str | None = None, pin: str | None = None,
-                        token: str | None = None, deadline_s: float = 600.0) -> list[PrewarmResult]:
+                        token: str | None = None, deadline_s: float = 600.0,
+                        ca: Path | None = None) -> list[PrewarmResult]:
     """Warm ``ref`` on every daemon in ``node_urls`` (those in ``zone``, if given), in parallel."""
     urls = [u.rstrip("/") for u in node_urls]
     if zone is not None:
-        zones = await asyncio.gather(*(_zone_of(u, token) for u in urls))
+        zones = await asyncio.gather(*(_zone_of(u, token, ca) for u in urls))
         urls = [u for u, z in zip(urls, zones) if z == zone]
-    return list(await asyncio.gather(*(_warm_one(u, ref, pin, token, deadline_s) for u in urls)))
+    return list(await asyncio.gather(*(_warm_one(u, ref, pin, token, deadline_s, ca) for u in urls)))
 
 
 def _warm_here(ref: str, pin: str | None, deadline_s: float) -> dict:
     """Runs as a Ray task on the chosen node: warm through that node's own daemon."""
     cfg = GlueConfig.from_env()
-    return asyncio.run(_warm_one(cfg.node, ref, pin, cfg.token, deadline_s)).to_json()
+    return asyncio.run(_warm_one(cfg.node, ref, pin, cfg.token, deadline_s, cfg.ca)).to_json()
 
 
 def prewarm_ray(ref: str, *, zone: str | None = None, pin: str | None = None, address: str | None = None,

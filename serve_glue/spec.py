@@ -1,6 +1,8 @@
 """The ``modelcast`` runtime_env field as pure data: parsing, URIs, names, error classes.
 
-``runtime_env={"modelcast": {"artifacts": {"MODEL": "resnet:v3"}, "runtime": "ort:1.31"}}``
+``runtime_env={"modelcast": {"artifacts": {"MODEL": "resnet:v3"}, "runtime": "ort:1.31"}}``, and
+``"hf": {"MODEL": "org/name"}`` (``""``: the repo it was published from) to lay an artifact
+out in the Hugging Face hub cache as well (``modelcast pull --hf``).
 
 No I/O and no Ray here: the plugin, the Serve helpers and the tests share these rules.
 """
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 
 from modelcast.errors import (ArtifactNotFound, BadRequest, InvalidManifest, InvalidReference, ModelcastError,
                               QuotaExceeded, RemoteError, Unauthorized, UnsafePath)
+from modelcast.hf import HfName
 from modelcast.reference import Reference
 
 FIELD = "modelcast"
@@ -43,15 +46,17 @@ class ArtifactSpec:
 
     key: str
     ref: str
+    hf: str | None = None  # lay it out in the Hugging Face cache as this repo ("": as published)
 
     @property
     def uri(self) -> str:
-        return ARTIFACT_SCHEME + self.ref
+        # The layout is part of what create() makes, so it is part of the URI Ray caches by.
+        return ARTIFACT_SCHEME + self.ref + (f"#hf={self.hf}" if self.hf is not None else "")
 
     @property
     def holder(self) -> str:
         """Who holds the node pin while Ray uses the artifact (one holder per URI)."""
-        return holder_for(self.ref)
+        return holder_for(self.uri[len(ARTIFACT_SCHEME):])
 
     @property
     def path_var(self) -> str:
@@ -86,15 +91,24 @@ def holder_for(ref: str) -> str:
 
 def parse_env(field: object) -> EnvSpec:
     """Parse and check the ``modelcast`` field; raises BadRequest/InvalidReference (ValueError)."""
-    example = '{"artifacts": {"MODEL": "name:tag"}, "runtime": "name:tag"}'
+    example = '{"artifacts": {"MODEL": "name:tag"}, "runtime": "name:tag", "hf": {"MODEL": "org/name"}}'
     if not isinstance(field, dict):
         raise BadRequest(f"runtime_env field {FIELD!r} must be a dict like {example}, got {type(field).__name__}")
-    unknown = set(field) - {"artifacts", "runtime"}
+    unknown = set(field) - {"artifacts", "runtime", "hf"}
     if unknown:
         raise BadRequest(f"runtime_env field {FIELD!r} has unknown keys {sorted(unknown)}; expected {example}")
     arts = field.get("artifacts") or {}
     if not isinstance(arts, dict):
         raise BadRequest(f"{FIELD}.artifacts must map KEY -> reference, e.g. {{\"MODEL\": \"resnet:v3\"}}")
+    hf = field.get("hf") or {}
+    if not isinstance(hf, dict) or set(hf) - set(arts):
+        raise BadRequest(f"{FIELD}.hf must map keys of {FIELD}.artifacts to a Hugging Face repo id, e.g. "
+                         f"{{\"MODEL\": \"org/name\"}} (\"\": the repo it was published from)")
+    for key, name in hf.items():
+        if not isinstance(name, str):
+            raise BadRequest(f"{FIELD}.hf[{key!r}] must be a repo id string like \"org/name@main\", got {name!r}")
+        if name:
+            HfName.parse(name)
     specs = []
     for key, ref in arts.items():
         if not isinstance(key, str) or not _KEY.match(key) or key == RUNTIME_KEY:
@@ -103,7 +117,7 @@ def parse_env(field: object) -> EnvSpec:
         if not isinstance(ref, str):
             raise BadRequest(f"{FIELD}.artifacts[{key!r}] must be a reference string, got {ref!r}")
         Reference.parse(ref)
-        specs.append(ArtifactSpec(key, ref))
+        specs.append(ArtifactSpec(key, ref, hf.get(key)))
     runtime = field.get("runtime")
     if runtime is not None:
         if not isinstance(runtime, str):

@@ -2,15 +2,18 @@
 
 The tokens; running the real CLI; making models and hashing trees; reading a node's
 metrics and a registry's stats; a real Prometheus and promtool; the registry tests'
-artifact, built with the publisher's own torrent code; the runtime tests' spec and wheelhouse.  Starting a tracker or a node
-and waiting on a condition are shipped in :mod:`harness` (the benchmarks and the demo
-use them too) and re-exported here.
+artifact, built with the publisher's own torrent code; a throwaway CA for the TLS tests;
+the runtime tests' spec and wheelhouse.  Starting a tracker or a node and waiting on a
+condition are shipped in :mod:`harness` (the benchmarks and the demo use them too) and
+re-exported here.
 """
 
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
+import ipaddress
 import json
 import os
 import random
@@ -29,7 +32,7 @@ from adapters import torrent as lt_adapter
 from adapters.origin import FileOrigin
 from harness import (NodeProcess, ServiceProcess, TrackerProcess, free_port, modelcast_argv, start_node,  # noqa: F401
                      start_tracker, wait_until, wait_until_async)
-from modelcast.config import ENV_WHEELHOUSE, env_str
+from modelcast.config import ENV_WHEELHOUSE, TlsFiles, env_str
 from modelcast.manifest import FileEntry, Manifest
 from tracker.bencode import bdecode, bencode
 
@@ -251,6 +254,62 @@ async def bget(client, path: str) -> dict:
     resp = await client.get(path)
     assert resp.status == 200 and resp.content_type == "text/plain"
     return bdecode(await resp.read())
+
+
+# -- a throwaway CA for the TLS tests ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pki:
+    """A CA (``ca``, PEM) and one server certificate it signed, with its key (``tls``)."""
+
+    ca: Path
+    tls: TlsFiles
+
+
+def make_pki(where: Path, hosts: tuple[str, ...] = ("127.0.0.1",)) -> Pki:
+    """Make a CA and a server certificate for ``hosts`` (IP addresses or DNS names), valid for a day."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "modelcast test CA")])
+
+    def builder(subject: x509.Name, public_key) -> x509.CertificateBuilder:
+        return (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_name).public_key(public_key)
+                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=1)))
+
+    ca = (builder(ca_name, ca_key.public_key())
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    names = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    cert = (builder(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]), key.public_key())
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    where.mkdir(parents=True, exist_ok=True)
+    pki = Pki(where / "ca.pem", TlsFiles(where / "server.pem", where / "server.key"))
+    pki.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    pki.tls.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pki.tls.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()))
+    pki.tls.key.chmod(0o600)
+    return pki
 
 
 # -- the runtime tests' spec and wheelhouse ----------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
+from adapters.tls import server_context
 from adapters.http_server import REGISTRY_LIMITS, BoundedServer, ServerLimits
 from modelcast.config import TrackerConfig
 from modelcast.errors import ModelcastError, error_body
@@ -132,7 +134,8 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
             await asyncio.to_thread(app[STORE].pull_through, manifest, torrent, upstream.url, tag)
             app[SWARMS].allow(manifest.info_hash.tracker_keys())
 
-    upstream = Upstream(cfg.upstream, cfg.upstream_token, app[STORE], save, tag_ttl_s=cfg.upstream_tag_ttl_s)
+    upstream = Upstream(cfg.upstream, cfg.upstream_token, app[STORE], save, tag_ttl_s=cfg.upstream_tag_ttl_s,
+                        ca=cfg.ca)
     app[UPSTREAM] = upstream
     log.info("zone registry: unknown references are pulled through from %s", upstream.url)
     try:
@@ -228,8 +231,8 @@ class RunningServer:
 
 
 async def start_server(app: web.Application, host: str, port: int, *, head_timeout_s: float | None = None,
-                       keepalive_timeout_s: float | None = None, limits: ServerLimits = REGISTRY_LIMITS
-                       ) -> RunningServer:
+                       keepalive_timeout_s: float | None = None, limits: ServerLimits = REGISTRY_LIMITS,
+                       ssl_context: ssl.SSLContext | None = None) -> RunningServer:
     """Start ``app`` (from :func:`make_app`) on ``host:port`` (0: any free port), as :func:`serve` runs it.
 
     Each connection is sniffed: plain announce and scrape GETs are answered by
@@ -237,6 +240,8 @@ async def start_server(app: web.Application, host: str, port: int, *, head_timeo
     hold to ``limits`` (:mod:`adapters.http_server`: head, body and keep-alive timeouts,
     connection caps; the registry's trusted proxies are exempt from the per-address cap);
     ``head_timeout_s`` and ``keepalive_timeout_s`` override its timeouts.
+    With ``ssl_context`` the socket speaks TLS: asyncio does the handshake, and both the
+    fast path and aiohttp (the same transport, handed over) see the plaintext.
     """
     if head_timeout_s is not None:
         limits = replace(limits, header_timeout_s=head_timeout_s)
@@ -251,7 +256,10 @@ async def start_server(app: web.Application, host: str, port: int, *, head_timeo
         fast = FastPathServer(bounded, {b"/announce": endpoint.announce, b"/scrape": endpoint.scrape},
                               head_timeout_s=limits.header_timeout_s, keepalive_timeout_s=limits.keepalive_timeout_s,
                               limiter=bounded.limiter)
-        server = await asyncio.get_running_loop().create_server(fast, host, port)
+        server = await asyncio.get_running_loop().create_server(
+            fast, host, port, ssl=ssl_context,
+            # A handshake that never completes holds a connection no longer than a request head may.
+            ssl_handshake_timeout=limits.header_timeout_s if ssl_context is not None else None)
     except BaseException:
         await runner.cleanup()
         raise
@@ -272,14 +280,18 @@ async def _serve(cfg: TrackerConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    ssl_context = server_context(cfg.tls)
+    scheme = "https" if ssl_context is not None else "http"
     try:
-        running = await start_server(make_app(cfg), cfg.host, cfg.port)
+        running = await start_server(make_app(cfg), cfg.host, cfg.port, ssl_context=ssl_context)
     except OSError as exc:
         # A taken port or an address this host lacks: one line the operator can act on.
         raise ModelcastError(f"cannot listen on {host}:{cfg.port}: {exc.strerror or exc}; "
                              "choose another --listen address or port") from exc
     try:
-        log.info("registry and tracker on http://%s:%d", host, running.port)
+        log.info("registry and tracker on %s://%s:%d", scheme, host, running.port)
+        if ssl_context is None:
+            log.info("plain HTTP: tokens and bytes cross the network in the clear; --tls-cert and --tls-key serve TLS")
         if not cfg.token:
             log.warning("writes are OPEN: anyone who can reach %s:%d may publish, move tags and delete artifacts; "
                         "set MODELCAST_TOKEN (or --token-file) to require a token", host, running.port)

@@ -11,9 +11,9 @@ import asyncio
 import json
 from pathlib import Path
 
-from modelcast.cmdline import Handler, client_args, secret_file
-from modelcast.config import (ENV_READ_TOKEN, ENV_TOKEN, ENV_S3_ENDPOINT, ENV_UPSTREAM_TOKEN, ClientConfig, TrackerConfig, env_str,
-                              parse_hostport)
+from modelcast.cmdline import Handler, ca_arg, client_args, secret_file, tls_args
+from modelcast.config import (ENV_READ_TOKEN, ENV_TOKEN, ENV_S3_ENDPOINT, ENV_UPSTREAM_TOKEN, ClientConfig, TlsFiles,
+                              TrackerConfig, ca_from_args, env_str, parse_hostport)
 from modelcast.errors import ModelcastError
 from modelcast.reference import Reference
 from modelcast.units import human_bytes
@@ -53,6 +53,8 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
                    help="per swarm, only each zone's first N peers (while their zone has others) are handed peers of "
                         "other zones; 0, the default: strict zones for node daemons, pieces cross zones through the "
                         "origin's relays; -1: no limit")
+    tls_args(p, "the registry, web seed and tracker (one port)")
+    ca_arg(p, "--upstream")
 
     p = sub.add_parser("ls", help="list artifacts in the registry")
     p.add_argument("name", nargs="?")
@@ -93,17 +95,18 @@ def cmd_tracker(args) -> int:
                         heartbeat_ttl_max_s=args.max_heartbeat_ttl, zone_gateways=args.zone_gateways,
                         trusted_proxies=tuple(args.trusted_proxy), origin_seeds=tuple(args.origin_seed),
                         allowed_s3_endpoints=tuple(args.allow_s3_endpoint),
-                        udp_host=udp_host, udp_port=udp_port))
+                        udp_host=udp_host, udp_port=udp_port,
+                        tls=TlsFiles.from_args(args.tls_cert, args.tls_key), ca=ca_from_args(args.ca)))
     return 0
 
 
 def cmd_ls(args) -> int:
     from .client import RegistryClient
 
-    client = ClientConfig.from_env(registry=args.registry, token=args.token)
+    client = ClientConfig.from_env(registry=args.registry, token=args.token, ca=args.ca)
 
     async def run():
-        async with RegistryClient(client.registry, client.token) as reg:
+        async with RegistryClient(client.registry, client.token, ca=client.ca) as reg:
             items, after = [], None
             while True:
                 page = await reg.list_artifacts(name=args.name, limit=200, after=after)
@@ -126,10 +129,10 @@ def cmd_ls(args) -> int:
 def cmd_inspect(args) -> int:
     from .client import RegistryClient
 
-    client = ClientConfig.from_env(registry=args.registry, token=args.token)
+    client = ClientConfig.from_env(registry=args.registry, token=args.token, ca=args.ca)
 
     async def run():
-        async with RegistryClient(client.registry, client.token) as reg:
+        async with RegistryClient(client.registry, client.token, ca=client.ca) as reg:
             return await reg.resolve(args.ref)
 
     digest, manifest = asyncio.run(run())
@@ -140,11 +143,11 @@ def cmd_inspect(args) -> int:
 def cmd_rm(args) -> int:
     from .client import RegistryClient
 
-    client = ClientConfig.from_env(registry=args.registry, token=args.token)
+    client = ClientConfig.from_env(registry=args.registry, token=args.token, ca=args.ca)
     ref = Reference.parse(args.ref)
 
     async def run():
-        async with RegistryClient(client.registry, client.token) as reg:
+        async with RegistryClient(client.registry, client.token, ca=client.ca) as reg:
             if ref.tag is not None:
                 return await reg.delete_tag(ref.name, ref.tag)
             return await reg.delete_artifact(ref.digest, force=args.force, name=ref.name)

@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
 from urllib.parse import quote, urlparse
 
@@ -43,6 +44,7 @@ import aiohttp
 
 from modelcast.errors import ArtifactNotFound, BadRequest, ModelcastError, Unauthorized, Unreachable
 from adapters.http import raise_for_answer
+from adapters.tls import connector_ssl
 from modelcast.wire import bearer
 from modelcast.manifest import Manifest
 from modelcast.reference import Reference
@@ -94,13 +96,14 @@ class Upstream:
 
     def __init__(self, url: str, token: str | None, store: RegistryStore,
                  save: Callable[[Manifest, bytes, str | None], Awaitable[None]], *, tag_ttl_s: float = 30.0,
-                 timeout_s: float = 10.0):
+                 timeout_s: float = 10.0, ca: Path | None = None):
         self.url = validate_upstream(url)
         self.token = token
         self.tag_ttl_s = tag_ttl_s
         self._store = store
         self._save = save
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s))
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s),
+                                              connector=aiohttp.TCPConnector(ssl=connector_ssl(ca)))
         self._client = RegistryClient(self.url, token, session=self._session)
         # One fetch per reference at a time: a zone of many nodes asking for a new tag
         # at once costs the parent one round of requests, not one per node.
