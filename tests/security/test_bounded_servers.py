@@ -12,11 +12,14 @@
 Attackers connect from 127.0.0.2-127.0.0.9, the well-behaved client from 127.0.0.1, so the
 per-address caps are what keeps the service up for the latter.  Every load is bounded in
 count; every wait is a condition with a bound, and the bounds asserted are resources
-(bytes, descriptors, CPU seconds, log lines), not durations.
+(bytes, descriptors, CPU seconds, log lines), not durations.  The last four run the registry
+in this process with short timeouts and a cap of 3 per address, to check the mechanism
+itself: aiohttp's 408s, its keep-alive, and every place given back when its connection ends.
 """
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -26,14 +29,17 @@ import socket
 import threading
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 from adapters.http_server import NODE_API_LIMITS, REGISTRY_LIMITS, RELAY_LIMITS, ServerLimits
-from harness import start_node, start_tracker, wait_until
+from harness import start_node, start_tracker, wait_until, wait_until_async
+from modelcast.config import TrackerConfig
 from node_cache.relay import MAX_RELAY_WAITERS
+from tracker.app import make_app, start_server
 from tracker.liveness import MAX_HEARTBEAT_BODY
 from tracker.registry_api import MAX_PUBLISH_BODY
 
@@ -378,11 +384,6 @@ def test_malformed_requests_are_a_400_and_at_most_one_short_log_line(where, trac
 @pytest.fixture
 async def small(tmp_path):
     """The registry in this process, with short timeouts and a cap of 3 connections per address."""
-    from dataclasses import replace
-
-    from modelcast.config import TrackerConfig
-    from tracker.app import make_app, start_server
-
     limits = replace(REGISTRY_LIMITS, header_timeout_s=0.5, body_timeout_s=0.5, keepalive_timeout_s=1.0, max_per_ip=3)
     running = await start_server(make_app(TrackerConfig(data_dir=tmp_path / "reg", token=TOKEN)), GOOD, 0,
                                  limits=limits)
@@ -391,8 +392,6 @@ async def small(tmp_path):
 
 
 async def _open(port: int, source: str, data: bytes = b""):
-    import asyncio
-
     reader, writer = await asyncio.open_connection(GOOD, port, local_addr=(source, 0))
     if data:
         writer.write(data)
@@ -402,8 +401,6 @@ async def _open(port: int, source: str, data: bytes = b""):
 
 async def _answer(reader) -> tuple[int, bytes]:
     """The status of the next answer and everything up to EOF (the server closes after these)."""
-    import asyncio
-
     data = await asyncio.wait_for(reader.read(), 10)
     return (int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.") else 0), data
 
@@ -432,10 +429,6 @@ async def test_an_idle_keepalive_connection_to_aiohttp_is_closed(small):
 
 
 async def test_the_per_address_cap_refuses_the_next_and_frees_places_as_connections_close(small):
-    import asyncio
-
-    from harness.wait import wait_until_async
-
     limiter = small.bounded.limiter
     # Three places from one address: one still on the fast path, one handed to aiohttp, one idle.
     held = [await _open(small.port, ATTACKERS[0], data) for data in (b"GET /announce?", b"GET /v1/he", b"")]
@@ -457,4 +450,3 @@ async def test_the_per_address_cap_refuses_the_next_and_frees_places_as_connecti
                                  b"Connection: close\r\n\r\n")
     assert (await _answer(reader))[0] == 200
     writer.close()
-    await asyncio.sleep(0)
