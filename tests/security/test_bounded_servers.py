@@ -12,11 +12,14 @@
 Attackers connect from 127.0.0.2-127.0.0.9, the well-behaved client from 127.0.0.1, so the
 per-address caps are what keeps the service up for the latter.  Every load is bounded in
 count; every wait is a condition with a bound, and the bounds asserted are resources
-(bytes, descriptors, CPU seconds, log lines), not durations.
+(bytes, descriptors, CPU seconds, log lines), not durations.  The last four run the registry
+in this process with short timeouts and a cap of 3 per address, to check the mechanism
+itself: aiohttp's 408s, its keep-alive, and every place given back when its connection ends.
 """
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -26,14 +29,17 @@ import socket
 import threading
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 from adapters.http_server import NODE_API_LIMITS, REGISTRY_LIMITS, RELAY_LIMITS, ServerLimits
-from harness import start_node, start_tracker, wait_until
+from harness import start_node, start_tracker, wait_until, wait_until_async
+from modelcast.config import TrackerConfig
 from node_cache.relay import MAX_RELAY_WAITERS
+from tracker.app import make_app, start_server
 from tracker.liveness import MAX_HEARTBEAT_BODY
 from tracker.registry_api import MAX_PUBLISH_BODY
 
@@ -372,3 +378,75 @@ def test_malformed_requests_are_a_400_and_at_most_one_short_log_line(where, trac
     new = log_lines(svc)[len(before):]
     assert len(new) <= 1, "\n".join(new)
     assert all(len(line) < 400 and "Traceback" not in line for line in new), new
+
+
+# ---- the same bounds in process, with short timeouts and small caps ----------------------------
+@pytest.fixture
+async def small(tmp_path):
+    """The registry in this process, with short timeouts and a cap of 3 connections per address."""
+    limits = replace(REGISTRY_LIMITS, header_timeout_s=0.5, body_timeout_s=0.5, keepalive_timeout_s=1.0, max_per_ip=3)
+    running = await start_server(make_app(TrackerConfig(data_dir=tmp_path / "reg", token=TOKEN)), GOOD, 0,
+                                 limits=limits)
+    yield running
+    await running.stop()
+
+
+async def _open(port: int, source: str, data: bytes = b""):
+    reader, writer = await asyncio.open_connection(GOOD, port, local_addr=(source, 0))
+    if data:
+        writer.write(data)
+        await writer.drain()
+    return reader, writer
+
+
+async def _answer(reader) -> tuple[int, bytes]:
+    """The status of the next answer and everything up to EOF (the server closes after these)."""
+    data = await asyncio.wait_for(reader.read(), 10)
+    return (int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.") else 0), data
+
+
+async def test_a_half_sent_head_gets_a_408_from_aiohttp_too(small):
+    reader, writer = await _open(small.port, ATTACKERS[0], b"POST /v1/artifacts HTTP/1.1\r\nHost: t\r\n")
+    status, data = await _answer(reader)  # closed by the server: read() returns at EOF
+    assert status == 408 and b"no whole request head within 0.5 s" in data
+    writer.close()
+
+
+async def test_a_body_that_stops_coming_gets_a_408(small):
+    reader, writer = await _open(small.port, ATTACKERS[0],
+                                 f"POST /v1/nodes/{NODE_ID}/heartbeat HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n"
+                                 "\r\n{".encode())
+    status, data = await _answer(reader)
+    assert status == 408 and b"no request body bytes for 0.5 s" in data
+    writer.close()
+
+
+async def test_an_idle_keepalive_connection_to_aiohttp_is_closed(small):
+    reader, writer = await _open(small.port, GOOD, b"GET /v1/health HTTP/1.1\r\nHost: t\r\n\r\n")
+    status, data = await _answer(reader)  # the answer, then EOF after the 1 s keep-alive
+    assert status == 200 and data.endswith(b'{"ok": true}')
+    writer.close()
+
+
+async def test_the_per_address_cap_refuses_the_next_and_frees_places_as_connections_close(small):
+    limiter = small.bounded.limiter
+    # Three places from one address: one still on the fast path, one handed to aiohttp, one idle.
+    held = [await _open(small.port, ATTACKERS[0], data) for data in (b"GET /announce?", b"GET /v1/he", b"")]
+    await wait_until_async(lambda: limiter.by_ip.get(ATTACKERS[0]) == 3, 5, message="3 connections counted")
+    reader, writer = await _open(small.port, ATTACKERS[0])
+    status, data = await _answer(reader)
+    assert status == 503 and b"at most 3 from one address" in data
+    writer.close()
+    # Another address is served meanwhile.
+    reader, writer = await _open(small.port, GOOD, b"GET /v1/health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    assert (await _answer(reader))[0] == 200
+    writer.close()
+    # Every place comes back when its connection ends (closed by the client or timed out by the server).
+    for _, w in held:
+        w.close()
+    await wait_until_async(lambda: limiter.open == 0 and not limiter.by_ip, 5,
+                           message=lambda: f"the places to come back ({limiter.open} held: {limiter.by_ip})")
+    reader, writer = await _open(small.port, ATTACKERS[0], b"GET /v1/health HTTP/1.1\r\nHost: t\r\n"
+                                 b"Connection: close\r\n\r\n")
+    assert (await _answer(reader))[0] == 200
+    writer.close()
