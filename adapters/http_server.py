@@ -31,6 +31,7 @@ import json
 import logging
 import ssl
 import resource
+import socket
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Iterable
@@ -430,16 +431,35 @@ class BoundedSite:
         await self.runner.cleanup()
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (0: a free port), not yet listening.
+
+    Binding before anything else starts keeps the address: a daemon that first starts
+    listeners of its own on ephemeral ports could otherwise be handed this very port.
+    Raises OSError if the address cannot be bound.
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 async def start_bounded(runner: web.AppRunner, host: str, port: int, limits: ServerLimits, log: logging.Logger,
-                        what: str, *, exempt: Iterable[Any] = (), ssl_context: ssl.SSLContext | None = None
-                        ) -> BoundedSite:
+                        what: str, *, exempt: Iterable[Any] = (), ssl_context: ssl.SSLContext | None = None,
+                        sock: socket.socket | None = None) -> BoundedSite:
     """Serve ``runner`` (already set up) on ``host:port`` (0: a free port) within ``limits``, over TLS with ``ssl_context``.
 
+    With ``sock`` (from :func:`bind_socket`) it serves on that socket instead of binding.
     Raises OSError if the address cannot be bound (the caller says what to do about it).
     """
     bounded = BoundedServer(runner.server, limits, log, what, exempt)
+    where = {"sock": sock} if sock is not None else {"host": host, "port": port}
     server = await asyncio.get_running_loop().create_server(
-        bounded, host, port, ssl=ssl_context,
+        bounded, **where, ssl=ssl_context,
         # A handshake that never completes holds a connection no longer than a request head may.
         ssl_handshake_timeout=limits.header_timeout_s if ssl_context is not None else None)
     return BoundedSite(runner, server, bounded)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from adapters.http_server import MAX_JSON_BODY, NODE_API_LIMITS, read_json, start_bounded
+from adapters.http_server import MAX_JSON_BODY, NODE_API_LIMITS, bind_socket, read_json, start_bounded
 from adapters.tls import server_context
 from modelcast.config import NodeConfig
 from modelcast.errors import ArtifactNotFound, BadRequest, ModelcastError
@@ -214,16 +214,23 @@ async def _serve(cfg: NodeConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # The API's address first: the daemon starts listeners of its own (the relay, on an
+    # ephemeral port by default), and one could otherwise be handed the API's port.
+    try:
+        sock = bind_socket(cfg.api_host, cfg.api_port)
+    except OSError as exc:
+        raise ModelcastError(f"cannot serve the node API on {cfg.api_host}:{cfg.api_port}: "
+                             f"{exc.strerror or exc}; pick another --api address or port") from None
     # No access log: clients poll pull status several times a second.
     runner = web.AppRunner(make_app(cfg), access_log=None, shutdown_timeout=2)
-    await runner.setup()  # starts the daemon (the app's cleanup_ctx)
     try:
-        try:
-            site = await start_bounded(runner, cfg.api_host, cfg.api_port, NODE_API_LIMITS, log, "node API",
-                                        ssl_context=server_context(cfg.tls))
-        except OSError as exc:
-            raise ModelcastError(f"cannot serve the node API on {cfg.api_host}:{cfg.api_port}: "
-                                 f"{exc.strerror or exc}; pick another --api address or port") from None
+        await runner.setup()  # starts the daemon (the app's cleanup_ctx)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        site = await start_bounded(runner, cfg.api_host, cfg.api_port, NODE_API_LIMITS, log, "node API",
+                                    ssl_context=server_context(cfg.tls), sock=sock)
         await stop.wait()
         site.server.close()
     finally:
