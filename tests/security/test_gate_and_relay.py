@@ -30,7 +30,7 @@ from modelcast.errors import Unreachable
 from modelcast.wire import FIRST_COPY_HEADER, RELAY_FROM_HEADER, RELAY_HEADER, RELAY_TO_HEADER, ZONE_HEADER
 from node_cache.client import NodeClient
 from node_cache.metrics import NodeCounters
-from node_cache.relay import MAX_PENDING_PUSHES, Relay
+from node_cache.relay import MAX_PENDING_PUSH_BYTES, Relay
 from tracker.firstcopy import MAX_REFUSALS
 
 from ..helpers import TOKEN, make_model, publish, registry_stats, tree_hashes
@@ -165,10 +165,11 @@ async def test_pushes_to_a_node_that_never_answers_are_bounded():
     relay = Relay(NodeConfig(), NodeCounters(), {})
     async with aiohttp.ClientSession() as http:
         relay.attach(None, http)
-        for piece in range(200):
+        for piece in range(400):  # 100 MiB of pieces to a node that never answers
             relay.push("sha256:" + "a" * 64, f"http://127.0.0.1:{port}", piece, bytes(262144))
         await asyncio.sleep(0)
-        assert len(relay._pushes) <= MAX_PENDING_PUSHES
+        assert relay.pending_push_bytes <= MAX_PENDING_PUSH_BYTES
+        assert len(relay._pushes) == MAX_PENDING_PUSH_BYTES // 262144
         for task in list(relay._pushes):
             task.cancel()
         await asyncio.gather(*relay._pushes, return_exceptions=True)
