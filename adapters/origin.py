@@ -49,6 +49,13 @@ class Origin(ABC):
     def read_blob(self, key: str, start: int, end: int) -> Iterator[bytes]:
         """Yield bytes ``start`` to ``end`` inclusive of blob ``key``."""
 
+    def presign_range(self, key: str, first: int, last: int, expires_s: int) -> str | None:
+        """A URL that reads bytes ``first``..``last`` of the blob with no credentials, for ``expires_s`` seconds.
+
+        None where the origin cannot hand out such URLs (a file origin is read by the registry).
+        """
+        return None
+
     def blob_local_path(self, key: str) -> Path | None:
         """A local file holding the blob, when the origin is on this machine."""
         return None
@@ -178,7 +185,10 @@ class S3Origin(Origin):
         self._client = boto3.client(
             "s3",
             endpoint_url=endpoint_url,
-            config=Config(max_pool_connections=max(10, max_concurrency * 2), retries={"max_attempts": 5, "mode": "standard"}),
+            # SigV4 for every request, presigned URLs too (boto3 presigns with SigV2 otherwise,
+            # which cannot cover the Range header).
+            config=Config(max_pool_connections=max(10, max_concurrency * 2), retries={"max_attempts": 5, "mode": "standard"},
+                          signature_version="s3v4"),
         )
         self._transfer = TransferConfig(
             multipart_threshold=multipart_threshold or self.MULTIPART_THRESHOLD,
@@ -228,6 +238,22 @@ class S3Origin(Origin):
             yield from obj["Body"].iter_chunks(READ_CHUNK)
         except (BotoCoreError, ClientError) as exc:
             raise self._translate(exc, f"GET blob {key}") from exc
+
+    def presign_range(self, key: str, first: int, last: int, expires_s: int) -> str | None:
+        """A SigV4 query-signed GET of the blob whose signature covers the ``Range`` header.
+
+        Signing is local (no request to S3).  The range is among the signed headers
+        (``X-Amz-SignedHeaders=host;range``), so S3 answers the URL only for exactly that
+        range: the holder of the URL can read those bytes for ``expires_s`` seconds, no more.
+        """
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            return self._client.generate_presigned_url(
+                "get_object", ExpiresIn=expires_s,
+                Params={"Bucket": self.bucket, "Key": self._key(blob_relpath(key)), "Range": f"bytes={first}-{last}"})
+        except BotoCoreError as exc:
+            raise self._translate(exc, f"presigning blob {key}") from exc
 
     def put_document(self, relpath: str, data: bytes) -> None:
         from botocore.exceptions import BotoCoreError, ClientError

@@ -204,6 +204,9 @@ class TrackerConfig:
     # S3 endpoints a publish may name besides s3_endpoint: the registry signs requests to
     # them with its credentials, so they are its operator's choice, not a publisher's.
     allowed_s3_endpoints: tuple[str, ...] = ()
+    # S3 origins: a node that accepts redirects gets a presigned URL for exactly the range
+    # it asked, valid this long, instead of bytes streamed through the registry.  0: off.
+    presign_ttl_s: int = 30
     # TLS on the one listening socket (registry API, web seed and tracker); None: plain HTTP.
     tls: TlsFiles | None = None
     # The CA trusted besides the system's roots when this registry is a client (of --upstream).

@@ -18,6 +18,10 @@ RELAY_HEADER = "X-Modelcast-Relay"
 RELAY_FROM_HEADER = "X-Modelcast-Relay-From"
 # With served bytes: push them to these nodes of other zones (space-separated base URLs).
 RELAY_TO_HEADER = "X-Modelcast-Relay-To"
+# A node may take its origin bytes from a short-lived presigned URL of the object store:
+# the registry then answers 307 with that URL for exactly the asked range instead of
+# streaming the bytes itself (S3 origins; tracker/webseed.py).
+ACCEPT_REDIRECT_HEADER = "X-Modelcast-Accept-Redirect"
 
 # ---- node identity (tracker/nodekeys.py) ----------------------------------------------
 # The node's own secret, with each heartbeat and leave: the first one binds its node id.

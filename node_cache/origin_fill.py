@@ -27,7 +27,8 @@ import aiohttp
 from adapters.torrent import PieceSpan, TorrentEngine
 from modelcast.config import NodeConfig
 from modelcast.errors import Unreachable
-from modelcast.wire import FIRST_COPY_HEADER, RELAY_FROM_HEADER, RELAY_HEADER, RELAY_TO_HEADER, ZONE_HEADER, bearer
+from modelcast.wire import (ACCEPT_REDIRECT_HEADER, FIRST_COPY_HEADER, RELAY_FROM_HEADER, RELAY_HEADER,
+                            RELAY_TO_HEADER, ZONE_HEADER, bearer)
 
 from .jobs import PullJob
 from .metrics import NodeCounters
@@ -89,7 +90,7 @@ class OriginFetcher:
         self.engine, self.http = engine, http
 
     def _headers(self) -> dict[str, str]:
-        headers = {ZONE_HEADER: self.cfg.zone, **bearer(self.cfg.token)}
+        headers = {ZONE_HEADER: self.cfg.zone, ACCEPT_REDIRECT_HEADER: "1", **bearer(self.cfg.token)}
         if self.relay.url:
             headers[RELAY_HEADER] = self.relay.url  # where the origin may send nodes of other zones
         return headers
@@ -108,31 +109,32 @@ class OriginFetcher:
         if first_copy:
             headers[FIRST_COPY_HEADER] = "1"
         try:
-            async with self.http.get(url, headers=headers) as resp:
+            async with self.http.get(url, headers=headers, allow_redirects=False) as resp:
                 if resp.status == 409 and first_copy:
                     holder = resp.headers.get(RELAY_FROM_HEADER)
                     if holder and len(run) == 1:
                         raise RelayFrom(holder)
                     raise ServedElsewhere(first.piece)
-                if resp.status not in (200, 206):
-                    raise Unreachable(f"origin answered HTTP {resp.status} for {first.path}")
-                if self.bucket is None:
-                    data = await resp.read()
+                targets = resp.headers.get(RELAY_TO_HEADER, "").split()
+                if resp.status == 307 and (location := resp.headers.get("Location")):
+                    # An S3 origin: the registry admitted the range and presigned it; read it
+                    # from the object store ourselves, with only the signed Range header (no
+                    # bearer token, no modelcast headers: they are not for the store).
+                    async with self.http.get(location, headers={"Range": headers["Range"]},
+                                             allow_redirects=False) as stored:
+                        data = await self._body(stored, first.path, "the object store")
+                        status = stored.status
                 else:
-                    parts = []
-                    async for chunk in resp.content.iter_chunked(64 * 1024):
-                        await self.bucket.take(len(chunk))
-                        parts.append(chunk)
-                    data = b"".join(parts)
+                    data = await self._body(resp, first.path, "origin")
+                    status = resp.status
         except aiohttp.ClientError as exc:
             raise Unreachable(f"origin fetch of {first.path} failed: {exc}") from exc
-        if resp.status == 200:
+        if status == 200:
             data = data[start:end + 1]
         if len(data) != end - start + 1:
             raise Unreachable(f"origin sent {len(data)} bytes of {first.path}, expected {end - start + 1}")
         job.bytes_from_origin += len(data)
         self.counters.bytes_from_origin += len(data)
-        targets = resp.headers.get(RELAY_TO_HEADER, "").split()
         view = memoryview(data)
         for span in run:
             piece = bytes(view[span.file_offset - start: span.file_offset - start + span.length])
@@ -141,6 +143,18 @@ class OriginFetcher:
             self.engine.add_piece(job.digest, span.piece, piece)
             for target in targets:
                 self.relay.push(job.digest, target, span.piece, piece)
+
+    async def _body(self, resp: aiohttp.ClientResponse, path: str, source: str) -> bytes:
+        """The body of a 200/206 answer, read under the node's download limit; Unreachable otherwise."""
+        if resp.status not in (200, 206):
+            raise Unreachable(f"{source} answered HTTP {resp.status} for {path}")
+        if self.bucket is None:
+            return await resp.read()
+        parts = []
+        async for chunk in resp.content.iter_chunked(64 * 1024):
+            await self.bucket.take(len(chunk))
+            parts.append(chunk)
+        return b"".join(parts)
 
     async def relay_fetch(self, job: PullJob, base: str, holder: str, span: PieceSpan) -> None:
         """Fetch one piece from ``holder``, a node of another zone; from the origin if that fails."""

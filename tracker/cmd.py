@@ -45,6 +45,9 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     p.add_argument("--s3-endpoint", help="S3 endpoint URL for s3:// origins (env MODELCAST_S3_ENDPOINT)")
     p.add_argument("--allow-s3-endpoint", action="append", default=[], metavar="URL",
                    help="another S3 endpoint a publish may name (repeatable); any other is refused")
+    p.add_argument("--presign-ttl", type=int, default=TrackerConfig.presign_ttl_s, metavar="SECONDS",
+                   help="S3 origins: nodes get presigned URLs valid this long for the ranges the first-copy gate "
+                        "admits, instead of bytes through the registry; 0 streams every byte through the registry")
     p.add_argument("--announce-interval", type=int, default=TrackerConfig.announce_interval_s)
     p.add_argument("--peer-ttl", type=float, default=TrackerConfig.peer_ttl_s,
                    help="seconds a peer without node heartbeats stays listed after its last announce")
@@ -108,7 +111,7 @@ def cmd_tracker(args) -> int:
                         announce_interval_s=args.announce_interval, peer_ttl_s=args.peer_ttl,
                         heartbeat_ttl_max_s=args.max_heartbeat_ttl, zone_gateways=args.zone_gateways,
                         trusted_proxies=tuple(args.trusted_proxy), origin_seeds=tuple(args.origin_seed),
-                        allowed_s3_endpoints=tuple(args.allow_s3_endpoint),
+                        allowed_s3_endpoints=tuple(args.allow_s3_endpoint), presign_ttl_s=max(0, args.presign_ttl),
                         udp_host=udp_host, udp_port=udp_port,
                         tls=TlsFiles.from_args(args.tls_cert, args.tls_key), ca=ca_from_args(args.ca)))
     return 0

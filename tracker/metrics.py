@@ -167,6 +167,9 @@ class RegistryCollector(Collector):
             requests.add_metric([zone], stats.origin_requests_by_zone.get(zone, 0))
         yield served
         yield requests
+        yield CounterMetricFamily("modelcast_registry_origin_redirected_bytes", "Of the origin bytes served, those "
+                                  "handed to nodes as presigned object-store URLs (S3 origins): they never passed "
+                                  "through the registry.", value=stats.origin_bytes_redirected)
         yield CounterMetricFamily("modelcast_registry_first_copy_refusals", "Web seed requests refused (409) "
                                   "because the bytes were just served to the same zone: peers have them.",
                                   value=gate.refused)

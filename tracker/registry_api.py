@@ -125,6 +125,8 @@ async def stats(request: web.Request) -> web.Response:
     swarms = app[SWARMS]
     return web.json_response({
         "origin_bytes_served": app[STATS].origin_bytes_served,
+        "origin_bytes_redirected": app[STATS].origin_bytes_redirected,
+        "origin_bytes_through_registry": app[STATS].origin_bytes_through_registry,
         "origin_requests": app[STATS].origin_requests,
         "origin_refused_repeats": app[FIRST_COPY].refused,
         "origin_relayed_across_zones": app[FIRST_COPY].relayed,

@@ -38,11 +38,23 @@ class Stats:
     origin_requests: int = 0
     origin_bytes_by_zone: dict[str, int] = field(default_factory=dict)
     origin_requests_by_zone: dict[str, int] = field(default_factory=dict)
+    # Of origin_bytes_served, those handed out as presigned object-store URLs: the node
+    # read them from S3 itself, so they never passed through this process.
+    origin_bytes_redirected: int = 0
 
-    def served(self, zone: str | None, nbytes: int) -> None:
-        """Count one answer of ``nbytes`` origin bytes to a node of ``zone`` (None: it named none)."""
+    @property
+    def origin_bytes_through_registry(self) -> int:
+        return self.origin_bytes_served - self.origin_bytes_redirected
+
+    def served(self, zone: str | None, nbytes: int, redirected: bool = False) -> None:
+        """Count one answer of ``nbytes`` origin bytes to a node of ``zone`` (None: it named none).
+
+        ``redirected``: the answer was a presigned URL for those bytes, not the bytes.
+        """
         self.origin_requests += 1
         self.origin_bytes_served += nbytes
+        if redirected:
+            self.origin_bytes_redirected += nbytes
         zone = zone or NO_ZONE
         if zone not in self.origin_requests_by_zone and len(self.origin_requests_by_zone) >= MAX_COUNTED_ZONES:
             zone = "_other"

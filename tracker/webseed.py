@@ -2,8 +2,11 @@
 
 ``GET /v1/webseed/{digest}/{torrent_name}/{path}`` answers byte ranges of a published
 file.  Nodes never hold origin credentials; the registry reads the origin for them: a
-file origin is served with sendfile, an S3 origin is streamed from a worker thread, and
-an artifact pulled through from a parent registry is streamed from the parent's web seed.
+file origin is served with sendfile; an S3 origin answers a node that accepts redirects
+(``X-Modelcast-Accept-Redirect``) with a 307 to a presigned URL for exactly the range the
+gate admitted, valid for seconds (``--presign-ttl``), so no payload byte passes through
+the registry, and streams from a worker thread to anyone else; an artifact pulled through
+from a parent registry is streamed from the parent's web seed.
 
 Before any byte goes out, :class:`~tracker.firstcopy.FirstCopyGate` decides whether the
 origin serves it at all (about one copy per zone) and which nodes of other zones the
@@ -27,14 +30,15 @@ from aiohttp.abc import AbstractStreamWriter
 from adapters.origin import Origin
 from modelcast.errors import ArtifactNotFound, ModelcastError, OriginError
 from modelcast.manifest import FileEntry, Manifest
-from modelcast.wire import FIRST_COPY_HEADER, RELAY_FROM_HEADER, RELAY_HEADER, RELAY_TO_HEADER, ZONE_HEADER
+from modelcast.wire import (ACCEPT_REDIRECT_HEADER, FIRST_COPY_HEADER, RELAY_FROM_HEADER, RELAY_HEADER,
+                            RELAY_TO_HEADER, ZONE_HEADER)
 
 from .announce import ZONE_RE, normalize_ip
 from .auth import check_auth
 from .federation import UpstreamUnreachable, is_upstream_origin
 from .firstcopy import Admission
 from .registry_api import digest_param, stored_record
-from .state import FIRST_COPY, ORIGINS, STATS, UPSTREAM, WEBSEED_CACHE, Stats, WebseedArtifact
+from .state import CONFIG, FIRST_COPY, ORIGINS, STATS, UPSTREAM, WEBSEED_CACHE, Stats, WebseedArtifact
 
 log = logging.getLogger("modelcast.tracker")
 
@@ -80,6 +84,15 @@ class OriginStream(_OriginBytes):
     def __init__(self, tally: OriginTally, *, status: int, headers: dict[str, str]) -> None:
         super().__init__(status=status, headers=headers)
         self.tally = tally
+
+
+def origin_redirect(tally: OriginTally, url: str, nbytes: int) -> web.Response:
+    """A 307 to a presigned object-store URL for ``nbytes`` origin bytes: counted as served, and as redirected."""
+    tally.stats.served(tally.zone, nbytes, redirected=True)
+    headers = {"Location": url, "Cache-Control": "no-store"}
+    if tally.relay_to:
+        headers[RELAY_TO_HEADER] = " ".join(tally.relay_to)
+    return web.Response(status=307, headers=headers)
 
 
 class OriginFile(web.FileResponse, _OriginBytes):
@@ -212,6 +225,12 @@ async def webseed(request: web.Request) -> web.StreamResponse:
                 f"{'missing' if size is None else f'{size} bytes'}, expected {entry.size} bytes; re-publish the artifact"
             )
         return OriginFile(tally, local, headers={"Accept-Ranges": "bytes"})
+    ttl = request.app[CONFIG].presign_ttl_s
+    if (ttl > 0 and entry.size > 0 and request.method == "GET"
+            and request.headers.get(ACCEPT_REDIRECT_HEADER) == "1"):
+        url = await asyncio.to_thread(origin.presign_range, entry.xxh3_128, first_byte, last_byte, ttl)
+        if url is not None:
+            return origin_redirect(tally, url, last_byte - first_byte + 1)
     return await _stream_remote(request, tally, origin, entry)
 
 
