@@ -22,13 +22,15 @@ receiving, writing and checking a byte must cost: hash + copy CPU per GiB.
 
 Last stdout line: JSON with size_bytes, origin_mb_per_s, p2p_mb_per_s, copy_mb_per_s,
 copy_cpu_s_per_gib, hash_cpu_s_per_gib, origin_cpu_s_per_gib, p2p_cpu_s_per_gib,
-seeder_cpu_s_per_gib, registry_cpu_s_per_gib, publish_mb_per_s, publish_hash_ratio
+seeder_cpu_s_per_gib, registry_cpu_s_per_gib, copy_sender_cpu_s_per_gib (the plain copy's
+sendfile sender: what serving a byte from disk must cost, beside the registry's figure),
+publish_mb_per_s, publish_hash_ratio
 (publish rate / (cores x single-core hashing rate)), floor_cpu_s_per_gib, p2p_cpu_ratio,
 origin_cpu_ratio, page_cache_dropped and identical (both nodes hold the source's bytes).
 MB = 10^6 bytes.
 
-With ``--perf DIR`` node A's origin ingest and the plain copy's receiver are recorded by
-``perf record -g`` (Debian's linux-perf) into ``DIR/origin.perf.data`` and ``DIR/copy.perf.data``,
+With ``--perf DIR`` node A's origin ingest, the registry serving it and the plain copy's receiver are recorded by
+``perf record -g`` (Debian's linux-perf) into ``DIR/origin.perf.data``, ``DIR/registry.perf.data`` and ``DIR/copy.perf.data``,
 each with its ``perf report --stdio`` beside it;
 the recording costs CPU itself, so the figures of such a run are not the benchmark's.
 
@@ -230,7 +232,12 @@ def plain_copy(paths: list[Path], dest: Path, perf_dir: Path | None = None) -> S
             send = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "_send", str(port), *map(str, paths)])
             if recv.stdout.readline().strip() != "done":
                 raise RuntimeError("the plain copy's receiver ended early")
-        if send.wait(60) != 0:
+        # The sender is our child: wait4 gives its CPU (what serving the bytes with sendfile costs).
+        _, status, usage = os.wait4(send.pid, 0)
+        send.returncode = os.waitstatus_to_exitcode(status)
+        step.cpu["sender"] = usage.ru_utime + usage.ru_stime
+        step.user["sender"], step.sys["sender"] = usage.ru_utime, usage.ru_stime
+        if send.returncode != 0:
             raise RuntimeError(f"the plain copy's sender exited {send.returncode}")
     finally:
         if recv.poll() is None:
@@ -324,7 +331,7 @@ def run(args) -> dict:
         node_a = start_node(work, registry, "node-a", token="t")
         drop()
         served0 = origin_bytes_served(registry)
-        with PerfRecord(args.perf, node_a.pid, "origin"), \
+        with PerfRecord(args.perf, node_a.pid, "origin"), PerfRecord(args.perf, tracker.pid, "registry"), \
                 Step(daemon=node_a.pid, registry=tracker.pid) as origin:
             pull(node_a.url, REF, args.timeout)
         origin_served = origin_bytes_served(registry) - served0
@@ -351,7 +358,8 @@ def run(args) -> dict:
         drop()
         copy = plain_copy(paths, work / "copy", args.perf)
         print(f"plain TCP copy disk to disk: {copy.seconds:.2f}s ({mb / copy.seconds:.0f} MB/s); receiver "
-              f"{copy.cpu['receiver']:.2f} CPU-s ({copy.split('receiver')})")
+              f"{copy.cpu['receiver']:.2f} CPU-s ({copy.split('receiver')}); sender (sendfile) "
+              f"{copy.cpu['sender']:.2f} CPU-s ({copy.split('sender')})")
 
         drop()
         hash_cpu, hash_wall = hybrid_hash_cpu(paths, result.manifest.piece_length)
@@ -382,6 +390,7 @@ def run(args) -> dict:
             "p2p_cpu_s_per_gib": per_gib(p2p.cpu["daemon"]),
             "seeder_cpu_s_per_gib": per_gib(p2p.cpu["seeder"]),
             "registry_cpu_s_per_gib": per_gib(origin.cpu["registry"]),
+            "copy_sender_cpu_s_per_gib": per_gib(copy.cpu["sender"]),
             "publish_mb_per_s": round(publish_mb_s, 1),
             "publish_hash_ratio": round(publish_mb_s / (cores * hash_mb_s), 3),
             "floor_cpu_s_per_gib": round(floor, 3),

@@ -122,39 +122,48 @@ class OriginFetcher:
                     # bearer token, no modelcast headers: they are not for the store).
                     async with self.http.get(location, headers={"Range": headers["Range"]},
                                              allow_redirects=False) as stored:
-                        data = await self._body(stored, first.path, "the object store")
-                        status = stored.status
+                        await self._take_pieces(job, stored, run, start, end, targets, "the object store")
                 else:
-                    data = await self._body(resp, first.path, "origin")
-                    status = resp.status
-        except aiohttp.ClientError as exc:
+                    await self._take_pieces(job, resp, run, start, end, targets, "origin")
+        except (aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
             raise Unreachable(f"origin fetch of {first.path} failed: {exc}") from exc
-        if status == 200:
-            data = data[start:end + 1]
-        if len(data) != end - start + 1:
-            raise Unreachable(f"origin sent {len(data)} bytes of {first.path}, expected {end - start + 1}")
-        job.bytes_from_origin += len(data)
-        self.counters.bytes_from_origin += len(data)
-        view = memoryview(data)
+
+    async def _take_pieces(self, job: PullJob, resp: aiohttp.ClientResponse, run: list[PieceSpan], start: int,
+                           end: int, targets: list[str], source: str) -> None:
+        """Hand each piece of a 200/206 answer to libtorrent (and push it on) as soon as it has arrived.
+
+        Each piece is read as one ``bytes`` straight from the connection's buffer (one copy
+        in Python, not a copy of the whole run and a slice of it), and libtorrent hashes and
+        writes it while the rest of the run is still on its way.  Pieces taken before a
+        connection breaks are kept; Unreachable says what is missing.
+        """
+        path = run[0].path
+        if resp.status not in (200, 206):
+            raise Unreachable(f"{source} answered HTTP {resp.status} for {path}")
+        want = end - start + 1
+        if resp.status == 200:  # the whole file, ranges ignored: skip to ours
+            if resp.content_length is not None and resp.content_length < end + 1:
+                raise Unreachable(f"{source} sent {resp.content_length} bytes of {path}, expected at least {end + 1}")
+            skip = start
+            while skip:
+                skip -= len(await self._read(resp, min(skip, 1 << 20)))
+        elif resp.content_length is not None and resp.content_length != want:
+            raise Unreachable(f"{source} sent {resp.content_length} bytes of {path}, expected {want}")
         for span in run:
-            piece = bytes(view[span.file_offset - start: span.file_offset - start + span.length])
+            piece = await self._read(resp, span.length)
             if len(piece) < span.size:
                 piece += bytes(span.size - len(piece))  # the pad file's zeros
+            job.bytes_from_origin += span.length
+            self.counters.bytes_from_origin += span.length
             self.engine.add_piece(job.digest, span.piece, piece)
             for target in targets:
                 self.relay.push(job.digest, target, span.piece, piece)
 
-    async def _body(self, resp: aiohttp.ClientResponse, path: str, source: str) -> bytes:
-        """The body of a 200/206 answer, read under the node's download limit; Unreachable otherwise."""
-        if resp.status not in (200, 206):
-            raise Unreachable(f"{source} answered HTTP {resp.status} for {path}")
-        if self.bucket is None:
-            return await resp.read()
-        parts = []
-        async for chunk in resp.content.iter_chunked(64 * 1024):
-            await self.bucket.take(len(chunk))
-            parts.append(chunk)
-        return b"".join(parts)
+    async def _read(self, resp: aiohttp.ClientResponse, n: int) -> bytes:
+        """The next ``n`` bytes of an answer's body, under the node's download limit."""
+        if self.bucket is not None:
+            await self.bucket.take(n)
+        return await resp.content.readexactly(n)
 
     async def relay_fetch(self, job: PullJob, base: str, holder: str, span: PieceSpan) -> None:
         """Fetch one piece from ``holder``, a node of another zone; from the origin if that fails."""
