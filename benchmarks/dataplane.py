@@ -344,7 +344,8 @@ def run(args) -> dict:
         node_b = start_node(work, registry, "node-b", token="t", extra=["--webseed-grace", "60"])
         drop()
         served0 = origin_bytes_served(registry)
-        with Step(daemon=node_b.pid, seeder=node_a.pid, registry=tracker.pid) as p2p:
+        with PerfRecord(args.perf, node_b.pid, "p2p"), PerfRecord(args.perf, node_a.pid, "seeder"), \
+                Step(daemon=node_b.pid, seeder=node_a.pid, registry=tracker.pid) as p2p:
             pull(node_b.url, REF, args.timeout)
         p2p_origin = origin_bytes_served(registry) - served0
         print(f"node B from node A: {p2p.seconds:.2f}s ({mb / p2p.seconds:.0f} MB/s); daemon "
