@@ -29,9 +29,10 @@ publish_mb_per_s, publish_hash_ratio
 origin_cpu_ratio, page_cache_dropped and identical (both nodes hold the source's bytes).
 MB = 10^6 bytes.
 
-With ``--perf DIR`` node A's origin ingest, the registry serving it and the plain copy's receiver are recorded by
-``perf record -g`` (Debian's linux-perf) into ``DIR/origin.perf.data``, ``DIR/registry.perf.data`` and ``DIR/copy.perf.data``,
-each with its ``perf report --stdio`` beside it;
+With ``--perf DIR`` node A's origin ingest, the registry serving it, node B's p2p ingest, node A
+seeding it and the plain copy's receiver are recorded by ``perf record -g`` (Debian's
+linux-perf) into ``DIR/{origin,registry,p2p,seeder,copy}.perf.data``, each with its
+``perf report --stdio`` beside it;
 the recording costs CPU itself, so the figures of such a run are not the benchmark's.
 
 Usage: python benchmarks/dataplane.py [--size 2G] [--keep] [--perf DIR]
