@@ -173,11 +173,13 @@ class Relay:
             raise Unreachable(f"relay fetch from {holder} failed: {exc}") from exc
         return data
 
-    def add_relayed(self, job: PullJob, piece: int, data: bytes) -> None:
-        """Hand libtorrent a piece from a node of another zone (it checks the hash) and count it."""
+    def add_relayed(self, job: PullJob, piece: int, data: bytes) -> bool:
+        """Hand libtorrent a piece from a node of another zone and count it; False if it fails its hash."""
+        if not self.engine.add_piece(job.digest, piece, data):
+            return False
         job.bytes_from_relay += len(data)
         self.counters.bytes_from_relay += len(data)
-        self.engine.add_piece(job.digest, piece, data)
+        return True
 
     # ---- incoming ----------------------------------------------------------------------
     async def read_piece(self, digest: str, piece: int, wait_s: float) -> bytes:
@@ -224,7 +226,9 @@ class Relay:
         job = self.jobs.get(digest)
         if job is None or self.engine is None or not self.engine.has(digest):
             raise Conflict(f"{digest} is not being pulled on this node")
-        self.add_relayed(job, piece, data)
+        if not self.add_relayed(job, piece, data):
+            # Never handed to libtorrent: it would blame the piece on honest peers (adapters/torrent.py).
+            raise BadRequest(f"piece {piece} of {digest} does not match its hash; not taken")
 
 
 # ---- the relay listener's routes ---------------------------------------------------------
