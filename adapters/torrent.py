@@ -674,23 +674,38 @@ class TorrentEngine:
         else:
             _resolve_all(futures, bytes(alert.buffer))
 
-    def add_piece(self, digest: str, piece: int, data: bytes) -> bool:
-        """Hand libtorrent a piece from the origin or a node of another zone if it matches its hash.
+    def add_piece(self, digest: str, piece: int, data: bytes) -> None:
+        """Hand libtorrent a piece fetched from the origin; it checks the piece hash itself.
 
-        Checked here, before libtorrent sees it (SHA-1 of one piece, well under a millisecond
-        for 256 KiB): libtorrent blames a piece that fails its hash on every peer that sent a
-        block of it, so a forged piece handed to it (a garbage relay push, a fake holder's
-        answer) would get the honest peers that sent the other blocks banned and stall the
-        pull (issue #15).  Returns False, counting a hash failure, for bytes that do not match
-        (or a torrent no longer here); nothing is written then.
+        A piece from anyone less trusted than the origin goes through :meth:`add_piece_checked`.
         """
         handle = self._handles.get(digest)
-        if handle is None:
+        if handle is not None:
+            handle.add_piece(piece, data, 0)
+
+    async def add_piece_checked(self, digest: str, piece: int, data: bytes) -> bool:
+        """Hand libtorrent a piece from a node of another zone only if it matches its hash.
+
+        Checked before libtorrent sees it (SHA-1, in a thread: a piece is up to 16 MiB):
+        libtorrent blames a piece that fails its hash on every peer that sent a block of it,
+        so a forged piece handed to it (a garbage relay push, a fake holder's answer) would
+        get the honest peers that sent the other blocks banned and stall the pull (issue #15).
+        Returns False, counting a hash failure, for bytes that do not match (or a torrent no
+        longer here); nothing is written then.
+        """
+        handle = self._handles.get(digest)
+        ti = handle.torrent_file() if handle is not None else None
+        if ti is None or not 0 <= piece < ti.num_pieces() or len(data) != ti.piece_size(piece):
+            self.hash_failures += handle is not None
             return False
-        ti = handle.torrent_file()
-        if ti is None or not 0 <= piece < ti.num_pieces() or len(data) != ti.piece_size(piece) or (
-                ti.info_hashes().has_v1() and hashlib.sha1(data).digest() != ti.hash_for_piece(piece)):
-            self.hash_failures += 1
+        if ti.info_hashes().has_v1():
+            expected = ti.hash_for_piece(piece)
+            got = await asyncio.to_thread(lambda: hashlib.sha1(data).digest())
+            if got != expected:
+                self.hash_failures += 1
+                return False
+        handle = self._handles.get(digest)  # still here after the wait?
+        if handle is None:
             return False
         handle.add_piece(piece, data, 0)
         return True
