@@ -190,17 +190,29 @@ class Attacks:
             await asyncio.sleep(0.05)
 
     async def _forge_relay(self, source: str, holder: str, deadline: float) -> None:
-        """Range GETs of every piece naming a zone (each in turn) and the fake holder as relay."""
-        t, zones = self.target, [*ZONES, "zone-x"]
-        for rnd in range(20):
-            for path, size in t.files:
-                for start in range(0, size, t.piece_length):
-                    if not self.running(deadline):
-                        return
+        """First-copy GETs naming a zone (one no node is in, or the nodes' own) and the fake holder as relay.
+
+        Whole files, dropped at once (the gate then names the holder to nodes asking for any
+        of those bytes), and single pieces read to the end (the gate names nodes of the other
+        zones for the holder to push to, and the holder to them).
+        """
+        t, zones = self.target, [*ZONES]
+        for rnd in range(40):
+            for f, (path, size) in enumerate(t.files):
+                if not self.running(deadline):
+                    return
+                # The first half of the files claimed only for a zone no node is in: nodes of
+                # both zones are sent to the holder for them; the rest for the nodes' zones.
+                zone = "zone-x" if f < len(t.files) // 2 else zones[(rnd + f) % len(zones)]
+                base = {FIRST_COPY_HEADER: "1", ZONE_HEADER: zone, RELAY_HEADER: holder}
+                try:
+                    await self._request(source, t.host_port, self._webseed_head(path, base))
+                except (OSError, asyncio.TimeoutError):
+                    pass
+                self.count("forged_relay")
+                for start in range(0, size, 4 * t.piece_length):  # every fourth piece
                     end = min(start + t.piece_length, size) - 1
-                    headers = {"Range": f"bytes={start}-{end}", FIRST_COPY_HEADER: "1",
-                               ZONE_HEADER: zones[(rnd + start // t.piece_length) % len(zones)],
-                               RELAY_HEADER: holder}
+                    headers = {**base, "Range": f"bytes={start}-{end}"}
                     try:
                         await self._request(source, t.host_port, self._webseed_head(path, headers), read="all")
                     except (OSError, asyncio.TimeoutError):
