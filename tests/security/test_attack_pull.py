@@ -7,9 +7,11 @@ speaking only the public protocol, run:
 
 * gate pollution: whole-file web-seed GETs dropped at once, with no zone and naming each
   of the nodes' zones as a first copy;
-* forged relays: range GETs naming a zone and an ``X-Modelcast-Relay`` URL of a fake holder
-  on the attacker's own address, one that answers every piece with garbage (and takes
-  pushes), one that accepts connections and never answers;
+* forged relays: first-copy GETs naming a zone and an ``X-Modelcast-Relay`` URL of a fake
+  holder on the attacker's own address (whole files dropped at once, and single pieces),
+  one holder that answers every piece with garbage and swallows pushes, one that accepts
+  connections and never answers; the gate names them to the nodes as push targets (and as
+  holders of bytes no node's zone has);
 * spoofed stops: ``event=stopped`` announces for each victim's ip:port, from another
   address, with and without the victim's node id;
 * slow clients: half-sent requests held open against the registry and every node API;
@@ -50,6 +52,7 @@ ZONES = {"zone-a": ["127.0.1.2", "127.0.1.3"], "zone-b": ["127.0.2.2", "127.0.2.
 GATE, GARBAGE_HOLDER, SILENT_HOLDER, STOPPER, SLOW, PUTTER = (f"127.0.0.{n}" for n in range(3, 9))
 ATTACK_S = 120  # no attack loop runs longer than this, whatever happens
 SIZES = {f"weights/shard-{i}.bin": 8 * MiB for i in range(4)}
+SLOW_PER_TARGET = 30  # half-sent requests held against the registry and each node API (per-address caps: 256)
 
 
 def get_json(url: str) -> dict:
@@ -253,8 +256,8 @@ class Attacks:
                     return
                 held = [w for w in held if not w.is_closing() and not w.transport.is_closing()]
                 for addr in targets:
-                    for k in range(10):
-                        if len(held) >= 10 * len(targets):
+                    for k in range(SLOW_PER_TARGET):
+                        if len(held) >= SLOW_PER_TARGET * len(targets):
                             break
                         try:
                             _, writer = await asyncio.wait_for(
