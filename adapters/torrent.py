@@ -18,6 +18,7 @@ translated to :mod:`modelcast.errors` here.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import tempfile
@@ -674,10 +675,40 @@ class TorrentEngine:
             _resolve_all(futures, bytes(alert.buffer))
 
     def add_piece(self, digest: str, piece: int, data: bytes) -> None:
-        """Hand libtorrent a piece fetched from the origin; it checks the piece hash itself."""
+        """Hand libtorrent a piece fetched from the origin; it checks the piece hash itself.
+
+        A piece from anyone less trusted than the origin goes through :meth:`add_piece_checked`.
+        """
         handle = self._handles.get(digest)
         if handle is not None:
             handle.add_piece(piece, data, 0)
+
+    async def add_piece_checked(self, digest: str, piece: int, data: bytes) -> bool:
+        """Hand libtorrent a piece from a node of another zone only if it matches its hash.
+
+        Checked before libtorrent sees it (SHA-1, in a thread: a piece is up to 16 MiB):
+        libtorrent blames a piece that fails its hash on every peer that sent a block of it,
+        so a forged piece handed to it (a garbage relay push, a fake holder's answer) would
+        get the honest peers that sent the other blocks banned and stall the pull (issue #15).
+        Returns False, counting a hash failure, for bytes that do not match (or a torrent no
+        longer here); nothing is written then.
+        """
+        handle = self._handles.get(digest)
+        ti = handle.torrent_file() if handle is not None else None
+        if ti is None or not 0 <= piece < ti.num_pieces() or len(data) != ti.piece_size(piece):
+            self.hash_failures += handle is not None
+            return False
+        if ti.info_hashes().has_v1():
+            expected = ti.hash_for_piece(piece)
+            got = await asyncio.to_thread(lambda: hashlib.sha1(data).digest())
+            if got != expected:
+                self.hash_failures += 1
+                return False
+        handle = self._handles.get(digest)  # still here after the wait?
+        if handle is None:
+            return False
+        handle.add_piece(piece, data, 0)
+        return True
 
     def save_resume(self, digest: str) -> asyncio.Future:
         """A future of the resume data of ``digest`` (None if nothing changed since the last, or it failed)."""

@@ -32,6 +32,8 @@ def table(listing: dict, pinned_only: bool = False) -> str:
     quota = listing.get("quota_bytes") or 0
     rows.append(f"node {listing.get('node_id', '?')} zone {listing.get('zone', '?')}: "
                 f"{human_bytes(listing.get('used_bytes', 0))} used"
+                + (f" (of which {human_bytes(listing['unpacked_bytes'])} unpacked runtime layers)"
+                   if listing.get("unpacked_bytes") else "")
                 + (f" of {human_bytes(quota)} quota" if quota else " (no quota)"))
     return "\n".join(rows)
 

@@ -116,7 +116,8 @@ async def handle_pull_status(request: web.Request) -> web.Response:
 async def handle_list(request: web.Request) -> web.Response:
     d = request.app[DAEMON]
     return web.json_response({"artifacts": d.listing(), "quota_bytes": d.cfg.quota,
-                              "used_bytes": d.upkeep.used_bytes(), "node_id": d.node_id, "zone": d.cfg.zone})
+                              "used_bytes": d.upkeep.used_bytes(), "unpacked_bytes": d.upkeep.unpacked_total(),
+                              "node_id": d.node_id, "zone": d.cfg.zone})
 
 
 async def handle_pin(request: web.Request) -> web.Response:

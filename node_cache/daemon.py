@@ -138,6 +138,8 @@ class NodeDaemon:
                 await asyncio.to_thread(self.store.drop_resume, digest)
             self.start_job(PullJob(digest, manifest))
             resumed += 1
+        # Unpacked runtime layers count against the quota with their artifacts; orphans go.
+        await self.upkeep.adopt_layers()
         # Hugging Face layouts: links back for what is complete, gone for what is not.
         await self.hf_reconcile()
         log.info("node %s ready: zone %s, peers on %s:%s, %d artifacts in cache, %d downloads resumed (%s stop)",
@@ -522,6 +524,7 @@ class NodeDaemon:
 
     def job_json(self, job: PullJob) -> dict:
         return {**job.to_json(self.pins.pins, self.pins.last_used.get(job.digest)),
+                "unpacked_bytes": self.upkeep.unpacked_of(job.digest),
                 "hf_layouts": [layout.summary() for layout in self.hf.for_digest(job.digest)] if self.hf else []}
 
     def _gauges(self) -> NodeGauges:
@@ -529,6 +532,8 @@ class NodeDaemon:
         busy = [j for j in self.jobs.values() if j.busy]
         return NodeGauges(
             cache_bytes=sum(j.manifest.total_size for j in ready), cache_artifacts=len(ready),
+            unpacked_bytes=self.upkeep.unpacked_total(), unpacked_layers=len(self.upkeep.layers),
+            used_bytes=self.upkeep.used_bytes() if self.pins else 0,
             quota_bytes=self.cfg.quota, pinned_artifacts=len(self.pins.pins) if self.pins else 0,
             peers_connected=sum(j.peers for j in busy),
             piece_hash_failures=self.engine.hash_failures if self.engine else 0,

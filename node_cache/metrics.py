@@ -61,6 +61,9 @@ class NodeGauges:
     pulls_in_progress: int = 0  # queued, downloading or verifying
     pulling_bytes: int = 0  # total size of the artifacts being pulled
     pulling_done_bytes: int = 0  # of which on disk and hash-checked
+    unpacked_bytes: int = 0  # unpacked runtime layers (and room promised to ones being unpacked)
+    unpacked_layers: int = 0
+    used_bytes: int = 0  # what the quota counts: artifacts held or being pulled, and unpacked layers
 
 
 class NodeCollector(Collector):
@@ -96,6 +99,11 @@ class NodeCollector(Collector):
         yield gauge("cache_bytes", "Bytes of complete artifacts in the cache.", g.cache_bytes)
         yield gauge("cache_artifacts", "Complete artifacts in the cache.", g.cache_artifacts)
         yield gauge("cache_quota_bytes", "Cache quota (0 = none).", g.quota_bytes)
+        yield gauge("cache_used_bytes", "Bytes the quota counts: artifacts held or being pulled, and unpacked "
+                    "runtime layers.", g.used_bytes)
+        yield gauge("unpacked_bytes", "Bytes of unpacked runtime layers (counted in the quota with their "
+                    "artifacts).", g.unpacked_bytes)
+        yield gauge("unpacked_layers", "Unpacked runtime layers in the cache.", g.unpacked_layers)
         yield gauge("pinned_artifacts", "Artifacts with at least one pin.", g.pinned_artifacts)
         yield counter("evictions_total", "Artifacts evicted to stay within the quota.", m.evictions)
         yield counter("evicted_bytes_total", "Bytes evicted to stay within the quota.", m.evicted_bytes)

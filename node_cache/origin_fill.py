@@ -174,7 +174,11 @@ class OriginFetcher:
             return
         if self.bucket is not None:
             await self.bucket.take(len(data))
-        self.relay.add_relayed(job, span.piece, data)
+        if not await self.relay.add_relayed(job, span.piece, data):
+            # A holder that sent bytes failing the piece hash: never handed to libtorrent.
+            self.relay.warn(holder, f"piece {span.piece} of {job.digest} from {holder} does not match its hash; "
+                                    "fetching it from the origin")
+            await self.fetch_run(job, base, [span])
 
 
 class OriginFill:

@@ -27,6 +27,12 @@ class Held:
     busy: bool
     pinned: bool
     last_used: float  # unix time of the last pull; 0 if never recorded
+    unpacked: int = 0  # bytes of its unpacked runtime layer (or the room promised to one being unpacked)
+
+    @property
+    def footprint(self) -> int:
+        """What evicting it frees: the artifact and its unpacked layer go together."""
+        return self.size + self.unpacked
 
 
 @dataclass(frozen=True)
@@ -38,8 +44,8 @@ class EvictionPlan:
 
 
 def used_bytes(held: Iterable[Held], exclude: str | None = None) -> int:
-    """Bytes held or promised: complete artifacts plus downloads under way."""
-    return sum(h.size for h in held if h.digest != exclude and (h.ready or h.busy))
+    """Bytes held or promised: complete artifacts plus downloads under way, and unpacked runtime layers."""
+    return sum((h.size if h.ready or h.busy else 0) + h.unpacked for h in held if h.digest != exclude)
 
 
 def evictable(h: Held, exclude: str | None) -> bool:
@@ -47,10 +53,14 @@ def evictable(h: Held, exclude: str | None) -> bool:
     return h.digest != exclude and h.ready and not h.busy and not h.pinned
 
 
-def plan_eviction(held: Iterable[Held], *, name: str, digest: str, size: int, quota: int) -> EvictionPlan:
+def plan_eviction(held: Iterable[Held], *, name: str, digest: str | None, size: int, quota: int) -> EvictionPlan:
     """What to evict so that ``size`` more bytes (for ``name``, ``digest``) fit in ``quota`` (0: no quota).
 
-    Raises QuotaExceeded, evicting nothing, when even every candidate would not make room.
+    ``digest`` is the artifact being pulled or repaired: its own entry is neither counted nor
+    evicted.  Room for unpacking a layer passes ``None`` (the artifact stays counted) and
+    marks the artifact busy.  An artifact and its unpacked layer are one unit: counted and
+    evicted together.  Raises QuotaExceeded, evicting nothing, when even every candidate
+    would not make room.
     """
     held = list(held)
     if not quota:
@@ -65,11 +75,11 @@ def plan_eviction(held: Iterable[Held], *, name: str, digest: str, size: int, qu
         if freed >= need:
             break
         chosen.append(h.digest)
-        freed += h.size
+        freed += h.footprint
     if freed >= need:
         return EvictionPlan(tuple(chosen), freed)
-    pinned = sum(h.size for h in held if h.pinned and h.ready)
-    room = sum(h.size for h in candidates)
+    pinned = sum(h.footprint for h in held if h.pinned and h.ready)
+    room = sum(h.footprint for h in candidates)
     raise QuotaExceeded(
         f"{name} needs {human_bytes(size)} but the cache quota of "
         f"{human_bytes(quota)} leaves {human_bytes(quota - used + room)} "

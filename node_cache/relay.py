@@ -173,11 +173,13 @@ class Relay:
             raise Unreachable(f"relay fetch from {holder} failed: {exc}") from exc
         return data
 
-    def add_relayed(self, job: PullJob, piece: int, data: bytes) -> None:
-        """Hand libtorrent a piece from a node of another zone (it checks the hash) and count it."""
+    async def add_relayed(self, job: PullJob, piece: int, data: bytes) -> bool:
+        """Hand libtorrent a piece from a node of another zone and count it; False if it fails its hash."""
+        if not await self.engine.add_piece_checked(job.digest, piece, data):
+            return False
         job.bytes_from_relay += len(data)
         self.counters.bytes_from_relay += len(data)
-        self.engine.add_piece(job.digest, piece, data)
+        return True
 
     # ---- incoming ----------------------------------------------------------------------
     async def read_piece(self, digest: str, piece: int, wait_s: float) -> bytes:
@@ -219,12 +221,14 @@ class Relay:
             raise Conflict(f"piece {piece} of {digest} is already here")
         return want
 
-    def pushed_piece(self, digest: str, piece: int, data: bytes) -> None:
+    async def pushed_piece(self, digest: str, piece: int, data: bytes) -> None:
         """A piece pushed by a node of another zone: libtorrent checks its hash like any other."""
         job = self.jobs.get(digest)
         if job is None or self.engine is None or not self.engine.has(digest):
             raise Conflict(f"{digest} is not being pulled on this node")
-        self.add_relayed(job, piece, data)
+        if not await self.add_relayed(job, piece, data):
+            # Never handed to libtorrent: it would blame the piece on honest peers (adapters/torrent.py).
+            raise BadRequest(f"piece {piece} of {digest} does not match its hash; not taken")
 
 
 # ---- the relay listener's routes ---------------------------------------------------------
@@ -255,7 +259,7 @@ async def handle_piece_put(request: web.Request) -> web.Response:
         data = await request.content.readexactly(size)
     except asyncio.IncompleteReadError:
         raise BadRequest(f"piece {piece} of {digest}: the body ended early") from None
-    relay.pushed_piece(digest, piece, data)
+    await relay.pushed_piece(digest, piece, data)
     return web.Response(status=204)
 
 

@@ -27,6 +27,7 @@ import re
 import secrets
 import shutil
 import sys
+import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -146,12 +147,27 @@ def _make_read_only(root: Path) -> None:
         os.chmod(dirpath, 0o555)
 
 
+UNPACKED_RECORD = ".modelcast-unpacked.json"  # in the layer's folder: {"bytes", "files"}, written before the rename
+
+
+def layer_path(cache_root: Path, digest: str) -> Path:
+    return layers_dir(cache_root) / digest.split(":", 1)[1]
+
+
+def unpack_reserve(artifact_dir: Path) -> int:
+    """An upper bound of a layer's unpacked bytes, known before unpacking: a tar stores every byte of its files."""
+    return sum(os.stat(Path(artifact_dir) / name).st_size for name in (LAYER_FILE, LAYER_META_FILE)) + 4096
+
+
 def unpack_layer(artifact_dir: Path, cache_root: Path, digest: str) -> Path:
     """Unpack a runtime artifact's ``layer.tar`` once into ``layers/sha256/<hex>/``; return that path.
 
     Unpacking goes to a unique staging folder beside the destination, is fsynced and made
     read-only, then renamed into place: a crash never leaves a half-unpacked layer that
     looks complete, and two racing unpackers both end with the same complete folder.
+    The unpacked size is recorded in the staging folder (:data:`UNPACKED_RECORD`) before
+    the rename, so a complete layer always has its size; a staging folder a crash left
+    behind is removed at the next start (:func:`scan_layers`).
     Members are checked one by one (:mod:`node_cache.unpack`): plain files and folders with
     safe names only, never written through a link; anything else is an IntegrityError and
     leaves nothing behind.
@@ -161,28 +177,89 @@ def unpack_layer(artifact_dir: Path, cache_root: Path, digest: str) -> Path:
     if dest.is_dir():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = dest.parent / f".staging-{hexd}-{os.getpid()}-{secrets.token_hex(4)}"
+    staging = dest.parent / f"{STAGING_PREFIX}{hexd}-{os.getpid()}-{secrets.token_hex(4)}"
     staging.mkdir()
     try:
-        unpack_tar(Path(artifact_dir) / LAYER_FILE, staging, f"cannot unpack the layer of {digest}",
-                   reserved=frozenset({LAYER_META_FILE}))
+        written = unpack_tar(Path(artifact_dir) / LAYER_FILE, staging, f"cannot unpack the layer of {digest}",
+                             reserved=frozenset({LAYER_META_FILE, UNPACKED_RECORD}))
         shutil.copyfile(Path(artifact_dir) / LAYER_META_FILE, staging / LAYER_META_FILE)
+        written += (staging / LAYER_META_FILE).stat().st_size
+        files = sum(len(names) for _, _, names in os.walk(staging))
+        (staging / UNPACKED_RECORD).write_text(json.dumps({"bytes": written, "files": files}), encoding="utf-8")
         _make_read_only(staging)
+        _fsync_dir(staging)
         try:
             os.rename(staging, dest)
         except OSError:
             if not dest.is_dir():  # not "someone else finished first"
                 raise
+        _fsync_dir(dest.parent)
     finally:
         if staging.exists():
             _remove_read_only(staging)
     return dest
 
 
+STAGING_PREFIX = ".staging-"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _remove_read_only(path: Path) -> None:
     for dirpath, _, _ in os.walk(path):
         os.chmod(dirpath, 0o755)
     shutil.rmtree(path, ignore_errors=True)
+
+
+def unpacked_bytes(path: Path) -> int:
+    """The unpacked size of the layer at ``path``: its record, or (a layer unpacked before records) a walk."""
+    try:
+        record = json.loads((Path(path) / UNPACKED_RECORD).read_text(encoding="utf-8"))
+        if isinstance(record, dict) and isinstance(record.get("bytes"), int) and record["bytes"] >= 0:
+            return record["bytes"]
+    except (OSError, ValueError):
+        pass
+    total = 0
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def scan_layers(cache_root: Path) -> dict[str, int]:
+    """Start-up: ``{digest: unpacked bytes}`` of every complete layer; staging folders a crash left are removed."""
+    found: dict[str, int] = {}
+    root = layers_dir(cache_root)
+    if not root.is_dir():
+        return found
+    for entry in root.iterdir():
+        if entry.name.startswith(STAGING_PREFIX):
+            log.warning("removing %s: a layer whose unpacking did not finish", entry)
+            _remove_read_only(entry)
+        elif re.fullmatch(r"[0-9a-f]{64}", entry.name) and entry.is_dir() and not entry.is_symlink():
+            found["sha256:" + entry.name] = unpacked_bytes(entry)
+    return found
+
+
+def remove_layer(cache_root: Path, trash_dir: Path, digest: str) -> bool:
+    """Delete an unpacked layer: rename it into ``trash_dir`` (it is no longer complete), then delete it."""
+    src = layer_path(cache_root, digest)
+    trash = Path(trash_dir) / f"layer-{src.name}.{time.time_ns()}"
+    try:
+        os.rename(src, trash)
+    except FileNotFoundError:
+        return False
+    _remove_read_only(trash)
+    return True
 
 
 def read_layer_meta(path: Path) -> dict:
@@ -266,7 +343,8 @@ class RuntimeActivator:
             raise InvalidManifest(f"{layer_ref} listed by {ref} is a {job.manifest.kind} artifact, not a runtime")
         lock = self._locks.setdefault(job.digest, asyncio.Lock())
         async with lock:
-            path = await asyncio.to_thread(unpack_layer, Path(job.path), self.daemon.store.root, job.digest)
+            # Room in the quota first (the unpacked tree counts with its artifact), then unpack.
+            path = await self.daemon.upkeep.unpack_layer(job)
         meta = await asyncio.to_thread(read_layer_meta, path)
         return {"ref": ref, "variant": choice.variant.id, "accelerator": choice.variant.accelerator,
                 "digest": job.digest, "path": str(path), "env": activation_env(path, meta, job.digest),

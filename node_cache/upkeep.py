@@ -8,6 +8,10 @@
 * **Room**: a pull that does not fit the quota evicts least recently used artifacts as
   :func:`node_cache.quota.plan_eviction` plans, or fails at once; one that does not fit the
   filesystem fails at once.  Eviction removes the pointer first (LAYOUT.md).
+* **Unpacked layers**: a runtime artifact's unpacked tree (``layers/``) counts with its
+  artifact: room is made for it before unpacking (the tar's size bounds it), its measured
+  size is what counts afterwards, and it goes when its artifact is evicted, before the
+  artifact's bytes.  While a layer is being activated its artifact is not evicted.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from adapters.torrent import check_torrent
@@ -23,6 +28,7 @@ from modelcast.units import human_bytes
 
 from .jobs import PullJob, PullState
 from .quota import Held, check_disk, plan_eviction, used_bytes
+from .runtime import layer_path, remove_layer, scan_layers, unpack_layer, unpack_reserve, unpacked_bytes
 
 if TYPE_CHECKING:
     from .daemon import NodeDaemon
@@ -36,6 +42,9 @@ class CacheUpkeep:
     def __init__(self, daemon: NodeDaemon):
         self.node = daemon
         self._space_lock = asyncio.Lock()  # one pull makes room at a time
+        self.layers: dict[str, int] = {}  # digest -> bytes of its unpacked runtime layer (complete ones)
+        self.unpacking: dict[str, int] = {}  # digest -> room promised to a layer being unpacked
+        self.activating: set[str] = set()  # artifacts whose layer is being unpacked: not evicted
 
     async def adopt_complete(self, digest: str) -> None:
         """Seed an artifact found complete at start-up after a cheap check (sizes, mtimes).
@@ -103,12 +112,72 @@ class CacheUpkeep:
     # ---- room: quota and disk ---------------------------------------------------------
     def held(self) -> list[Held]:
         pins = self.node.pins
-        return [Held(d, j.manifest.total_size, ready=j.state is PullState.READY, busy=j.busy, pinned=pins.pinned(d),
-                     last_used=pins.last_used.get(d, 0.0)) for d, j in self.node.jobs.items()]
+        return [Held(d, j.manifest.total_size, ready=j.state is PullState.READY,
+                     busy=j.busy or d in self.activating, pinned=pins.pinned(d),
+                     last_used=pins.last_used.get(d, 0.0), unpacked=self.unpacked_of(d))
+                for d, j in self.node.jobs.items()]
 
     def used_bytes(self) -> int:
-        """Bytes held or promised: complete artifacts plus downloads under way."""
+        """Bytes held or promised: complete artifacts plus downloads under way, and unpacked layers."""
         return used_bytes(self.held())
+
+    def unpacked_of(self, digest: str) -> int:
+        return self.layers.get(digest, 0) + self.unpacking.get(digest, 0)
+
+    def unpacked_total(self) -> int:
+        return sum(self.layers.values()) + sum(self.unpacking.values())
+
+    # ---- unpacked runtime layers ------------------------------------------------------
+    async def adopt_layers(self) -> None:
+        """Start-up: count the unpacked layers of artifacts this node holds; remove the others.
+
+        A staging folder a crash left behind is removed (it was never complete); a layer whose
+        artifact is gone (deleted behind the node's back) is removed too: nothing on disk is
+        outside the quota.
+        """
+        root = self.node.store.root
+        for digest, size in (await asyncio.to_thread(scan_layers, root)).items():
+            if digest in self.node.jobs:
+                self.layers[digest] = size
+            else:
+                log.warning("removing the unpacked layer of %s: its artifact is not in the cache", digest)
+                await asyncio.to_thread(remove_layer, root, self.node.store.trash_dir, digest)
+
+    async def unpack_layer(self, job: PullJob) -> Path:
+        """Unpack a ready runtime artifact's layer once, within the quota; returns its folder.
+
+        Room for the tar's size (an upper bound) is made first, evicting least recently used
+        artifacts as for a pull; the artifact itself is not evicted meanwhile.  Once unpacked,
+        the measured size replaces the promise.
+        """
+        node, digest = self.node, job.digest
+        root = node.store.root
+        dest = layer_path(root, digest)
+        if digest in self.layers and await asyncio.to_thread(dest.is_dir):
+            node.pins.touch(digest)
+            return dest
+        self.activating.add(digest)
+        try:
+            async with self._space_lock:
+                if node.jobs.get(digest) is not job or job.state is not PullState.READY:
+                    raise ArtifactNotFound(f"{job.manifest.name} ({digest}) was evicted before its layer could be "
+                                           "unpacked; activate it again")
+                reserve = await asyncio.to_thread(unpack_reserve, Path(job.path))
+                plan = plan_eviction(self.held(), name=f"the unpacked layer of {job.manifest.name}", digest=None,
+                                     size=reserve, quota=node.cfg.quota)
+                for other in plan.digests:
+                    await self._evict(other, for_quota=True)
+                self.unpacking[digest] = reserve
+            try:
+                path = await asyncio.to_thread(unpack_layer, Path(job.path), root, digest)
+                self.layers[digest] = await asyncio.to_thread(unpacked_bytes, path)
+            finally:
+                self.unpacking.pop(digest, None)
+        finally:
+            self.activating.discard(digest)
+        node.pins.touch(digest)
+        log.info("unpacked the layer of %s (%s): %s", job.manifest.name, digest, human_bytes(self.layers[digest]))
+        return path
 
     async def make_room(self, job: PullJob) -> None:
         """Fit ``job`` in the quota, evicting LRU artifacts if needed, or fail at once with the sizes."""
@@ -136,10 +205,16 @@ class CacheUpkeep:
         job = node.jobs.pop(digest)
         await asyncio.to_thread(node.hf.drop, digest)
         await node.remove_torrent(digest)
+        # Its unpacked layer goes with it, before the artifact's bytes (a crash between the two
+        # leaves an artifact without its tree, which the next activation unpacks again).
+        unpacked = self.layers.pop(digest, 0)
+        await asyncio.to_thread(remove_layer, node.store.root, node.store.trash_dir, digest)
         await asyncio.to_thread(node.store.evict, digest)
         node.pins.forget(digest)
+        freed = job.manifest.total_size + unpacked
         if for_quota:  # the counters are the quota's (modelcast_node_evictions_total)
             node.counters.evictions += 1
-            node.counters.evicted_bytes += job.manifest.total_size
-        log.info("evicted %s (%s, %s) %s", job.manifest.name, digest, human_bytes(job.manifest.total_size),
+            node.counters.evicted_bytes += freed
+        log.info("evicted %s (%s, %s%s) %s", job.manifest.name, digest, human_bytes(job.manifest.total_size),
+                 f" and its unpacked layer, {human_bytes(unpacked)}" if unpacked else "",
                  "to make room" if for_quota else "on request")

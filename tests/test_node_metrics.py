@@ -18,6 +18,8 @@ NAMES = {  # name: type, as the hand-built exposition had them
     "modelcast_node_peers_banned": "counter", "modelcast_node_peers_connected": "gauge",
     "modelcast_node_pulls_in_progress": "gauge", "modelcast_node_pulling_bytes": "gauge",
     "modelcast_node_pulling_done_bytes": "gauge", "modelcast_node_info": "gauge",
+    "modelcast_node_cache_used_bytes": "gauge", "modelcast_node_unpacked_bytes": "gauge",
+    "modelcast_node_unpacked_layers": "gauge",
 }
 
 

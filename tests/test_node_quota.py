@@ -16,11 +16,12 @@ MiB = 1 << 20
 
 
 def held(digest: str, size_mib: int, *, last_used: float = 0.0, ready: bool = True, busy: bool = False,
-         pinned: bool = False) -> Held:
-    return Held(digest, size_mib * MiB, ready=ready, busy=busy, pinned=pinned, last_used=last_used)
+         pinned: bool = False, unpacked_mib: int = 0) -> Held:
+    return Held(digest, size_mib * MiB, ready=ready, busy=busy, pinned=pinned, last_used=last_used,
+                unpacked=unpacked_mib * MiB)
 
 
-def plan(cache: list[Held], size_mib: int, quota_mib: int, digest: str = "new") -> EvictionPlan:
+def plan(cache: list[Held], size_mib: int, quota_mib: int, digest: str | None = "new") -> EvictionPlan:
     return plan_eviction(cache, name="m/new", digest=digest, size=size_mib * MiB, quota=quota_mib * MiB)
 
 
@@ -60,6 +61,37 @@ def test_the_artifact_being_made_room_for_is_neither_counted_nor_evicted():
     assert used_bytes(cache, exclude="self") == 30 * MiB
     assert plan(cache, 60, 100, digest="self") == EvictionPlan()
     assert plan(cache, 80, 100, digest="self") == EvictionPlan(("other",), 30 * MiB)
+
+
+# ---- unpacked runtime layers: counted and evicted with their artifacts ------------------------------
+def test_unpacked_layers_count_in_the_used_bytes():
+    cache = [held("layer", 30, unpacked_mib=40), held("model", 20), held("pulling", 10, ready=False, busy=True),
+             held("failed-with-tree", 5, ready=False, unpacked_mib=7)]
+    # An unpacked tree is on disk whatever its artifact's state: it always counts.
+    assert used_bytes(cache) == (30 + 40 + 20 + 10 + 7) * MiB
+
+
+def test_evicting_a_layer_artifact_frees_its_unpacked_tree_too():
+    cache = [held("layer", 30, unpacked_mib=40, last_used=1), held("model", 20, last_used=2)]
+    # 90 used + 40 - 100 = 30 to free: the LRU runtime alone frees 70 (artifact and tree together).
+    assert plan(cache, 40, 100) == EvictionPlan(("layer",), 70 * MiB)
+
+
+def test_room_for_unpacking_counts_the_artifact_and_never_evicts_a_layer_being_activated():
+    # Unpacking "b" (busy while it is activated): b itself stays counted (digest=None) and is not a candidate.
+    cache = [held("a", 3, unpacked_mib=3, last_used=1), held("b", 3, busy=True, last_used=2)]
+    assert plan(cache, 3, 10, digest=None) == EvictionPlan(("a",), 6 * MiB)
+    assert plan(cache, 3, 12, digest=None) == EvictionPlan()
+    with pytest.raises(QuotaExceeded):
+        plan(cache, 5, 7, digest=None)  # b (3) + 5 > 7 even with a gone
+
+
+def test_a_pinned_runtime_keeps_its_unpacked_tree_and_the_sizes_say_so():
+    cache = [held("pinned-runtime", 10, pinned=True, unpacked_mib=30), held("free", 20, unpacked_mib=5)]
+    with pytest.raises(QuotaExceeded) as err:
+        plan(cache, 80, 100)
+    assert "leaves 60.0 MiB" in str(err.value) and "(40.0 MiB pinned)" in str(err.value)
+    assert plan(cache, 60, 100) == EvictionPlan(("free",), 25 * MiB)
 
 
 def test_disk_check_counts_what_is_already_on_disk():
