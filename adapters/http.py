@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ from modelcast.errors import ModelcastError, Unreachable, from_error_body
 from modelcast.wire import bearer
 
 from .tls import connector_ssl, describe_ssl_error
+
+log = logging.getLogger("modelcast.http")
 
 
 async def raise_for_answer(resp: aiohttp.ClientResponse, what: str) -> None:
@@ -47,8 +50,28 @@ def tls_failure(exc: aiohttp.ClientSSLError | aiohttp.ServerDisconnectedError, s
             "(--tls-cert), use an https:// URL")
 
 
+def split_urls(urls: str | list[str] | tuple[str, ...]) -> list[str]:
+    """The service URLs in ``urls``: a list, or one string of comma-separated URLs; each without its final /."""
+    items = urls.split(",") if isinstance(urls, str) else list(urls)
+    out = [u.strip().rstrip("/") for u in items if u and u.strip()]
+    if not out:
+        raise ModelcastError(f"no service URL in {urls!r}")
+    return out
+
+
+# How long one attempt may spend connecting before the next replica is tried: a replica
+# that is down refuses at once, one whose machine is gone does not answer at all.
+CONNECT_TIMEOUT_S = 0.8
+
+
 class JsonClient:
     """A small aiohttp client for one modelcast service, translating failures at one place.
+
+    ``base_url`` may name several replicas of the service (a list, or comma-separated):
+    every request goes to the current one; on a connection error, a timeout or a 5xx
+    answer (503 Unavailable from a replica whose database is down included) the same
+    request is sent to the next, and that one stays current.  Only when every replica
+    failed does the request fail, with the last replica's error.
 
     ``ca``: a CA file trusted besides the system's roots, for an https:// service signed
     by a private CA (``--ca``, env MODELCAST_CA).
@@ -56,14 +79,34 @@ class JsonClient:
 
     service = "service"
 
-    def __init__(self, base_url: str, token: str | None = None, timeout_s: float = 30.0,
+    def __init__(self, base_url: str | list[str], token: str | None = None, timeout_s: float = 30.0,
                  session: aiohttp.ClientSession | None = None, ca: Path | None = None):
-        self.base_url = base_url.rstrip("/")
+        self.base_urls = split_urls(base_url)
+        self._current = 0
+        self.failovers = 0
         self.token = token
         self.ca = ca
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s,
+                                              sock_connect=CONNECT_TIMEOUT_S if len(self.base_urls) > 1 else None)
         self._session = session
         self._own_session = session is None
+
+    @property
+    def base_url(self) -> str:
+        """The replica requests go to now."""
+        return self.base_urls[self._current]
+
+    def replicas(self) -> list[str]:
+        """Every replica, the current one first, then the others in their given order."""
+        n = len(self.base_urls)
+        return [self.base_urls[(self._current + i) % n] for i in range(n)]
+
+    def failed(self, base_url: str) -> None:
+        """``base_url`` failed (a connection error or a 5xx): if it is current, the next replica becomes current."""
+        if len(self.base_urls) > 1 and self.base_url == base_url:
+            self._current = (self._current + 1) % len(self.base_urls)
+            self.failovers += 1
+            log.warning("%s at %s failed; using %s from now on", self.service, base_url, self.base_url)
 
     async def __aenter__(self):
         return self
@@ -84,20 +127,54 @@ class JsonClient:
 
     async def request(self, method: str, path: str, *, what: str, raw: bool = False,
                       timeout_s: float | None = None, **kwargs) -> Any:
-        url = self.base_url + path
+        """Send one request, to each replica in turn until one answers without a 5xx."""
+        last: ModelcastError | None = None
+        for base in self.replicas():
+            try:
+                return await self._request_once(base, method, path, what=what, raw=raw, timeout_s=timeout_s,
+                                                **kwargs)
+            except _ReplicaFailed as exc:
+                last = exc.error
+                self.failed(base)
+        assert last is not None
+        raise last
+
+    async def _request_once(self, base: str, method: str, path: str, *, what: str, raw: bool,
+                            timeout_s: float | None, **kwargs) -> Any:
+        url = base + path
         headers = {**bearer(self.token), **kwargs.pop("headers", {})}
-        timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s is not None else None
+        timeout = None
+        if timeout_s is not None:
+            timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=self._timeout.sock_connect)
         try:
             async with self._sess().request(method, url, headers=headers, timeout=timeout, **kwargs) as resp:
-                await raise_for_answer(resp, what)
+                try:
+                    await raise_for_answer(resp, what)
+                except ModelcastError as exc:
+                    if resp.status >= 500:
+                        raise _ReplicaFailed(exc) from exc
+                    raise
                 return await resp.read() if raw else await resp.json(content_type=None)
-        except ModelcastError:
+        except (ModelcastError, _ReplicaFailed):
             raise
         except (aiohttp.ClientSSLError, aiohttp.ServerDisconnectedError) as exc:
-            if isinstance(exc, aiohttp.ServerDisconnectedError) and not self.base_url.startswith("http:"):
-                raise Unreachable(f"{what}: {self.service} at {self.base_url} is unreachable ({exc})") from exc
-            raise Unreachable(f"{what}: {tls_failure(exc, self.service, self.base_url)}") from exc
-        except (aiohttp.ClientConnectionError, aiohttp.InvalidURL, TimeoutError, OSError) as exc:
-            raise Unreachable(f"{what}: {self.service} at {self.base_url} is unreachable ({exc.__class__.__name__}: {exc})") from exc
+            if isinstance(exc, aiohttp.ServerDisconnectedError) and not base.startswith("http:"):
+                raise _ReplicaFailed(Unreachable(f"{what}: {self.service} at {base} is unreachable ({exc})")) from exc
+            if isinstance(exc, aiohttp.ServerDisconnectedError):
+                raise _ReplicaFailed(Unreachable(f"{what}: {tls_failure(exc, self.service, base)}")) from exc
+            raise Unreachable(f"{what}: {tls_failure(exc, self.service, base)}") from exc
+        except (aiohttp.ClientConnectionError, TimeoutError, OSError) as exc:
+            raise _ReplicaFailed(Unreachable(
+                f"{what}: {self.service} at {base} is unreachable ({exc.__class__.__name__}: {exc})")) from exc
+        except aiohttp.InvalidURL as exc:
+            raise Unreachable(f"{what}: {self.service} at {base} is unreachable ({exc.__class__.__name__}: {exc})") from exc
         except (aiohttp.ClientPayloadError, aiohttp.ContentTypeError, ValueError) as exc:
-            raise Unreachable(f"{what}: {self.service} at {self.base_url} sent a malformed answer: {exc}") from exc
+            raise _ReplicaFailed(Unreachable(f"{what}: {self.service} at {base} sent a malformed answer: {exc}")) from exc
+
+
+class _ReplicaFailed(Exception):
+    """One replica failed in a way the next may not (carries the error to raise if every one fails)."""
+
+    def __init__(self, error: ModelcastError):
+        super().__init__(str(error))
+        self.error = error

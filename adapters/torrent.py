@@ -434,6 +434,8 @@ class TorrentEngine:
                 renamed[i] = fs.file_path(i)[len(prefix):]
         atp.renamed_files = renamed
         atp.trackers = trackers
+        # One tier per tracker (BEP 12): the first is announced to, the next only when it fails.
+        atp.tracker_tiers = list(range(len(trackers)))
         flags = (atp.flags | lt.torrent_flags.override_trackers | lt.torrent_flags.disable_dht
                  | lt.torrent_flags.disable_lsd | lt.torrent_flags.disable_pex)
         flags &= ~lt.torrent_flags.auto_managed

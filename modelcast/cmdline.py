@@ -14,7 +14,9 @@ Handler = Callable[[argparse.Namespace], int]
 def client_args(p: argparse.ArgumentParser, *, registry: bool = False, node: bool = False, token: bool = False) -> None:
     """Add the ``--registry``, ``--node``, ``--token`` and ``--ca`` options a client command takes."""
     if registry:
-        p.add_argument("--registry", help="registry URL (env MODELCAST_REGISTRY)")
+        p.add_argument("--registry", action="append", metavar="URL",
+                       help="registry URL (env MODELCAST_REGISTRY); replicas: repeat the flag or separate URLs "
+                            "with commas, requests fail over from one to the next")
     if node:
         p.add_argument("--node", help="node daemon URL (env MODELCAST_NODE)")
     if token:

@@ -19,6 +19,7 @@ ENV_READ_TOKEN = "MODELCAST_READ_TOKEN"  # modelcast tracker --read-token
 ENV_UPSTREAM_TOKEN = "MODELCAST_UPSTREAM_TOKEN"  # modelcast tracker --upstream-token
 ENV_S3_ENDPOINT = "MODELCAST_S3_ENDPOINT"
 ENV_DB = "MODELCAST_DB"  # modelcast tracker --db
+ENV_REPLICAS = "MODELCAST_REPLICAS"  # modelcast tracker --replica, comma-separated
 ENV_WHEELHOUSE = "MODELCAST_WHEELHOUSE"
 ENV_SOURCE_DATE_EPOCH = "SOURCE_DATE_EPOCH"  # the reproducible-builds convention for fixed timestamps
 # Where huggingface_hub keeps its cache, in the order it reads them (huggingface_hub/constants.py).
@@ -129,6 +130,14 @@ def parse_size(text: str) -> int:
     return int(value * units[unit])
 
 
+def registry_urls(text: str) -> str:
+    """``text`` (URLs of registry replicas, comma-separated) normalised: no blanks, no final slashes."""
+    urls = [u.strip().rstrip("/") for u in text.split(",") if u.strip()]
+    if not urls:
+        raise BadRequest(f"no registry URL in {text!r}")
+    return ",".join(urls)
+
+
 @dataclass(frozen=True)
 class ClientConfig:
     """What the CLI needs to talk to a registry and a node daemon."""
@@ -141,10 +150,13 @@ class ClientConfig:
     ca: Path | None = None
 
     @classmethod
-    def from_env(cls, registry: str | None = None, node: str | None = None, token: str | None = None,
+    def from_env(cls, registry: str | list[str] | None = None, node: str | None = None, token: str | None = None,
                  ca: str | Path | None = None) -> "ClientConfig":
+        """``registry``: one URL, several comma-separated, or a list (``--registry`` repeated): replicas."""
+        if isinstance(registry, (list, tuple)):
+            registry = ",".join(registry)
         return cls(
-            registry=(registry or env_str(ENV_REGISTRY, DEFAULT_REGISTRY)).rstrip("/"),
+            registry=registry_urls(registry or env_str(ENV_REGISTRY, DEFAULT_REGISTRY)),
             node=(node or env_str(ENV_NODE, DEFAULT_NODE)).rstrip("/"),
             token=token or env_str(ENV_TOKEN),
             ca=ca_from_args(ca),
@@ -211,6 +223,9 @@ class TrackerConfig:
     tls: TlsFiles | None = None
     # The CA trusted besides the system's roots when this registry is a client (of --upstream).
     ca: Path | None = None
+    # The public base URLs of every replica of this registry (--replica, env MODELCAST_REPLICAS):
+    # the torrents it serves list each one's /announce in their announce-list (BEP 12).
+    replicas: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

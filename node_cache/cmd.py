@@ -46,7 +46,9 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     a = actions.add_parser("verify", help="re-hash artifacts (all, or one) and repair what fails")
     a.add_argument("ref", nargs="?")
     client_args(a, node=True)
-    p.add_argument("--registry", help="registry URL (env MODELCAST_REGISTRY)")
+    p.add_argument("--registry", action="append", metavar="URL",
+                   help="registry URL (env MODELCAST_REGISTRY); replicas: repeat the flag or separate URLs "
+                        "with commas, requests fail over from one to the next")
     p.add_argument("--cache", type=Path, help="cache directory (required to run the daemon)")
     p.add_argument("--no-p2p", action="store_true", help="never use peers: fetch everything from the origin "
                                                           "(a baseline for benchmarks)")

@@ -254,7 +254,9 @@ class NodeDaemon:
     def trackers(self) -> list[str]:
         if not self.cfg.p2p:
             return []
-        return [self.registry.announce_url(self.cfg.zone, self.node_id, self.node_key)]
+        # Every replica, one tier each, the one this node talks to now first: libtorrent
+        # announces to the first that answers and moves on to the next when it fails.
+        return self.registry.announce_urls(self.cfg.zone, self.node_id, self.node_key)
 
     # ---- the reconcile loop ------------------------------------------------------------
     def wake(self) -> None:
@@ -357,7 +359,7 @@ class NodeDaemon:
         job.state = PullState.DOWNLOADING
         self.engine.add(digest, ti, manifest, str(self.store.partial_path(digest)), trackers=self.trackers(),
                         seed=False, resume=resume)
-        fill = OriginFill(job, spans, self.registry.webseed_url(digest), self.fetcher, self.cfg)
+        fill = OriginFill(job, spans, self.registry, self.fetcher, self.cfg)
         task = asyncio.create_task(fill.run())
         task.add_done_callback(lambda _: self.wake())
         self._downloads[digest] = Download(ti, fill, task)

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import random
 import time
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -35,12 +36,23 @@ from .metrics import NodeCounters
 from .picker import STALL_S, SwarmView, parallel_requests, plan_requests, run_limit_bytes
 from .relay import Relay
 
+if TYPE_CHECKING:
+    from tracker.client import RegistryClient
+
 log = logging.getLogger("modelcast.node")
 
 BUSY_LOOK_S = 0.05  # how often to look again while fetches are under way and slots are free
 IDLE_LOOK_S = 0.25  # ... and while peers deliver everything still missing
 FIRST_BITFIELDS_S = 0.05  # after the grace, a moment for the first peers' bitfields
 FAILURE_BACKOFF_S = 0.5  # after a failed origin request
+
+
+class RegistryUnreachable(Unreachable):
+    """The registry replica at ``url`` failed (no connection, or a 5xx): the next replica takes over."""
+
+    def __init__(self, message: str, url: str):
+        super().__init__(message)
+        self.url = url
 
 
 class ServedElsewhere(Exception):
@@ -108,6 +120,7 @@ class OriginFetcher:
         headers = {"Range": f"bytes={start}-{end}", **self._headers()}
         if first_copy:
             headers[FIRST_COPY_HEADER] = "1"
+        from_store = False  # reading from the object store a 307 pointed to, not from the registry
         try:
             async with self.http.get(url, headers=headers, allow_redirects=False) as resp:
                 if resp.status == 409 and first_copy:
@@ -117,6 +130,7 @@ class OriginFetcher:
                     raise ServedElsewhere(first.piece)
                 targets = resp.headers.get(RELAY_TO_HEADER, "").split()
                 if resp.status == 307 and (location := resp.headers.get("Location")):
+                    from_store = True
                     # An S3 origin: the registry admitted the range and presigned it; read it
                     # from the object store ourselves, with only the signed Range header (no
                     # bearer token, no modelcast headers: they are not for the store).
@@ -124,9 +138,17 @@ class OriginFetcher:
                                              allow_redirects=False) as stored:
                         await self._take_pieces(job, stored, run, start, end, targets, "the object store")
                 else:
+                    if resp.status >= 500:
+                        raise RegistryUnreachable(f"origin answered HTTP {resp.status} for {first.path}", url)
                     await self._take_pieces(job, resp, run, start, end, targets, "origin")
-        except (aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
-            raise Unreachable(f"origin fetch of {first.path} failed: {exc}") from exc
+        except RegistryUnreachable:
+            raise
+        except (aiohttp.ClientError, asyncio.IncompleteReadError, TimeoutError) as exc:
+            if from_store or isinstance(exc, aiohttp.ClientSSLError) or not isinstance(
+                    exc, (aiohttp.ClientConnectionError, asyncio.IncompleteReadError, TimeoutError)):
+                raise Unreachable(f"origin fetch of {first.path} failed: {exc!r}") from exc
+            # The registry replica went away (or hangs): the next one takes over.
+            raise RegistryUnreachable(f"origin fetch of {first.path} failed: {exc!r}", url) from exc
 
     async def _take_pieces(self, job: PullJob, resp: aiohttp.ClientResponse, run: list[PieceSpan], start: int,
                            end: int, targets: list[str], source: str) -> None:
@@ -184,16 +206,27 @@ class OriginFetcher:
 class OriginFill:
     """Fetches from the origin, for one download, the pieces that no connected peer can give it."""
 
-    def __init__(self, job: PullJob, spans: list[PieceSpan], base_url: str, fetcher: OriginFetcher,
+    def __init__(self, job: PullJob, spans: list[PieceSpan], registry: "RegistryClient", fetcher: OriginFetcher,
                  cfg: NodeConfig):
         self.job = job
         self.spans = spans
-        self.base = base_url
+        self.registry = registry  # the web seed of its current replica; the next one's when that fails
         self.fetcher = fetcher
         self.engine = fetcher.engine
         self.cfg = cfg
         self._wake = asyncio.Event()
         self._rng = random.Random()
+
+    @property
+    def base(self) -> str:
+        return self.registry.webseed_url(self.job.digest)
+
+    def _failover(self, failure: BaseException) -> None:
+        """A replica failed a fetch: requests go to the next one from now on."""
+        if isinstance(failure, RegistryUnreachable):
+            for replica in self.registry.replicas():
+                if failure.url.startswith(replica + "/"):
+                    self.registry.failed(replica)
 
     def poke(self) -> None:
         """Something changed (peers, tracker, state, a fetch ended): look again now."""
@@ -236,6 +269,7 @@ class OriginFill:
                 failure = self._collect(claimed, relays, fetched_at)
                 if failure is not None:
                     log.warning("origin fetch failed: %s", failure)
+                    self._failover(failure)
                     await asyncio.sleep(FAILURE_BACKOFF_S)
                     continue
                 now = loop.time()

@@ -137,18 +137,24 @@ def _top_level_spans(data: bytes) -> list[tuple[bytes, bytes]]:
     return spans
 
 
-def set_announce(torrent: bytes, announce_url: str) -> bytes:
+def set_announce(torrent: bytes, announce_url: str, others: list[str] | tuple[str, ...] = ()) -> bytes:
     """Return ``torrent`` with its tracker set to ``announce_url`` and nothing else changed.
 
     The ``info`` value is copied as raw bytes, never re-encoded, so the info-hash stays
-    exactly what was published even if the publisher's encoder differs from ours.
-    ``announce-list`` is dropped: clients prefer it over ``announce`` (BEP 12), and a
-    stale list would send nodes to a tracker that does not know the swarm.
+    exactly what was published even if the publisher's encoder differs from ours.  A
+    published ``announce-list`` is dropped: clients prefer it over ``announce`` (BEP 12),
+    and a stale list would send nodes to a tracker that does not know the swarm.  With
+    ``others`` (the announce URLs of the registry's other replicas) the torrent gets an
+    ``announce-list`` of one tier, ``announce_url`` first, then ``others`` in their order
+    (BEP 12: a client tries them in turn when one fails).
     """
     spans = {k: v for k, v in _top_level_spans(bytes(torrent)) if k != b"announce-list"}
     if b"info" not in spans:
         raise ProtocolError("torrent has no info dictionary")
     spans[b"announce"] = bencode(announce_url)
+    tier = [announce_url] + [url for url in dict.fromkeys(others) if url != announce_url]
+    if len(tier) > 1:
+        spans[b"announce-list"] = bencode([tier])
     out = [b"d"]
     for key in sorted(spans):
         out.append(bencode(key))

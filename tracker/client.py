@@ -56,6 +56,8 @@ from modelcast.wire import NODE_KEY_HEADER, NODE_TOKEN_PARAM, announce_token
 
 
 class RegistryClient(JsonClient):
+    """The registry API; ``base_url`` may list every replica (comma-separated): see :class:`JsonClient`."""
+
     service = "registry"
 
     async def health(self) -> dict:
@@ -138,13 +140,19 @@ class RegistryClient(JsonClient):
         # BEP 19: for a multi-file torrent the client appends "<name>/<path>".
         return f"{self.base_url}/v1/webseed/{digest}/"
 
-    def announce_url(self, zone: str | None = None, node_id: str | None = None, node_key: str | None = None) -> str:
+    def announce_urls(self, zone: str | None = None, node_id: str | None = None,
+                      node_key: str | None = None) -> list[str]:
+        """The announce URL of every replica, the current one first (libtorrent gets one tier each)."""
+        return [self.announce_url(zone, node_id, node_key, base=base) for base in self.replicas()]
+
+    def announce_url(self, zone: str | None = None, node_id: str | None = None, node_key: str | None = None,
+                     base: str | None = None) -> str:
         params = [f"zone={quote(zone, safe='')}"] if zone else []
         if node_id:
             params.append(f"node={quote(node_id, safe='')}")
             if node_key:
                 params.append(f"{NODE_TOKEN_PARAM}={announce_token(node_key)}")
-        return f"{self.base_url}/announce" + ("?" + "&".join(params) if params else "")
+        return f"{base or self.base_url}/announce" + ("?" + "&".join(params) if params else "")
 
     async def heartbeat(self, node_id: str, zone: str, ttl_s: float, report: dict | None = None,
                         node_key: str | None = None) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from modelcast.cmdline import Handler, ca_arg, client_args, secret_file, tls_args
-from modelcast.config import (ENV_DB, ENV_READ_TOKEN, ENV_TOKEN, ENV_S3_ENDPOINT, ENV_UPSTREAM_TOKEN, ClientConfig,
+from modelcast.config import (ENV_DB, ENV_REPLICAS, ENV_READ_TOKEN, ENV_TOKEN, ENV_S3_ENDPOINT, ENV_UPSTREAM_TOKEN, ClientConfig,
                               TlsFiles, TrackerConfig, ca_from_args, env_str, parse_hostport)
 from modelcast.errors import ModelcastError
 from modelcast.reference import Reference
@@ -63,6 +63,10 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
                    help="per swarm, only each zone's first N peers (while their zone has others) are handed peers of "
                         "other zones; 0, the default: strict zones for node daemons, pieces cross zones through the "
                         "origin's relays; -1: no limit")
+    p.add_argument("--replica", action="append", default=[], metavar="URL",
+                   help="public base URL of a replica of this registry, this one included (repeatable; env "
+                        "MODELCAST_REPLICAS, comma-separated): served torrents list every replica's /announce in "
+                        "their announce-list, so BitTorrent clients fail over between them")
     tls_args(p, "the registry, web seed and tracker (one port)")
     ca_arg(p, "--upstream")
 
@@ -103,7 +107,12 @@ def cmd_tracker(args) -> int:
     if args.db and urlsplit(args.db).password:
         log.warning("the database password in --db is on the command line, where ps shows it; "
                     "pass the URL in env %s, or the password in PGPASSWORD or ~/.pgpass", ENV_DB)
-    serve(TrackerConfig(host=host, port=port, data_dir=args.data or TrackerConfig.data_dir, db=db, token=token,
+    replicas = [u for arg in (args.replica or [env_str(ENV_REPLICAS) or ""]) for u in arg.split(",")]
+    replicas = tuple(dict.fromkeys(u.strip().rstrip("/") for u in replicas if u.strip()))
+    for url in replicas:
+        if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
+            raise ModelcastError(f"--replica {url!r} is not an http(s)://HOST:PORT URL")
+    serve(TrackerConfig(host=host, port=port, replicas=replicas, data_dir=args.data or TrackerConfig.data_dir, db=db, token=token,
                         read_token=args.read_token or env_str(ENV_READ_TOKEN), upstream=args.upstream,
                         upstream_token=args.upstream_token or env_str(ENV_UPSTREAM_TOKEN),
                         upstream_tag_ttl_s=args.upstream_tag_ttl,

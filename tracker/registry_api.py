@@ -13,6 +13,7 @@ import base64
 import binascii
 import json
 import logging
+import random
 from typing import Any
 from urllib.parse import urlparse
 
@@ -223,7 +224,12 @@ async def get_torrent(request: web.Request) -> web.Response:
     record = await stored_record(request.app, digest_param(request))
     # The announce URL follows how the client reached us, so a registry behind any
     # hostname or port hands out a tracker URL that the same client can reach.
-    body = set_announce(record.torrent, f"{request.scheme}://{request.host}/announce")
+    # Every other replica (--replica) follows in the announce-list, shuffled so that the
+    # clients of a dead replica spread over the others (BEP 12; outside the info dict).
+    here = f"{request.scheme}://{request.host}"
+    others = [f"{url}/announce" for url in request.app[CONFIG].replicas if url != here]
+    random.shuffle(others)
+    body = set_announce(record.torrent, f"{here}/announce", others)
     return web.Response(body=body, content_type="application/x-bittorrent")
 
 
