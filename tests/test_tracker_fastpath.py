@@ -346,3 +346,88 @@ def test_tracker_process_serves_the_fast_path_and_stops_cleanly(tmp_path):
         assert "fast path answered 3 tracker requests" in log and "Traceback" not in log
     finally:
         svc.stop()
+
+
+# -- node heartbeats and leaves on the fast path ------------------------------------------
+
+
+def post(target: str, body: bytes, *, method: str = "POST", headers: str = "Host: t\r\n") -> bytes:
+    return f"{method} {target} HTTP/1.1\r\n{headers}Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+async def test_heartbeats_and_leaves_are_answered_on_the_fast_path_like_aiohttp_answers_them(server):
+    node, key = "fastnode01", "k" * 32
+    keyed = f"Host: t\r\nX-Modelcast-Node-Key: {key}\r\n"
+    conn = await Conn.open(server.port)
+    # Pipelined: heartbeat (binds the key), an announce of the node, a heartbeat that names its zone.
+    await conn.send(post(f"/v1/nodes/{node}/heartbeat", b'{"zone": "z1", "ttl_s": 5}', headers=keyed)
+                    + get(announce_target(1, event="started") + f"&node={node}")
+                    + post(f"/v1/nodes/{node}/heartbeat", b"", headers=keyed))
+    status, headers, body = await conn.answer()
+    assert status == 200 and headers["content-type"].startswith("application/json")
+    assert json.loads(body) == {"ok": True, "ttl_s": 5.0, "entries": 0, "reported": False}
+    status, _, body = await conn.answer()
+    assert status == 200 and bdecode(body)[b"complete"] == 1
+    status, _, body = await conn.answer()
+    assert status == 200 and json.loads(body)["ttl_s"] == 3.0  # no body: the default ttl
+    # Bad input: clear 4xx answers with JSON error bodies, the connection kept.
+    for request, code, fragment in [
+            (post(f"/v1/nodes/{node}/heartbeat", b'{"ttl_s": -1}', headers=keyed), 400, "ttl_s"),
+            (post(f"/v1/nodes/{node}/heartbeat", b"[" * 3000, headers=keyed), 400, "heartbeat body"),
+            (post(f"/v1/nodes/{node}/heartbeat", b"{}"), 401, "held by another node"),
+            (post("/v1/nodes/bad%20id!/heartbeat", b"{}"), 400, "node"),
+            (post(f"/v1/nodes/{node}", b"", method="DELETE", headers="Host: t\r\nX-Modelcast-Node-Key: wrong-key-0123456789\r\n"),
+             401, "held by another node")]:
+        await conn.send(request)
+        status, headers, body = await conn.answer()
+        assert status == code and fragment in json.loads(body)["error"]["message"], body
+    # The leave with the node's key.
+    await conn.send(post(f"/v1/nodes/{node}", b"", method="DELETE", headers=keyed))
+    status, _, body = await conn.answer()
+    assert status == 200 and json.loads(body) == {"ok": True, "removed": 0}
+    conn.close()
+    assert server.fast.handed_off == 0 and server.fast.answered == 9
+
+
+async def test_heartbeats_that_this_path_leaves_to_aiohttp_get_the_same_answers(server):
+    node = "fastnode02"
+    conn = await Conn.open(server.port)
+    # A chunked body is aiohttp's to read (it bounds it); the connection stays with aiohttp after.
+    await conn.send(f"POST /v1/nodes/{node}/heartbeat HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    "c\r\n{\"ttl_s\": 4}\r\n0\r\n\r\n".encode())
+    status, headers, body = await conn.answer()
+    assert status == 200 and json.loads(body)["ttl_s"] == 4.0 and "aiohttp" in headers.get("server", "")
+    conn.close()
+    # Over the body bound: aiohttp's 413.
+    conn = await Conn.open(server.port)
+    await conn.send(post(f"/v1/nodes/{node}/heartbeat", b" " * (64 * 1024 + 1)))
+    status, _, _ = await conn.answer()
+    assert status == 413
+    conn.close()
+    assert server.fast.handed_off == 2
+
+
+@pytest.mark.parametrize("server", [{"keepalive_timeout_s": 30.0}], indirect=True)
+async def test_a_swarm_store_that_answers_later_keeps_pipelined_answers_in_order(server):
+    """A swarm store whose heartbeat is a coroutine (one over the network) plugs into the same path."""
+    swarms = server.runner.app[SWARMS]
+    plain = swarms.heartbeat
+
+    async def later(node_id, now, ttl, zone=None):
+        await asyncio.sleep(0.05)
+        return plain(node_id, now, ttl, zone)
+
+    swarms.heartbeat = later
+    try:
+        conn = await Conn.open(server.port)
+        await conn.send(b"".join(post(f"/v1/nodes/slow{n:02d}/heartbeat", b'{"ttl_s": %d}' % (n + 1))
+                                 + get(announce_target(n, event="started")) for n in range(5)))
+        for n in range(5):
+            status, _, body = await conn.answer()
+            assert status == 200 and json.loads(body)["ttl_s"] == n + 1
+            status, _, body = await conn.answer()
+            assert status == 200 and bdecode(body)[b"complete"] == n + 1
+        conn.close()
+    finally:
+        swarms.heartbeat = plain
+    assert server.fast.handed_off == 0

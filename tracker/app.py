@@ -21,6 +21,7 @@ import signal
 import ssl
 from collections import OrderedDict
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -31,6 +32,7 @@ from adapters.http_server import REGISTRY_LIMITS, BoundedServer, ServerLimits
 from modelcast.config import TrackerConfig
 from modelcast.errors import ModelcastError, error_body, retry_after
 from modelcast.manifest import Manifest
+from modelcast.progress import MAX_HEARTBEAT_BODY
 
 from . import registry_api as api
 from .console import add_console_routes
@@ -39,7 +41,7 @@ from .fastpath import FastPathServer
 from .federation import Upstream, validate_upstream
 from .firstcopy import FirstCopyGate
 from .fleet import add_fleet_routes
-from .liveness import node_heartbeat, node_leave, peer_expiry_ctx
+from .liveness import fast_node_route, node_heartbeat, node_leave, peer_expiry_ctx
 from .metrics import METRICS, RegistryMetrics, metrics, metrics_middleware
 from .nodebook import NodeBook
 from .state import (CONFIG, FIRST_COPY, NODE_KEYS, NODES, ORIGINS, STATS, STORE, SWARMS, UDP_TRACKER, UPSTREAM, WEBSEED_CACHE,
@@ -254,9 +256,11 @@ async def start_server(app: web.Application, host: str, port: int, *, head_timeo
         endpoint = app[TRACKER]
         bounded = BoundedServer(runner.server, limits, log, "registry",
                                 exempt=parse_networks(app[CONFIG].trusted_proxies, "--trusted-proxy"))
+        # Node heartbeats and leaves are answered there too, through the handlers' own functions.
         fast = FastPathServer(bounded, {b"/announce": endpoint.announce, b"/scrape": endpoint.scrape},
                               head_timeout_s=limits.header_timeout_s, keepalive_timeout_s=limits.keepalive_timeout_s,
-                              limiter=bounded.limiter)
+                              limiter=bounded.limiter, api=partial(fast_node_route, app),
+                              max_api_body=MAX_HEARTBEAT_BODY)
         server = await asyncio.get_running_loop().create_server(
             fast, host, port, ssl=ssl_context,
             # A handshake that never completes holds a connection no longer than a request head may.

@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import http
+import json
 import logging
 import re
 import time
-from typing import Callable, Mapping, NamedTuple
+from typing import Awaitable, Callable, Mapping, NamedTuple
 
 from adapters.http_server import ConnectionLimiter, ServerLimits, Slot
 
@@ -57,6 +59,17 @@ KEEPALIVE_TIMEOUT_S = ServerLimits.keepalive_timeout_s
 # (as the socket reports it, or None), return the bencoded answer.  Must not raise for
 # bad input: malformed requests become a bencoded "failure reason" answer.
 Route = Callable[[bytes, "str | None"], bytes]
+
+# An API request with a body (a node's heartbeat, its leave): given the request's header
+# lines this path keeps (lowercased name -> value, each sent once) and its body, the status,
+# JSON body and extra headers of the answer, or an awaitable of them (a swarm store over the
+# network).  Must not raise for bad input: errors are answers (4xx with a JSON error body).
+Answer = "tuple[int, bytes, Mapping[str, str]]"
+ApiRoute = Callable[[Mapping[bytes, bytes], bytes], "tuple[int, bytes, Mapping[str, str]] | Awaitable"]
+# Given method and path (no query), the route that answers it here, or None (aiohttp's).
+ApiMatch = Callable[[bytes, bytes], "ApiRoute | None"]
+# The header lines an API route is given (other lines are read past).
+API_HEADERS = frozenset((b"authorization", b"x-modelcast-node-key", b"content-length", b"connection", b"host"))
 
 # Printable ASCII but "#": a target with anything else goes to aiohttp, which decides.
 _TARGET_BYTES = bytes(b for b in range(0x21, 0x7F) if b != ord("#"))
@@ -134,14 +147,83 @@ def parse_head(head: bytes, paths: frozenset[bytes] | set[bytes]) -> Head | None
     return Head(path, query, http11, keep_alive)
 
 
+class ApiHead(NamedTuple):
+    """An API request head this path answers: its route, framing and the header lines the route reads."""
+
+    route: ApiRoute
+    http11: bool
+    keep_alive: bool
+    content_length: int
+    headers: dict[bytes, bytes]
+
+
+def parse_api_head(head: bytes, match: ApiMatch, max_body: int) -> ApiHead | None:
+    """Parse the head of a ``POST``/``DELETE`` API request for this path (see :func:`parse_head`).
+
+    Returns None for anything this path leaves to aiohttp: a method or path ``match``
+    has no route for, a query, a chunked body or one over ``max_body`` (aiohttp answers
+    413), a repeated header this path reads, odd framing, no single ``Host`` on HTTP/1.1.
+    """
+    line_end = head.find(b"\r\n")
+    line = head if line_end < 0 else head[:line_end]
+    if len(line) > MAX_LINE:
+        return None
+    parts = line.split(b" ")
+    if len(parts) != 3 or parts[0] not in (b"POST", b"DELETE"):
+        return None
+    target, version = parts[1], parts[2]
+    if version == b"HTTP/1.1":
+        http11 = True
+    elif version == b"HTTP/1.0":
+        http11 = False
+    else:
+        return None
+    if not target.startswith(b"/") or target.translate(None, _TARGET_BYTES) or b"?" in target:
+        return None
+    route = match(parts[0], target)
+    if route is None:
+        return None
+    headers: dict[bytes, bytes] = {}
+    keep_alive = http11
+    if line_end >= 0:
+        block = head[line_end + 2:]
+        if not _HEADERS_RE.fullmatch(block):
+            return None
+        lowered = b"\r\n" + block.lower()
+        for name in _BODY_HEADERS:
+            if lowered.find(name) >= 0:
+                return None
+        for field in block.split(b"\r\n"):
+            name, _, value = field.partition(b":")
+            name = name.lower()
+            if name in API_HEADERS:
+                if name in headers:
+                    if name == b"connection":
+                        headers[name] += b"," + value.strip()
+                        continue
+                    return None
+                headers[name] = value.strip()
+    if b"close" in headers.get(b"connection", b"").lower():
+        keep_alive = False
+    if http11 and b"host" not in headers:
+        return None
+    length = headers.get(b"content-length", b"0")
+    if not length.isdigit() or len(length) > 12 or int(length) > max_body:
+        return None
+    return ApiHead(route, http11, keep_alive, int(length), headers)
+
+
 _PREFIXES = (b"GET /announce?", b"GET /announce ", b"GET /scrape?", b"GET /scrape ")
+_API_PREFIXES = (b"POST /v1/nodes/", b"DELETE /v1/nodes/")
+_ALL_PREFIXES = _PREFIXES + _API_PREFIXES
 
 
-def _sniff(buf: bytes) -> bool | None:
+def _sniff(buf: bytes, api: bool = False) -> bool | None:
     """Whether the request that ``buf`` starts with may be for this path; None: too short to tell."""
-    if buf.startswith(_PREFIXES):
+    prefixes = _ALL_PREFIXES if api else _PREFIXES
+    if buf.startswith(prefixes):
         return True
-    if len(buf) < 14 and any(p.startswith(buf) for p in _PREFIXES):
+    if len(buf) < 18 and any(p.startswith(buf) for p in prefixes):
         return None
     return False
 
@@ -165,9 +247,27 @@ class _HttpDate:
 _http_date = _HttpDate()
 
 
-def _response(status: bytes, body: bytes, http11: bool, keep_alive: bool) -> bytes:
-    return b"HTTP/1.%d %b\r\nContent-Type: text/plain\r\nContent-Length: %d\r\nDate: %b\r\n%b\r\n%b" % (
-        1 if http11 else 0, status, len(body), _http_date(), b"" if keep_alive else b"Connection: close\r\n", body)
+def _response(status: bytes, body: bytes, http11: bool, keep_alive: bool,
+              content_type: bytes = b"text/plain", extra: bytes = b"") -> bytes:
+    return b"HTTP/1.%d %b\r\nContent-Type: %b\r\nContent-Length: %d\r\nDate: %b\r\n%b%b\r\n%b" % (
+        1 if http11 else 0, status, content_type, len(body), _http_date(), extra,
+        b"" if keep_alive else b"Connection: close\r\n", body)
+
+
+_STATUS_LINES = {code.value: b"%d %b" % (code.value, code.phrase.encode("ascii")) for code in http.HTTPStatus}
+JSON_TYPE = b"application/json; charset=utf-8"
+
+
+def _api_response(answer: "tuple[int, bytes, Mapping[str, str]]", http11: bool, keep_alive: bool) -> bytes:
+    status, body, headers = answer
+    extra = b"".join(b"%b: %b\r\n" % (k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())
+    return _response(_STATUS_LINES.get(status, b"%d Status" % status), body, http11, keep_alive, JSON_TYPE, extra)
+
+
+def _internal_error(exc: BaseException) -> "tuple[int, bytes, Mapping[str, str]]":
+    body = json.dumps({"error": {"code": "internal", "message": f"internal error in the registry: "
+                                                             f"{exc.__class__.__name__}: {exc}"}}).encode()
+    return 500, body, {}
 
 
 class FastPathServer:
@@ -181,8 +281,12 @@ class FastPathServer:
 
     def __init__(self, fallback: Callable[..., asyncio.Protocol], routes: Mapping[bytes, Route], *,
                  head_timeout_s: float = HEAD_TIMEOUT_S, keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
-                 limiter: ConnectionLimiter | None = None) -> None:
+                 limiter: ConnectionLimiter | None = None, api: ApiMatch | None = None,
+                 max_api_body: int = 64 * 1024) -> None:
         self.fallback = fallback
+        # POST/DELETE requests with small bodies answered here (node heartbeats and leaves).
+        self.api = api
+        self.max_api_body = max_api_body
         self.limiter = limiter
         self.routes = dict(routes)
         self.paths = frozenset(self.routes)
@@ -218,6 +322,7 @@ class FastPathProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._slot: Slot | None = None
+        self._pending: asyncio.Future | None = None  # an API answer being worked out; nothing else is read meanwhile
 
     # ---- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -239,8 +344,9 @@ class FastPathProtocol(asyncio.Protocol):
             return
         fresh = not self._buf
         self._buf = self._buf + data if self._buf else data
-        if self._write_paused:
-            # The client sends more while our answers have not drained: stop reading.
+        if self._write_paused or self._pending is not None:
+            # The client sends more while our answers have not drained (or one is being
+            # worked out): stop reading.
             if not self._read_paused:
                 self._read_paused = True
                 self._transport.pause_reading()
@@ -251,6 +357,9 @@ class FastPathProtocol(asyncio.Protocol):
         return None  # close; answers already written are sent first
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
         self._detach()
         if self._slot is not None:
             self._slot.release()
@@ -278,8 +387,9 @@ class FastPathProtocol(asyncio.Protocol):
         buf = self._buf
         out: list[bytes] = []
         answered = 0
+        api = server.api
         while buf:
-            ours = _sniff(buf)
+            ours = _sniff(buf, api is not None)
             if ours is None:
                 break
             if not ours:
@@ -293,6 +403,44 @@ class FastPathProtocol(asyncio.Protocol):
                     self._hand_off(buf)  # aiohttp answers an oversize head with its 400
                     return
                 break
+            if api is not None and not buf.startswith(b"GET "):
+                api_head = parse_api_head(buf[:end], api, server.max_api_body)
+                if api_head is None:
+                    self._flush(out)
+                    self._hand_off(buf)
+                    return
+                total = end + 4 + api_head.content_length
+                if len(buf) < total:
+                    # The body comes in more than one read: aiohttp, which bounds how long
+                    # each of its bytes may take, reads it (and answers through the same route).
+                    self._flush(out)
+                    self._hand_off(buf)
+                    return
+                body, buf = buf[end + 4:total], buf[total:]
+                try:
+                    answer = api_head.route(api_head.headers, body)
+                except Exception as exc:  # a bug, not bad input: routes answer bad input themselves
+                    log.exception("unexpected error on an API request")
+                    answer = _internal_error(exc)
+                    api_head = api_head._replace(keep_alive=False)
+                server.answered += 1
+                answered += 1
+                if not isinstance(answer, tuple):
+                    # Worked out elsewhere (a swarm store over the network): nothing more is
+                    # read or answered on this connection until it is, so answers stay in order.
+                    self._buf = buf
+                    self._flush(out)
+                    self._await(answer, api_head)
+                    return
+                out.append(_api_response(answer, api_head.http11, api_head.keep_alive))
+                if not api_head.keep_alive:
+                    self._buf = b""
+                    self._flush(out)
+                    self.close()
+                    return
+                if answered >= MAX_PIPELINED:
+                    break
+                continue
             head = parse_head(buf[:end], server.paths)
             if head is None:
                 self._flush(out)
@@ -338,8 +486,36 @@ class FastPathProtocol(asyncio.Protocol):
             if not self._write_paused:
                 self._loop.call_soon(self._resume)
 
+    def _await(self, answer, head: ApiHead) -> None:
+        """Send ``answer`` (an awaitable) when it is ready, then go on with what the client sent meanwhile."""
+        if not self._read_paused:
+            self._read_paused = True
+            self._transport.pause_reading()
+        self._pending = asyncio.ensure_future(answer)
+        self._pending.add_done_callback(lambda fut: self._answered(fut, head))
+
+    def _answered(self, fut: asyncio.Future, head: ApiHead) -> None:
+        if self._pending is not fut:
+            return  # the connection went away meanwhile
+        self._pending = None
+        if self._transport is None or self._closing:
+            return
+        keep_alive = head.keep_alive
+        try:
+            answer = fut.result()
+        except Exception as exc:
+            log.exception("unexpected error on an API request")
+            answer, keep_alive = _internal_error(exc), False
+        self._transport.write(_api_response(answer, head.http11, keep_alive))
+        self._idle_since = time.monotonic()
+        if not keep_alive:
+            self._buf = b""
+            self.close()
+            return
+        self._resume()
+
     def _resume(self) -> None:
-        if self._write_paused or self._transport is None or self._closing:
+        if self._write_paused or self._transport is None or self._closing or self._pending is not None:
             return
         if self._read_paused:
             self._read_paused = False
@@ -382,6 +558,10 @@ class FastPathProtocol(asyncio.Protocol):
         if self._transport is None or self._closing:
             return
         server = self._server
+        if self._pending is not None:  # an answer is being worked out: its request is whole
+            self._idle_since = time.monotonic()
+            self._arm(self._idle_since + server.keepalive_timeout_s)
+            return
         # A partial request must complete within head_timeout_s; a connection that is idle,
         # or whose client reads none of our answers, goes after keepalive_timeout_s.
         waiting_for_client_to_read = self._read_paused or self._write_paused

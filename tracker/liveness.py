@@ -9,20 +9,24 @@ keep the plain per-peer TTL.
 from __future__ import annotations
 
 import asyncio
+import inspect
+import json
 import logging
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
+from urllib.parse import unquote
 
 from aiohttp import web
 
-from adapters.http_server import read_json
+from adapters.http_server import loads_json, read_body
 from modelcast.config import TrackerConfig
-from modelcast.errors import BadRequest
+from modelcast.errors import BadRequest, ModelcastError, error_body, retry_after
 from modelcast.progress import MAX_HEARTBEAT_BODY, parse_report
 from modelcast.wire import NODE_KEY_HEADER
 
 from .announce import ZONE_RE, validate_node_id
 from .auth import check_auth
+from .metrics import HEARTBEAT_ROUTE, LEAVE_ROUTE, METRICS
 from .state import CONFIG, NODE_KEYS, NODES, SWARMS
 
 log = logging.getLogger("modelcast.tracker")
@@ -42,38 +46,154 @@ def _heartbeat_ttl(body: Any, cfg: TrackerConfig) -> float:
     return min(float(ttl), cfg.heartbeat_ttl_max_s)
 
 
+class _Call:
+    """What :func:`~tracker.auth.check_auth` reads of a request, for one the fast path answers."""
+
+    __slots__ = ("app", "method", "path", "headers")
+
+    def __init__(self, app: web.Application, method: str, path: str, authorization: str | None) -> None:
+        self.app, self.method, self.path = app, method, path
+        self.headers = {"Authorization": authorization} if authorization is not None else {}
+
+
+def heartbeat(app: web.Application, node_id: str, node_key: str | None, raw: bytes) -> dict | Awaitable[dict]:
+    """A heartbeat of ``node_id`` with body ``raw`` (read whole, within :data:`MAX_HEARTBEAT_BODY`): the answer.
+
+    Shared by the aiohttp handler and the fast path (tracker/fastpath.py), after the
+    caller checked the token.  The swarm store is called once, through
+    ``SWARMS.heartbeat``; a store whose calls are coroutines (one over the network) makes
+    this return an awaitable of the answer.
+    """
+    node_id = validate_node_id(node_id)
+    app[NODE_KEYS].heartbeat(node_id, node_key)
+    body = loads_json(raw, "heartbeat body", '{"zone": "z1", "ttl_s": 3.0}') if raw else {}
+    ttl = _heartbeat_ttl(body, app[CONFIG])
+    report = parse_report(body)  # checked whole before anything is recorded
+    now = time.monotonic()
+    entries = app[SWARMS].heartbeat(node_id, now, ttl, body.get("zone"))
+    if inspect.isawaitable(entries):
+        return _heartbeat_done(app, node_id, body, report, now, ttl, entries)
+    return _heartbeat_answer(app, node_id, body, report, now, ttl, entries)
+
+
+async def _heartbeat_done(app, node_id, body, report, now, ttl, entries: Awaitable[int]) -> dict:
+    return _heartbeat_answer(app, node_id, body, report, now, ttl, await entries)
+
+
+def _heartbeat_answer(app: web.Application, node_id: str, body: dict, report: Any, now: float, ttl: float,
+                      entries: int) -> dict:
+    node = app[NODES].heartbeat(node_id, body.get("zone"), report, now, time.time(), ttl)
+    # "reported": whether this registry holds a report of the node, so that a node which
+    # sends its report only when it changes sends it again to a registry that lost it.
+    return {"ok": True, "ttl_s": ttl, "entries": entries, "reported": node is not None and node.reported}
+
+
+def leave(app: web.Application, node_id: str, node_key: str | None) -> dict | Awaitable[dict]:
+    """The node ``node_id`` stops: its entries leave every swarm at once (the token already checked)."""
+    node_id = validate_node_id(node_id)
+    app[NODE_KEYS].leave(node_id, node_key)
+    removed = app[SWARMS].leave(node_id)
+    if inspect.isawaitable(removed):
+        return _leave_done(app, node_id, removed)
+    return _leave_answer(app, node_id, removed)
+
+
+async def _leave_done(app: web.Application, node_id: str, removed: Awaitable[int]) -> dict:
+    return _leave_answer(app, node_id, await removed)
+
+
+def _leave_answer(app: web.Application, node_id: str, removed: int) -> dict:
+    app[NODES].leave(node_id, time.time())
+    log.info("node %s left %d swarm entries", node_id, removed)
+    return {"ok": True, "removed": removed}
+
+
+def fast_node_route(app: web.Application, method: bytes, path: bytes) -> "Callable | None":
+    """The fast path's route for ``method path`` (heartbeat and leave of a node), or None for aiohttp's."""
+    if not path.startswith(NODES_PREFIX):
+        return None
+    rest = path[len(NODES_PREFIX):]
+    if method == b"POST" and rest.endswith(b"/heartbeat"):
+        node_id, kind = rest[:-len(b"/heartbeat")], HEARTBEAT_ROUTE
+    elif method == b"DELETE":
+        node_id, kind = rest, LEAVE_ROUTE
+    else:
+        return None
+    if not node_id or b"/" in node_id:
+        return None
+
+    def route(headers: Mapping[bytes, bytes], body: bytes) -> tuple[int, bytes, dict[str, str]] | Awaitable:
+        try:
+            node = unquote(node_id.decode("ascii"), errors="strict")
+            call = _Call(app, method.decode(), path.decode("ascii"), _header(headers, b"authorization"))
+            check_auth(call, read=True)  # type: ignore[arg-type]
+            key = _header(headers, NODE_KEY_HEADER_B)
+            answer = heartbeat(app, node, key, body) if kind == HEARTBEAT_ROUTE else leave(app, node, key)
+        except (ModelcastError, UnicodeDecodeError) as exc:
+            return _count(app, kind, _error(exc))
+        if inspect.isawaitable(answer):
+            return _answer_later(app, kind, answer)
+        return _count(app, kind, (200, json.dumps(answer).encode(), {}))
+
+    return route
+
+
+NODES_PREFIX = b"/v1/nodes/"
+NODE_KEY_HEADER_B = NODE_KEY_HEADER.lower().encode("ascii")
+
+
+def _header(headers: Mapping[bytes, bytes], name: bytes) -> str | None:
+    value = headers.get(name)
+    return None if value is None else value.decode("latin-1")
+
+
+def _error(exc: Exception) -> tuple[int, bytes, dict[str, str]]:
+    if not isinstance(exc, ModelcastError):
+        exc = BadRequest(f"the node id in the path is not valid UTF-8: {exc}")
+    return exc.http_status, json.dumps(error_body(exc)).encode(), retry_after(exc)
+
+
+async def _answer_later(app: web.Application, kind: tuple[str, str], answer: Awaitable[dict]):
+    try:
+        return _count(app, kind, (200, json.dumps(await answer).encode(), {}))
+    except ModelcastError as exc:
+        return _count(app, kind, _error(exc))
+
+
+def _count(app: web.Application, kind: tuple[str, str], answer: tuple[int, bytes, dict[str, str]]):
+    """Count the answer as aiohttp's metrics middleware counts the requests it answers (tracker/metrics.py)."""
+    metrics = app.get(METRICS)
+    if metrics is not None:
+        metrics.requests[(kind[1], kind[0], str(answer[0]))] += 1
+    return answer
+
+
 async def node_heartbeat(request: web.Request) -> web.Response:
     """``POST /v1/nodes/{node_id}/heartbeat``: keep every swarm entry of the node alive for ``ttl_s``.
 
     Guarded like a read, not a write: a node holds at most the read token (it never
     publishes), and its random node id, sent only to this tracker, is what ties the
-    heartbeat to its swarm entries, the same trust an announce gets.
+    heartbeat to its swarm entries, the same trust an announce gets.  Most heartbeats
+    are answered by the fast path (tracker/fastpath.py) through the same :func:`heartbeat`.
     """
     check_auth(request, read=True)
     node_id = validate_node_id(request.match_info["node_id"])
     request.app[NODE_KEYS].heartbeat(node_id, request.headers.get(NODE_KEY_HEADER))
     # Bounded however it is framed (a chunked body has no Content-Length to check first).
-    body = await read_json(request, MAX_HEARTBEAT_BODY, "heartbeat body", '{"zone": "z1", "ttl_s": 3.0}', empty={})
-    ttl = _heartbeat_ttl(body, request.app[CONFIG])
-    report = parse_report(body)  # checked whole before anything is recorded
-    now = time.monotonic()
-    entries = request.app[SWARMS].heartbeat(node_id, now, ttl, body.get("zone"))
-    node = request.app[NODES].heartbeat(node_id, body.get("zone"), report, now, time.time(), ttl)
-    # "reported": whether this registry holds a report of the node, so that a node which
-    # sends its report only when it changes sends it again to a registry that lost it.
-    return web.json_response({"ok": True, "ttl_s": ttl, "entries": entries,
-                              "reported": node is not None and node.reported})
+    raw = await read_body(request, MAX_HEARTBEAT_BODY, "heartbeat body")
+    answer = heartbeat(request.app, node_id, request.headers.get(NODE_KEY_HEADER), raw)
+    if inspect.isawaitable(answer):
+        answer = await answer
+    return web.json_response(answer)
 
 
 async def node_leave(request: web.Request) -> web.Response:
     """``DELETE /v1/nodes/{node_id}``: the node stops; its entries leave every swarm at once."""
     check_auth(request, read=True)
-    node_id = validate_node_id(request.match_info["node_id"])
-    request.app[NODE_KEYS].leave(node_id, request.headers.get(NODE_KEY_HEADER))
-    removed = request.app[SWARMS].leave(node_id)
-    request.app[NODES].leave(node_id, time.time())
-    log.info("node %s left %d swarm entries", node_id, removed)
-    return web.json_response({"ok": True, "removed": removed})
+    answer = leave(request.app, request.match_info["node_id"], request.headers.get(NODE_KEY_HEADER))
+    if inspect.isawaitable(answer):
+        answer = await answer
+    return web.json_response(answer)
 
 
 async def _expire_peers(app: web.Application) -> None:
