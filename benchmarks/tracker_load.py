@@ -92,8 +92,22 @@ def _left(i: int) -> int:
     return 0 if i % 4 == 0 else 1 << 20  # a quarter seeds, the rest downloading
 
 
+def _heartbeat_requests(spec: dict) -> list[bytes]:
+    """One node heartbeat per simulated node (``spec['peers']`` nodes), as a node daemon sends it."""
+    body = b'{"zone": "z%d", "ttl_s": 600}'
+    out = []
+    for i in range(spec["peers"]):
+        b = body % (i % 4)
+        out.append(b"POST /v1/nodes/%s%06d/heartbeat HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\n\r\n%s" % (spec["peer_prefix"].encode(), i, spec["host"].encode(),
+                                                      spec["port"], len(b), b))
+    return out
+
+
 def _http_requests(spec: dict) -> list[bytes]:
-    """One GET per peer: peer ``i`` is in swarm ``hashes[i % len(hashes)]``."""
+    """One GET per peer: peer ``i`` is in swarm ``hashes[i % len(hashes)]``; with ``kind`` heartbeat, POSTs."""
+    if spec.get("kind") == "heartbeat":
+        return _heartbeat_requests(spec)
     hashes = [bytes.fromhex(h) for h in spec["hashes"]]
     quoted = [_pct(h) for h in hashes]
     event = f"&event={spec['event']}" if spec["event"] else ""
@@ -281,6 +295,9 @@ def http_phase(spec: dict) -> dict:
             summary.latencies.append(t1 - c[3])
             if head[9:12] != b"200":
                 summary.fail(head[:200].decode(errors="replace"))
+            elif spec.get("kind") == "heartbeat":
+                if not buf[end + 4:total].startswith(b'{"ok": true'):
+                    summary.fail(bytes(buf[end + 4:total][:200]).decode(errors="replace"))
             else:
                 _check_http_body(bytes(buf[end + 4:total]), summary, len(summary.latencies) % SAMPLE_EVERY == 0)
             del buf[:total]
