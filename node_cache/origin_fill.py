@@ -228,6 +228,11 @@ class OriginFill:
                 if failure.url.startswith(replica + "/"):
                     self.registry.failed(replica)
 
+    def _left_already(self, failure: BaseException) -> bool:
+        """Whether ``failure`` is of a registry replica that is no longer the current one."""
+        return (isinstance(failure, RegistryUnreachable) and len(self.registry.base_urls) > 1
+                and not failure.url.startswith(self.registry.base_url + "/"))
+
     def poke(self) -> None:
         """Something changed (peers, tracker, state, a fetch ended): look again now."""
         self._wake.set()
@@ -268,6 +273,8 @@ class OriginFill:
                 self._wake.clear()
                 failure = self._collect(claimed, relays, fetched_at)
                 if failure is not None:
+                    if self._left_already(failure):
+                        continue  # a fetch from a replica already failed over from: the current one takes it
                     log.warning("origin fetch failed: %s", failure)
                     self._failover(failure)
                     await asyncio.sleep(FAILURE_BACKOFF_S)
@@ -313,8 +320,11 @@ class OriginFill:
                 continue
             del claimed[piece]
             relays.discard(task)
-            fetched_at[piece] = now
             exc = None if task.cancelled() else task.exception()
+            if exc is None or isinstance(exc, (ServedElsewhere, RelayFrom)):
+                # On its way to libtorrent (or through the swarm, or a relay): not asked for again
+                # for a while.  A failed fetch brought nothing: its pieces are wanted at once.
+                fetched_at[piece] = now
             if isinstance(exc, RelayFrom):
                 relay = self._start(self.fetcher.relay_fetch(self.job, self.base, exc.holder, self.spans[piece]))
                 claimed[piece] = relay

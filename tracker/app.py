@@ -113,10 +113,43 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
         swarms.allow(_tracker_keys(ih))
     log.info("registry database %s (schema version %d); %d published swarms", store.location, store.schema_version,
              len(swarms.swarms()))
+    # Replicas share a PostgreSQL database: what another replica publishes or deletes
+    # reaches this one's allow-list within ALLOW_LIST_REFRESH_S.
+    refresh = asyncio.create_task(_refresh_allow_list(app)) if cfg.db else None
     try:
         yield
     finally:
+        if refresh is not None:
+            refresh.cancel()
+            try:
+                await refresh
+            except asyncio.CancelledError:
+                pass
         await asyncio.to_thread(store.close)
+
+
+ALLOW_LIST_REFRESH_S = 2.0
+
+
+async def _refresh_allow_list(app: web.Application) -> None:
+    """Keep the swarm allow-list in step with the shared database (artifacts published or deleted elsewhere)."""
+    known: set[bytes] | None = None
+    while True:
+        await asyncio.sleep(ALLOW_LIST_REFRESH_S)
+        try:
+            current = {k for ih in await asyncio.to_thread(app[STORE].all_info_hashes) for k in _tracker_keys(ih)}
+        except ModelcastError:
+            continue  # the database is down: the store logs the outage once; keep what we have
+        except Exception:  # a bug here must not stop the refresh for the life of the server
+            log.exception("refreshing the swarm allow-list from the database failed")
+            continue
+        swarms = app[SWARMS]
+        fresh = [k for k in current if not swarms.is_allowed(k)]
+        if fresh:
+            swarms.allow(fresh)
+        if known is not None and (gone := known - current):
+            swarms.disallow(gone)
+        known = current
 
 
 def _tracker_keys(info_hash: dict) -> list[bytes]:
