@@ -173,3 +173,72 @@ def test_a_node_given_two_replicas_finishes_byte_identical_when_the_first_is_kil
     nodes = json.loads(_get(f"{second.url}/v1/nodes"))["nodes"]
     assert [n["alive"] for n in nodes] == [True], nodes
     assert "failed; using" in node.log_text() and samples[-1][0] > killed_at
+
+
+# -- torrents list every replica (BEP 12) ----------------------------------------------------
+
+
+def _scrape_complete(registry: str, info_hash_hex: str) -> int:
+    from urllib.parse import quote_from_bytes
+
+    ih = bytes.fromhex(info_hash_hex)
+    answer = bdecode(_get(f"{registry}/scrape?info_hash={quote_from_bytes(ih, safe='')}"))
+    return answer[b"files"].get(ih, {}).get(b"complete", 0)
+
+
+@pytest.mark.skipif(ARIA2C is None, reason="aria2c is not installed (Debian package aria2; make system-tools "
+                                            "installs it)")
+def test_torrents_list_every_replica_and_aria2_fails_over_to_the_second_when_the_first_is_killed(
+        postgres_db, tmp_path, node_factory, replicas):
+    first, second = _replicas(tmp_path, postgres_db, 2, replica_flags=True)
+    replicas.extend([first, second])
+    first.start()
+    second.start()
+    model = make_model(tmp_path / "m", {"model.onnx": 5000, "weights/a.bin": 700 * 1024 + 3})
+    # v1 only: aria2 before 1.37 hashes hybrid torrents wrong (see test_interop_aria2.py).
+    digest = publish(first.url, model, "rep/aria:v1", (tmp_path / "origin").as_uri(), "--torrent", "v1")
+    manifest = Manifest.from_bytes(_get(f"{first.url}/v1/artifacts/{digest}"), expected_digest=digest)
+
+    # Each replica serves the torrent with itself first and every other replica after it, in one
+    # tier; the info dict (so the info-hash) is the published one.
+    published_info = None
+    for me, other in ((first, second), (second, first)):
+        torrent = _get(f"{me.url}/v1/artifacts/{digest}/torrent")
+        meta = bdecode(torrent)
+        assert meta[b"announce"] == f"{me.url}/announce".encode()
+        assert meta[b"announce-list"] == [[f"{me.url}/announce".encode(), f"{other.url}/announce".encode()]]
+        published_info = published_info or torrent_info_bytes(torrent)
+        assert torrent_info_bytes(torrent) == published_info
+    torrent_path = tmp_path / "artifact.torrent"
+    torrent_path.write_bytes(_get(f"{first.url}/v1/artifacts/{digest}/torrent"))
+
+    # A node holding the artifact, given both replicas: it announces to the first (its first tier).
+    node = node_factory(f"{first.url},{second.url}", "seed")
+    out = run_cli("pull", "rep/aria:v1", "--node", node.url)
+    assert out.returncode == 0, out.stderr
+    v1 = manifest.info_hash.v1
+    wait_until(lambda: _scrape_complete(first.url, v1) == 1, 15, message="the node seeding at the first replica")
+    assert _scrape_complete(second.url, v1) == 0
+    first.kill()
+    # The node's next announce (interval 5 s) fails at the first replica and goes to the second.
+    wait_until(lambda: _scrape_complete(second.url, v1) == 1, 30, message="the node announcing to the second")
+
+    before = registry_stats(second.url)
+    dest = tmp_path / "aria2"
+    dest.mkdir()
+    log_path = tmp_path / "aria2c.log"
+    argv = [ARIA2C, "--dir", str(dest), "--listen-port", str(free_port()), "--seed-time=0",
+            "--enable-dht=false", "--enable-dht6=false", "--bt-enable-lpd=false", "--enable-peer-exchange=false",
+            "--bt-tracker-connect-timeout=5", "--bt-tracker-timeout=5", "--bt-stop-timeout=25",
+            "--file-allocation=none", "--console-log-level=warn", "--summary-interval=0",
+            "--log", str(log_path), "--log-level=info", str(torrent_path)]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=40)
+    except subprocess.TimeoutExpired:
+        pytest.fail("aria2c did not finish within 40 s; its log ends:\n" + log_path.read_text(errors="replace")[-3000:])
+    assert proc.returncode == 0, f"aria2c exited {proc.returncode}; its log ends:\n" + \
+        log_path.read_text(errors="replace")[-3000:]
+    got = {p: h for p, h in tree_hashes(dest / meta[b"info"][b"name"].decode()).items() if not p.startswith(".pad/")}
+    assert got == tree_hashes(model)
+    # aria2 found the peer through the second replica (the first refused its connection).
+    assert registry_stats(second.url)["announces"] > before["announces"]
