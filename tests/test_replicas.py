@@ -242,3 +242,15 @@ def test_torrents_list_every_replica_and_aria2_fails_over_to_the_second_when_the
     assert got == tree_hashes(model)
     # aria2 found the peer through the second replica (the first refused its connection).
     assert registry_stats(second.url)["announces"] > before["announces"]
+
+
+def test_registry_lists_are_normalised_and_bad_replica_urls_refused(tmp_path):
+    from modelcast.config import ClientConfig
+
+    cfg = ClientConfig.from_env(registry=["http://a:1/", " http://b:2,http://c:3/ "])
+    assert cfg.registry == "http://a:1,http://b:2,http://c:3"
+    assert RegistryClient(cfg.registry).replicas() == ["http://a:1", "http://b:2", "http://c:3"]
+    out = run_cli("tracker", "--data", str(tmp_path / "d"), "--listen", f"127.0.0.1:{free_port()}",
+                  "--replica", "reg-a:7070")
+    assert out.returncode != 0 and "--replica 'reg-a:7070' is not an http(s)://HOST:PORT URL" in out.stderr
+    assert "Traceback" not in out.stderr
