@@ -431,3 +431,29 @@ async def test_a_swarm_store_that_answers_later_keeps_pipelined_answers_in_order
     finally:
         swarms.heartbeat = plain
     assert server.fast.handed_off == 0
+
+
+@pytest.mark.parametrize("server", [{"keepalive_timeout_s": 30.0}], indirect=True)
+async def test_announces_answered_later_stay_in_order_with_the_ones_answered_at_once(server):
+    """An announce route that answers with a coroutine (a swarm store over the network) keeps pipelined order."""
+    plain = server.fast.routes[b"/announce"]
+
+    async def later(query, remote):
+        await asyncio.sleep(0.02)
+        return plain(query, remote)
+
+    conn = await Conn.open(server.port)
+    try:
+        server.fast.routes[b"/announce"] = later
+        await conn.send(b"".join(get(announce_target(n, event="started")) for n in range(4)))
+        for n in range(4):
+            status, _, body = await conn.answer()
+            assert status == 200 and bdecode(body)[b"complete"] == n + 1
+        server.fast.routes[b"/announce"] = plain
+        await conn.send(get(announce_target(9, event="started")))
+        status, _, body = await conn.answer()
+        assert status == 200 and bdecode(body)[b"complete"] == 5
+    finally:
+        server.fast.routes[b"/announce"] = plain
+        conn.close()
+    assert server.fast.handed_off == 0

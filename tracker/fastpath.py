@@ -56,9 +56,10 @@ HEAD_TIMEOUT_S = ServerLimits.header_timeout_s
 KEEPALIVE_TIMEOUT_S = ServerLimits.keepalive_timeout_s
 
 # Given the request target's query (after "?", raw bytes) and the client's IP address
-# (as the socket reports it, or None), return the bencoded answer.  Must not raise for
-# bad input: malformed requests become a bencoded "failure reason" answer.
-Route = Callable[[bytes, "str | None"], bytes]
+# (as the socket reports it, or None), return the bencoded answer, or an awaitable of it
+# (a swarm store over the network; the connection's later answers wait for it, in order).
+# Must not raise for bad input: malformed requests become a bencoded "failure reason" answer.
+Route = Callable[[bytes, "str | None"], "bytes | Awaitable[bytes]"]
 
 # An API request with a body (a node's heartbeat, its leave): given the request's header
 # lines this path keeps (lowercased name -> value, each sent once) and its body, the status,
@@ -264,6 +265,17 @@ def _api_response(answer: "tuple[int, bytes, Mapping[str, str]]", http11: bool, 
     return _response(_STATUS_LINES.get(status, b"%d Status" % status), body, http11, keep_alive, JSON_TYPE, extra)
 
 
+def _tracker_response(body: "bytes | tuple[bytes, bytes]", http11: bool, keep_alive: bool) -> bytes:
+    if isinstance(body, tuple):  # (status line, body): an internal error
+        return _response(body[0], body[1], http11, keep_alive)
+    return _response(b"200 OK", body, http11, keep_alive)
+
+
+def _tracker_error(exc: BaseException) -> tuple[bytes, bytes]:
+    return (b"500 Internal Server Error",
+            encode_failure(f"internal error in the tracker: {exc.__class__.__name__}: {exc}"))
+
+
 def _internal_error(exc: BaseException) -> "tuple[int, bytes, Mapping[str, str]]":
     body = json.dumps({"error": {"code": "internal", "message": f"internal error in the registry: "
                                                              f"{exc.__class__.__name__}: {exc}"}}).encode()
@@ -430,7 +442,7 @@ class FastPathProtocol(asyncio.Protocol):
                     # read or answered on this connection until it is, so answers stay in order.
                     self._buf = buf
                     self._flush(out)
-                    self._await(answer, api_head)
+                    self._await(answer, api_head.http11, api_head.keep_alive, _api_response, _internal_error)
                     return
                 out.append(_api_response(answer, api_head.http11, api_head.keep_alive))
                 if not api_head.keep_alive:
@@ -455,9 +467,14 @@ class FastPathProtocol(asyncio.Protocol):
                 body = encode_failure(f"internal error in the tracker: {exc.__class__.__name__}: {exc}")
                 status = b"500 Internal Server Error"
                 head = head._replace(keep_alive=False)
-            out.append(_response(status, body, head.http11, head.keep_alive))
             server.answered += 1
             answered += 1
+            if not isinstance(body, bytes):  # an awaitable: see the API requests above
+                self._buf = buf
+                self._flush(out)
+                self._await(body, head.http11, head.keep_alive, _tracker_response, _tracker_error)
+                return
+            out.append(_response(status, body, head.http11, head.keep_alive))
             if not head.keep_alive:
                 self._buf = b""
                 self._flush(out)
@@ -486,27 +503,31 @@ class FastPathProtocol(asyncio.Protocol):
             if not self._write_paused:
                 self._loop.call_soon(self._resume)
 
-    def _await(self, answer, head: ApiHead) -> None:
-        """Send ``answer`` (an awaitable) when it is ready, then go on with what the client sent meanwhile."""
+    def _await(self, answer, http11: bool, keep_alive: bool, respond: Callable, fail: Callable) -> None:
+        """Send ``answer`` (an awaitable) when it is ready, then go on with what the client sent meanwhile.
+
+        ``respond(result, http11, keep_alive)`` makes the response's bytes; ``fail(exc)`` the
+        result that stands for an unexpected error (the connection closes after it).
+        """
         if not self._read_paused:
             self._read_paused = True
             self._transport.pause_reading()
         self._pending = asyncio.ensure_future(answer)
-        self._pending.add_done_callback(lambda fut: self._answered(fut, head))
+        self._pending.add_done_callback(lambda fut: self._answered(fut, http11, keep_alive, respond, fail))
 
-    def _answered(self, fut: asyncio.Future, head: ApiHead) -> None:
+    def _answered(self, fut: asyncio.Future, http11: bool, keep_alive: bool, respond: Callable,
+                  fail: Callable) -> None:
         if self._pending is not fut:
             return  # the connection went away meanwhile
         self._pending = None
         if self._transport is None or self._closing:
             return
-        keep_alive = head.keep_alive
         try:
             answer = fut.result()
         except Exception as exc:
-            log.exception("unexpected error on an API request")
-            answer, keep_alive = _internal_error(exc), False
-        self._transport.write(_api_response(answer, head.http11, keep_alive))
+            log.exception("unexpected error on a request answered later")
+            answer, keep_alive = fail(exc), False
+        self._transport.write(respond(answer, http11, keep_alive))
         self._idle_since = time.monotonic()
         if not keep_alive:
             self._buf = b""
