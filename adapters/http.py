@@ -106,7 +106,7 @@ class JsonClient:
         if len(self.base_urls) > 1 and self.base_url == base_url:
             self._current = (self._current + 1) % len(self.base_urls)
             self.failovers += 1
-            log.warning("%s at %s failed; using %s from now on", self.service, base_url, self.base_url)
+            log.info("%s at %s failed; using %s from now on", self.service, base_url, self.base_url)
 
     async def __aenter__(self):
         return self

@@ -32,7 +32,7 @@ from adapters.tls import connector_ssl
 from adapters.torrent import TorrentEngine, TorrentInfo, check_torrent, piece_spans
 from modelcast.config import NodeConfig, is_wildcard
 from modelcast.errors import (ArtifactNotFound, BadRequest, Conflict, DiskFull, IntegrityError, InvalidManifest,
-                              ModelcastError, PullFailed, Unreachable)
+                              ModelcastError, PullFailed, Unavailable, Unreachable)
 from modelcast.hf import HfName, resolve_target
 from modelcast.manifest import Manifest
 from modelcast.reference import Reference
@@ -441,10 +441,13 @@ class NodeDaemon:
             digest, manifest = await self.registry.resolve(ref_text)
         except InvalidManifest as exc:
             raise type(exc)(f"registry sent an unusable manifest for {ref_text}: {exc}") from exc
-        except Unreachable:
+        except (Unreachable, Unavailable) as exc:
+            # Every replica unreachable, or answering 503 (its database down): what this
+            # node holds is still served.
             cached = self.tags.get(ref_text)
             if cached and cached in self.jobs and self.jobs[cached].state is READY:
-                log.warning("registry unreachable; using the last resolution of %s", ref_text)
+                log.warning("registry %s; using the last resolution of %s",
+                            "unavailable" if isinstance(exc, Unavailable) else "unreachable", ref_text)
                 return cached, self.jobs[cached].manifest
             raise
         if ref.tag:

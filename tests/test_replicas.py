@@ -254,3 +254,51 @@ def test_registry_lists_are_normalised_and_bad_replica_urls_refused(tmp_path):
                   "--replica", "reg-a:7070")
     assert out.returncode != 0 and "--replica 'reg-a:7070' is not an http(s)://HOST:PORT URL" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_while_postgresql_is_down_nodes_keep_serving_what_they_hold_and_every_replica_resumes(tmp_path,
+                                                                                            node_factory, replicas):
+    """PostgreSQL stopped under two replicas: publishes through either answer 503 (the CLI tries both and
+    says so in one line); a node pulls a tag it holds from its last resolution and stays alive at the
+    replica it heartbeats; once PostgreSQL is back both replicas serve what was published before and
+    after."""
+    from harness.postgres import PostgresServer
+
+    pg = PostgresServer().start()
+    try:
+        first, second = _replicas(tmp_path, pg.create_database("registry"), 2)
+        replicas.extend([first, second])
+        first.start()
+        second.start()
+        both = f"{first.url},{second.url}"
+        origin = (tmp_path / "origin").as_uri()
+        held = publish(both, make_model(tmp_path / "m1", {"w.bin": 300_000}), "rep/pg:v1", origin)
+        node = node_factory(both, "n")
+        out = run_cli("pull", "rep/pg:v1", "--node", node.url)
+        assert out.returncode == 0, out.stderr
+        path = out.stdout.strip().splitlines()[-1]
+        info_hash = Manifest.from_bytes(_get(f"{first.url}/v1/artifacts/{held}"), expected_digest=held).info_hash.v1
+        wait_until(lambda: _scrape_complete(first.url, info_hash) == 1, 15, message="the node seeding")
+
+        pg.stop()
+        later = make_model(tmp_path / "m2", {"w.bin": 200_000}, seed=2)
+        out = run_cli("publish", str(later), "rep/pg:v2", "--registry", both, "--origin", origin, "--token", TOKEN)
+        # One line: the last replica's 503, which says the database is unreachable and when to retry.
+        assert out.returncode != 0 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+        assert "database" in out.stderr and "unreachable" in out.stderr and "retry in" in out.stderr, out.stderr
+        out = run_cli("pull", "rep/pg:v1", "--node", node.url)
+        assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == path, out.stderr
+        # Its heartbeats go on (they never touch the database): its seeding entry stays listed.
+        assert _scrape_complete(first.url, info_hash) == 1
+
+        pg.start()
+        after = wait_until(lambda: (o := run_cli("publish", str(later), "rep/pg:v2", "--registry", both, "--origin",
+                                                 origin, "--token", TOKEN)).returncode == 0 and o,
+                           30, 0.5, "a publish once PostgreSQL is back")
+        digest = after.stdout.strip().splitlines()[-1]
+        for r in (first, second):
+            for tag, want in (("v1", held), ("v2", digest)):
+                assert json.loads(_get(f"{r.url}/v1/resolve?ref=rep/pg:{tag}"))["digest"] == want
+        assert "heartbeat failed" not in node.log_text()
+    finally:
+        pg.close()
