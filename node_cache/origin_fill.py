@@ -145,7 +145,8 @@ class OriginFetcher:
             raise
         except (aiohttp.ClientError, asyncio.IncompleteReadError, TimeoutError) as exc:
             if from_store or isinstance(exc, aiohttp.ClientSSLError) or not isinstance(
-                    exc, (aiohttp.ClientConnectionError, asyncio.IncompleteReadError, TimeoutError)):
+                    exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.IncompleteReadError,
+                          TimeoutError)):
                 raise Unreachable(f"origin fetch of {first.path} failed: {exc!r}") from exc
             # The registry replica went away (or hangs): the next one takes over.
             raise RegistryUnreachable(f"origin fetch of {first.path} failed: {exc!r}", url) from exc
