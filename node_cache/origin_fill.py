@@ -147,9 +147,9 @@ class OriginFetcher:
             if from_store or isinstance(exc, aiohttp.ClientSSLError) or not isinstance(
                     exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.IncompleteReadError,
                           TimeoutError)):
-                raise Unreachable(f"origin fetch of {first.path} failed: {exc!r}") from exc
+                raise Unreachable(f"origin fetch of {first.path} failed: {exc}") from exc
             # The registry replica went away (or hangs): the next one takes over.
-            raise RegistryUnreachable(f"origin fetch of {first.path} failed: {exc!r}", url) from exc
+            raise RegistryUnreachable(f"origin fetch of {first.path} failed: {exc}", url) from exc
 
     async def _take_pieces(self, job: PullJob, resp: aiohttp.ClientResponse, run: list[PieceSpan], start: int,
                            end: int, targets: list[str], source: str) -> None:
