@@ -218,6 +218,7 @@ class FastPathProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._slot: Slot | None = None
+        self._pending: asyncio.Future | None = None  # an answer being worked out; nothing else is read meanwhile
 
     # ---- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -239,8 +240,9 @@ class FastPathProtocol(asyncio.Protocol):
             return
         fresh = not self._buf
         self._buf = self._buf + data if self._buf else data
-        if self._write_paused:
-            # The client sends more while our answers have not drained: stop reading.
+        if self._write_paused or self._pending is not None:
+            # The client sends more while our answers have not drained (or one is being
+            # worked out): stop reading.
             if not self._read_paused:
                 self._read_paused = True
                 self._transport.pause_reading()
@@ -251,6 +253,9 @@ class FastPathProtocol(asyncio.Protocol):
         return None  # close; answers already written are sent first
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
         self._detach()
         if self._slot is not None:
             self._slot.release()
@@ -307,9 +312,16 @@ class FastPathProtocol(asyncio.Protocol):
                 body = encode_failure(f"internal error in the tracker: {exc.__class__.__name__}: {exc}")
                 status = b"500 Internal Server Error"
                 head = head._replace(keep_alive=False)
-            out.append(_response(status, body, head.http11, head.keep_alive))
             server.answered += 1
             answered += 1
+            if not isinstance(body, bytes):
+                # Worked out elsewhere (a swarm store over the network): nothing more is read
+                # or answered on this connection until it is, so answers stay in order.
+                self._buf = buf
+                self._flush(out)
+                self._await(body, head)
+                return
+            out.append(_response(status, body, head.http11, head.keep_alive))
             if not head.keep_alive:
                 self._buf = b""
                 self._flush(out)
@@ -338,8 +350,37 @@ class FastPathProtocol(asyncio.Protocol):
             if not self._write_paused:
                 self._loop.call_soon(self._resume)
 
+    def _await(self, answer, head: Head) -> None:
+        """Send ``answer`` (an awaitable of the body) when it is ready, then go on with what the client sent."""
+        if not self._read_paused:
+            self._read_paused = True
+            self._transport.pause_reading()
+        self._pending = asyncio.ensure_future(answer)
+        self._pending.add_done_callback(lambda fut: self._answered(fut, head))
+
+    def _answered(self, fut: asyncio.Future, head: Head) -> None:
+        if self._pending is not fut:
+            return  # the connection went away meanwhile
+        self._pending = None
+        if self._transport is None or self._closing:
+            return
+        keep_alive, status = head.keep_alive, b"200 OK"
+        try:
+            body = fut.result()
+        except Exception as exc:
+            log.exception("unexpected error on GET %s", head.path.decode("ascii", "replace"))
+            body = encode_failure(f"internal error in the tracker: {exc.__class__.__name__}: {exc}")
+            status, keep_alive = b"500 Internal Server Error", False
+        self._transport.write(_response(status, body, head.http11, keep_alive))
+        self._idle_since = time.monotonic()
+        if not keep_alive:
+            self._buf = b""
+            self.close()
+            return
+        self._resume()
+
     def _resume(self) -> None:
-        if self._write_paused or self._transport is None or self._closing:
+        if self._write_paused or self._transport is None or self._closing or self._pending is not None:
             return
         if self._read_paused:
             self._read_paused = False
@@ -382,6 +423,10 @@ class FastPathProtocol(asyncio.Protocol):
         if self._transport is None or self._closing:
             return
         server = self._server
+        if self._pending is not None:  # an answer is being worked out: its request is whole
+            self._idle_since = time.monotonic()
+            self._arm(self._idle_since + server.keepalive_timeout_s)
+            return
         # A partial request must complete within head_timeout_s; a connection that is idle,
         # or whose client reads none of our answers, goes after keepalive_timeout_s.
         waiting_for_client_to_read = self._read_paused or self._write_paused

@@ -17,13 +17,14 @@ from aiohttp import web
 
 from adapters.http_server import read_json
 from modelcast.config import TrackerConfig
-from modelcast.errors import BadRequest
+from modelcast.errors import BadRequest, ModelcastError
 from modelcast.progress import MAX_HEARTBEAT_BODY, parse_report
 from modelcast.wire import NODE_KEY_HEADER
 
 from .announce import ZONE_RE, validate_node_id
 from .auth import check_auth
 from .state import CONFIG, NODE_KEYS, NODES, SWARMS
+from .swarmstore import settle
 
 log = logging.getLogger("modelcast.tracker")
 
@@ -57,7 +58,8 @@ async def node_heartbeat(request: web.Request) -> web.Response:
     ttl = _heartbeat_ttl(body, request.app[CONFIG])
     report = parse_report(body)  # checked whole before anything is recorded
     now = time.monotonic()
-    entries = request.app[SWARMS].heartbeat(node_id, now, ttl, body.get("zone"))
+    # One call into the swarm store (a coroutine over Redis: one pipelined round trip).
+    entries = await settle(request.app[SWARMS].heartbeat(node_id, now, ttl, body.get("zone")))
     node = request.app[NODES].heartbeat(node_id, body.get("zone"), report, now, time.time(), ttl)
     # "reported": whether this registry holds a report of the node, so that a node which
     # sends its report only when it changes sends it again to a registry that lost it.
@@ -70,7 +72,7 @@ async def node_leave(request: web.Request) -> web.Response:
     check_auth(request, read=True)
     node_id = validate_node_id(request.match_info["node_id"])
     request.app[NODE_KEYS].leave(node_id, request.headers.get(NODE_KEY_HEADER))
-    removed = request.app[SWARMS].leave(node_id)
+    removed = await settle(request.app[SWARMS].leave(node_id))
     request.app[NODES].leave(node_id, time.time())
     log.info("node %s left %d swarm entries", node_id, removed)
     return web.json_response({"ok": True, "removed": removed})
@@ -88,10 +90,12 @@ async def _expire_peers(app: web.Application) -> None:
         await asyncio.sleep(period)
         try:
             now = time.monotonic()
-            gone = app[SWARMS].expire(now, cfg.peer_ttl_s)
             app[NODES].expire(now, time.time())
+            gone = await settle(app[SWARMS].expire(now, cfg.peer_ttl_s))
             if gone:
                 log.debug("expired %d swarm entries of dead nodes and silent peers", gone)
+        except ModelcastError:
+            pass  # the swarm store is down: it logs the outage once; expiry resumes when it is back
         except Exception:  # A bug here must not stop expiry for the life of the server.
             log.exception("peer expiry failed")
 
