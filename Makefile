@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # postgresql: the registry's PostgreSQL tests run initdb and pg_ctl from /usr/lib/postgresql/*/bin
 # (not on PATH); pg_ctlcluster, from the same install, says whether it is there.
 SYSTEM_TOOLS := aria2c:aria2 skopeo:skopeo tc:iproute2 opentracker:opentracker prometheus:prometheus \
-	promtool:prometheus chromium:chromium pg_ctlcluster:postgresql
+	promtool:prometheus chromium:chromium pg_ctlcluster:postgresql redis-server:redis-server
 
 .PHONY: install system-tools demo test bench runtime-cuda-full clean
 

@@ -173,6 +173,9 @@ class TrackerConfig:
     # The registry database: None keeps SQLite in data_dir; a postgresql://USER@HOST:PORT/DB
     # URL keeps it in PostgreSQL, which replicas of the registry can share.
     db: str | None = None
+    # Where swarms, node liveness and the allow-list live: None in process, or redis://HOST:PORT/DB
+    # (--swarm-store, env MODELCAST_SWARM_STORE): shared by every replica (tracker/swarm_redis.py).
+    swarm_store: str | None = None
     token: str | None = None
     # Announce interval handed to clients.  Short, because a private swarm is small
     # and a stale peer list costs a whole fan-out; see README "Tuning".

@@ -47,7 +47,8 @@ from .nodebook import NodeBook
 from .state import (CONFIG, FIRST_COPY, NODE_KEYS, NODES, ORIGINS, STATS, STORE, SWARMS, UDP_TRACKER, UPSTREAM, WEBSEED_CACHE,
                     WRITE_LOCK, OriginCache, Stats)
 from .store import RegistryStore
-from .swarm import SwarmRegistry
+from .swarm_redis import RedisSwarmStore
+from .swarmstore import make_swarm_store, settle
 from .nodekeys import NodeKeys
 from .peer_policy import PeerPolicy, parse_networks
 from .udp_server import UdpTracker, start_udp_tracker
@@ -109,13 +110,23 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     # Swarm state is not persisted (peers re-announce within one interval), but the
     # allow-list is: without it every announce after a restart would be refused.
     swarms = app[SWARMS]
-    for ih in await asyncio.to_thread(store.all_info_hashes):
-        swarms.allow(_tracker_keys(ih))
+    published = [_tracker_keys(ih) for ih in await asyncio.to_thread(store.all_info_hashes)]
+    if isinstance(swarms, RedisSwarmStore):
+        try:
+            await swarms.allow_many(published)
+        except ModelcastError:
+            pass  # Redis is down: logged once; announces re-make the allow-list when it is back
+        log.info("swarm store %s (shared by every replica)", cfg.swarm_store)
+    else:
+        for keys in published:
+            swarms.allow(keys)
     log.info("registry database %s (schema version %d); %d published swarms", store.location, store.schema_version,
-             len(swarms.swarms()))
+             len(published))
     # Replicas share a PostgreSQL database: what another replica publishes or deletes
-    # reaches this one's allow-list within ALLOW_LIST_REFRESH_S.
-    refresh = asyncio.create_task(_refresh_allow_list(app)) if cfg.db else None
+    # reaches this one's allow-list within ALLOW_LIST_REFRESH_S (a Redis swarm store keeps
+    # one allow-list for every replica already).
+    refresh = (asyncio.create_task(_refresh_allow_list(app))
+               if cfg.db and not isinstance(swarms, RedisSwarmStore) else None)
     try:
         yield
     finally:
@@ -126,6 +137,8 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
             except asyncio.CancelledError:
                 pass
         await asyncio.to_thread(store.close)
+        if isinstance(swarms, RedisSwarmStore):
+            await swarms.close()
 
 
 ALLOW_LIST_REFRESH_S = 2.0
@@ -168,7 +181,7 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     async def save(manifest: Manifest, torrent: bytes, tag: str | None) -> None:
         async with app[WRITE_LOCK]:
             await asyncio.to_thread(app[STORE].pull_through, manifest, torrent, upstream.url, tag)
-            app[SWARMS].allow(manifest.info_hash.tracker_keys())
+            await settle(app[SWARMS].allow(manifest.info_hash.tracker_keys()))
 
     upstream = Upstream(cfg.upstream, cfg.upstream_token, app[STORE], save, tag_ttl_s=cfg.upstream_tag_ttl_s,
                         ca=cfg.ca)
@@ -205,7 +218,7 @@ def make_app(cfg: TrackerConfig) -> web.Application:
     app = web.Application(middlewares=[metrics_middleware, error_middleware], client_max_size=MAX_BODY_BYTES)
     app[CONFIG] = cfg
     app[METRICS] = RegistryMetrics(app)
-    app[SWARMS] = SwarmRegistry(zone_gateways=cfg.zone_gateways)
+    app[SWARMS] = make_swarm_store(cfg.swarm_store, zone_gateways=cfg.zone_gateways, peer_ttl_s=cfg.peer_ttl_s)
     app[NODE_KEYS] = NodeKeys()
     app[TRACKER] = TrackerEndpoint(cfg, app[SWARMS], app[NODE_KEYS])
     app[STATS] = Stats()

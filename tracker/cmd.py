@@ -18,6 +18,7 @@ from modelcast.config import (ENV_DB, ENV_REPLICAS, ENV_READ_TOKEN, ENV_TOKEN, E
                               TlsFiles, TrackerConfig, ca_from_args, env_str, parse_hostport)
 from modelcast.errors import ModelcastError
 from modelcast.reference import Reference
+from tracker.swarmstore import ENV_SWARM_STORE, validate_swarm_store
 from modelcast.units import human_bytes
 
 log = logging.getLogger("modelcast.tracker")
@@ -27,6 +28,9 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     """Add this component's subcommands to ``sub``; return their handlers by name."""
     p = sub.add_parser("tracker", help="run the registry and BitTorrent tracker")
     p.add_argument("--listen", default="127.0.0.1:7070", help="HOST:PORT to serve on")
+    p.add_argument("--swarm-store", metavar="URL",
+                   help="keep swarms, node liveness and the allow-list in Redis at redis://HOST:PORT/DB, shared by "
+                        "every replica (env MODELCAST_SWARM_STORE); default: in this process")
     p.add_argument("--data", type=Path, help="directory for the registry's SQLite database (without --db)")
     p.add_argument("--db", metavar="URL", help="keep the registry's state in PostgreSQL at postgresql://USER@HOST:PORT/DB "
                                              "instead of SQLite in --data (env MODELCAST_DB; give a password "
@@ -112,7 +116,9 @@ def cmd_tracker(args) -> int:
     for url in replicas:
         if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
             raise ModelcastError(f"--replica {url!r} is not an http(s)://HOST:PORT URL")
-    serve(TrackerConfig(host=host, port=port, replicas=replicas, data_dir=args.data or TrackerConfig.data_dir, db=db, token=token,
+    swarm_store = validate_swarm_store(args.swarm_store or env_str(ENV_SWARM_STORE))
+    serve(TrackerConfig(host=host, port=port, replicas=replicas, swarm_store=swarm_store,
+                        data_dir=args.data or TrackerConfig.data_dir, db=db, token=token,
                         read_token=args.read_token or env_str(ENV_READ_TOKEN), upstream=args.upstream,
                         upstream_token=args.upstream_token or env_str(ENV_UPSTREAM_TOKEN),
                         upstream_tag_ttl_s=args.upstream_tag_ttl,

@@ -334,7 +334,7 @@ class FastPathProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._slot: Slot | None = None
-        self._pending: asyncio.Future | None = None  # an API answer being worked out; nothing else is read meanwhile
+        self._pending: asyncio.Future | None = None  # an answer being worked out; nothing else is read meanwhile
 
     # ---- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -21,6 +21,7 @@ from .announce import ZONE_RE
 from .auth import check_auth
 from .registry_api import digest_param
 from .state import NODES, STORE, SWARMS
+from .swarmstore import settle
 
 _SUMS = ("bytes_from_peers", "bytes_from_origin", "bytes_from_other_zones", "rate")
 DEFAULT_NODES = 1000  # nodes in one answer of GET /v1/nodes (and the console's page) unless ?limit= says
@@ -109,7 +110,7 @@ async def rollout_view(app: web.Application, digest: str, manifest: Manifest | N
     summary["fraction"] = round(summary["done_bytes"] / summary["total_bytes"], 4) if summary["total_bytes"] else 0.0
     swarm = None
     if manifest is not None:
-        counts = app[SWARMS].scrape(manifest.info_hash.tracker_keys())
+        counts = await settle(app[SWARMS].scrape(manifest.info_hash.tracker_keys()))
         if counts:
             c = next(iter(counts.values()))  # a hybrid torrent's two keys name one swarm
             swarm = {"complete": c.complete, "incomplete": c.incomplete, "downloaded": c.downloaded}

@@ -28,6 +28,7 @@ from .announce import ZONE_RE, validate_node_id
 from .auth import check_auth
 from .metrics import HEARTBEAT_ROUTE, LEAVE_ROUTE, METRICS
 from .state import CONFIG, NODE_KEYS, NODES, SWARMS
+from .swarmstore import settle
 
 log = logging.getLogger("modelcast.tracker")
 
@@ -208,10 +209,12 @@ async def _expire_peers(app: web.Application) -> None:
         await asyncio.sleep(period)
         try:
             now = time.monotonic()
-            gone = app[SWARMS].expire(now, cfg.peer_ttl_s)
             app[NODES].expire(now, time.time())
+            gone = await settle(app[SWARMS].expire(now, cfg.peer_ttl_s))
             if gone:
                 log.debug("expired %d swarm entries of dead nodes and silent peers", gone)
+        except ModelcastError:
+            pass  # the swarm store is down: it logs the outage once; expiry resumes when it is back
         except Exception:  # A bug here must not stop expiry for the life of the server.
             log.exception("peer expiry failed")
 

@@ -131,12 +131,11 @@ class RegistryCollector(Collector):
         for zone, n in sorted(live_zones.items()):
             live.add_metric([zone], n)
         yield live
-        every = swarms.swarms()
-        active = sum(1 for s in every if s.peers)
+        total, active = swarms.swarm_totals()
         published = GaugeMetricFamily("modelcast_registry_swarms", "Swarms of published artifacts, by whether any "
                                       "peer is in them.", labels=["state"])
         published.add_metric(["active"], active)
-        published.add_metric(["idle"], len(every) - active)
+        published.add_metric(["idle"], total - active)
         yield published
         peers = GaugeMetricFamily("modelcast_registry_peers", "Peers in the swarms, by zone, state (complete: "
                                   "seeding; downloading) and role (origin_seed: the origin's own seed).",

@@ -27,6 +27,7 @@ from modelcast.reference import Reference, validate_digest, validate_name, valid
 from .auth import check_auth
 from .bencode import set_announce
 from .state import CONFIG, FIRST_COPY, STATS, STORE, SWARMS, UPSTREAM, WEBSEED_CACHE, WRITE_LOCK
+from .swarmstore import settle
 from .store import MAX_LIST_LIMIT, ArtifactRecord, Found
 from .torrent_check import check_torrent
 
@@ -133,7 +134,7 @@ async def stats(request: web.Request) -> web.Response:
         "origin_relayed_across_zones": app[FIRST_COPY].relayed,
         "origin_pushed_across_zones": app[FIRST_COPY].pushed,
         "announces": swarms.announces,
-        "swarms": swarms.active_swarms(),
+        "swarms": swarms.swarm_totals()[1],
     })
 
 
@@ -166,7 +167,7 @@ async def publish(request: web.Request) -> web.Response:
     store = request.app[STORE]
     async with request.app[WRITE_LOCK]:
         result = await asyncio.to_thread(store.publish, manifest, torrent, origin_url, s3_endpoint, tag)
-        request.app[SWARMS].allow(manifest.info_hash.tracker_keys())
+        await settle(request.app[SWARMS].allow(manifest.info_hash.tracker_keys()))
     log.info("published %s as %s%s (%s)", result.digest, manifest.name, f":{tag}" if tag else "",
              "new" if result.created else "existing")
     return web.json_response(
@@ -296,7 +297,7 @@ async def delete_artifact(request: web.Request) -> web.Response:
     async with app[WRITE_LOCK]:
         deleted = await asyncio.to_thread(app[STORE].delete_artifact, digest, force=force, name=name)
         if deleted is not None:
-            app[SWARMS].disallow(deleted.dropped_keys)
+            await settle(app[SWARMS].disallow(deleted.dropped_keys))
     if deleted is None:
         raise _not_found(f"{name}@{digest}" if name else digest)
     app[WEBSEED_CACHE].pop(digest, None)

@@ -462,3 +462,8 @@ class SwarmRegistry:
             for entry in list(swarm.peers.values()):
                 self._drop(entry)
         return len(popped)
+
+    def swarm_totals(self) -> tuple[int, int]:
+        """(published swarms, swarms with at least one peer), for metrics."""
+        every = self.swarms()
+        return len(every), sum(1 for s in every if s.peers)

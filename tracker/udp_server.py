@@ -16,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import inspect
 import logging
 import os
 import socket
 import time
+from typing import Awaitable
 from dataclasses import dataclass, field
 
 from modelcast.errors import ModelcastError
@@ -151,8 +153,11 @@ class UdpTracker:
                 stats.announces += 1
                 return answer
             found = self.swarms.scrape(req.info_hashes)
-            zero = SwarmCounts()
             stats.scrapes += 1
+            if inspect.isawaitable(found):
+                return self._later(found, lambda f: encode_scrape(tid, [f.get(ih, SwarmCounts()) for ih in req.info_hashes]),
+                                   tid, action)
+            zero = SwarmCounts()
             return encode_scrape(tid, [found.get(ih, zero) for ih in req.info_hashes])
         except ModelcastError as exc:
             if tid is None:
@@ -187,7 +192,19 @@ class UdpTracker:
         if a.node is not None and not self.node_keys.may_announce_as(a.node, a.node_token):
             a = a._replace(node=None)
         result = self.swarms.announce(a, ip, now)
+        if inspect.isawaitable(result):
+            return self._later(result, lambda r: encode_announce(req.transaction_id, self.interval, r.counts, r.peers,
+                                                                 ipv6=ipv6), req.transaction_id, 1)
         return encode_announce(req.transaction_id, self.interval, result.counts, result.peers, ipv6=ipv6)
+
+    async def _later(self, result: Awaitable, encode, tid: int, action: int) -> bytes:
+        """The answer of a swarm store over the network (tracker/swarm_redis.py), or its error."""
+        try:
+            return encode(await result)
+        except ModelcastError as exc:
+            self.stats.errors += 1
+            self.stats.failed(action, exc)
+            return encode_error(tid, str(exc))
 
 
 # ---------------------------------------------------------------------------------------
@@ -229,12 +246,24 @@ class UdpTrackerProtocol(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr) -> None:
         try:
             answer = self.tracker.handle(data, addr, self._clock())
+            if inspect.isawaitable(answer):
+                asyncio.ensure_future(answer).add_done_callback(lambda fut: self._send_later(fut, addr))
+                return
             if answer is not None:
                 if self._paused:
                     self.tracker.stats.send_errors += 1
                 else:
                     self.transport.sendto(answer, addr)
         except Exception:  # Never let one datagram take the endpoint down.
+            self.tracker.stats.internal_errors += 1
+            log.debug("UDP tracker could not answer %s", addr, exc_info=True)
+
+    def _send_later(self, fut: asyncio.Future, addr) -> None:
+        try:
+            answer = fut.result()
+            if self.transport is not None and not self._paused and not self.transport.is_closing():
+                self.transport.sendto(answer, addr)
+        except Exception:  # noqa: BLE001 - as datagram_received: one datagram never takes the endpoint down
             self.tracker.stats.internal_errors += 1
             log.debug("UDP tracker could not answer %s", addr, exc_info=True)
 

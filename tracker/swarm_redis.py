@@ -1,0 +1,565 @@
+"""Swarm state in Redis, shared by every replica of the tracker (``--swarm-store redis://host:port/db``).
+
+Same answers as the in-process :class:`tracker.swarm.SwarmRegistry` (the handout is the
+same :func:`tracker.handout.sample_peers` over the same buckets), but every call that
+touches Redis is a coroutine: one round trip per announce (one ``EVALSHA`` of the
+announce script, pipelined with the node's bookkeeping) and one per heartbeat (a
+pipeline).  Callers await what :mod:`tracker.swarmstore` says may be awaitable.
+
+Key schema (prefix ``mc:``; designed for Redis Cluster: everything one script touches
+shares one hash tag)::
+
+    mc:{<ih hex>}:a          STRING  allowed: the swarm's canonical key (hex); a hybrid torrent's
+                                     second info-hash points at its first one
+    mc:{<ih hex>}:x          STRING  tombstone for 30 s after a delete (a replica that has not seen
+                                     the delete yet does not re-allow the swarm)
+    mc:{<c>}:p               HASH    peer address (compact bytes) -> "left\tzone\torigin\tnode\tkeyhex\tpeer_id"
+    mc:{<c>}:t               ZSET    peer address -> per-peer deadline (ms since epoch): plain clients'
+                                     TTL, swept a few at a time by each announce of the swarm
+    mc:{<c>}:c               HASH    complete / incomplete / downloaded (BEP 48 counters)
+    mc:{<c>}:k               SET     bucket names "<zone>\t<complete><origin_seed>" that have peers
+    mc:{<c>}:b:<bucket>      SET     the peer addresses of one bucket (the handout samples these)
+    mc:{<c>}:g:<zone>        LIST    the zone's gateway peers (--zone-gateways N > 0), join order
+    mc:{<c>}:gz              SET     zones with a gateway list
+    mc:{n:<node id>}:e       SET     "<c>:<address hex>": the swarm entries a node daemon announced
+    mc:{live:<0..15>}        ZSET    node id -> heartbeat deadline (ms since epoch); 16 buckets by crc32
+    mc:{live:<0..15>}:z      HASH    node id -> zone (live nodes per zone)
+
+``<c>`` is the swarm's canonical key: the first info-hash it was allowed under.
+
+Liveness: a heartbeat moves the node's deadline in its liveness bucket (a TTL by score);
+every replica's expiry loop (each ``expiry_interval_s``) claims the nodes that are due
+with an atomic conditional ``ZREM`` (one replica wins) and removes their entries from
+every swarm they were in.  A clean leave does the same at once.  Every key but the
+allow-list also carries a Redis TTL (``PEXPIRE``), so nothing is left behind forever.
+
+Redis unreachable: every call raises :class:`SwarmStoreUnavailable` (503 + Retry-After;
+announces a bencoded failure with ``retry in``), logged once per outage.  Redis restarted
+with its data gone: announces of swarms this replica knows re-create the swarm's allow
+key and go on; heartbeats answer ``entries: 0``, and node daemons then re-announce at
+once, so the swarm is rebuilt within a heartbeat.
+
+Time is the wall clock (``time.time()``) of the replica, not the monotonic ``now``
+callers pass, since deadlines are compared across processes: replicas' clocks must
+agree to well within the heartbeat ttl (NTP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import zlib
+from typing import Iterable
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
+from redis.exceptions import BusyLoadingError, ResponseError
+
+from modelcast.errors import Unavailable
+
+from .announce import DEFAULT_ZONE, Announce, Peer, SwarmCounts
+from .handout import sample_peers
+from .swarm import NO_GATEWAYS, AnnounceResult, UnknownInfoHash
+
+log = logging.getLogger("modelcast.tracker.swarm")
+
+PREFIX = "mc:"
+LIVE_BUCKETS = 16
+TOMBSTONE_MS = 30_000
+RETRY_IN_S = 2
+
+
+class SwarmStoreUnavailable(Unavailable):
+    """Redis cannot be reached: answered 503 with ``Retry-After`` (announces: a failure with ``retry in``)."""
+
+    code = "unavailable"
+    retry_after_s = float(RETRY_IN_S)
+
+
+_OUTAGE_ERRORS = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError)
+
+# Shared Lua: drop one entry (its hash value ``old``) from swarm ``c`` and every index of it.
+_DROP = r"""
+local function split(v)
+  local f = {}
+  local i = 1
+  for _ = 1, 5 do
+    local j = string.find(v, "\t", i, true)
+    f[#f + 1] = string.sub(v, i, j - 1)
+    i = j + 1
+  end
+  f[#f + 1] = string.sub(v, i)
+  return f
+end
+local function bname(f) return f[2] .. "\t" .. ((f[1] == "0") and "1" or "0") .. f[3] end
+local function drop(c, addr, f, replacing, gateways)
+  redis.call('HDEL', c .. ':p', addr)
+  redis.call('ZREM', c .. ':t', addr)
+  local b = bname(f)
+  redis.call('SREM', c .. ':b:' .. b, addr)
+  if redis.call('SCARD', c .. ':b:' .. b) == 0 then redis.call('SREM', c .. ':k', b) end
+  redis.call('HINCRBY', c .. ':c', (f[1] == "0") and 'complete' or 'incomplete', -1)
+  if gateways > 0 and not replacing and f[3] == "0" then
+    local g = c .. ':g:' .. f[2]
+    if redis.call('LREM', g, 0, addr) > 0 then
+      for _, cb in ipairs({f[2] .. "\t10", f[2] .. "\t00"}) do
+        for _, m in ipairs(redis.call('SRANDMEMBER', c .. ':b:' .. cb, gateways + 1)) do
+          if redis.call('LLEN', g) >= gateways then break end
+          if not redis.call('LPOS', g, m) then redis.call('RPUSH', g, m) end
+        end
+      end
+      if redis.call('LLEN', g) == 0 then redis.call('SREM', c .. ':gz', f[2]) end
+    end
+  end
+end
+"""
+
+# KEYS[1]: allow key of the announced info-hash, KEYS[2]: its tombstone, KEYS[3]: "mc:{c}"
+# ARGV: addr, left, zone, origin(0/1), node, keyhex, peer_id, event, now_ms, ttl_ms, numwant,
+#       zone_gateways, sample_cap, key_ttl_ms
+_ANNOUNCE = _DROP + r"""
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if redis.call('EXISTS', KEYS[2]) == 1 then return {'unknown'} end
+  return {'missing'}
+end
+local c = KEYS[3]
+local addr, left, zone, origin, node, keyhex, pid, event = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local now, ttl, numwant, gateways, cap, kttl = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
+local oldv = redis.call('HGET', c .. ':p', addr)
+local old = oldv and split(oldv)
+if event == 'stopped' then
+  if old and (old[5] == '' or old[5] == keyhex) then drop(c, addr, old, false, gateways) end
+else
+  if event == 'completed' and (not old or old[1] ~= '0') then redis.call('HINCRBY', c .. ':c', 'downloaded', 1) end
+  local f = {left, zone, origin, node, keyhex, pid}
+  local same = old and bname(old) == bname(f)
+  if same and not (old[5] ~= keyhex and old[6] ~= pid) then
+    f[5] = old[5]  -- only a client restarted at the same address (new peer id) takes a new key
+  end
+  local value = table.concat(f, "\t")
+  if same then
+    redis.call('HSET', c .. ':p', addr, value)
+  else
+    if old then drop(c, addr, old, old[2] == zone and old[3] == origin, gateways) end
+    redis.call('HSET', c .. ':p', addr, value)
+    local b = bname(f)
+    redis.call('SADD', c .. ':b:' .. b, addr)
+    redis.call('SADD', c .. ':k', b)
+    redis.call('HINCRBY', c .. ':c', (left == "0") and 'complete' or 'incomplete', 1)
+    if gateways > 0 and origin == "0" then
+      local g = c .. ':g:' .. zone
+      if redis.call('LLEN', g) < gateways and not redis.call('LPOS', g, addr) then
+        redis.call('RPUSH', g, addr)
+        redis.call('SADD', c .. ':gz', zone)
+      end
+    end
+  end
+  redis.call('ZADD', c .. ':t', now + ttl, addr)
+end
+-- the per-peer TTL, a few due entries per announce
+local due = redis.call('ZRANGEBYSCORE', c .. ':t', '-inf', now, 'LIMIT', 0, 8)
+for _, d in ipairs(due) do
+  local v = redis.call('HGET', c .. ':p', d)
+  if v then drop(c, d, split(v), false, gateways) else redis.call('ZREM', c .. ':t', d) end
+end
+local counts = redis.call('HMGET', c .. ':c', 'complete', 'incomplete', 'downloaded')
+local out = {'ok', counts[1] or '0', counts[2] or '0', counts[3] or '0'}
+if event ~= 'stopped' and numwant > 0 then
+  for _, b in ipairs(redis.call('SMEMBERS', c .. ':k')) do
+    local n = redis.call('SCARD', c .. ':b:' .. b)
+    local members
+    if n <= cap then members = redis.call('SMEMBERS', c .. ':b:' .. b)
+    else members = redis.call('SRANDMEMBER', c .. ':b:' .. b, cap) end
+    if #members > 0 then
+      local vals = redis.call('HMGET', c .. ':p', unpack(members))
+      out[#out + 1] = 'b'
+      out[#out + 1] = #members
+      for i, m in ipairs(members) do out[#out + 1] = m; out[#out + 1] = vals[i] or false end
+    end
+  end
+  if gateways > 0 then
+    for _, z in ipairs(redis.call('SMEMBERS', c .. ':gz')) do
+      local members = redis.call('LRANGE', c .. ':g:' .. z, 0, -1)
+      if #members > 0 then
+        local vals = redis.call('HMGET', c .. ':p', unpack(members))
+        out[#out + 1] = 'g'
+        out[#out + 1] = #members
+        for i, m in ipairs(members) do out[#out + 1] = m; out[#out + 1] = vals[i] or false end
+      end
+    end
+  end
+end
+for _, k in ipairs({':p', ':t', ':c', ':k'}) do redis.call('PEXPIRE', c .. k, kttl) end
+return out
+"""
+
+# KEYS[1]: "mc:{c}"; ARGV: node id ("" : any owner), zone_gateways, addresses...
+_REMOVE = _DROP + r"""
+local c = KEYS[1]
+local gateways = tonumber(ARGV[2])
+local removed = 0
+for i = 3, #ARGV do
+  local v = redis.call('HGET', c .. ':p', ARGV[i])
+  if v then
+    local f = split(v)
+    if ARGV[1] == '' or f[4] == ARGV[1] then
+      drop(c, ARGV[i], f, false, gateways)
+      removed = removed + 1
+    end
+  end
+end
+return removed
+"""
+
+# KEYS[1]: a liveness bucket, KEYS[2]: its zone hash; ARGV: now_ms, node ids...: those still due, removed
+_CLAIM = r"""
+local won = {}
+for i = 2, #ARGV do
+  local s = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if s and tonumber(s) <= tonumber(ARGV[1]) then
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    redis.call('HDEL', KEYS[2], ARGV[i])
+    won[#won + 1] = ARGV[i]
+  end
+end
+return won
+"""
+
+
+def _swarm_key(canon: bytes) -> str:
+    return f"{PREFIX}{{{canon.hex()}}}"
+
+
+def _allow_key(ih: bytes) -> str:
+    return f"{PREFIX}{{{ih.hex()}}}:a"
+
+
+def _tomb_key(ih: bytes) -> str:
+    return f"{PREFIX}{{{ih.hex()}}}:x"
+
+
+def _node_key(node_id: str) -> str:
+    return f"{PREFIX}{{n:{node_id}}}:e"
+
+
+def _live_key(node_id: str) -> str:
+    return f"{PREFIX}{{live:{zlib.crc32(node_id.encode()) % LIVE_BUCKETS}}}"
+
+
+def _unpack_addr(addr: bytes) -> tuple[str, int]:
+    import socket
+    if len(addr) == 6:
+        return socket.inet_ntoa(addr[:4]), int.from_bytes(addr[4:], "big")
+    return socket.inet_ntop(socket.AF_INET6, addr[:16]), int.from_bytes(addr[16:], "big")
+
+
+def _peer(addr: bytes, value: bytes) -> Peer:
+    left, zone, origin, _node, _key, pid = value.split(b"\t", 5)
+    ip, port = _unpack_addr(addr)
+    return Peer(pid, ip, port, int(left), zone.decode(), origin == b"1")
+
+
+class RedisSwarmStore:
+    """Every swarm, node liveness and the allow-list in Redis; see the module docstring for the keys."""
+
+    def __init__(self, url: str, *, zone_gateways: int = -1, peer_ttl_s: float = 90.0,
+                 rng: random.Random | None = None, client: aioredis.Redis | None = None) -> None:
+        self.url = url
+        self.zone_gateways = zone_gateways
+        self.peer_ttl_s = peer_ttl_s
+        self._rng = rng or random.Random()
+        self._r = client or aioredis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=2.0,
+                                                     retry_on_timeout=False, health_check_interval=0)
+        self._announce = self._r.register_script(_ANNOUNCE)
+        self._remove = self._r.register_script(_REMOVE)
+        self._claim = self._r.register_script(_CLAIM)
+        # This replica's view of the allow-list (info-hash -> canonical key), from its database
+        # and from Redis; Redis's copy is re-made from it after Redis lost its data.
+        self._canon: dict[bytes, bytes] = {}
+        self.announces = 0
+        self._down_since: float | None = None
+        # Figures for metrics and /v1/stats, refreshed by the expiry loop (never on a request).
+        self._zones: dict[str, int] = {}
+        self._active = 0
+        self._peer_counts: dict[tuple[str, bool, bool], int] = {}
+        self._stats_at = 0.0
+
+    # ---- outages -----------------------------------------------------------------------
+    def _outage(self, exc: BaseException) -> SwarmStoreUnavailable:
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.warning("swarm store %s is unreachable (%s: %s); answering 503 with Retry-After (announces: "
+                        "retry in %d s) until it is back", self.url, exc.__class__.__name__, exc, RETRY_IN_S)
+        return SwarmStoreUnavailable(f"swarm store is unreachable; retry in {RETRY_IN_S} s")
+
+    def _up(self) -> None:
+        if self._down_since is not None:
+            log.info("swarm store %s is reachable again after %.1f s", self.url, time.monotonic() - self._down_since)
+            self._down_since = None
+
+    async def _run(self, coro):
+        try:
+            result = await coro
+        except _OUTAGE_ERRORS as exc:
+            raise self._outage(exc) from None
+        self._up()
+        return result
+
+    async def ping(self) -> None:
+        await self._run(self._r.ping())
+
+    async def close(self) -> None:
+        await self._r.aclose()
+
+    # ---- allow-list --------------------------------------------------------------------
+    def is_allowed(self, info_hash: bytes) -> bool:
+        return info_hash in self._canon
+
+    async def allow(self, keys: Iterable[bytes]) -> None:
+        """Accept announces for ``keys`` (one torrent's info-hashes) here and in Redis."""
+        keys = list(keys)
+        for k in keys:
+            if len(k) != 20:
+                raise ValueError(f"tracker key must be 20 bytes, got {len(k)}")
+        canon = next((self._canon[k] for k in keys if k in self._canon), keys[0] if keys else None)
+        if canon is None:
+            return
+        for k in keys:
+            self._canon.setdefault(k, canon)
+        await self._write_allow(keys, canon)
+
+    async def _write_allow(self, keys: list[bytes], canon: bytes) -> None:
+        async with self._r.pipeline(transaction=False) as pipe:
+            for k in keys:
+                pipe.set(_allow_key(k), canon.hex())
+                pipe.delete(_tomb_key(k))
+            await self._run(pipe.execute())
+
+    async def allow_many(self, torrents: Iterable[Iterable[bytes]]) -> None:
+        """:meth:`allow` for many torrents in one pipeline (start-up)."""
+        writes: list[tuple[bytes, bytes]] = []
+        for keys in torrents:
+            keys = list(keys)
+            if not keys:
+                continue
+            canon = next((self._canon[k] for k in keys if k in self._canon), keys[0])
+            for k in keys:
+                self._canon.setdefault(k, canon)
+                writes.append((k, canon))
+        for i in range(0, len(writes), 1000):
+            async with self._r.pipeline(transaction=False) as pipe:
+                for k, canon in writes[i:i + 1000]:
+                    pipe.set(_allow_key(k), canon.hex())
+            await self._run(pipe.execute())
+
+    async def disallow(self, keys: Iterable[bytes]) -> int:
+        """Stop accepting ``keys`` (their artifact was deleted) on every replica; empty the swarm."""
+        keys = set(keys)
+        known = [k for k in keys if k in self._canon]
+        canons = {self._canon.pop(k) for k in known}
+        async with self._r.pipeline(transaction=False) as pipe:
+            for k in keys:
+                pipe.delete(_allow_key(k))
+                pipe.set(_tomb_key(k), b"1", px=TOMBSTONE_MS)
+            await self._run(pipe.execute())
+        for canon in canons:
+            if canon in self._canon.values():
+                continue  # another key of it (a hybrid's other hash) is still allowed
+            addrs = await self._run(self._r.hkeys(_swarm_key(canon) + ":p"))
+            if addrs:
+                await self._run(self._remove(keys=[_swarm_key(canon)], args=["", self.zone_gateways, *addrs]))
+        return len(known)
+
+    async def _canonical(self, info_hash: bytes) -> bytes:
+        canon = self._canon.get(info_hash)
+        if canon is not None:
+            return canon
+        # Published through another replica, not yet in this one's database view.
+        found = await self._run(self._r.get(_allow_key(info_hash)))
+        if found is None:
+            raise UnknownInfoHash(f"unknown info_hash {info_hash.hex()}: no artifact published to this registry has it")
+        canon = bytes.fromhex(found.decode())
+        self._canon[info_hash] = canon
+        return canon
+
+    # ---- announces ---------------------------------------------------------------------
+    async def announce(self, a: Announce, ip: str, now: float) -> AnnounceResult:
+        canon = await self._canonical(a.info_hash)
+        peer = Peer(a.peer_id, ip, a.port, a.left, a.zone, a.origin_seed)
+        cap = 2 * a.numwant + 2
+        ttl_ms = int(self.peer_ttl_s * 1000)
+        args = [peer.packed, a.left, a.zone, 1 if a.origin_seed else 0, a.node or "",
+                (a.key or "").encode().hex(), a.peer_id, a.event or "", 0, ttl_ms, a.numwant,
+                self.zone_gateways, cap, 2 * ttl_ms]
+        keys = [_allow_key(a.info_hash), _tomb_key(a.info_hash), _swarm_key(canon)]
+        for attempt in (0, 1):
+            args[8] = int(time.time() * 1000)
+            async with self._r.pipeline(transaction=False) as pipe:
+                await self._announce(keys=keys, args=args, client=pipe)
+                if a.node is not None and a.event != "stopped":
+                    nk = _node_key(a.node)
+                    pipe.sadd(nk, canon.hex() + ":" + peer.packed.hex())
+                    pipe.pexpire(nk, 2 * ttl_ms)
+                out = (await self._run(pipe.execute()))[0]
+            status = out[0]
+            if status == b"ok":
+                break
+            if status == b"missing" and attempt == 0 and a.info_hash in self._canon:
+                # Redis lost its data (restarted empty): this replica knows the swarm; re-make it.
+                await self._write_allow([k for k, c in self._canon.items() if c == canon], canon)
+                continue
+            self._canon.pop(a.info_hash, None)
+            raise UnknownInfoHash(f"unknown info_hash {a.info_hash.hex()}: no artifact published to this "
+                                  "registry has it")
+        self.announces += 1
+        counts = SwarmCounts(int(out[1]), int(out[2]), int(out[3]))
+        buckets: dict[tuple[str, bool, bool], list[Peer]] = {}
+        gateways: dict[str, list[Peer]] = {}
+        i = 4
+        while i < len(out):
+            kind, n = out[i], int(out[i + 1])
+            i += 2
+            peers = [_peer(out[j], out[j + 1]) for j in range(i, i + 2 * n, 2) if out[j + 1]]
+            i += 2 * n
+            if kind == b"b":
+                for p in peers:
+                    buckets.setdefault((p.zone, p.complete, p.origin_seed), []).append(p)
+            elif peers:
+                gateways[peers[0].zone] = peers
+        if self.zone_gateways == 0:
+            gw: dict[str, list[Peer]] | None = NO_GATEWAYS if a.node is not None else None
+        elif self.zone_gateways < 0 or len(gateways) < 2:
+            gw = None
+        else:
+            gw = gateways
+        chosen = (sample_peers(buckets, peer, a.numwant, self._rng, gw) if a.numwant > 0 and a.event != "stopped"
+                  else [])
+        return AnnounceResult(chosen, counts)
+
+    async def scrape(self, info_hashes: Iterable[bytes]) -> dict[bytes, SwarmCounts]:
+        hashes = [ih for ih in info_hashes if ih in self._canon]
+        if not hashes:
+            return {}
+        async with self._r.pipeline(transaction=False) as pipe:
+            for ih in hashes:
+                pipe.hmget(_swarm_key(self._canon[ih]) + ":c", "complete", "incomplete", "downloaded")
+            rows = await self._run(pipe.execute())
+        return {ih: SwarmCounts(*(int(v or 0) for v in row)) for ih, row in zip(hashes, rows)}
+
+    async def peers_of(self, info_hash: bytes) -> list[Peer]:
+        canon = await self._canonical(info_hash)
+        entries = await self._run(self._r.hgetall(_swarm_key(canon) + ":p"))
+        return [_peer(addr, value) for addr, value in entries.items()]
+
+    # ---- node liveness -------------------------------------------------------------------
+    async def heartbeat(self, node_id: str, now: float, ttl: float, zone: str | None = None) -> int:
+        """Keep every entry of ``node_id`` alive for ``ttl`` s; the number of entries it has (0 after a data loss)."""
+        if ttl <= 0:
+            raise ValueError(f"heartbeat ttl must be positive, got {ttl}")
+        live = _live_key(node_id)
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.zadd(live, {node_id: int((time.time() + ttl) * 1000)})
+            pipe.hset(live + ":z", node_id, zone or DEFAULT_ZONE)
+            pipe.scard(_node_key(node_id))
+            result = await self._run(pipe.execute())
+        return int(result[2])
+
+    async def leave(self, node_id: str) -> int:
+        """Remove every entry of ``node_id`` from every swarm at once; how many went."""
+        live = _live_key(node_id)
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.zrem(live, node_id)
+            pipe.hdel(live + ":z", node_id)
+            await self._run(pipe.execute())
+        return await self._remove_entries(node_id)
+
+    async def _remove_entries(self, node_id: str) -> int:
+        nk = _node_key(node_id)
+        members = await self._run(self._r.smembers(nk))
+        by_swarm: dict[str, list[bytes]] = {}
+        for m in members:
+            canon, _, addr = m.decode().partition(":")
+            by_swarm.setdefault(canon, []).append(bytes.fromhex(addr))
+        async with self._r.pipeline(transaction=False) as pipe:
+            for canon, addrs in by_swarm.items():
+                await self._remove(keys=[_swarm_key(bytes.fromhex(canon))], args=[node_id, self.zone_gateways, *addrs],
+                             client=pipe)
+            pipe.delete(nk)
+            result = await self._run(pipe.execute())
+        return sum(int(n) for n in result[:-1])
+
+    async def is_live(self, node_id: str) -> bool:
+        score = await self._run(self._r.zscore(_live_key(node_id), node_id))
+        return score is not None and score > time.time() * 1000
+
+    # ---- expiry ------------------------------------------------------------------------
+    async def expire(self, now: float, ttl_s: float) -> int:
+        """Claim the nodes whose heartbeat lapsed (one replica wins each) and drop their entries."""
+        now_ms = int(time.time() * 1000)
+        buckets = [f"{PREFIX}{{live:{b}}}" for b in range(LIVE_BUCKETS)]
+        async with self._r.pipeline(transaction=False) as pipe:
+            for key in buckets:
+                pipe.zrangebyscore(key, "-inf", now_ms, start=0, num=256)
+            due = await self._run(pipe.execute())
+        removed = 0
+        claims = [(key, nodes) for key, nodes in zip(buckets, due) if nodes]
+        if claims:
+            async with self._r.pipeline(transaction=False) as pipe:
+                for key, nodes in claims:
+                    await self._claim(keys=[key, key + ":z"], args=[now_ms, *nodes], client=pipe)
+                won = await self._run(pipe.execute())
+            for nodes in won:
+                for node in nodes:
+                    removed += await self._remove_entries(node.decode())
+        if time.monotonic() - self._stats_at >= 2.0:
+            await self._refresh_stats()
+        return removed
+
+    async def _refresh_stats(self) -> None:
+        self._stats_at = time.monotonic()
+        async with self._r.pipeline(transaction=False) as pipe:
+            for b in range(LIVE_BUCKETS):
+                pipe.hvals(f"{PREFIX}{{live:{b}}}:z")
+            canons = sorted(set(self._canon.values()))
+            for canon in canons:
+                pipe.smembers(_swarm_key(canon) + ":k")
+            rows = await self._run(pipe.execute())
+        zones: dict[str, int] = {}
+        for vals in rows[:LIVE_BUCKETS]:
+            for z in vals:
+                zones[z.decode()] = zones.get(z.decode(), 0) + 1
+        bucket_names = [(canon, b) for canon, names in zip(canons, rows[LIVE_BUCKETS:]) for b in names]
+        counts: dict[tuple[str, bool, bool], int] = {}
+        active: set[bytes] = set()
+        if bucket_names:
+            async with self._r.pipeline(transaction=False) as pipe:
+                for canon, b in bucket_names:
+                    pipe.scard(_swarm_key(canon).encode() + b":b:" + b)
+                sizes = await self._run(pipe.execute())
+            for (canon, b), n in zip(bucket_names, sizes):
+                if not n:
+                    continue
+                zone, flags = b.decode().split("\t")
+                key = (zone, flags[0] == "1", flags[1] == "1")
+                counts[key] = counts.get(key, 0) + int(n)
+                active.add(canon)
+        self._zones, self._peer_counts, self._active = zones, counts, len(active)
+
+    # ---- figures (as of the last refresh, at most a few seconds old) -------------------
+    def live_nodes_by_zone(self) -> dict[str, int]:
+        return dict(self._zones)
+
+    def live_nodes(self) -> int:
+        return sum(self._zones.values())
+
+    def peer_counts(self) -> dict[tuple[str, bool, bool], int]:
+        return dict(self._peer_counts)
+
+    def swarm_totals(self) -> tuple[int, int]:
+        """(published swarms, swarms with at least one peer)."""
+        return len(set(self._canon.values())), self._active
+
+    def active_swarms(self) -> int:
+        return self._active
