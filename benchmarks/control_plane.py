@@ -48,7 +48,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -58,7 +57,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.tracker_load import TOKEN, _proc_cpu_s, http_phase, make_artifact, register  # noqa: E402
-from harness import ServiceProcess, free_port, modelcast_argv, start_tracker, wait_until  # noqa: E402
+from harness import ServiceProcess, modelcast_argv, start_tracker  # noqa: E402
+from harness.redis import RedisServer, redis_server_bin  # noqa: E402
 
 # Peers re-announce and nodes heartbeat less often than in real life here: keep every one listed all run.
 TRACKER_FLAGS = ["--peer-ttl", "3600", "--announce-interval", "1800", "--max-heartbeat-ttl", "600"]
@@ -125,38 +125,9 @@ def redis_unavailable(no_redis: bool) -> str | None:
     out = subprocess.run(modelcast_argv("tracker", "--help"), capture_output=True, text=True, timeout=60)
     if "--swarm-store" not in out.stdout:
         return "modelcast tracker has no --swarm-store (the Redis swarm store is not built in)"
-    if shutil.which("redis-server") is None:
+    if redis_server_bin() is None:
         return "redis-server is not installed (Debian package redis-server)"
     return None
-
-
-def start_redis(work: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    (work / "redis").mkdir()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(work / "redis")],
-                            stdout=open(work / "redis.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-
-    def answering() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    wait_until(answering, 15, 0.1, "redis-server to answer")
-    return proc, f"redis://127.0.0.1:{port}/0"
-
-
-def stop_process(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def main() -> int:
@@ -198,8 +169,9 @@ def main() -> int:
             redis_figures = two_figures = None
             skipped = redis_unavailable(args.no_redis)
             if skipped is None:
-                redis_proc, redis_url = start_redis(work)
-                running.append(redis_proc)
+                redis = RedisServer(work / "redis").start()
+                running.append(redis)
+                redis_url = redis.url
                 store = ["--swarm-store", redis_url]
                 svc = start_tracker(work / "redis1", token=TOKEN, extra=TRACKER_FLAGS + store, name="redis")
                 running.append(svc)
@@ -254,10 +226,7 @@ def main() -> int:
         return 0
     finally:
         for item in reversed(running):
-            if isinstance(item, subprocess.Popen):
-                stop_process(item)
-            else:
-                item.stop()
+            item.stop()
         if pg is not None:
             pg.close()
         shutil.rmtree(work, ignore_errors=True)
