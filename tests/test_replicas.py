@@ -43,6 +43,20 @@ def _pull_status(node_url: str, digest: str) -> dict | None:
     return next((a for a in listing["artifacts"] if a["digest"] == digest), None)
 
 
+def _scrape_counts(registry: str, info_hash_hex: str) -> tuple[int, int]:
+    """(complete, incomplete) of one swarm at ``registry`` (BEP 48 scrape)."""
+    from urllib.parse import quote_from_bytes
+
+    ih = bytes.fromhex(info_hash_hex)
+    answer = bdecode(_get(f"{registry}/scrape?info_hash={quote_from_bytes(ih, safe='')}"))
+    counts = answer[b"files"].get(ih, {})
+    return counts.get(b"complete", 0), counts.get(b"incomplete", 0)
+
+
+def _scrape_complete(registry: str, info_hash_hex: str) -> int:
+    return _scrape_counts(registry, info_hash_hex)[0]
+
+
 def _replicas(tmp_path, db: str, n: int, *extra: str, replica_flags: bool = False) -> list:
     """``n`` registry processes over the database ``db``, one data directory each (not started)."""
     ports = [free_port() for _ in range(n)]
@@ -113,12 +127,27 @@ def test_a_client_given_every_replica_fails_over_on_refused_connections_and_503s
 STALL_LIMIT_S = 3.0
 
 
+@pytest.fixture(params=["memory", "redis"])
+def swarm_store(request, tmp_path):
+    """The replicas' swarm store: each its own (``memory``), or one Redis server they share."""
+    if request.param == "memory":
+        yield []
+        return
+    from harness.redis import RedisServer, redis_server_bin
+
+    if redis_server_bin() is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server; make system-tools installs it)")
+    with RedisServer(tmp_path / "redis") as redis:
+        yield ["--swarm-store", redis.url]
+
+
 def test_a_node_given_two_replicas_finishes_byte_identical_when_the_first_is_killed_mid_pull(
-        postgres_db, tmp_path, node_factory, replicas):
+        postgres_db, tmp_path, node_factory, replicas, swarm_store):
     """SIGKILL the replica a node pulls from: origin fetches, heartbeats and announces move to the other
     replica; the pull ends byte-identical and its progress (the node's own status, sampled every
-    0.1 s) never stands still for more than 3 s."""
-    first, second = _replicas(tmp_path, postgres_db, 2)
+    0.1 s) never stands still for more than 3 s.  Over a shared Redis swarm store the node is in the
+    second replica's swarm before it ever announces there."""
+    first, second = _replicas(tmp_path, postgres_db, 2, *swarm_store)
     replicas.extend([first, second])
     first.start()
     size = 24 * MiB
@@ -150,6 +179,9 @@ def test_a_node_given_two_replicas_finishes_byte_identical_when_the_first_is_kil
     try:
         wait_until(lambda: samples and samples[-1][1] >= size // 4, 60, message="a quarter pulled")
         served_by_first = registry_stats(first.url)["origin_bytes_served"]
+        info_hash = Manifest.from_bytes(_get(f"{first.url}/v1/artifacts/{digest}"), expected_digest=digest).info_hash.v1
+        if swarm_store:
+            assert _scrape_counts(second.url, info_hash) == (0, 1)  # the node, downloading
         first.kill()
         killed_at = time.monotonic()
         sampler.join(120)
@@ -178,12 +210,6 @@ def test_a_node_given_two_replicas_finishes_byte_identical_when_the_first_is_kil
 # -- torrents list every replica (BEP 12) ----------------------------------------------------
 
 
-def _scrape_complete(registry: str, info_hash_hex: str) -> int:
-    from urllib.parse import quote_from_bytes
-
-    ih = bytes.fromhex(info_hash_hex)
-    answer = bdecode(_get(f"{registry}/scrape?info_hash={quote_from_bytes(ih, safe='')}"))
-    return answer[b"files"].get(ih, {}).get(b"complete", 0)
 
 
 @pytest.mark.skipif(ARIA2C is None, reason="aria2c is not installed (Debian package aria2; make system-tools "
