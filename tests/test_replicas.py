@@ -330,3 +330,79 @@ def test_while_postgresql_is_down_nodes_keep_serving_what_they_hold_and_every_re
         assert "heartbeat failed" not in node.log_text()
     finally:
         pg.close()
+
+
+# -- a fleet, three replicas over PostgreSQL and Redis ----------------------------------------
+
+
+def test_three_replicas_over_postgresql_and_redis_lose_one_mid_pull_and_six_nodes_finish(
+        postgres_db, tmp_path, node_factory, replicas):
+    """Six nodes pull one artifact through three replicas sharing PostgreSQL and Redis; the replica they
+    talk to (the one that served the first origin bytes) is SIGKILLed a quarter of the way: every node
+    ends byte-identical, none stands still for more than 3 s, and the origin sends at most 1.5 copies."""
+    from harness.redis import RedisServer, redis_server_bin
+
+    if redis_server_bin() is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server; make system-tools installs it)")
+    redis = RedisServer(tmp_path / "redis").start()
+    try:
+        three = _replicas(tmp_path, postgres_db, 3, "--swarm-store", redis.url, replica_flags=True)
+        replicas.extend(three)
+        for r in three:
+            r.start()
+        size = 32 * MiB
+        model = make_model(tmp_path / "m", {"weights.bin": size - 5000, "config.json": 5000})
+        digest = publish(three[0].url, model, "rep/fleet:v1", (tmp_path / "origin").as_uri())
+        urls = ",".join(r.url for r in three)
+        nodes = [node_factory(urls, f"n{i}", "--download-limit", "8M") for i in range(6)]
+
+        samples: dict[str, list[tuple[float, int, str]]] = {n.url: [] for n in nodes}
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set() and not all(s and s[-1][2] in ("ready", "failed") for s in samples.values()):
+                for n in nodes:
+                    if samples[n.url] and samples[n.url][-1][2] in ("ready", "failed"):
+                        continue
+                    try:
+                        job = _pull_status(n.url, digest)
+                    except OSError:
+                        continue
+                    if job is not None:
+                        samples[n.url].append((time.monotonic(), job["done_bytes"], job["state"]))
+                time.sleep(0.1)  # the sampling period, not a wait for a condition
+
+        for n in nodes:
+            out = run_cli("pull", "rep/fleet:v1", "--no-wait", "--node", n.url)
+            assert out.returncode == 0, out.stderr
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            wait_until(lambda: sum(s[-1][1] for s in samples.values() if s) >= 6 * size // 4, 90,
+                       message="a quarter of the fleet's bytes")
+            served = [registry_stats(r.url)["origin_bytes_served"] for r in three]
+            victim = three[served.index(max(served))]
+            assert victim is three[0] and served[0] > 0  # the nodes' first replica served the origin bytes
+            victim.kill()
+            sampler.join(120)
+        finally:
+            stop.set()
+        source = tree_hashes(model)
+        worst = 0.0
+        from_origin = 0
+        for n in nodes:
+            runs = samples[n.url]
+            assert runs and runs[-1][2] == "ready", (n.name, runs[-3:], n.log_text()[-2000:])
+            job = _pull_status(n.url, digest)
+            assert tree_hashes(Path(job["path"])) == source
+            from_origin += job["bytes_from_origin"]
+            last_t, last_done = runs[0][0], runs[0][1]
+            for t, done, _ in runs[1:]:
+                if done > last_done:
+                    worst = max(worst, t - last_t)
+                    last_t, last_done = t, done
+        print(f"longest stand-still {worst:.2f} s; origin {from_origin / size:.2f} copies")
+        assert worst <= STALL_LIMIT_S, f"a node's progress stood still for {worst:.1f} s"
+        assert from_origin <= 1.5 * size, f"origin sent {from_origin / size:.2f} copies"
+    finally:
+        redis.close()
