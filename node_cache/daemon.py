@@ -56,6 +56,7 @@ LATE_ERROR_S = 0.1  # a finished torrent with no write error after this long is 
 REMOVE_TIMEOUT_S = 10.0
 RESUME_TIMEOUT_S = 2.0
 PERSIST_INTERVAL_S = 1.0  # resume data and LRU order are saved this often
+REJOIN_MIN_S = 5.0  # a node the registry does not know re-announces every torrent at most this often
 
 READY, FAILED = PullState.READY, PullState.FAILED
 
@@ -80,6 +81,7 @@ class NodeDaemon:
         self.pins: PinsAndUse | None = None
         self.hf: HfLayouts | None = None  # made at start
         self.engine: TorrentEngine | None = None
+        self._rejoined_at = -REJOIN_MIN_S
         self.jobs: dict[str, PullJob] = {}
         self.tags: dict[str, str] = {}  # last resolution of each name:tag, for when the registry is down
         self.metrics = NodeMetrics(self._gauges)
@@ -230,6 +232,7 @@ class NodeDaemon:
                     answer = await self.registry.heartbeat(self.node_id, self.cfg.zone, self.cfg.heartbeat_ttl_s,
                                                            report, self.node_key)
                     self.reporter.answered(answer)
+                    self._rejoin(answer)
                 except BadRequest as exc:
                     if report is None:
                         raise
@@ -248,6 +251,18 @@ class NodeDaemon:
                     log.warning("heartbeat failed (will keep trying): %s", detail)
                     warned = True
             await asyncio.sleep(self.cfg.heartbeat_interval_s)
+
+    def _rejoin(self, answer: dict) -> None:
+        """The registry knows none of this node's swarm entries (it restarted, or its swarm store lost its
+        data): announce every torrent now rather than at the next interval (30 s), at most every few seconds."""
+        if answer.get("entries") != 0 or self.engine is None or not self.cfg.p2p:
+            return
+        now = time.monotonic()
+        if now - self._rejoined_at < REJOIN_MIN_S:
+            return
+        self._rejoined_at = now
+        if self.engine.reannounce_all():
+            log.info("the registry knows none of this node's swarm entries; announcing every torrent now")
 
     def trackers(self) -> list[str]:
         if not self.cfg.p2p:
