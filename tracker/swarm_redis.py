@@ -51,6 +51,7 @@ import logging
 import random
 import time
 import zlib
+from socket import AF_INET6, inet_ntoa, inet_ntop
 from typing import Iterable
 
 import redis.asyncio as aioredis
@@ -169,32 +170,28 @@ for _, d in ipairs(due) do
   end
 end
 local counts = redis.call('HMGET', c .. ':c', 'complete', 'incomplete', 'downloaded')
-local out = {'ok', counts[1] or '0', counts[2] or '0', counts[3] or '0'}
+-- The peers as one string of records (kind, address, entry; lengths before each), so that the
+-- answer is a handful of values to parse whatever numwant is.
+local recs = {}
+local function add(kind, members)
+  if #members == 0 then return end
+  local vals = redis.call('HMGET', c .. ':p', unpack(members))
+  for i, m in ipairs(members) do
+    local v = vals[i]
+    if v then recs[#recs + 1] = kind .. string.char(#m) .. m .. string.char(math.floor(#v / 256), #v % 256) .. v end
+  end
+end
 if event ~= 'stopped' and numwant > 0 then
   for _, b in ipairs(redis.call('SMEMBERS', c .. ':k')) do
     local n = redis.call('SCARD', c .. ':b:' .. b)
-    local members
-    if n <= cap then members = redis.call('SMEMBERS', c .. ':b:' .. b)
-    else members = redis.call('SRANDMEMBER', c .. ':b:' .. b, cap) end
-    if #members > 0 then
-      local vals = redis.call('HMGET', c .. ':p', unpack(members))
-      out[#out + 1] = 'b'
-      out[#out + 1] = #members
-      for i, m in ipairs(members) do out[#out + 1] = m; out[#out + 1] = vals[i] or false end
-    end
+    if n <= cap then add('b', redis.call('SMEMBERS', c .. ':b:' .. b))
+    else add('b', redis.call('SRANDMEMBER', c .. ':b:' .. b, cap)) end
   end
   if gateways > 0 then
-    for _, z in ipairs(redis.call('SMEMBERS', c .. ':gz')) do
-      local members = redis.call('LRANGE', c .. ':g:' .. z, 0, -1)
-      if #members > 0 then
-        local vals = redis.call('HMGET', c .. ':p', unpack(members))
-        out[#out + 1] = 'g'
-        out[#out + 1] = #members
-        for i, m in ipairs(members) do out[#out + 1] = m; out[#out + 1] = vals[i] or false end
-      end
-    end
+    for _, z in ipairs(redis.call('SMEMBERS', c .. ':gz')) do add('g', redis.call('LRANGE', c .. ':g:' .. z, 0, -1)) end
   end
 end
+local out = {'ok', counts[1] or '0', counts[2] or '0', counts[3] or '0', table.concat(recs)}
 for _, k in ipairs({':p', ':t', ':c', ':k'}) do redis.call('PEXPIRE', c .. k, kttl) end
 return out
 """
@@ -271,17 +268,15 @@ def _live_key(node_id: str) -> str:
     return f"{PREFIX}{{live:{zlib.crc32(node_id.encode()) % LIVE_BUCKETS}}}"
 
 
-def _unpack_addr(addr: bytes) -> tuple[str, int]:
-    import socket
-    if len(addr) == 6:
-        return socket.inet_ntoa(addr[:4]), int.from_bytes(addr[4:], "big")
-    return socket.inet_ntop(socket.AF_INET6, addr[:16]), int.from_bytes(addr[16:], "big")
-
-
 def _peer(addr: bytes, value: bytes) -> Peer:
+    """The :class:`Peer` of an entry: its compact address and its hash value."""
     left, zone, origin, _node, _key, pid = value.split(b"\t", 5)
-    ip, port = _unpack_addr(addr)
-    return Peer(pid, ip, port, int(left), zone.decode(), origin == b"1")
+    if len(addr) == 6:
+        ip, port = inet_ntoa(addr[:4]), addr[4] << 8 | addr[5]
+    else:
+        ip, port = inet_ntop(AF_INET6, addr[:16]), addr[16] << 8 | addr[17]
+    # The address is already compact: made as Peer() would make it, without packing it again.
+    return tuple.__new__(Peer, (pid, ip, port, int(left), zone.decode(), origin == b"1", addr))
 
 
 class RedisSwarmStore:
@@ -417,7 +412,7 @@ class RedisSwarmStore:
     async def announce(self, a: Announce, ip: str, now: float) -> AnnounceResult:
         canon = await self._canonical(a.info_hash)
         peer = Peer(a.peer_id, ip, a.port, a.left, a.zone, a.origin_seed)
-        cap = 2 * a.numwant + 2
+        cap = a.numwant + 1  # the requester may be among them
         ttl_ms = int(self.peer_ttl_s * 1000)
         args = [peer.packed, a.left, a.zone, 1 if a.origin_seed else 0, a.node or "",
                 (a.key or "").encode().hex(), a.peer_id, a.event or "", 0, ttl_ms, a.numwant,
@@ -446,17 +441,24 @@ class RedisSwarmStore:
         counts = SwarmCounts(int(out[1]), int(out[2]), int(out[3]))
         buckets: dict[tuple[str, bool, bool], list[Peer]] = {}
         gateways: dict[str, list[Peer]] = {}
-        i = 4
-        while i < len(out):
-            kind, n = out[i], int(out[i + 1])
-            i += 2
-            peers = [_peer(out[j], out[j + 1]) for j in range(i, i + 2 * n, 2) if out[j + 1]]
-            i += 2 * n
-            if kind == b"b":
-                for p in peers:
-                    buckets.setdefault((p.zone, p.complete, p.origin_seed), []).append(p)
-            elif peers:
-                gateways[peers[0].zone] = peers
+        blob = out[4]
+        i, end = 0, len(blob)
+        while i < end:
+            kind, n = blob[i], blob[i + 1]
+            addr = blob[i + 2:i + 2 + n]
+            i += 2 + n
+            m = blob[i] << 8 | blob[i + 1]
+            p = _peer(addr, blob[i + 2:i + 2 + m])
+            i += 2 + m
+            if kind == 98:  # b"b": a bucket's peers (all of it, or numwant + 1 drawn at random)
+                key = (p.zone, p.complete, p.origin_seed)
+                bucket = buckets.get(key)
+                if bucket is None:
+                    buckets[key] = [p]
+                else:
+                    bucket.append(p)
+            else:  # b"g": a zone's gateway
+                gateways.setdefault(p.zone, []).append(p)
         if self.zone_gateways == 0:
             gw: dict[str, list[Peer]] | None = NO_GATEWAYS if a.node is not None else None
         elif self.zone_gateways < 0 or len(gateways) < 2:
