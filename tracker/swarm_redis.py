@@ -192,7 +192,9 @@ if event ~= 'stopped' and numwant > 0 then
   end
 end
 local out = {'ok', counts[1] or '0', counts[2] or '0', counts[3] or '0', table.concat(recs)}
-for _, k in ipairs({':p', ':t', ':c', ':k'}) do redis.call('PEXPIRE', c .. k, kttl) end
+for _, k in ipairs({':p', ':t', ':c', ':k', ':gz', ':b:' .. bname({left, zone, origin}), ':g:' .. zone}) do
+  redis.call('PEXPIRE', c .. k, kttl)  -- a swarm nobody announces to goes by itself
+end
 return out
 """
 
