@@ -3,7 +3,8 @@
 :class:`TrackerEndpoint` is shared by the aiohttp handlers below and by the announce
 fast path (:mod:`tracker.fastpath`), which answers most announces before aiohttp sees
 them; both therefore give the same answers.  The protocol work is sans-I/O
-(:mod:`tracker.announce`), the swarm state in memory (:mod:`tracker.swarm`).
+(:mod:`tracker.announce`), the swarm state in a swarm store (:mod:`tracker.swarmstore`: in
+memory, or Redis, whose answers come later as coroutines).
 """
 
 from __future__ import annotations

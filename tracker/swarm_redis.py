@@ -496,7 +496,10 @@ class RedisSwarmStore:
         live = _live_key(node_id)
         async with self._r.pipeline(transaction=False) as pipe:
             pipe.zadd(live, {node_id: self._ms(now, ttl)})
-            pipe.hset(live + ":z", node_id, zone or DEFAULT_ZONE)
+            if zone is None:  # as in process: a node that names no zone keeps the one it had
+                pipe.hsetnx(live + ":z", node_id, DEFAULT_ZONE)
+            else:
+                pipe.hset(live + ":z", node_id, zone)
             pipe.scard(_node_key(node_id))
             result = await self._run(pipe.execute())
         return int(result[2])
