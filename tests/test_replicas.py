@@ -406,3 +406,28 @@ def test_three_replicas_over_postgresql_and_redis_lose_one_mid_pull_and_six_node
         assert from_origin <= 1.5 * size, f"origin sent {from_origin / size:.2f} copies"
     finally:
         redis.close()
+
+
+def test_artifacts_published_through_another_replica_keep_their_own_swarms(postgres_db, tmp_path, replicas):
+    """A replica with its own swarms learns artifacts published elsewhere from the database, one swarm each."""
+    from .helpers import announce_from, announce_query
+
+    first, second = _replicas(tmp_path, postgres_db, 2)
+    for r in (first, second):
+        r.start()
+        replicas.append(r)
+    digests = [publish(first.url, make_model(tmp_path / f"m{i}", {"w.bin": 4096 + i}, seed=i), f"sep/m{i}:v1",
+                       (tmp_path / "origin").as_uri()) for i in range(2)]
+    hashes = []
+    for digest in digests:
+        manifest = Manifest.from_bytes(_get(f"{first.url}/v1/artifacts/{digest}"))
+        hashes.append(bytes.fromhex(manifest.info_hash.v1))
+    # The second replica hears of both through its allow-list refresh (every 2 s).
+    wait_until(lambda: all(b"failure reason" not in announce_from(second.url, "127.0.0.2", announce_query(h, 1, numwant="0"))
+                           for h in hashes), timeout=15, message="the second replica allows both torrents")
+    announce_from(second.url, "127.0.0.3", announce_query(hashes[0], 2))  # a seed of the first artifact
+    answer = announce_from(second.url, "127.0.0.4", announce_query(hashes[1], 3, left="10"))
+    assert answer.get(b"peers") in (b"", None) or b"\x7f\x00\x00\x03" not in answer[b"peers"], \
+        "a peer of another artifact was handed out"
+    assert _scrape_counts(second.url, hashes[0].hex()) == (2, 0)
+    assert _scrape_counts(second.url, hashes[1].hex()) == (1, 1)

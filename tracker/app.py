@@ -150,16 +150,19 @@ async def _refresh_allow_list(app: web.Application) -> None:
     while True:
         await asyncio.sleep(ALLOW_LIST_REFRESH_S)
         try:
-            current = {k for ih in await asyncio.to_thread(app[STORE].all_info_hashes) for k in _tracker_keys(ih)}
+            torrents = [_tracker_keys(ih) for ih in await asyncio.to_thread(app[STORE].all_info_hashes)]
         except ModelcastError:
             continue  # the database is down: the store logs the outage once; keep what we have
         except Exception:  # a bug here must not stop the refresh for the life of the server
             log.exception("refreshing the swarm allow-list from the database failed")
             continue
         swarms = app[SWARMS]
-        fresh = [k for k in current if not swarms.is_allowed(k)]
-        if fresh:
-            swarms.allow(fresh)
+        for keys in torrents:
+            # One allow() per torrent: its keys (a hybrid's v1 and v2 hashes) name one swarm;
+            # keys of different torrents in one call would be merged into one swarm.
+            if not all(swarms.is_allowed(k) for k in keys):
+                swarms.allow(keys)
+        current = {k for keys in torrents for k in keys}
         if known is not None and (gone := known - current):
             swarms.disallow(gone)
         known = current
