@@ -31,7 +31,9 @@ Prints human lines, then a JSON last line: ``heartbeats_per_s``, ``announces_per
 ``p99_ms`` (the larger of the two phases' p99, in process), ``heartbeat_p99_ms``,
 ``announce_p99_ms``, ``heartbeats_per_cpu_s``, ``announces_per_cpu_s``;
 ``redis_heartbeats_per_s``, ``redis_announces_per_s``, ``redis_p99_ms`` (one replica over
-Redis); ``two_replicas_heartbeats_per_s``, ``two_replicas_announces_per_s`` (summed over
+Redis); ``redis_heartbeats_per_redis_cpu_s``, ``redis_announces_per_redis_cpu_s`` (requests per
+second of redis-server CPU: what a Redis shard can carry) and ``redis_*_per_tracker_cpu_s`` (per
+second of the replica's CPU); ``two_replicas_heartbeats_per_s``, ``two_replicas_announces_per_s`` (summed over
 both), ``redis_skipped`` (null, or why the Redis set-ups did not run), and every phase under
 ``phases``.
 
@@ -74,10 +76,15 @@ class Replica:
         return f"http://{self.host}:{self.port}"
 
 
-def run_split(pools: list, replicas: list[Replica], label: str, **spec) -> dict:
-    """One phase, its load split evenly over ``replicas`` (one generator process each, at once); summed figures."""
+def run_split(pools: list, replicas: list[Replica], label: str, redis_pid: int | None = None, **spec) -> dict:
+    """One phase, its load split evenly over ``replicas`` (one generator process each, at once); summed figures.
+
+    With ``redis_pid`` the Redis server's CPU over the phase is measured too: what one
+    request costs the swarm store (the capacity model's shards per request rate).
+    """
     n = len(replicas)
     cpu0 = [_proc_cpu_s(r.pid) for r in replicas]
+    redis0 = _proc_cpu_s(redis_pid) if redis_pid else None
     futures = []
     for i, (pool, replica) in enumerate(zip(pools, replicas)):
         part = {**spec, "host": replica.host, "port": replica.port,
@@ -89,6 +96,7 @@ def run_split(pools: list, replicas: list[Replica], label: str, **spec) -> dict:
     parts = [f.result() for f in futures]
     seconds = max(p["seconds"] for p in parts)
     busy = sum(_proc_cpu_s(r.pid) - c for r, c in zip(replicas, cpu0))
+    redis_busy = _proc_cpu_s(redis_pid) - redis0 if redis_pid else None
     requests = sum(p["requests"] for p in parts)
     bad = sum(p["failures"] + p.get("errors", 0) + p.get("unanswered", 0) for p in parts)
     result = {"requests": requests, "seconds": round(seconds, 3),
@@ -97,17 +105,21 @@ def run_split(pools: list, replicas: list[Replica], label: str, **spec) -> dict:
               "tracker_cpu": round(busy / seconds, 2) if seconds else None,
               "per_cpu_s": round(requests / busy, 1) if busy > 0 else None,
               "generator_cpu": max(p["generator_cpu"] or 0 for p in parts),
+              "redis_cpu": round(redis_busy / seconds, 2) if redis_busy is not None and seconds else None,
+              "per_redis_cpu_s": round(requests / redis_busy, 1) if redis_busy else None,
               "problems": bad, "first_failure": next((p["first_failure"] for p in parts if p["first_failure"]), None)}
     print(f"  {label:28s} {requests:>8,} in {seconds:5.2f}s = {result['per_s']:>9,.0f}/s  p50 {result['p50_ms']} ms  "
           f"p99 {result['p99_ms']} ms  tracker cpu {result['tracker_cpu']} ({result['per_cpu_s'] or 0:,.0f}/cpu-s)  "
           f"generator cpu {result['generator_cpu']}"
+          + (f"  redis cpu {result['redis_cpu']} ({result['per_redis_cpu_s'] or 0:,.0f}/cpu-s)" if redis_pid else "")
           + (f"  PROBLEMS {bad}: {result['first_failure']}" if bad else ""), flush=True)
     return result
 
 
-def measure(pools: list, replicas: list[Replica], name: str, args, hashes: list[str]) -> dict:
+def measure(pools: list, replicas: list[Replica], name: str, args, hashes: list[str],
+            redis_pid: int | None = None) -> dict:
     """Heartbeats, then announces (after a fill), against ``replicas``."""
-    common = {"keepalive": True, "concurrency": args.concurrency, "max_requests": 10_000_000}
+    common = {"keepalive": True, "concurrency": args.concurrency, "max_requests": 10_000_000, "redis_pid": redis_pid}
     heartbeats = run_split(pools, replicas, f"{name}: heartbeats", kind="heartbeat", peers=args.nodes,
                            peer_prefix="bench-node-", max_s=args.duration, hashes=hashes, event="", numwant=0,
                            **common)
@@ -176,7 +188,8 @@ def main() -> int:
                 svc = start_tracker(work / "redis1", token=TOKEN, extra=TRACKER_FLAGS + store, name="redis")
                 running.append(svc)
                 asyncio.run(register(Replica(svc).url, artifacts, origin))
-                redis_figures = measure(pools[:1], [Replica(svc)], "one replica over Redis", args, hashes)
+                redis_figures = measure(pools[:1], [Replica(svc)], "one replica over Redis", args, hashes,
+                                        redis_pid=redis.proc.pid)
                 svc.stop()
                 running.remove(svc)
                 try:
@@ -197,7 +210,7 @@ def main() -> int:
                                            env={"MODELCAST_DB": db}, name="replica-2")
                     running.append(second)
                     two_figures = measure(pools, [Replica(first), Replica(second)], "two replicas over Redis",
-                                          args, hashes)
+                                          args, hashes, redis_pid=redis.proc.pid)
             else:
                 print(f"  Redis set-ups skipped: {skipped}", flush=True)
 
@@ -214,6 +227,10 @@ def main() -> int:
             "redis_announces_per_s": fig(redis_figures, "announces", "per_s"),
             "redis_p99_ms": (max(redis_figures["heartbeats"]["p99_ms"], redis_figures["announces"]["p99_ms"])
                              if redis_figures else None),
+            "redis_heartbeats_per_redis_cpu_s": fig(redis_figures, "heartbeats", "per_redis_cpu_s"),
+            "redis_announces_per_redis_cpu_s": fig(redis_figures, "announces", "per_redis_cpu_s"),
+            "redis_heartbeats_per_tracker_cpu_s": fig(redis_figures, "heartbeats", "per_cpu_s"),
+            "redis_announces_per_tracker_cpu_s": fig(redis_figures, "announces", "per_cpu_s"),
             "two_replicas_heartbeats_per_s": fig(two_figures, "heartbeats", "per_s"),
             "two_replicas_announces_per_s": fig(two_figures, "announces", "per_s"),
             "redis_skipped": skipped,
