@@ -19,6 +19,7 @@ import pytest
 
 from adapters.origin import FileOrigin
 from harness.postgres import PostgresServer, postgres_bin
+from harness.redis import RedisServer, redis_server_bin
 from modelcast.config import ENV_WHEELHOUSE, TrackerConfig
 from modelcast.runtime_index import compatible_platforms
 from tracker.app import make_app
@@ -104,6 +105,51 @@ def registry_db(request):
         yield None
     else:
         yield request.getfixturevalue("postgres_db")
+
+
+# -- Redis -------------------------------------------------------------------------------
+
+NO_REDIS = "redis-server is not installed (Debian package redis-server; `make system-tools` installs it as root)"
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A real redis-server of the tests' own (a free port, a temporary directory, no persistence)."""
+    if redis_server_bin() is None:
+        pytest.skip(NO_REDIS)
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """The URL of :func:`redis_server`, emptied for this test."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture(params=["memory", "redis"])
+def make_swarms(request):
+    """Make a swarm store of each kind (``make_swarms(rng, zone_gateways=...)``), with one synchronous face."""
+    from tests.swarm_stores import make_store
+
+    url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    made = []
+
+    def make(rng=None, zone_gateways=-1):
+        store = make_store(request.param, url, rng, zone_gateways)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        if hasattr(store, "close"):
+            store.close()
 
 
 # -- processes ---------------------------------------------------------------------------

@@ -42,8 +42,8 @@ def _ips(reg: SwarmRegistry, ih: bytes) -> set[str]:
 # -- the swarm registry, with an injected clock -----------------------------------------
 
 
-def test_one_heartbeat_keeps_every_entry_of_a_node_and_its_lapse_drops_them_all():
-    reg = SwarmRegistry(random.Random(0))
+def test_one_heartbeat_keeps_every_entry_of_a_node_and_its_lapse_drops_them_all(make_swarms):
+    reg = make_swarms(random.Random(0))
     reg.allow([IH1])
     reg.allow([IH2])
     reg.heartbeat("n1", now=0, ttl=3)
@@ -63,8 +63,8 @@ def test_one_heartbeat_keeps_every_entry_of_a_node_and_its_lapse_drops_them_all(
     assert reg.scrape([IH1, IH2]) == {IH1: SwarmCounts(0, 0, 0), IH2: SwarmCounts(0, 0, 0)}
 
 
-def test_leave_removes_a_node_from_every_swarm_at_once():
-    reg = SwarmRegistry(random.Random(0))
+def test_leave_removes_a_node_from_every_swarm_at_once(make_swarms):
+    reg = make_swarms(random.Random(0))
     reg.allow([IH1])
     reg.allow([IH2])
     reg.heartbeat("n1", now=0, ttl=3)
@@ -80,8 +80,8 @@ def test_leave_removes_a_node_from_every_swarm_at_once():
     assert reg.expire(now=10, ttl_s=100) == 0
 
 
-def test_without_a_heartbeat_node_entries_keep_the_per_peer_ttl():
-    reg = SwarmRegistry(random.Random(0))
+def test_without_a_heartbeat_node_entries_keep_the_per_peer_ttl(make_swarms):
+    reg = make_swarms(random.Random(0))
     reg.allow([IH1])
     reg.announce(_ann(IH1, 1, node="quiet"), "10.0.0.1", now=0)  # e.g. its heartbeats were refused
     reg.announce(_ann(IH1, 2), "10.0.0.2", now=4)
@@ -98,8 +98,8 @@ def test_without_a_heartbeat_node_entries_keep_the_per_peer_ttl():
     assert reg.peers_of(IH1) == []
 
 
-def test_a_shorter_ttl_takes_effect_at_once_and_a_restart_is_not_evicted_with_its_old_id():
-    reg = SwarmRegistry(random.Random(0))
+def test_a_shorter_ttl_takes_effect_at_once_and_a_restart_is_not_evicted_with_its_old_id(make_swarms):
+    reg = make_swarms(random.Random(0))
     reg.allow([IH1])
     reg.heartbeat("old", now=0, ttl=30)
     reg.announce(_ann(IH1, 1, node="old"), "10.0.0.1", now=0)
@@ -118,8 +118,8 @@ def test_a_shorter_ttl_takes_effect_at_once_and_a_restart_is_not_evicted_with_it
         reg.heartbeat("x", now=0, ttl=0)
 
 
-def test_stopped_announce_and_handout_of_node_entries():
-    reg = SwarmRegistry(random.Random(0))
+def test_stopped_announce_and_handout_of_node_entries(make_swarms):
+    reg = make_swarms(random.Random(0))
     reg.allow([IH1])
     reg.heartbeat("n1", now=0, ttl=3)
     reg.announce(_ann(IH1, 1, node="n1"), "10.0.0.1", now=0)

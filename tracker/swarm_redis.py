@@ -51,6 +51,7 @@ import logging
 import random
 import time
 import zlib
+from socket import AF_INET6, inet_ntoa, inet_ntop
 from typing import Iterable
 
 import redis.asyncio as aioredis
@@ -156,53 +157,54 @@ else
       end
     end
   end
-  redis.call('ZADD', c .. ':t', now + ttl, addr)
+  redis.call('ZADD', c .. ':t', now, addr)
 end
--- the per-peer TTL, a few due entries per announce
-local due = redis.call('ZRANGEBYSCORE', c .. ':t', '-inf', now, 'LIMIT', 0, 8)
+-- the per-peer TTL of plain clients, a few due entries per announce (node entries: the expiry loop)
+local due = redis.call('ZRANGEBYSCORE', c .. ':t', '-inf', now - ttl, 'LIMIT', 0, 8)
 for _, d in ipairs(due) do
   local v = redis.call('HGET', c .. ':p', d)
-  if v then drop(c, d, split(v), false, gateways) else redis.call('ZREM', c .. ':t', d) end
+  if not v then redis.call('ZREM', c .. ':t', d)
+  else
+    local f = split(v)
+    if f[4] == '' then drop(c, d, f, false, gateways) end
+  end
 end
 local counts = redis.call('HMGET', c .. ':c', 'complete', 'incomplete', 'downloaded')
-local out = {'ok', counts[1] or '0', counts[2] or '0', counts[3] or '0'}
+-- The peers as one string of records (kind, address, entry; lengths before each), so that the
+-- answer is a handful of values to parse whatever numwant is.
+local recs = {}
+local function add(kind, members)
+  if #members == 0 then return end
+  local vals = redis.call('HMGET', c .. ':p', unpack(members))
+  for i, m in ipairs(members) do
+    local v = vals[i]
+    if v then recs[#recs + 1] = kind .. string.char(#m) .. m .. string.char(math.floor(#v / 256), #v % 256) .. v end
+  end
+end
 if event ~= 'stopped' and numwant > 0 then
   for _, b in ipairs(redis.call('SMEMBERS', c .. ':k')) do
     local n = redis.call('SCARD', c .. ':b:' .. b)
-    local members
-    if n <= cap then members = redis.call('SMEMBERS', c .. ':b:' .. b)
-    else members = redis.call('SRANDMEMBER', c .. ':b:' .. b, cap) end
-    if #members > 0 then
-      local vals = redis.call('HMGET', c .. ':p', unpack(members))
-      out[#out + 1] = 'b'
-      out[#out + 1] = #members
-      for i, m in ipairs(members) do out[#out + 1] = m; out[#out + 1] = vals[i] or false end
-    end
+    if n <= cap then add('b', redis.call('SMEMBERS', c .. ':b:' .. b))
+    else add('b', redis.call('SRANDMEMBER', c .. ':b:' .. b, cap)) end
   end
   if gateways > 0 then
-    for _, z in ipairs(redis.call('SMEMBERS', c .. ':gz')) do
-      local members = redis.call('LRANGE', c .. ':g:' .. z, 0, -1)
-      if #members > 0 then
-        local vals = redis.call('HMGET', c .. ':p', unpack(members))
-        out[#out + 1] = 'g'
-        out[#out + 1] = #members
-        for i, m in ipairs(members) do out[#out + 1] = m; out[#out + 1] = vals[i] or false end
-      end
-    end
+    for _, z in ipairs(redis.call('SMEMBERS', c .. ':gz')) do add('g', redis.call('LRANGE', c .. ':g:' .. z, 0, -1)) end
   end
 end
+local out = {'ok', counts[1] or '0', counts[2] or '0', counts[3] or '0', table.concat(recs)}
 for _, k in ipairs({':p', ':t', ':c', ':k'}) do redis.call('PEXPIRE', c .. k, kttl) end
 return out
 """
 
-# KEYS[1]: "mc:{c}"; ARGV: node id ("" : any owner), zone_gateways, addresses...
+# KEYS[1]: "mc:{c}"; ARGV: node id ("" : any owner), zone_gateways, last seen at most (ms, or "+inf"), addresses...
 _REMOVE = _DROP + r"""
 local c = KEYS[1]
 local gateways = tonumber(ARGV[2])
 local removed = 0
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   local v = redis.call('HGET', c .. ':p', ARGV[i])
-  if v then
+  local seen = tonumber(redis.call('ZSCORE', c .. ':t', ARGV[i]) or '0')
+  if v and (ARGV[3] == '+inf' or seen <= tonumber(ARGV[3])) then
     local f = split(v)
     if ARGV[1] == '' or f[4] == ARGV[1] then
       drop(c, ARGV[i], f, false, gateways)
@@ -211,6 +213,24 @@ for i = 3, #ARGV do
   end
 end
 return removed
+"""
+
+# KEYS[1]: "mc:{c}"; ARGV: cutoff (ms), zone_gateways: drop plain clients last seen before the cutoff;
+# answer the stale node entries (address, node id), which go only if their node has no live heartbeat
+_SWEEP = _DROP + r"""
+local c = KEYS[1]
+local gateways = tonumber(ARGV[2])
+local out = {0}
+for _, d in ipairs(redis.call('ZRANGEBYSCORE', c .. ':t', '-inf', '(' .. ARGV[1], 'LIMIT', 0, 512)) do
+  local v = redis.call('HGET', c .. ':p', d)
+  if not v then redis.call('ZREM', c .. ':t', d)
+  else
+    local f = split(v)
+    if f[4] == '' then drop(c, d, f, false, gateways); out[1] = out[1] + 1
+    else out[#out + 1] = d; out[#out + 1] = f[4] end
+  end
+end
+return out
 """
 
 # KEYS[1]: a liveness bucket, KEYS[2]: its zone hash; ARGV: now_ms, node ids...: those still due, removed
@@ -248,24 +268,26 @@ def _live_key(node_id: str) -> str:
     return f"{PREFIX}{{live:{zlib.crc32(node_id.encode()) % LIVE_BUCKETS}}}"
 
 
-def _unpack_addr(addr: bytes) -> tuple[str, int]:
-    import socket
-    if len(addr) == 6:
-        return socket.inet_ntoa(addr[:4]), int.from_bytes(addr[4:], "big")
-    return socket.inet_ntop(socket.AF_INET6, addr[:16]), int.from_bytes(addr[16:], "big")
-
-
 def _peer(addr: bytes, value: bytes) -> Peer:
+    """The :class:`Peer` of an entry: its compact address and its hash value."""
     left, zone, origin, _node, _key, pid = value.split(b"\t", 5)
-    ip, port = _unpack_addr(addr)
-    return Peer(pid, ip, port, int(left), zone.decode(), origin == b"1")
+    if len(addr) == 6:
+        ip, port = inet_ntoa(addr[:4]), addr[4] << 8 | addr[5]
+    else:
+        ip, port = inet_ntop(AF_INET6, addr[:16]), addr[16] << 8 | addr[17]
+    # The address is already compact: made as Peer() would make it, without packing it again.
+    return tuple.__new__(Peer, (pid, ip, port, int(left), zone.decode(), origin == b"1", addr))
 
 
 class RedisSwarmStore:
     """Every swarm, node liveness and the allow-list in Redis; see the module docstring for the keys."""
 
     def __init__(self, url: str, *, zone_gateways: int = -1, peer_ttl_s: float = 90.0,
-                 rng: random.Random | None = None, client: aioredis.Redis | None = None) -> None:
+                 rng: random.Random | None = None, client: aioredis.Redis | None = None,
+                 caller_clock: bool = False) -> None:
+        # caller_clock: take time from the ``now`` callers pass (tests drive expiry with it);
+        # else the wall clock, which every replica shares (``now`` is a monotonic clock).
+        self._caller_clock = caller_clock
         self.url = url
         self.zone_gateways = zone_gateways
         self.peer_ttl_s = peer_ttl_s
@@ -275,6 +297,8 @@ class RedisSwarmStore:
         self._announce = self._r.register_script(_ANNOUNCE)
         self._remove = self._r.register_script(_REMOVE)
         self._claim = self._r.register_script(_CLAIM)
+        self._sweep = self._r.register_script(_SWEEP)
+        self._swept_at = 0.0
         # This replica's view of the allow-list (info-hash -> canonical key), from its database
         # and from Redis; Redis's copy is re-made from it after Redis lost its data.
         self._canon: dict[bytes, bytes] = {}
@@ -369,7 +393,7 @@ class RedisSwarmStore:
                 continue  # another key of it (a hybrid's other hash) is still allowed
             addrs = await self._run(self._r.hkeys(_swarm_key(canon) + ":p"))
             if addrs:
-                await self._run(self._remove(keys=[_swarm_key(canon)], args=["", self.zone_gateways, *addrs]))
+                await self._run(self._remove(keys=[_swarm_key(canon)], args=["", self.zone_gateways, "+inf", *addrs]))
         return len(known)
 
     async def _canonical(self, info_hash: bytes) -> bytes:
@@ -388,14 +412,14 @@ class RedisSwarmStore:
     async def announce(self, a: Announce, ip: str, now: float) -> AnnounceResult:
         canon = await self._canonical(a.info_hash)
         peer = Peer(a.peer_id, ip, a.port, a.left, a.zone, a.origin_seed)
-        cap = 2 * a.numwant + 2
+        cap = a.numwant + 1  # the requester may be among them
         ttl_ms = int(self.peer_ttl_s * 1000)
         args = [peer.packed, a.left, a.zone, 1 if a.origin_seed else 0, a.node or "",
                 (a.key or "").encode().hex(), a.peer_id, a.event or "", 0, ttl_ms, a.numwant,
                 self.zone_gateways, cap, 2 * ttl_ms]
         keys = [_allow_key(a.info_hash), _tomb_key(a.info_hash), _swarm_key(canon)]
         for attempt in (0, 1):
-            args[8] = int(time.time() * 1000)
+            args[8] = self._ms(now)
             async with self._r.pipeline(transaction=False) as pipe:
                 await self._announce(keys=keys, args=args, client=pipe)
                 if a.node is not None and a.event != "stopped":
@@ -417,17 +441,24 @@ class RedisSwarmStore:
         counts = SwarmCounts(int(out[1]), int(out[2]), int(out[3]))
         buckets: dict[tuple[str, bool, bool], list[Peer]] = {}
         gateways: dict[str, list[Peer]] = {}
-        i = 4
-        while i < len(out):
-            kind, n = out[i], int(out[i + 1])
-            i += 2
-            peers = [_peer(out[j], out[j + 1]) for j in range(i, i + 2 * n, 2) if out[j + 1]]
-            i += 2 * n
-            if kind == b"b":
-                for p in peers:
-                    buckets.setdefault((p.zone, p.complete, p.origin_seed), []).append(p)
-            elif peers:
-                gateways[peers[0].zone] = peers
+        blob = out[4]
+        i, end = 0, len(blob)
+        while i < end:
+            kind, n = blob[i], blob[i + 1]
+            addr = blob[i + 2:i + 2 + n]
+            i += 2 + n
+            m = blob[i] << 8 | blob[i + 1]
+            p = _peer(addr, blob[i + 2:i + 2 + m])
+            i += 2 + m
+            if kind == 98:  # b"b": a bucket's peers (all of it, or numwant + 1 drawn at random)
+                key = (p.zone, p.complete, p.origin_seed)
+                bucket = buckets.get(key)
+                if bucket is None:
+                    buckets[key] = [p]
+                else:
+                    bucket.append(p)
+            else:  # b"g": a zone's gateway
+                gateways.setdefault(p.zone, []).append(p)
         if self.zone_gateways == 0:
             gw: dict[str, list[Peer]] | None = NO_GATEWAYS if a.node is not None else None
         elif self.zone_gateways < 0 or len(gateways) < 2:
@@ -460,7 +491,7 @@ class RedisSwarmStore:
             raise ValueError(f"heartbeat ttl must be positive, got {ttl}")
         live = _live_key(node_id)
         async with self._r.pipeline(transaction=False) as pipe:
-            pipe.zadd(live, {node_id: int((time.time() + ttl) * 1000)})
+            pipe.zadd(live, {node_id: self._ms(now, ttl)})
             pipe.hset(live + ":z", node_id, zone or DEFAULT_ZONE)
             pipe.scard(_node_key(node_id))
             result = await self._run(pipe.execute())
@@ -484,20 +515,50 @@ class RedisSwarmStore:
             by_swarm.setdefault(canon, []).append(bytes.fromhex(addr))
         async with self._r.pipeline(transaction=False) as pipe:
             for canon, addrs in by_swarm.items():
-                await self._remove(keys=[_swarm_key(bytes.fromhex(canon))], args=[node_id, self.zone_gateways, *addrs],
+                await self._remove(keys=[_swarm_key(bytes.fromhex(canon))], args=[node_id, self.zone_gateways, "+inf", *addrs],
                              client=pipe)
             pipe.delete(nk)
             result = await self._run(pipe.execute())
         return sum(int(n) for n in result[:-1])
 
-    async def is_live(self, node_id: str) -> bool:
+    async def _sweep_silent(self, now_ms: int, ttl_s: float) -> int:
+        """The per-peer TTL: plain clients silent for ``ttl_s``, and node entries as silent whose node has no
+        live heartbeat (a live node's heartbeat keeps its entries; its lapse takes them all)."""
+        canons = sorted(set(self._canon.values()))
+        if not canons:
+            return 0
+        cutoff = now_ms - int(ttl_s * 1000)
+        async with self._r.pipeline(transaction=False) as pipe:
+            for canon in canons:
+                await self._sweep(keys=[_swarm_key(canon)], args=[cutoff, self.zone_gateways], client=pipe)
+            rows = await self._run(pipe.execute())
+        removed = sum(int(row[0]) for row in rows)
+        stale = [(canon, row[i], row[i + 1].decode()) for canon, row in zip(canons, rows) for i in range(1, len(row), 2)]
+        if stale:
+            async with self._r.pipeline(transaction=False) as pipe:
+                for _, _, node in stale:
+                    pipe.zscore(_live_key(node), node)
+                scores = await self._run(pipe.execute())
+            dead = [(canon, addr, node) for (canon, addr, node), s in zip(stale, scores) if s is None or s <= now_ms]
+            if dead:
+                async with self._r.pipeline(transaction=False) as pipe:
+                    for canon, addr, node in dead:
+                        await self._remove(keys=[_swarm_key(canon)], args=[node, self.zone_gateways, cutoff - 1, addr],
+                                           client=pipe)
+                    removed += sum(int(n) for n in await self._run(pipe.execute()))
+        return removed
+
+    async def is_live(self, node_id: str, now: float | None = None) -> bool:
         score = await self._run(self._r.zscore(_live_key(node_id), node_id))
-        return score is not None and score > time.time() * 1000
+        return score is not None and score > self._ms(time.monotonic() if now is None else now)
+
+    def _ms(self, now: float, plus: float = 0.0) -> int:
+        return int(((now if self._caller_clock else time.time()) + plus) * 1000)
 
     # ---- expiry ------------------------------------------------------------------------
     async def expire(self, now: float, ttl_s: float) -> int:
         """Claim the nodes whose heartbeat lapsed (one replica wins each) and drop their entries."""
-        now_ms = int(time.time() * 1000)
+        now_ms = self._ms(now)
         buckets = [f"{PREFIX}{{live:{b}}}" for b in range(LIVE_BUCKETS)]
         async with self._r.pipeline(transaction=False) as pipe:
             for key in buckets:
@@ -513,7 +574,11 @@ class RedisSwarmStore:
             for nodes in won:
                 for node in nodes:
                     removed += await self._remove_entries(node.decode())
-        if time.monotonic() - self._stats_at >= 2.0:
+        # The per-peer TTL is minutes long: a sweep of every swarm each second is plenty.
+        if self._caller_clock or time.monotonic() - self._swept_at >= 1.0:
+            self._swept_at = time.monotonic()
+            removed += await self._sweep_silent(now_ms, ttl_s)
+        if self._caller_clock or time.monotonic() - self._stats_at >= 2.0:
             await self._refresh_stats()
         return removed
 
