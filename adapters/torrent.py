@@ -726,18 +726,10 @@ class TorrentEngine:
             handle.save_resume_data(lt.torrent_handle.flush_disk_cache)
         return fut
 
-    def reannounce(self, digest: str, *, now: bool = False) -> None:
-        """Announce ``digest`` to its trackers; ``now``: even within the tracker's min interval."""
+    def reannounce(self, digest: str) -> None:
         handle = self._handles.get(digest)
         if handle is not None:
-            if now:
-                handle.force_reannounce(0, -1, lt.reannounce_flags_t.ignore_min_interval)
-            else:
-                handle.force_reannounce()
-
-    def digests(self) -> list[str]:
-        """Every torrent in the session (downloading or seeding)."""
-        return list(self._handles)
+            handle.force_reannounce()
 
     async def close(self) -> None:
         """Leave every swarm: libtorrent sends 'stopped' to the tracker as the session ends."""

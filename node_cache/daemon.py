@@ -55,8 +55,8 @@ SAMPLE_S = 0.25  # download progress (status, rates, bytes from peers) is sample
 LATE_ERROR_S = 0.1  # a finished torrent with no write error after this long is finished for good
 REMOVE_TIMEOUT_S = 10.0
 RESUME_TIMEOUT_S = 2.0
-REJOIN_MIN_S = 5.0  # a registry that forgot this node's swarm entries gets them again at most this often
 PERSIST_INTERVAL_S = 1.0  # resume data and LRU order are saved this often
+REJOIN_MIN_S = 5.0  # a node the registry does not know re-announces every torrent at most this often
 
 READY, FAILED = PullState.READY, PullState.FAILED
 
@@ -81,6 +81,7 @@ class NodeDaemon:
         self.pins: PinsAndUse | None = None
         self.hf: HfLayouts | None = None  # made at start
         self.engine: TorrentEngine | None = None
+        self._rejoined_at = -REJOIN_MIN_S
         self.jobs: dict[str, PullJob] = {}
         self.tags: dict[str, str] = {}  # last resolution of each name:tag, for when the registry is down
         self.metrics = NodeMetrics(self._gauges)
@@ -95,7 +96,6 @@ class NodeDaemon:
         self._stopping = asyncio.Event()
         self.upkeep = CacheUpkeep(self)
         self.reporter = ProgressReporter()
-        self._rejoined_at = -REJOIN_MIN_S  # when every torrent was last announced again (_rejoin_if_forgotten)
         self._resume_lock = asyncio.Lock()  # one writer of resume/ at a time: a save never follows a drop
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -234,7 +234,7 @@ class NodeDaemon:
                     answer = await self.registry.heartbeat(self.node_id, self.cfg.zone, self.cfg.heartbeat_ttl_s,
                                                            report, self.node_key)
                     self.reporter.answered(answer)
-                    self._rejoin_if_forgotten(answer)
+                    self._rejoin(answer)
                 except BadRequest as exc:
                     if report is None:
                         raise
@@ -254,25 +254,17 @@ class NodeDaemon:
                     warned = True
             await asyncio.sleep(self.cfg.heartbeat_interval_s)
 
-    def _rejoin_if_forgotten(self, answer: dict) -> None:
-        """The registry knows none of this node's swarm entries while it is in swarms: announce them now.
-
-        That is another replica after a failover (each replica keeping its own swarms), or a
-        swarm store that lost its data: waiting for each torrent's next announce would keep
-        this node out of its peers' lists for up to an announce interval.  At most once per
-        :data:`REJOIN_MIN_S`, in case announces are being refused.
-        """
-        if answer.get("entries") != 0 or not self.cfg.p2p or self.engine is None:
+    def _rejoin(self, answer: dict) -> None:
+        """The registry knows none of this node's swarm entries (it restarted, or its swarm store lost its
+        data): announce every torrent now rather than at the next interval (30 s), at most every few seconds."""
+        if answer.get("entries") != 0 or self.engine is None or not self.cfg.p2p:
             return
-        digests = self.engine.digests()
         now = time.monotonic()
-        if not digests or now - self._rejoined_at < REJOIN_MIN_S:
+        if now - self._rejoined_at < REJOIN_MIN_S:
             return
-        self._rejoined_at = now
-        log.info("the registry at %s knows none of this node's swarm entries: announcing %d torrents now",
-                 self.registry.base_url, len(digests))
-        for digest in digests:
-            self.engine.reannounce(digest, now=True)
+        if self.engine.reannounce_all():  # a node in no swarm yet (its first heartbeats) does not count
+            self._rejoined_at = now
+            log.info("the registry knows none of this node's swarm entries; announcing every torrent now")
 
     def trackers(self) -> list[str]:
         if not self.cfg.p2p:

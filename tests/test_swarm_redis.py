@@ -174,6 +174,9 @@ def test_three_replicas_forget_a_dead_node_within_4s_and_a_stopped_one_within_1s
                 break
         assert gone_after is not None and gone_after <= 4.0, gone_after
         print(f"dead node gone from both other replicas' peer lists {gone_after:.2f} s after its last heartbeat")
+        # Another replica's metrics, from the figures its expiry loop keeps (no Redis call per scrape).
+        with urllib.request.urlopen(f"{others[0].url}/metrics", timeout=5) as resp:
+            assert b"modelcast_registry_swarms" in resp.read()
     finally:
         for r in replicas:
             r.stop()
@@ -245,3 +248,36 @@ def test_pull_through_replicas_on_redis_and_postgres_survives_redis_restarting_e
         finally:
             for r in (r0, r1):
                 r.stop()
+
+
+async def test_udp_tracker_over_redis_answers_as_in_memory(redis_url):
+    """BEP 15 through the Redis store: the answer comes later (a coroutine), the same as in memory."""
+    from tracker.udp import (ACTION_ANNOUNCE, encode_announce_request, encode_connect_request, encode_scrape_request,
+                             parse_reply)
+    from tracker.udp_server import ConnectionIds, UdpTracker
+    from tracker.announce import SwarmCounts
+
+    ih = bytes(range(20))
+    store = RedisSwarmStore(redis_url, rng=random.Random(1))
+    await store.allow([ih])
+    tracker = UdpTracker(store, interval=30, default_numwant=50, ids=ConnectionIds(b"k" * 32))
+
+    async def ask(packet: bytes, addr, now: float):
+        answer = tracker.handle(packet, addr, now)
+        return parse_reply(await answer if not isinstance(answer, bytes) else answer)
+
+    try:
+        a_addr, b_addr = ("10.0.0.1", 40000), ("10.0.0.2", 40001)
+        cid_a = (await ask(encode_connect_request(1), a_addr, 100.0)).connection_id
+        cid_b = (await ask(encode_connect_request(1), b_addr, 100.0)).connection_id
+        first = await ask(encode_announce_request(cid_a, 2, Announce(ih, b"A" * 20, 7001, 0, 0, 100, "started")),
+                          a_addr, 101.0)
+        assert (first.action, first.transaction_id, first.peers) == (ACTION_ANNOUNCE, 2, ())
+        second = await ask(encode_announce_request(cid_b, 3, Announce(ih, b"B" * 20, 7002, 0, 0, 0, "started")),
+                           b_addr, 102.0)
+        assert second.peers == (("10.0.0.1", 7001),) and (second.seeders, second.leechers) == (1, 1)
+        scrape = await ask(encode_scrape_request(cid_a, 4, [ih, b"\xee" * 20]), a_addr, 103.0)
+        assert scrape.files == (SwarmCounts(1, 1, 0), SwarmCounts())
+        assert tracker.stats.internal_errors == 0
+    finally:
+        await store.close()

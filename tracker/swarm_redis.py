@@ -117,7 +117,7 @@ local function drop(c, addr, f, replacing, gateways)
 end
 """
 
-# KEYS[1]: allow key of the announced info-hash, KEYS[2]: its tombstone, KEYS[3]: "mc:{c}"
+# KEYS[1]: allow key of the swarm's canonical info-hash, KEYS[2]: its tombstone, KEYS[3]: "mc:{c}"
 # ARGV: addr, left, zone, origin(0/1), node, keyhex, peer_id, event, now_ms, ttl_ms, numwant,
 #       zone_gateways, sample_cap, key_ttl_ms
 _ANNOUNCE = _DROP + r"""
@@ -192,7 +192,9 @@ if event ~= 'stopped' and numwant > 0 then
   end
 end
 local out = {'ok', counts[1] or '0', counts[2] or '0', counts[3] or '0', table.concat(recs)}
-for _, k in ipairs({':p', ':t', ':c', ':k'}) do redis.call('PEXPIRE', c .. k, kttl) end
+for _, k in ipairs({':p', ':t', ':c', ':k', ':gz', ':b:' .. bname({left, zone, origin}), ':g:' .. zone}) do
+  redis.call('PEXPIRE', c .. k, kttl)  -- a swarm nobody announces to goes by itself
+end
 return out
 """
 
@@ -426,7 +428,7 @@ class RedisSwarmStore:
 
     async def _write_allow(self, keys: list[bytes], canon: bytes) -> None:
         async with self._r.pipeline(transaction=False) as pipe:
-            for k in keys:
+            for k in dict.fromkeys([canon, *keys]):
                 pipe.set(_allow_key(k), canon.hex())
                 pipe.delete(_tomb_key(k))
             await self._run(pipe.execute())
@@ -487,7 +489,9 @@ class RedisSwarmStore:
         args = [peer.packed, a.left, a.zone, 1 if a.origin_seed else 0, a.node or "",
                 (a.key or "").encode().hex(), a.peer_id, a.event or "", 0, ttl_ms, a.numwant,
                 self.zone_gateways, cap, 2 * ttl_ms]
-        keys = [_allow_key(a.info_hash), _tomb_key(a.info_hash), _swarm_key(canon)]
+        # Every key the script touches carries the swarm's tag (the canonical key's allow key
+        # too: the alias was resolved above), so a Redis Cluster finds them on one shard.
+        keys = [_allow_key(canon), _tomb_key(canon), _swarm_key(canon)]
         node_entry = None
         if a.node is not None and a.event != "stopped":
             node_entry = (_node_key(a.node), canon.hex() + ":" + peer.packed.hex())
