@@ -139,23 +139,28 @@ def _replicas(tmp_path: Path, redis_url: str, db: str, n: int = 2, extra: tuple[
                           extra=["--db", db, "--swarm-store", redis_url, *extra]) for i in range(n)]
 
 
-def test_two_replicas_forget_a_dead_node_within_4s_and_a_stopped_one_within_1s(tmp_path, redis_url, postgres_db):
-    """The node heartbeats and announces to replica 0 only; replica 1's peer lists forget it."""
-    r0, r1 = _replicas(tmp_path, redis_url, postgres_db)
+def test_three_replicas_forget_a_dead_node_within_4s_and_a_stopped_one_within_1s(tmp_path, redis_url, postgres_db):
+    """The node heartbeats and announces to replica 0 only; replicas 1 and 2's peer lists forget it."""
+    replicas = _replicas(tmp_path, redis_url, postgres_db, n=3)
+    r0, others = replicas[0], replicas[1:]
+
+    def seen_by_every_other() -> list[set[int]]:
+        return [_peer_ports(_announce(r.url, ih, 9, left="5")) for r in others]
+
     try:
         model = make_model(tmp_path / "model", {"w.bin": 256 * 1024})
         digest = publish(r0.url, model, "rep/m:v1", (tmp_path / "origin").as_uri())
-        ih = _info_hash(r1.url, digest)
+        ih = _info_hash(others[-1].url, digest)
         for node, n in (("dies", 1), ("stops", 2)):
             status, _, answer = _http("POST", f"{r0.url}/v1/nodes/{node}/heartbeat", {"zone": "default", "ttl_s": 3.0})
             assert status == 200, answer
             _announce(r0.url, ih, n, node=node, numwant="0")
-        assert _peer_ports(_announce(r1.url, ih, 9, left="5")) == {7001, 7002}
+        assert seen_by_every_other() == [{7001, 7002}] * 2
         # "stops" leaves cleanly; "dies" simply goes silent (no more heartbeats).
         stopped_at = time.monotonic()
         status, _, answer = _http("DELETE", f"{r0.url}/v1/nodes/stops")
         assert status == 200 and answer["removed"] == 1, answer
-        assert 7002 not in _peer_ports(_announce(r1.url, ih, 9, left="5"))
+        assert all(7002 not in seen for seen in seen_by_every_other())
         assert time.monotonic() - stopped_at <= 1.0
         for _ in range(2):  # "dies" heartbeats a little longer, then is killed
             time.sleep(0.5)
@@ -164,16 +169,16 @@ def test_two_replicas_forget_a_dead_node_within_4s_and_a_stopped_one_within_1s(t
         gone_after = None
         for _ in range(60):
             time.sleep(0.1)
-            if 7001 not in _peer_ports(_announce(r1.url, ih, 9, left="5")):
+            if all(7001 not in seen for seen in seen_by_every_other()):
                 gone_after = time.monotonic() - died_at
                 break
         assert gone_after is not None and gone_after <= 4.0, gone_after
-        print(f"dead node gone from the other replica's peer lists {gone_after:.2f} s after its last heartbeat")
-        # The other replica's metrics, from the figures its expiry loop keeps (no Redis call per scrape).
-        with urllib.request.urlopen(f"{r1.url}/metrics", timeout=5) as resp:
+        print(f"dead node gone from both other replicas' peer lists {gone_after:.2f} s after its last heartbeat")
+        # Another replica's metrics, from the figures its expiry loop keeps (no Redis call per scrape).
+        with urllib.request.urlopen(f"{others[0].url}/metrics", timeout=5) as resp:
             assert b"modelcast_registry_swarms" in resp.read()
     finally:
-        for r in (r0, r1):
+        for r in replicas:
             r.stop()
 
 

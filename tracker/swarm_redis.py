@@ -56,7 +56,7 @@ from typing import Iterable
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
-from redis.exceptions import BusyLoadingError, ResponseError
+from redis.exceptions import BusyLoadingError, NoScriptError, ResponseError
 
 from modelcast.errors import Unavailable
 
@@ -281,6 +281,75 @@ def _peer(addr: bytes, value: bytes) -> Peer:
     return tuple.__new__(Peer, (pid, ip, port, int(left), zone.decode(), origin == b"1", addr))
 
 
+class _Batcher:
+    """Auto-pipelining: the commands of the requests that arrive in one turn of the event loop go out
+    as one pipeline (one write, one read), each request's replies handed back to it.
+
+    A request still costs one round trip of its own time, but the client's per-call cost (a
+    connection from the pool, a pipeline object, a socket write and read) is paid once per turn
+    of the loop instead of once per request: with many connections in flight that cost, not
+    Redis, was the limit.  A reply that is an error is handed back as the exception object
+    (``raise_on_error=False``); Redis unreachable fails every request of the batch.
+    """
+
+    def __init__(self, store: "RedisSwarmStore") -> None:
+        self._store = store
+        self._pending: list[tuple] = []
+        self._tasks: set[asyncio.Task] = set()
+
+    def submit(self, build) -> "asyncio.Future[list]":
+        """``build(pipe)`` queues this request's commands; the future answers their replies, in order."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.append((build, fut))
+        return fut
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.ensure_future(self._send(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[tuple]) -> None:
+        pipe = self._store._r.pipeline(transaction=False)
+        spans: list[tuple[int, int] | None] = []
+        try:
+            for build, fut in batch:
+                start = len(pipe.command_stack)
+                try:
+                    build(pipe)
+                except Exception as exc:  # noqa: BLE001 - handed to its request
+                    del pipe.command_stack[start:]
+                    fut.set_exception(exc)
+                    spans.append(None)
+                    continue
+                spans.append((start, len(pipe.command_stack)))
+            try:
+                results = await self._store._run(pipe.execute(raise_on_error=False))
+            except BaseException as exc:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(SwarmStoreUnavailable(str(exc)) if isinstance(exc, SwarmStoreUnavailable)
+                                          else exc)
+                if not isinstance(exc, Exception):
+                    raise
+                return
+        finally:
+            await pipe.reset()
+        for span, (_, fut) in zip(spans, batch):
+            if span is not None and not fut.done():
+                fut.set_result(results[span[0]:span[1]])
+
+
+def _raise_errors(replies: list) -> list:
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
+
+
 class RedisSwarmStore:
     """Every swarm, node liveness and the allow-list in Redis; see the module docstring for the keys."""
 
@@ -296,7 +365,8 @@ class RedisSwarmStore:
         self._rng = rng or random.Random()
         self._r = client or aioredis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=2.0,
                                                      retry_on_timeout=False, health_check_interval=0)
-        self._announce = self._r.register_script(_ANNOUNCE)
+        self._announce_sha = self._r.register_script(_ANNOUNCE).sha  # EVALSHA'd in batches (_Batcher)
+        self._batch = _Batcher(self)
         self._remove = self._r.register_script(_REMOVE)
         self._claim = self._r.register_script(_CLAIM)
         self._sweep = self._r.register_script(_SWEEP)
@@ -422,20 +492,34 @@ class RedisSwarmStore:
         # Every key the script touches carries the swarm's tag (the canonical key's allow key
         # too: the alias was resolved above), so a Redis Cluster finds them on one shard.
         keys = [_allow_key(canon), _tomb_key(canon), _swarm_key(canon)]
-        for attempt in (0, 1):
+        node_entry = None
+        if a.node is not None and a.event != "stopped":
+            node_entry = (_node_key(a.node), canon.hex() + ":" + peer.packed.hex())
+        sha = self._announce_sha
+
+        def build(pipe) -> None:
+            pipe.evalsha(sha, 3, *keys, *args)
+            if node_entry is not None:
+                pipe.sadd(node_entry[0], node_entry[1])
+                pipe.pexpire(node_entry[0], 2 * ttl_ms)
+
+        remade = loaded = False
+        while True:
             args[8] = self._ms(now)
-            async with self._r.pipeline(transaction=False) as pipe:
-                await self._announce(keys=keys, args=args, client=pipe)
-                if a.node is not None and a.event != "stopped":
-                    nk = _node_key(a.node)
-                    pipe.sadd(nk, canon.hex() + ":" + peer.packed.hex())
-                    pipe.pexpire(nk, 2 * ttl_ms)
-                out = (await self._run(pipe.execute()))[0]
+            replies = await self._batch.submit(build)
+            out = replies[0]
+            if isinstance(out, NoScriptError) and not loaded:
+                # Redis restarted (scripts gone): load it once, send again.
+                loaded = True
+                await self._run(self._r.script_load(_ANNOUNCE))
+                continue
+            _raise_errors(replies)
             status = out[0]
             if status == b"ok":
                 break
-            if status == b"missing" and attempt == 0 and a.info_hash in self._canon:
+            if status == b"missing" and not remade and a.info_hash in self._canon:
                 # Redis lost its data (restarted empty): this replica knows the swarm; re-make it.
+                remade = True
                 await self._write_allow([k for k, c in self._canon.items() if c == canon], canon)
                 continue
             self._canon.pop(a.info_hash, None)
@@ -494,14 +578,17 @@ class RedisSwarmStore:
         if ttl <= 0:
             raise ValueError(f"heartbeat ttl must be positive, got {ttl}")
         live = _live_key(node_id)
-        async with self._r.pipeline(transaction=False) as pipe:
-            pipe.zadd(live, {node_id: self._ms(now, ttl)})
+        deadline = self._ms(now, ttl)
+
+        def build(pipe) -> None:
+            pipe.zadd(live, {node_id: deadline})
             if zone is None:  # as in process: a node that names no zone keeps the one it had
                 pipe.hsetnx(live + ":z", node_id, DEFAULT_ZONE)
             else:
                 pipe.hset(live + ":z", node_id, zone)
             pipe.scard(_node_key(node_id))
-            result = await self._run(pipe.execute())
+
+        result = _raise_errors(await self._batch.submit(build))
         return int(result[2])
 
     async def leave(self, node_id: str) -> int:
