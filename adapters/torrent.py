@@ -731,6 +731,12 @@ class TorrentEngine:
         if handle is not None:
             handle.force_reannounce()
 
+    def reannounce_all(self) -> int:
+        """Announce every torrent now (the tracker lost its swarms); how many there are."""
+        for handle in self._handles.values():
+            handle.force_reannounce()
+        return len(self._handles)
+
     async def close(self) -> None:
         """Leave every swarm: libtorrent sends 'stopped' to the tracker as the session ends."""
         self._loop.remove_reader(self._wake_r)
