@@ -28,7 +28,7 @@ from aiohttp import web
 
 from adapters.tls import server_context
 from adapters.http_server import REGISTRY_LIMITS, BoundedServer, ServerLimits
-from modelcast.config import TrackerConfig
+from modelcast.config import NODE_TOKEN_FILE, TrackerConfig
 from modelcast.errors import ModelcastError, error_body, retry_after
 from modelcast.manifest import Manifest
 
@@ -109,8 +109,11 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     swarms = app[SWARMS]
     for ih in await asyncio.to_thread(store.all_info_hashes):
         swarms.allow(_tracker_keys(ih))
-    log.info("registry database %s (schema version %d); %d published swarms", store.location, store.schema_version,
-             len(swarms.swarms()))
+    keys = app[NODE_KEYS]
+    for node_id, hashed, token in await asyncio.to_thread(store.node_keys, keys.max_nodes):
+        keys.remember(node_id, hashed, token)
+    log.info("registry database %s (schema version %d); %d published swarms, %d enrolled nodes", store.location,
+             store.schema_version, len(swarms.swarms()), keys.count)
     try:
         yield
     finally:
@@ -298,6 +301,14 @@ async def _serve(cfg: TrackerConfig) -> None:
                         "set MODELCAST_TOKEN (or --token-file) to require a token", host, running.port)
         if not cfg.read_token:
             log.info("reads are open (resolve, torrents, web seed); set MODELCAST_READ_TOKEN to require a token")
+        if cfg.node_token_loopback_free:
+            where = (f"in {Path(cfg.data_dir) / NODE_TOKEN_FILE} (mode 0600; `modelcast node-token --data "
+                     f"{cfg.data_dir}` prints it)") if (Path(cfg.data_dir) / NODE_TOKEN_FILE).exists() else "in memory only"
+            log.info("nodes on this machine enrol without a token; nodes elsewhere need the node token kept %s, in "
+                     "their env MODELCAST_NODE_TOKEN; set MODELCAST_NODE_TOKEN here to require it of every node",
+                     where)
+        else:
+            log.info("nodes enrol only with the node token (MODELCAST_NODE_TOKEN); then their own key proves them")
         await stop.wait()
         log.info("stopping: closing connections, then the database")
     finally:

@@ -19,11 +19,13 @@ from adapters.http_server import read_json
 from modelcast.config import TrackerConfig
 from modelcast.errors import BadRequest
 from modelcast.progress import MAX_HEARTBEAT_BODY, parse_report
-from modelcast.wire import NODE_KEY_HEADER
+from modelcast.errors import Unauthorized
+from modelcast.wire import NODE_KEY_HEADER, announce_token
 
 from .announce import ZONE_RE, validate_node_id
-from .auth import check_auth
-from .state import CONFIG, NODE_KEYS, NODES, SWARMS
+from .auth import check_auth, check_enrolment, has_write_token
+from .nodekeys import check_key_shape, key_hash
+from .state import CONFIG, NODE_KEYS, NODES, STORE, SWARMS
 
 log = logging.getLogger("modelcast.tracker")
 
@@ -42,16 +44,56 @@ def _heartbeat_ttl(body: Any, cfg: TrackerConfig) -> float:
     return min(float(ttl), cfg.heartbeat_ttl_max_s)
 
 
+async def _lookup(request: web.Request, node_id: str) -> bool:
+    """Whether ``node_id`` is bound, asking the store on a cache miss (another replica, or before a restart)."""
+    keys = request.app[NODE_KEYS]
+    if not keys.is_bound(node_id):
+        found = await asyncio.to_thread(request.app[STORE].node_key_of, node_id)
+        if found is not None:
+            keys.remember(node_id, *found)
+    return keys.is_bound(node_id)
+
+
+def _keyless(request: web.Request, what: str, node_id: str) -> None:
+    """A heartbeat or leave without a node key (an older client): it proves no node, so it is
+    allowed only to whoever could enrol a node (tracker/auth.py) and read, or with the write token."""
+    if request.app[CONFIG].token and has_write_token(request):
+        return
+    try:
+        check_enrolment(request, node_id)
+    except Unauthorized:
+        raise Unauthorized(f"{what} of node {node_id} needs its node key ({NODE_KEY_HEADER}) or the node token; "
+                           "the read token does not speak for nodes") from None
+    check_auth(request, read=True)
+
+
+async def node_authorized(request: web.Request, node_id: str, what: str) -> None:
+    """The node scope: the node's own key if its id is bound; else enrolment (binding it), or the keyless rule."""
+    key = request.headers.get(NODE_KEY_HEADER)
+    check_key_shape(key)
+    keys = request.app[NODE_KEYS]
+    if await _lookup(request, node_id):
+        keys.check(node_id, key, what)
+    elif key is None:
+        _keyless(request, what, node_id)
+    else:
+        check_enrolment(request, node_id)
+        if what == "heartbeat":
+            bound = await asyncio.to_thread(request.app[STORE].bind_node_key, node_id, key_hash(key),
+                                            announce_token(key))
+            keys.remember(node_id, *bound)
+            keys.check(node_id, key, what)  # another key won a race for this id (another replica)
+
+
 async def node_heartbeat(request: web.Request) -> web.Response:
     """``POST /v1/nodes/{node_id}/heartbeat``: keep every swarm entry of the node alive for ``ttl_s``.
 
-    Guarded like a read, not a write: a node holds at most the read token (it never
-    publishes), and its random node id, sent only to this tracker, is what ties the
-    heartbeat to its swarm entries, the same trust an announce gets.
+    The node scope, not the read token: a bound node id needs its key
+    (``X-Modelcast-Node-Key``); a new one is enrolled (bound to the key it sends) with the
+    registry's node token (tracker/auth.py); one without a key, only with the write token.
     """
-    check_auth(request, read=True)
     node_id = validate_node_id(request.match_info["node_id"])
-    request.app[NODE_KEYS].heartbeat(node_id, request.headers.get(NODE_KEY_HEADER))
+    await node_authorized(request, node_id, "heartbeat")
     # Bounded however it is framed (a chunked body has no Content-Length to check first).
     body = await read_json(request, MAX_HEARTBEAT_BODY, "heartbeat body", '{"zone": "z1", "ttl_s": 3.0}', empty={})
     ttl = _heartbeat_ttl(body, request.app[CONFIG])
@@ -67,9 +109,8 @@ async def node_heartbeat(request: web.Request) -> web.Response:
 
 async def node_leave(request: web.Request) -> web.Response:
     """``DELETE /v1/nodes/{node_id}``: the node stops; its entries leave every swarm at once."""
-    check_auth(request, read=True)
     node_id = validate_node_id(request.match_info["node_id"])
-    request.app[NODE_KEYS].leave(node_id, request.headers.get(NODE_KEY_HEADER))
+    await node_authorized(request, node_id, "leave")
     removed = request.app[SWARMS].leave(node_id)
     request.app[NODES].leave(node_id, time.time())
     log.info("node %s left %d swarm entries", node_id, removed)
