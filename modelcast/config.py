@@ -16,6 +16,11 @@ ENV_REGISTRY = "MODELCAST_REGISTRY"
 ENV_NODE = "MODELCAST_NODE"
 ENV_TOKEN = "MODELCAST_TOKEN"
 ENV_READ_TOKEN = "MODELCAST_READ_TOKEN"  # modelcast tracker --read-token
+# Node enrolment (tracker/liveness.py): a node presents it at its first heartbeat, which
+# binds its node id to its own key.  The registry reads it, and so does modelcast node.
+ENV_NODE_TOKEN = "MODELCAST_NODE_TOKEN"
+# The file in a registry's data dir holding the node token it made itself (mode 0600).
+NODE_TOKEN_FILE = "node-token"
 ENV_UPSTREAM_TOKEN = "MODELCAST_UPSTREAM_TOKEN"  # modelcast tracker --upstream-token
 ENV_S3_ENDPOINT = "MODELCAST_S3_ENDPOINT"
 ENV_DB = "MODELCAST_DB"  # modelcast tracker --db
@@ -206,6 +211,12 @@ class TrackerConfig:
     # token when set; None = reads are open.  Announce and scrape stay open either way:
     # BitTorrent clients send no headers, and only published info-hashes are accepted.
     read_token: str | None = None
+    # Node enrolment: a heartbeat that binds a new node id to its key needs this token
+    # (or the write token) as its bearer.  node_token_loopback_free: nodes on this machine
+    # (loopback) enrol without it, as when the registry made the token itself and no
+    # operator set one (zero-config); False when the operator set one.
+    node_token: str | None = None
+    node_token_loopback_free: bool = False
     # Federation (tracker/federation.py): the parent registry this zone pulls unknown
     # references through from, the token it needs there, and how long a pulled tag is
     # served before it is checked at the parent again.
@@ -243,6 +254,8 @@ class NodeConfig:
     peer_port: int = 6881
     zone: str = "default"
     token: str | None = None
+    # The registry's node enrolment token (env MODELCAST_NODE_TOKEN), sent with the first heartbeat.
+    node_token: str | None = None
     # Seconds without useful peer progress before the origin web seed is used.
     webseed_grace_s: float = 1.0
     upload_limit: int = 0  # bytes/s, 0 = unlimited

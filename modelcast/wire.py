@@ -26,6 +26,8 @@ ACCEPT_REDIRECT_HEADER = "X-Modelcast-Accept-Redirect"
 # ---- node identity (tracker/nodekeys.py) ----------------------------------------------
 # The node's own secret, with each heartbeat and leave: the first one binds its node id.
 NODE_KEY_HEADER = "X-Modelcast-Node-Key"
+# The node id, with the key, on web seed requests: the first-copy gate counts only proven nodes.
+NODE_ID_HEADER = "X-Modelcast-Node"
 # Announce parameter proving ``node=``: derived from the key, so announce URLs (which
 # libtorrent may log, and which travel to the tracker in the clear) never carry the key.
 NODE_TOKEN_PARAM = "nk"

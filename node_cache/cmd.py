@@ -9,14 +9,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 from pathlib import Path
 
-from modelcast.cmdline import Handler, ca_arg, client_args, tls_args
-from modelcast.config import ClientConfig, NodeConfig, TlsFiles, hf_hub_cache, parse_hostport, parse_size
+from modelcast.cmdline import Handler, ca_arg, client_args, secret_file, tls_args
+from modelcast.config import ENV_NODE_TOKEN, ENV_TOKEN, ClientConfig, NodeConfig, env_str, TlsFiles, hf_hub_cache, parse_hostport, parse_size
 from modelcast.errors import ModelcastError
 from modelcast.hf import HfName
 from modelcast.reference import Reference
+
+log = logging.getLogger("modelcast.node")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
@@ -63,8 +66,11 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     p.add_argument("--relay-url", metavar="URL",
                    help="the URL other nodes reach the relay at, if not http(s)://HOST:PORT of --relay-listen; '' = no "
                         "relay (this node's zone then takes its own copy from the origin)")
-    p.add_argument("--token", help="bearer token for the registry (env MODELCAST_TOKEN); without it a registry "
-                                   "with a token refuses this node's heartbeats")
+    p.add_argument("--token", help="bearer token for reads at the registry (prefer env MODELCAST_TOKEN, which ps "
+                                   "cannot read); without it the node reads with its node token")
+    p.add_argument("--node-token-file", type=Path,
+                   help="file holding the registry's node enrolment token (else env MODELCAST_NODE_TOKEN); a node on "
+                        "the registry's own machine needs none")
     p.add_argument("--heartbeat-interval", type=float, default=NodeConfig.heartbeat_interval_s,
                    help="seconds between heartbeats to the tracker")
     p.add_argument("--heartbeat-ttl", type=float, default=NodeConfig.heartbeat_ttl_s,
@@ -117,7 +123,10 @@ def cmd_node(args) -> int:
 
     if args.cache is None:
         raise ModelcastError("modelcast node needs --cache DIR to run the daemon")
+    if args.token:
+        log.warning("--token is on the command line, where ps shows it; pass it in env %s instead", ENV_TOKEN)
     client = ClientConfig.from_env(registry=args.registry, token=args.token, ca=args.daemon_ca)
+    node_token = secret_file(args.node_token_file, "--node-token-file") or env_str(ENV_NODE_TOKEN)
     api_host, api_port = parse_hostport(args.api, what="--api")
     if not 0 < args.heartbeat_interval < args.heartbeat_ttl:
         raise ModelcastError(f"--heartbeat-interval {args.heartbeat_interval} must be positive and shorter than "
@@ -127,7 +136,7 @@ def cmd_node(args) -> int:
     relay_host, relay_port = (parse_hostport(args.relay_listen, what="--relay-listen") if args.relay_listen
                               else (None, 0))
     serve(NodeConfig(registry=client.registry, cache_dir=args.cache, api_host=api_host, api_port=api_port,
-                     peer_host=peer_host, peer_port=peer_port, zone=args.zone, token=client.token,
+                     peer_host=peer_host, peer_port=peer_port, zone=args.zone, token=client.token, node_token=node_token,
                      upload_limit=parse_size(args.upload_limit), download_limit=parse_size(args.download_limit),
                      webseed_grace_s=args.webseed_grace, quota=parse_size(args.quota), p2p=not args.no_p2p,
                      accel_root=args.accel_root, heartbeat_interval_s=args.heartbeat_interval,

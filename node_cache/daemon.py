@@ -86,7 +86,8 @@ class NodeDaemon:
         self.tags: dict[str, str] = {}  # last resolution of each name:tag, for when the registry is down
         self.metrics = NodeMetrics(self._gauges)
         self.counters = self.metrics.counters
-        self.registry = RegistryClient(cfg.registry, cfg.token, ca=cfg.ca)
+        # Reads with the read (or write) token if it has one, else with the node token, which reads too.
+        self.registry = RegistryClient(cfg.registry, cfg.token or cfg.node_token, ca=cfg.ca)
         self.relay = Relay(cfg, self.counters, self.jobs)
         self.fetcher = OriginFetcher(cfg, self.counters, self.relay)
         self._downloads: dict[str, Download] = {}
@@ -103,6 +104,7 @@ class NodeDaemon:
         self.store = await asyncio.to_thread(Store, self.cfg.cache_dir)
         self.node_id = await asyncio.to_thread(self.store.node_id)
         self.node_key = await asyncio.to_thread(self.store.node_key)
+        self.fetcher.identity = (self.node_id, self.node_key)  # origin requests prove the node (first-copy gate)
         self.pins = await PinsAndUse.load(self.store)
         store = self.store
         self.hf = await asyncio.to_thread(HfLayouts, lambda: store.load_state(HF_STATE_FILE, []),
@@ -232,7 +234,7 @@ class NodeDaemon:
                           if reports else None)
                 try:
                     answer = await self.registry.heartbeat(self.node_id, self.cfg.zone, self.cfg.heartbeat_ttl_s,
-                                                           report, self.node_key)
+                                                           report, self.node_key, self.cfg.node_token)
                     self.reporter.answered(answer)
                     self._rejoin(answer)
                 except BadRequest as exc:
@@ -243,7 +245,7 @@ class NodeDaemon:
                                 exc)
                     reports = False
                     await self.registry.heartbeat(self.node_id, self.cfg.zone, self.cfg.heartbeat_ttl_s,
-                                                  node_key=self.node_key)
+                                                  node_key=self.node_key, node_token=self.cfg.node_token)
                 warned = False
             except asyncio.CancelledError:
                 raise

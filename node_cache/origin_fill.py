@@ -29,7 +29,7 @@ from adapters.torrent import PieceSpan, TorrentEngine
 from modelcast.config import NodeConfig
 from modelcast.errors import Unreachable
 from modelcast.wire import (ACCEPT_REDIRECT_HEADER, FIRST_COPY_HEADER, RELAY_FROM_HEADER, RELAY_HEADER,
-                            RELAY_TO_HEADER, ZONE_HEADER, bearer)
+                            RELAY_TO_HEADER, ZONE_HEADER, NODE_ID_HEADER, NODE_KEY_HEADER, bearer)
 
 from .jobs import PullJob
 from .metrics import NodeCounters
@@ -97,12 +97,16 @@ class OriginFetcher:
         self.run_bytes = run_limit_bytes(cfg.download_limit)
         self.engine: TorrentEngine | None = None
         self.http: aiohttp.ClientSession | None = None
+        self.identity: tuple[str, str] | None = None  # (node id, node key): the gate counts proven nodes only
 
     def attach(self, engine: TorrentEngine, http: aiohttp.ClientSession) -> None:
         self.engine, self.http = engine, http
 
     def _headers(self) -> dict[str, str]:
-        headers = {ZONE_HEADER: self.cfg.zone, ACCEPT_REDIRECT_HEADER: "1", **bearer(self.cfg.token)}
+        headers = {ZONE_HEADER: self.cfg.zone, ACCEPT_REDIRECT_HEADER: "1",
+                   **bearer(self.cfg.token or self.cfg.node_token)}
+        if self.identity is not None:
+            headers[NODE_ID_HEADER], headers[NODE_KEY_HEADER] = self.identity
         if self.relay.url:
             headers[RELAY_HEADER] = self.relay.url  # where the origin may send nodes of other zones
         return headers

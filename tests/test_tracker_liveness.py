@@ -134,15 +134,19 @@ def test_stopped_announce_and_handout_of_node_entries(make_swarms):
 
 
 async def test_heartbeat_and_leave_routes(aiohttp_client, tmp_path):
-    # Heartbeats are guarded like reads: with a read token set, a node must send it.
-    cfg = TrackerConfig(data_dir=tmp_path / "reg", token="writer", read_token=TOKEN, heartbeat_ttl_max_s=5)
+    # A heartbeat without a node key (an older client) needs the write token: the read
+    # token does not speak for nodes (tests/security/test_token_scopes.py has the node scope).
+    cfg = TrackerConfig(data_dir=tmp_path / "reg", token="writer", read_token=TOKEN, node_token="enrol",
+                        heartbeat_ttl_max_s=5)
     client = await aiohttp_client(make_app(cfg))
     swarms = client.server.app[SWARMS]
     swarms.allow([IH1])
-    auth = {"Authorization": f"Bearer {TOKEN}"}
+    auth = {"Authorization": "Bearer writer"}
     url = "/v1/nodes/abc123/heartbeat"
     assert (await client.post(url, json={"zone": "z", "ttl_s": 3})).status == 401
     assert (await client.delete("/v1/nodes/abc123")).status == 401
+    read = {"Authorization": f"Bearer {TOKEN}"}
+    assert (await client.post(url, json={"zone": "z", "ttl_s": 3}, headers=read)).status == 401
     for body in ({"ttl_s": 0}, {"ttl_s": "3"}, {"ttl_s": True}, {"ttl_s": float("inf")}, {"zone": "a b"}, [1]):
         resp = await client.post(url, data=json.dumps(body), headers=auth)
         assert resp.status == 400, body

@@ -29,7 +29,7 @@ from aiohttp import web
 
 from adapters.tls import server_context
 from adapters.http_server import REGISTRY_LIMITS, BoundedServer, ServerLimits
-from modelcast.config import TrackerConfig
+from modelcast.config import NODE_TOKEN_FILE, TrackerConfig
 from modelcast.errors import ModelcastError, error_body, retry_after
 from modelcast.manifest import Manifest
 from modelcast.progress import MAX_HEARTBEAT_BODY
@@ -127,6 +127,10 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     # one allow-list for every replica already).
     refresh = (asyncio.create_task(_refresh_allow_list(app))
                if cfg.db and not isinstance(swarms, RedisSwarmStore) else None)
+    keys = app[NODE_KEYS]
+    for node_id, hashed, token in await asyncio.to_thread(store.node_keys, keys.max_nodes):
+        keys.remember(node_id, hashed, token)
+    log.info("%d enrolled nodes", keys.count)
     try:
         yield
     finally:
@@ -351,6 +355,14 @@ async def _serve(cfg: TrackerConfig) -> None:
                         "set MODELCAST_TOKEN (or --token-file) to require a token", host, running.port)
         if not cfg.read_token:
             log.info("reads are open (resolve, torrents, web seed); set MODELCAST_READ_TOKEN to require a token")
+        if cfg.node_token_loopback_free:
+            where = (f"in {Path(cfg.data_dir) / NODE_TOKEN_FILE} (mode 0600; `modelcast node-token --data "
+                     f"{cfg.data_dir}` prints it)") if (Path(cfg.data_dir) / NODE_TOKEN_FILE).exists() else "in memory only"
+            log.info("nodes on this machine enrol without a token; nodes elsewhere need the node token kept %s, in "
+                     "their env MODELCAST_NODE_TOKEN; set MODELCAST_NODE_TOKEN here to require it of every node",
+                     where)
+        else:
+            log.info("nodes enrol only with the node token (MODELCAST_NODE_TOKEN); then their own key proves them")
         await stop.wait()
         log.info("stopping: closing connections, then the database")
     finally:

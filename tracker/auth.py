@@ -1,14 +1,63 @@
-"""Bearer tokens of the registry API: who may write, and who may read."""
+"""Bearer tokens of the registry API, by scope (issue #15).
+
+* write (admin): ``TrackerConfig.token`` -- publish, tag moves, deletes; it reads and enrols too.
+* read: ``read_token`` -- resolve, manifest, torrent, list, web seed, stats, fleet.
+* node: ``node_token`` -- enrols a node (its first heartbeat binds its node id to its own
+  key, tracker/liveness.py); after that the node's key alone proves it.  It reads too (a
+  node pulls), and it never writes.  The read token neither enrols, nor heartbeats, nor
+  makes a node leave.
+"""
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 
 from aiohttp import web
 
 from modelcast.errors import Unauthorized
 
 from .state import CONFIG
+
+
+def _bearer(request: web.Request) -> bytes | None:
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    return given.strip().encode("utf-8", "surrogateescape") if scheme.lower() == "bearer" and given else None
+
+
+def _is_loopback(address: str | None) -> bool:
+    try:
+        return address is not None and ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def has_write_token(request: web.Request) -> bool:
+    """Whether the request's bearer is the write token (True on a registry without one)."""
+    cfg = request.app[CONFIG]
+    if not cfg.token:
+        return True
+    given = _bearer(request)
+    return given is not None and hmac.compare_digest(given, cfg.token.encode())
+
+
+def check_enrolment(request: web.Request, node_id: str) -> None:
+    """Raise Unauthorized unless the request may bind ``node_id`` to a key: the node scope.
+
+    It needs the node token (or the write token) as its bearer; a registry whose node token
+    no operator set (it made one itself) lets nodes on its own machine enrol without it.
+    """
+    cfg = request.app[CONFIG]
+    if not cfg.node_token:
+        return
+    if cfg.node_token_loopback_free and _is_loopback(request.remote):
+        return
+    given = _bearer(request)
+    tokens = [t for t in (cfg.node_token, cfg.token) if t]
+    if given is None or not any([hmac.compare_digest(given, t.encode()) for t in tokens]):
+        raise Unauthorized(f"node {node_id} is not enrolled here: its first heartbeat needs the registry's node "
+                           "token as 'Authorization: Bearer TOKEN' (set MODELCAST_NODE_TOKEN on the node; "
+                           "`modelcast node-token --data DIR` prints it on the registry's machine)")
 
 
 def check_auth(request: web.Request, *, read: bool = False) -> None:
@@ -22,7 +71,7 @@ def check_auth(request: web.Request, *, read: bool = False) -> None:
     if read:
         if not cfg.read_token:
             return
-        tokens = [t for t in (cfg.read_token, cfg.token) if t]
+        tokens = [t for t in (cfg.read_token, cfg.token, cfg.node_token) if t]
     else:
         if not cfg.token:
             return

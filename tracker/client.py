@@ -52,7 +52,7 @@ from adapters.http import JsonClient
 from modelcast.errors import IntegrityError
 from modelcast.manifest import Manifest, canonical_json, sha256_digest
 from modelcast.reference import Reference
-from modelcast.wire import NODE_KEY_HEADER, NODE_TOKEN_PARAM, announce_token
+from modelcast.wire import NODE_KEY_HEADER, NODE_TOKEN_PARAM, announce_token, bearer
 
 
 class RegistryClient(JsonClient):
@@ -155,15 +155,17 @@ class RegistryClient(JsonClient):
         return f"{base or self.base_url}/announce" + ("?" + "&".join(params) if params else "")
 
     async def heartbeat(self, node_id: str, zone: str, ttl_s: float, report: dict | None = None,
-                        node_key: str | None = None) -> dict:
+                        node_key: str | None = None, node_token: str | None = None) -> dict:
         """Keep the node's swarm entries alive; ``report`` (node_cache/report.py) says what it pulls and holds.
 
-        ``node_key`` proves the node id (the first heartbeat with a key binds the id to it).
+        ``node_key`` proves the node id (the first heartbeat with a key binds the id to it);
+        ``node_token``, the registry's node enrolment token, is that first heartbeat's bearer.
         """
+        headers = {NODE_KEY_HEADER: node_key} if node_key else {}
+        headers.update(bearer(node_token))
         return await self.request("POST", f"/v1/nodes/{quote(node_id, safe='')}/heartbeat",
                                   json={"zone": zone, "ttl_s": ttl_s, **(report or {})},
-                                  what=f"heartbeat of node {node_id}", timeout_s=max(1.0, ttl_s),
-                                  headers={NODE_KEY_HEADER: node_key} if node_key else {})
+                                  what=f"heartbeat of node {node_id}", timeout_s=max(1.0, ttl_s), headers=headers)
 
     async def nodes(self, zone: str | None = None, limit: int = 1000) -> dict:
         """The nodes the registry knows, with what each last reported (``GET /v1/nodes``)."""

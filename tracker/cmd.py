@@ -10,12 +10,15 @@ import argparse
 import asyncio
 import json
 import logging
+import os
+import secrets
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from modelcast.cmdline import Handler, ca_arg, client_args, secret_file, tls_args
-from modelcast.config import (ENV_DB, ENV_REPLICAS, ENV_READ_TOKEN, ENV_TOKEN, ENV_S3_ENDPOINT, ENV_UPSTREAM_TOKEN, ClientConfig,
-                              TlsFiles, TrackerConfig, ca_from_args, env_str, parse_hostport)
+from modelcast.config import (ENV_DB, ENV_NODE_TOKEN, ENV_REPLICAS, ENV_READ_TOKEN, ENV_TOKEN, ENV_S3_ENDPOINT,
+                              ENV_UPSTREAM_TOKEN, ClientConfig, NODE_TOKEN_FILE, TlsFiles, TrackerConfig, ca_from_args,
+                              env_str, parse_hostport)
 from modelcast.errors import ModelcastError
 from modelcast.reference import Reference
 from tracker.swarmstore import ENV_SWARM_STORE, validate_swarm_store
@@ -41,6 +44,11 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     p.add_argument("--read-token", help="bearer token required for reads (resolve, manifest, torrent, list, web seed); "
                                         "the write token reads too; announce and scrape stay open "
                                         "(env MODELCAST_READ_TOKEN)")
+    p.add_argument("--node-token", help="token a node must present at its first heartbeat to enrol (bind its node "
+                                        "id to its key); prefer env MODELCAST_NODE_TOKEN or --node-token-file, "
+                                        "which `ps` cannot read.  Without one the registry makes one in --data "
+                                        "(node-token, mode 0600) and nodes on this machine enrol without it")
+    p.add_argument("--node-token-file", type=Path, help="file holding the node enrolment token (one line)")
     p.add_argument("--upstream", metavar="URL", help="parent registry: references unknown here are pulled through "
                                                      "from it and kept (this registry serves its zone's swarm)")
     p.add_argument("--upstream-token", help="bearer token for reads at --upstream (env MODELCAST_UPSTREAM_TOKEN)")
@@ -95,7 +103,33 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     p.add_argument("--once", action="store_true", help="print one snapshot and exit")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     client_args(p, registry=True, token=True)
-    return {"tracker": cmd_tracker, "ls": cmd_ls, "inspect": cmd_inspect, "rm": cmd_rm, "status": cmd_status}
+
+    p = sub.add_parser("node-token", help="print the node enrolment token of the registry with data dir --data "
+                                          "(made, mode 0600, if it has none yet); give it to nodes of other "
+                                          "machines in env MODELCAST_NODE_TOKEN or --node-token-file")
+    p.add_argument("--data", type=Path, required=True, help="the registry's --data directory")
+    return {"tracker": cmd_tracker, "node-token": cmd_node_token, "ls": cmd_ls, "inspect": cmd_inspect, "rm": cmd_rm, "status": cmd_status}
+
+
+def node_token_of(data_dir: Path) -> str:
+    """The node token kept in a registry's data dir, made (random, mode 0600) if it has none."""
+    path = Path(data_dir) / NODE_TOKEN_FILE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return secret_file(path, "node token file")
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+    except OSError as exc:
+        raise ModelcastError(f"cannot keep the node token in {path}: {exc.strerror or exc}") from exc
+    return secret_file(path, "node token file")
+
+
+def cmd_node_token(args) -> int:
+    print(node_token_of(args.data))
+    return 0
 
 
 def cmd_tracker(args) -> int:
@@ -103,7 +137,17 @@ def cmd_tracker(args) -> int:
 
     host, port = parse_hostport(args.listen, what="--listen")
     udp_host, udp_port = parse_hostport(args.udp_listen, what="--udp-listen") if args.udp_listen else (None, None)
+    for flag, env in (("token", ENV_TOKEN), ("read_token", ENV_READ_TOKEN), ("node_token", ENV_NODE_TOKEN)):
+        if getattr(args, flag):
+            log.warning("--%s is on the command line, where ps shows it to every user of this machine; "
+                        "pass it in env %s%s instead", flag.replace("_", "-"), env,
+                        "" if flag == "read_token" else f" or --{flag.replace('_', '-')}-file")
     token = args.token or secret_file(args.token_file, "--token-file") or env_str(ENV_TOKEN)
+    node_token = (args.node_token or secret_file(args.node_token_file, "--node-token-file")
+                  or env_str(ENV_NODE_TOKEN))
+    loopback_free = node_token is None
+    if node_token is None:
+        node_token = node_token_of(args.data) if args.data is not None else secrets.token_urlsafe(32)
     db = args.db or env_str(ENV_DB)
     if args.data is None and not db:
         raise ModelcastError("modelcast tracker needs --data DIR (SQLite) or --db postgresql://USER@HOST:PORT/DB "
@@ -119,6 +163,7 @@ def cmd_tracker(args) -> int:
     swarm_store = validate_swarm_store(args.swarm_store or env_str(ENV_SWARM_STORE))
     serve(TrackerConfig(host=host, port=port, replicas=replicas, swarm_store=swarm_store,
                         data_dir=args.data or TrackerConfig.data_dir, db=db, token=token,
+                        node_token=node_token, node_token_loopback_free=loopback_free,
                         read_token=args.read_token or env_str(ENV_READ_TOKEN), upstream=args.upstream,
                         upstream_token=args.upstream_token or env_str(ENV_UPSTREAM_TOKEN),
                         upstream_tag_ttl_s=args.upstream_tag_ttl,

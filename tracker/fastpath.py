@@ -430,7 +430,7 @@ class FastPathProtocol(asyncio.Protocol):
                     return
                 body, buf = buf[end + 4:total], buf[total:]
                 try:
-                    answer = api_head.route(api_head.headers, body)
+                    answer = api_head.route(api_head.headers, body, self._remote)
                 except Exception as exc:  # a bug, not bad input: routes answer bad input themselves
                     log.exception("unexpected error on an API request")
                     answer = _internal_error(exc)

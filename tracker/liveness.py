@@ -17,17 +17,20 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 from urllib.parse import unquote
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from adapters.http_server import loads_json, read_body
 from modelcast.config import TrackerConfig
 from modelcast.errors import BadRequest, ModelcastError, error_body, retry_after
 from modelcast.progress import MAX_HEARTBEAT_BODY, parse_report
-from modelcast.wire import NODE_KEY_HEADER
+from modelcast.errors import Unauthorized
+from modelcast.wire import NODE_KEY_HEADER, announce_token
 
 from .announce import ZONE_RE, validate_node_id
-from .auth import check_auth
+from .auth import check_auth, check_enrolment, has_write_token
 from .metrics import HEARTBEAT_ROUTE, LEAVE_ROUTE, METRICS
-from .state import CONFIG, NODE_KEYS, NODES, SWARMS
+from .nodekeys import check_key_shape, key_hash
+from .state import CONFIG, NODE_KEYS, NODES, STORE, SWARMS
 from .swarmstore import settle
 
 log = logging.getLogger("modelcast.tracker")
@@ -48,25 +51,25 @@ def _heartbeat_ttl(body: Any, cfg: TrackerConfig) -> float:
 
 
 class _Call:
-    """What :func:`~tracker.auth.check_auth` reads of a request, for one the fast path answers."""
+    """What the node scope's checks (tracker/auth.py, :func:`node_authorized`) read of a request the fast path answers."""
 
-    __slots__ = ("app", "method", "path", "headers")
+    __slots__ = ("app", "method", "path", "headers", "remote")
 
-    def __init__(self, app: web.Application, method: str, path: str, authorization: str | None) -> None:
-        self.app, self.method, self.path = app, method, path
-        self.headers = {"Authorization": authorization} if authorization is not None else {}
+    def __init__(self, app: web.Application, method: str, path: str, headers: Mapping[bytes, bytes],
+                 remote: str | None) -> None:
+        self.app, self.method, self.path, self.remote = app, method, path, remote
+        self.headers = CIMultiDict((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers.items())
 
 
 def heartbeat(app: web.Application, node_id: str, node_key: str | None, raw: bytes) -> dict | Awaitable[dict]:
     """A heartbeat of ``node_id`` with body ``raw`` (read whole, within :data:`MAX_HEARTBEAT_BODY`): the answer.
 
     Shared by the aiohttp handler and the fast path (tracker/fastpath.py), after the
-    caller checked the token.  The swarm store is called once, through
+    caller checked the node scope (:func:`node_authorized`).  The swarm store is called once, through
     ``SWARMS.heartbeat``; a store whose calls are coroutines (one over the network) makes
     this return an awaitable of the answer.
     """
     node_id = validate_node_id(node_id)
-    app[NODE_KEYS].heartbeat(node_id, node_key)
     body = loads_json(raw, "heartbeat body", '{"zone": "z1", "ttl_s": 3.0}') if raw else {}
     ttl = _heartbeat_ttl(body, app[CONFIG])
     report = parse_report(body)  # checked whole before anything is recorded
@@ -90,9 +93,8 @@ def _heartbeat_answer(app: web.Application, node_id: str, body: dict, report: An
 
 
 def leave(app: web.Application, node_id: str, node_key: str | None) -> dict | Awaitable[dict]:
-    """The node ``node_id`` stops: its entries leave every swarm at once (the token already checked)."""
+    """The node ``node_id`` stops: its entries leave every swarm at once (the node scope already checked)."""
     node_id = validate_node_id(node_id)
-    app[NODE_KEYS].leave(node_id, node_key)
     removed = app[SWARMS].leave(node_id)
     if inspect.isawaitable(removed):
         return _leave_done(app, node_id, removed)
@@ -123,13 +125,24 @@ def fast_node_route(app: web.Application, method: bytes, path: bytes) -> "Callab
     if not node_id or b"/" in node_id:
         return None
 
-    def route(headers: Mapping[bytes, bytes], body: bytes) -> tuple[int, bytes, dict[str, str]] | Awaitable:
+    what = "heartbeat" if kind == HEARTBEAT_ROUTE else "leave"
+
+    def route(headers: Mapping[bytes, bytes], body: bytes,
+              remote: str | None = None) -> tuple[int, bytes, dict[str, str]] | Awaitable:
         try:
-            node = unquote(node_id.decode("ascii"), errors="strict")
-            call = _Call(app, method.decode(), path.decode("ascii"), _header(headers, b"authorization"))
-            check_auth(call, read=True)  # type: ignore[arg-type]
+            node = validate_node_id(unquote(node_id.decode("ascii"), errors="strict"))
             key = _header(headers, NODE_KEY_HEADER_B)
-            answer = heartbeat(app, node, key, body) if kind == HEARTBEAT_ROUTE else leave(app, node, key)
+            keys = app[NODE_KEYS]
+            if key is not None and keys.is_bound(node):
+                # The common case, answered at once: a node known here speaks with its own key.
+                check_key_shape(key)
+                keys.check(node, key, what)
+                answer = heartbeat(app, node, key, body) if kind == HEARTBEAT_ROUTE else leave(app, node, key)
+            else:
+                # Enrolment, a binding made on another replica or before a restart (the store
+                # is asked), or a key-less client: the same checks as aiohttp's, awaited.
+                call = _Call(app, method.decode(), path.decode("ascii"), headers, remote)
+                answer = _authorized(call, node, key, body, kind, what)
         except (ModelcastError, UnicodeDecodeError) as exc:
             return _count(app, kind, _error(exc))
         if inspect.isawaitable(answer):
@@ -169,17 +182,64 @@ def _count(app: web.Application, kind: tuple[str, str], answer: tuple[int, bytes
     return answer
 
 
+async def _authorized(call: _Call, node: str, key: str | None, body: bytes, kind: tuple[str, str], what: str) -> dict:
+    await node_authorized(call, node, what)  # type: ignore[arg-type]
+    answer = heartbeat(call.app, node, key, body) if kind == HEARTBEAT_ROUTE else leave(call.app, node, key)
+    return await answer if inspect.isawaitable(answer) else answer
+
+
+async def _lookup(request: web.Request, node_id: str) -> bool:
+    """Whether ``node_id`` is bound, asking the store on a cache miss (another replica, or before a restart)."""
+    keys = request.app[NODE_KEYS]
+    if not keys.is_bound(node_id):
+        found = await asyncio.to_thread(request.app[STORE].node_key_of, node_id)
+        if found is not None:
+            keys.remember(node_id, *found)
+    return keys.is_bound(node_id)
+
+
+def _keyless(request: web.Request, what: str, node_id: str) -> None:
+    """A heartbeat or leave without a node key (an older client): it proves no node, so it is
+    allowed only to whoever could enrol a node (tracker/auth.py) and read, or with the write token."""
+    if request.app[CONFIG].token and has_write_token(request):
+        return
+    try:
+        check_enrolment(request, node_id)
+    except Unauthorized:
+        raise Unauthorized(f"{what} of node {node_id} needs its node key ({NODE_KEY_HEADER}) or the node token; "
+                           "the read token does not speak for nodes") from None
+    check_auth(request, read=True)
+
+
+async def node_authorized(request: web.Request, node_id: str, what: str) -> None:
+    """The node scope: the node's own key if its id is bound; else enrolment (binding it), or the keyless rule."""
+    key = request.headers.get(NODE_KEY_HEADER)
+    check_key_shape(key)
+    keys = request.app[NODE_KEYS]
+    if await _lookup(request, node_id):
+        keys.check(node_id, key, what)
+    elif key is None:
+        _keyless(request, what, node_id)
+    else:
+        check_enrolment(request, node_id)
+        if what == "heartbeat":
+            bound = await asyncio.to_thread(request.app[STORE].bind_node_key, node_id, key_hash(key),
+                                            announce_token(key))
+            keys.remember(node_id, *bound)
+            keys.check(node_id, key, what)  # another key won a race for this id (another replica)
+
+
 async def node_heartbeat(request: web.Request) -> web.Response:
     """``POST /v1/nodes/{node_id}/heartbeat``: keep every swarm entry of the node alive for ``ttl_s``.
 
-    Guarded like a read, not a write: a node holds at most the read token (it never
-    publishes), and its random node id, sent only to this tracker, is what ties the
-    heartbeat to its swarm entries, the same trust an announce gets.  Most heartbeats
-    are answered by the fast path (tracker/fastpath.py) through the same :func:`heartbeat`.
+    The node scope, not the read token: a bound node id needs its key
+    (``X-Modelcast-Node-Key``); a new one is enrolled (bound to the key it sends) with the
+    registry's node token (tracker/auth.py); one without a key, only with the write token.
+    Most heartbeats are answered by the fast path (tracker/fastpath.py) through the same
+    :func:`heartbeat`.
     """
-    check_auth(request, read=True)
     node_id = validate_node_id(request.match_info["node_id"])
-    request.app[NODE_KEYS].heartbeat(node_id, request.headers.get(NODE_KEY_HEADER))
+    await node_authorized(request, node_id, "heartbeat")
     # Bounded however it is framed (a chunked body has no Content-Length to check first).
     raw = await read_body(request, MAX_HEARTBEAT_BODY, "heartbeat body")
     answer = heartbeat(request.app, node_id, request.headers.get(NODE_KEY_HEADER), raw)
@@ -190,8 +250,9 @@ async def node_heartbeat(request: web.Request) -> web.Response:
 
 async def node_leave(request: web.Request) -> web.Response:
     """``DELETE /v1/nodes/{node_id}``: the node stops; its entries leave every swarm at once."""
-    check_auth(request, read=True)
-    answer = leave(request.app, request.match_info["node_id"], request.headers.get(NODE_KEY_HEADER))
+    node_id = validate_node_id(request.match_info["node_id"])
+    await node_authorized(request, node_id, "leave")
+    answer = leave(request.app, node_id, request.headers.get(NODE_KEY_HEADER))
     if inspect.isawaitable(answer):
         answer = await answer
     return web.json_response(answer)

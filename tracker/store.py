@@ -74,6 +74,16 @@ MIGRATIONS = [
             FOREIGN KEY (name, tag) REFERENCES tags(name, tag) ON DELETE CASCADE
         )""",
     ],
+    # 2: node identity bindings (tracker/nodekeys.py): node id -> hash of its key and its
+    # announce token, kept so a restarted registry, and every replica, refuse the same keys.
+    [
+        """CREATE TABLE IF NOT EXISTS node_keys (
+            node_id   {key} PRIMARY KEY,
+            key_hash  TEXT NOT NULL,
+            announce  TEXT NOT NULL,
+            bound_at  {real} NOT NULL
+        )""",
+    ],
 ]
 
 # The registry database failed (disk full, corrupt file, locked by another process); its
@@ -476,3 +486,33 @@ class RegistryStore:
         """The ``info_hash`` object of every stored manifest (to rebuild the tracker allow-list)."""
         rows = self._run(lambda db: db.execute("SELECT manifest FROM artifacts").fetchall())
         return [json.loads(bytes(r[0]))["info_hash"] for r in rows]
+
+    # -- node identity (tracker/nodekeys.py) ---------------------------------------------
+
+    @_timed
+    def bind_node_key(self, node_id: str, key_hash: str, announce: str) -> tuple[str, str]:
+        """Bind ``node_id`` to a key unless it is bound already; the binding that holds: (key_hash, announce).
+
+        Two replicas binding the same id at once agree: the first insert wins, both read it.
+        """
+        def tx(db: Transaction) -> tuple[str, str]:
+            db.execute("INSERT INTO node_keys (node_id, key_hash, announce, bound_at) VALUES (?, ?, ?, ?)"
+                       " ON CONFLICT (node_id) DO NOTHING", (node_id, key_hash, announce, time.time()))
+            row = db.execute("SELECT key_hash, announce FROM node_keys WHERE node_id = ?", (node_id,)).fetchone()
+            return row[0], row[1]
+
+        return self._run(tx, write=True)
+
+    @_timed
+    def node_key_of(self, node_id: str) -> tuple[str, str] | None:
+        """The binding of ``node_id``: (key_hash, announce), or None if it is not bound."""
+        row = self._run(lambda db: db.execute("SELECT key_hash, announce FROM node_keys WHERE node_id = ?",
+                                              (node_id,)).fetchone())
+        return (row[0], row[1]) if row else None
+
+    @_timed
+    def node_keys(self, limit: int) -> list[tuple[str, str, str]]:
+        """Up to ``limit`` bindings, the most recently bound last: (node_id, key_hash, announce)."""
+        rows = self._run(lambda db: db.execute(
+            "SELECT node_id, key_hash, announce FROM node_keys ORDER BY bound_at DESC LIMIT ?", (limit,)).fetchall())
+        return [(r[0], r[1], r[2]) for r in reversed(rows)]

@@ -30,7 +30,7 @@ from aiohttp.abc import AbstractStreamWriter
 from adapters.origin import Origin
 from modelcast.errors import ArtifactNotFound, ModelcastError, OriginError
 from modelcast.manifest import FileEntry, Manifest
-from modelcast.wire import (ACCEPT_REDIRECT_HEADER, FIRST_COPY_HEADER, RELAY_FROM_HEADER, RELAY_HEADER,
+from modelcast.wire import (ACCEPT_REDIRECT_HEADER, FIRST_COPY_HEADER, NODE_ID_HEADER, NODE_KEY_HEADER, RELAY_FROM_HEADER, RELAY_HEADER,
                             RELAY_TO_HEADER, ZONE_HEADER)
 
 from .announce import ZONE_RE, normalize_ip
@@ -38,7 +38,7 @@ from .auth import check_auth
 from .federation import UpstreamUnreachable, is_upstream_origin
 from .firstcopy import Admission
 from .registry_api import digest_param, stored_record
-from .state import CONFIG, FIRST_COPY, ORIGINS, STATS, UPSTREAM, WEBSEED_CACHE, Stats, WebseedArtifact
+from .state import CONFIG, FIRST_COPY, NODE_KEYS, ORIGINS, STATS, UPSTREAM, WEBSEED_CACHE, Stats, WebseedArtifact
 
 log = logging.getLogger("modelcast.tracker")
 
@@ -193,6 +193,12 @@ def _refusal(admission: Admission, tail: str, first_byte: int, last_byte: int) -
 # The handler
 
 
+def _proven_node(request: web.Request) -> bool:
+    """Whether the request carries the id and key of an enrolled node (``X-Modelcast-Node``, ``-Node-Key``)."""
+    node_id = request.headers.get(NODE_ID_HEADER)
+    return node_id is not None and request.app[NODE_KEYS].matches(node_id, request.headers.get(NODE_KEY_HEADER))
+
+
 async def webseed(request: web.Request) -> web.StreamResponse:
     """``GET /v1/webseed/{digest}/{torrent_name}/{path}``: file bytes from the origin."""
     check_auth(request, read=True)
@@ -207,9 +213,12 @@ async def webseed(request: web.Request) -> web.StreamResponse:
     first_byte, last_byte = span if span is not None else (0, max(entry.size - 1, 0))
     zone = request.headers.get(ZONE_HEADER)
     zone = zone if zone is not None and ZONE_RE.fullmatch(zone) else None
+    # The gate counts (and refuses) only proven nodes: a zone named by anyone else is served
+    # and forgotten, so nobody can make the gate refuse a zone by naming it (issue #15).
+    gate_zone = zone if _proven_node(request) else None
     admission = request.app[FIRST_COPY].admit(
         digest, tail, first_byte, last_byte, first_copy=request.headers.get(FIRST_COPY_HEADER) == "1",
-        zone=zone, relay=_relay_url(request.headers.get(RELAY_HEADER), request.remote))
+        zone=gate_zone, relay=_relay_url(request.headers.get(RELAY_HEADER), request.remote))
     if not admission.serve:
         return _refusal(admission, tail, first_byte, last_byte)
     tally = OriginTally(request.app[STATS], admission.relay_to, zone)

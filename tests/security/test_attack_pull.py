@@ -10,8 +10,8 @@ speaking only the public protocol, run:
 * forged relays: first-copy GETs naming a zone and an ``X-Modelcast-Relay`` URL of a fake
   holder on the attacker's own address (whole files dropped at once, and single pieces),
   one holder that answers every piece with garbage and swallows pushes, one that accepts
-  connections and never answers; the gate names them to the nodes as push targets (and as
-  holders of bytes no node's zone has);
+  connections and never answers; they prove no enrolled node (no node id and key), so the
+  gate serves them and neither records them nor names them to the nodes;
 * spoofed stops: ``event=stopped`` announces for each victim's ip:port, from another
   address, with and without the victim's node id;
 * slow clients: half-sent requests held open against the registry and every node API;
