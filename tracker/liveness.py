@@ -23,9 +23,26 @@ from modelcast.wire import NODE_KEY_HEADER
 
 from .announce import ZONE_RE, validate_node_id
 from .auth import check_auth
-from .state import CONFIG, NODE_KEYS, NODES, SWARMS
+from .state import CONFIG, NODE_KEYS, NODES, RELAYS, SWARMS
 
 log = logging.getLogger("modelcast.tracker")
+
+
+def relay_registration(app: web.Application, node_id: str, node_key: str | None, body: dict,
+                       remote: str | None, forwarded_for: str | None = None) -> dict:
+    """Register the relay URL a heartbeat names (``"relay"``); the answer's fields about it.
+
+    Only a heartbeat that proves its node id with a node key registers a URL and learns the
+    node's relay secret (tracker/relaytokens.py); the URL must be at the heartbeat's source
+    address.  Shared by every path that answers heartbeats.
+    """
+    relays = app[RELAYS]
+    if node_key is None:
+        relays.forget(node_id)
+        return {}
+    url = relays.register(node_id, body.get("relay"), relays.source(remote, forwarded_for))
+    secret = relays.node_secret(node_id)
+    return {"relay": url, **({"relay_secret": secret} if secret is not None else {})}
 
 
 def _heartbeat_ttl(body: Any, cfg: TrackerConfig) -> float:
@@ -59,10 +76,12 @@ async def node_heartbeat(request: web.Request) -> web.Response:
     now = time.monotonic()
     entries = request.app[SWARMS].heartbeat(node_id, now, ttl, body.get("zone"))
     node = request.app[NODES].heartbeat(node_id, body.get("zone"), report, now, time.time(), ttl)
+    relay = relay_registration(request.app, node_id, request.headers.get(NODE_KEY_HEADER), body, request.remote,
+                               request.headers.get("X-Forwarded-For"))
     # "reported": whether this registry holds a report of the node, so that a node which
     # sends its report only when it changes sends it again to a registry that lost it.
     return web.json_response({"ok": True, "ttl_s": ttl, "entries": entries,
-                              "reported": node is not None and node.reported})
+                              "reported": node is not None and node.reported, **relay})
 
 
 async def node_leave(request: web.Request) -> web.Response:
@@ -71,6 +90,7 @@ async def node_leave(request: web.Request) -> web.Response:
     node_id = validate_node_id(request.match_info["node_id"])
     request.app[NODE_KEYS].leave(node_id, request.headers.get(NODE_KEY_HEADER))
     removed = request.app[SWARMS].leave(node_id)
+    request.app[RELAYS].forget(node_id)
     request.app[NODES].leave(node_id, time.time())
     log.info("node %s left %d swarm entries", node_id, removed)
     return web.json_response({"ok": True, "removed": removed})
