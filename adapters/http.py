@@ -80,10 +80,12 @@ class JsonClient:
     service = "service"
 
     def __init__(self, base_url: str | list[str], token: str | None = None, timeout_s: float = 30.0,
-                 session: aiohttp.ClientSession | None = None, ca: Path | None = None):
+                 session: aiohttp.ClientSession | None = None, ca: Path | None = None,
+                 local_host: str | None = None):
         self.base_urls = split_urls(base_url)
         self._current = 0
         self.failovers = 0
+        self.local_host = local_host  # requests leave from this address (None: any)
         self.token = token
         self.ca = ca
         self._timeout = aiohttp.ClientTimeout(total=timeout_s,
@@ -122,7 +124,9 @@ class JsonClient:
     def _sess(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout,
-                                                  connector=aiohttp.TCPConnector(ssl=connector_ssl(self.ca)))
+                                                  connector=aiohttp.TCPConnector(
+                                                      ssl=connector_ssl(self.ca),
+                                                      local_addr=(self.local_host, 0) if self.local_host else None))
         return self._session
 
     async def request(self, method: str, path: str, *, what: str, raw: bool = False,

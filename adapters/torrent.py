@@ -381,6 +381,7 @@ class TorrentEngine:
             self.session.set_peer_class_filter(flt)
         self.on_event = on_event
         self._handles: dict[str, lt.torrent_handle] = {}
+        self._spans: dict[str, list[PieceSpan]] = {}  # piece_span()'s, per digest (immutable), a few kept
         self._by_hash: dict[str, str] = {}
         self._removing: dict[str, asyncio.Future] = {}  # info-hash -> resolved once its files are closed
         self._errors: dict[str, str] = {}
@@ -651,6 +652,19 @@ class TorrentEngine:
             return None
         ti = handle.torrent_file()
         return ti.piece_size(piece) if 0 <= piece < ti.num_pieces() else None
+
+    def piece_span(self, digest: str, piece: int) -> PieceSpan | None:
+        """Where ``piece`` of ``digest`` lives (file and range), or None if there is no such piece here."""
+        handle = self._handles.get(digest)
+        if handle is None:
+            return None
+        spans = self._spans.get(digest)
+        if spans is None:
+            spans = piece_spans(handle.torrent_file())
+            self._spans[digest] = spans
+            while len(self._spans) > 64:
+                del self._spans[next(iter(self._spans))]
+        return spans[piece] if 0 <= piece < len(spans) else None
 
     def read_piece(self, digest: str, piece: int) -> asyncio.Future:
         """A future of ``piece``'s bytes (padding included), read by libtorrent and answered by an alert."""

@@ -18,6 +18,9 @@ RELAY_HEADER = "X-Modelcast-Relay"
 RELAY_FROM_HEADER = "X-Modelcast-Relay-From"
 # With served bytes: push them to these nodes of other zones (space-separated base URLs).
 RELAY_TO_HEADER = "X-Modelcast-Relay-To"
+# Beside each: the relay tokens (modelcast/relay_auth.py) for those nodes, in the same order.
+RELAY_FROM_TOKEN_HEADER = "X-Modelcast-Relay-From-Token"
+RELAY_TO_TOKEN_HEADER = "X-Modelcast-Relay-To-Token"
 # A node may take its origin bytes from a short-lived presigned URL of the object store:
 # the registry then answers 307 with that URL for exactly the asked range instead of
 # streaming the bytes itself (S3 origins; tracker/webseed.py).

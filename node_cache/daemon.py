@@ -87,7 +87,11 @@ class NodeDaemon:
         self.metrics = NodeMetrics(self._gauges)
         self.counters = self.metrics.counters
         # Reads with the read (or write) token if it has one, else with the node token, which reads too.
-        self.registry = RegistryClient(cfg.registry, cfg.token or cfg.node_token, ca=cfg.ca)
+        # Registry requests leave from the relay listener's address: the registry registers the
+        # relay URL a heartbeat names only at the address the heartbeat comes from (tracker/relaytokens.py).
+        relay_host = cfg.peer_host if cfg.relay_host is None else cfg.relay_host
+        self.registry = RegistryClient(cfg.registry, cfg.token or cfg.node_token, ca=cfg.ca,
+                                       local_host=None if is_wildcard(relay_host) else relay_host)
         self.relay = Relay(cfg, self.counters, self.jobs)
         self.fetcher = OriginFetcher(cfg, self.counters, self.relay)
         self._downloads: dict[str, Download] = {}
@@ -234,8 +238,10 @@ class NodeDaemon:
                           if reports else None)
                 try:
                     answer = await self.registry.heartbeat(self.node_id, self.cfg.zone, self.cfg.heartbeat_ttl_s,
-                                                           report, self.node_key, self.cfg.node_token)
+                                                           report, self.node_key, self.cfg.node_token,
+                                                           relay=self.relay.url)
                     self.reporter.answered(answer)
+                    self.relay.registered(self.node_id, answer)
                     self._rejoin(answer)
                 except BadRequest as exc:
                     if report is None:
@@ -244,8 +250,10 @@ class NodeDaemon:
                     log.warning("the registry refuses this node's progress reports (%s); heartbeats go on without them",
                                 exc)
                     reports = False
-                    await self.registry.heartbeat(self.node_id, self.cfg.zone, self.cfg.heartbeat_ttl_s,
-                                                  node_key=self.node_key, node_token=self.cfg.node_token)
+                    answer = await self.registry.heartbeat(self.node_id, self.cfg.zone, self.cfg.heartbeat_ttl_s,
+                                                           node_key=self.node_key, node_token=self.cfg.node_token,
+                                                           relay=self.relay.url)
+                    self.relay.registered(self.node_id, answer)
                 warned = False
             except asyncio.CancelledError:
                 raise

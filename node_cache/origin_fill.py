@@ -28,8 +28,9 @@ import aiohttp
 from adapters.torrent import PieceSpan, TorrentEngine
 from modelcast.config import NodeConfig
 from modelcast.errors import Unreachable
-from modelcast.wire import (ACCEPT_REDIRECT_HEADER, FIRST_COPY_HEADER, RELAY_FROM_HEADER, RELAY_HEADER,
-                            RELAY_TO_HEADER, ZONE_HEADER, NODE_ID_HEADER, NODE_KEY_HEADER, bearer)
+from modelcast.wire import (ACCEPT_REDIRECT_HEADER, FIRST_COPY_HEADER, NODE_ID_HEADER, NODE_KEY_HEADER,
+                            RELAY_FROM_HEADER, RELAY_FROM_TOKEN_HEADER, RELAY_HEADER, RELAY_TO_HEADER,
+                            RELAY_TO_TOKEN_HEADER, ZONE_HEADER, bearer)
 
 from .jobs import PullJob
 from .metrics import NodeCounters
@@ -62,9 +63,10 @@ class ServedElsewhere(Exception):
 class RelayFrom(Exception):
     """The origin served this piece to a node of another zone moments ago: fetch it from that node."""
 
-    def __init__(self, holder: str):
+    def __init__(self, holder: str, token: str):
         super().__init__(holder)
         self.holder = holder
+        self.token = token  # the registry's permission for this fetch (modelcast/relay_auth.py)
 
 
 class TokenBucket:
@@ -129,10 +131,13 @@ class OriginFetcher:
             async with self.http.get(url, headers=headers, allow_redirects=False) as resp:
                 if resp.status == 409 and first_copy:
                     holder = resp.headers.get(RELAY_FROM_HEADER)
-                    if holder and len(run) == 1:
-                        raise RelayFrom(holder)
+                    token = resp.headers.get(RELAY_FROM_TOKEN_HEADER)
+                    if holder and token and len(run) == 1:
+                        raise RelayFrom(holder, token)
                     raise ServedElsewhere(first.piece)
-                targets = resp.headers.get(RELAY_TO_HEADER, "").split()
+                # Each target with the token for its listener (a registry without tokens: no pushes).
+                targets = list(zip(resp.headers.get(RELAY_TO_HEADER, "").split(),
+                                   resp.headers.get(RELAY_TO_TOKEN_HEADER, "").split()))
                 if resp.status == 307 and (location := resp.headers.get("Location")):
                     from_store = True
                     # An S3 origin: the registry admitted the range and presigned it; read it
@@ -156,7 +161,7 @@ class OriginFetcher:
             raise RegistryUnreachable(f"origin fetch of {first.path} failed: {exc}", url) from exc
 
     async def _take_pieces(self, job: PullJob, resp: aiohttp.ClientResponse, run: list[PieceSpan], start: int,
-                           end: int, targets: list[str], source: str) -> None:
+                           end: int, targets: list[tuple[str, str]], source: str) -> None:
         """Hand each piece of a 200/206 answer to libtorrent (and push it on) as soon as it has arrived.
 
         Each piece is read as one ``bytes`` straight from the connection's buffer (one copy
@@ -183,8 +188,8 @@ class OriginFetcher:
             job.bytes_from_origin += span.length
             self.counters.bytes_from_origin += span.length
             self.engine.add_piece(job.digest, span.piece, piece)
-            for target in targets:
-                self.relay.push(job.digest, target, span.piece, piece)
+            for target, token in targets:
+                self.relay.push(job.digest, target, token, span.piece, piece)
 
     async def _read(self, resp: aiohttp.ClientResponse, n: int) -> bytes:
         """The next ``n`` bytes of an answer's body, under the node's download limit."""
@@ -192,10 +197,10 @@ class OriginFetcher:
             await self.bucket.take(n)
         return await resp.content.readexactly(n)
 
-    async def relay_fetch(self, job: PullJob, base: str, holder: str, span: PieceSpan) -> None:
+    async def relay_fetch(self, job: PullJob, base: str, holder: str, token: str, span: PieceSpan) -> None:
         """Fetch one piece from ``holder``, a node of another zone; from the origin if that fails."""
         try:
-            data = await self.relay.fetch(holder, job.digest, span)
+            data = await self.relay.fetch(holder, token, job.digest, span)
         except Unreachable:
             await self.fetch_run(job, base, [span])
             return
@@ -331,7 +336,8 @@ class OriginFill:
                 # for a while.  A failed fetch brought nothing: its pieces are wanted at once.
                 fetched_at[piece] = now
             if isinstance(exc, RelayFrom):
-                relay = self._start(self.fetcher.relay_fetch(self.job, self.base, exc.holder, self.spans[piece]))
+                relay = self._start(self.fetcher.relay_fetch(self.job, self.base, exc.holder, exc.token,
+                                                             self.spans[piece]))
                 claimed[piece] = relay
                 relays.add(relay)
             elif exc is not None and not isinstance(exc, ServedElsewhere) and failure is None:

@@ -9,6 +9,14 @@ it from there (``GET`` of the same path, waiting up to ``?wait=S`` for it to arr
 listener is apart from the local API, by default on the peer address: nodes of other zones
 reach it where they reach this node's peers, and reach nothing else.  Bytes relayed are
 hash-checked by libtorrent like any others.
+
+Authenticated (issue #15).  The node registers its relay URL with each heartbeat
+(tracker/relaytokens.py) and learns its own relay secret from the answer; every target the
+registry names comes with a short-lived token for exactly that node, artifact, file range
+and direction (modelcast/relay_auth.py says why tokens checked locally rather than a round
+trip to the registry).  The listener answers a PUT or GET without a valid, unexpired token
+covering the piece with 401/403 before reading a byte of its body, and logs each cause once
+a minute.  The bounds stay: pushes pending (bytes), waiters, each exchange's time.
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ from adapters.tls import server_context
 from adapters.http_server import RELAY_LIMITS, BoundedSite, start_bounded
 from adapters.torrent import PieceSpan, TorrentEngine
 from modelcast.config import NodeConfig, is_wildcard
-from modelcast.errors import ArtifactNotFound, BadRequest, Busy, Conflict, ModelcastError, Unreachable
+from modelcast.errors import ArtifactNotFound, BadRequest, Busy, Conflict, ModelcastError, Unauthorized, Unreachable
+from modelcast.relay_auth import RELAY_TOKEN_HEADER, check_token
 
 from .jobs import PullJob, PullState
 from .metrics import NodeCounters
@@ -47,6 +56,13 @@ PUSH_PARALLEL = 8  # pieces pushed at once to nodes of other zones, as the origi
 MAX_PENDING_PUSH_BYTES = 64 << 20
 PUSH_TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=5)
 FAILURE_LOG_S = 60.0  # failed exchanges with one node are logged once a minute
+
+
+class RelayForbidden(ModelcastError, PermissionError):
+    """A relay request whose token does not allow it (expired, forged, for another piece)."""
+
+    code = "forbidden"
+    http_status = 403
 
 
 def advertised_relay_url(cfg: NodeConfig, host: str, port: int) -> str | None:
@@ -81,6 +97,11 @@ class Relay:
         self.pending_push_bytes = 0
         self._failures: dict[str, float] = {}  # node -> when its failures were last logged
         self.waiting = 0  # relay requests waiting for a piece to arrive
+        # This node's id and relay secret (from its heartbeat answer): the key of the tokens it accepts.
+        self.node_id: str | None = None
+        self.secret: str | None = None
+        self.refused: dict[str, int] = {}  # relay requests refused, by cause (modelcast/relay_auth.py)
+        self._refusals_logged: dict[str, float] = {}
 
     def attach(self, engine: TorrentEngine, http: aiohttp.ClientSession) -> None:
         """Use the daemon's libtorrent engine and HTTP client (both made at start)."""
@@ -113,6 +134,16 @@ class Relay:
         log.info("relay for other zones on %s:%d (advertised as %s)", host, site.port, self.url or "nothing")
         return site
 
+    def registered(self, node_id: str, answer: dict) -> None:
+        """Take this node's relay secret from a heartbeat answer (tracker/relaytokens.py)."""
+        secret = answer.get("relay_secret") if isinstance(answer, dict) else None
+        if isinstance(secret, str) and secret:
+            self.node_id, self.secret = node_id, secret
+        if self.url and isinstance(answer, dict) and answer.get("relay") != self.url:
+            self.warn("registry", f"the registry did not register this node's relay URL {self.url} (it must be at "
+                                  "the address the registry sees the heartbeat come from); nodes of other zones "
+                                  "will not relay pieces with it")
+
     def warn(self, node: str, message: str) -> None:
         """Log a failed exchange with a node of another zone, once a minute per node (a dead one fails them all)."""
         now = time.monotonic()
@@ -121,13 +152,13 @@ class Relay:
             log.warning("%s; further failures with %s are not logged for a minute", message, node)
 
     # ---- outgoing ----------------------------------------------------------------------
-    def push(self, digest: str, target: str, piece: int, data: bytes) -> None:
+    def push(self, digest: str, target: str, token: str, piece: int, data: bytes) -> None:
         """Hand a piece the origin just served us to ``target``, a node of another zone, in the background."""
         if self.pending_push_bytes + len(data) > MAX_PENDING_PUSH_BYTES:
             self.warn(target, f"not pushing piece {piece} of {digest} to {target}: {len(self._pushes)} pushes "
                               f"({self.pending_push_bytes >> 20} MiB) are still pending")
             return
-        task = asyncio.create_task(self._push(digest, target, piece, data))
+        task = asyncio.create_task(self._push(digest, target, token, piece, data))
         self._pushes.add(task)
         self.pending_push_bytes += len(data)
 
@@ -137,10 +168,11 @@ class Relay:
 
         task.add_done_callback(done)
 
-    async def _push(self, digest: str, target: str, piece: int, data: bytes) -> None:
+    async def _push(self, digest: str, target: str, token: str, piece: int, data: bytes) -> None:
         url = f"{target}/v1/artifacts/{digest}/pieces/{piece}"
         try:
-            async with self._push_slots, self.http.put(url, data=data, timeout=PUSH_TIMEOUT) as resp:
+            async with self._push_slots, self.http.put(url, data=data, timeout=PUSH_TIMEOUT,
+                                                        headers={RELAY_TOKEN_HEADER: token}) as resp:
                 if resp.status == 204:
                     self.counters.bytes_relayed += len(data)
                     return
@@ -152,12 +184,13 @@ class Relay:
         # Its zone makes the piece up from the origin once it stops progressing (picker.STALL_S).
         self.warn(target, f"pushing piece {piece} of {digest} to {target} failed ({problem})")
 
-    async def fetch(self, holder: str, digest: str, span: PieceSpan) -> bytes:
+    async def fetch(self, holder: str, token: str, digest: str, span: PieceSpan) -> bytes:
         """Piece ``span`` of ``digest`` from ``holder``, a node of another zone; Unreachable (logged) if that fails."""
         url = f"{holder}/v1/artifacts/{digest}/pieces/{span.piece}?wait={RELAY_WAIT_S:g}"
         try:
             async with self._fetch_slots, self.http.get(
-                    url, timeout=aiohttp.ClientTimeout(total=RELAY_WAIT_S + 30)) as resp:
+                    url, timeout=aiohttp.ClientTimeout(total=RELAY_WAIT_S + 30),
+                    headers={RELAY_TOKEN_HEADER: token}) as resp:
                 if resp.status != 200:
                     raise Unreachable(f"HTTP {resp.status}")
                 # Never more than the piece: a holder that promises or sends more is not read on.
@@ -182,6 +215,34 @@ class Relay:
         return True
 
     # ---- incoming ----------------------------------------------------------------------
+    def authorize(self, request: web.Request, digest: str, piece: int) -> None:
+        """Refuse (401 without a token, 403 with a bad one) a relay request the registry did not allow.
+
+        Runs before the body of a PUT is read: nothing unauthenticated costs a piece's bytes.
+        """
+        token = request.headers.get(RELAY_TOKEN_HEADER)
+        span = self.engine.piece_span(digest, piece) if self.engine is not None and token else None
+        if token and span is None:
+            # A token, for a piece this node does not have: nothing to check it against.
+            if request.method == "PUT":
+                raise Conflict(f"{digest} is not being pulled on this node")
+            raise ArtifactNotFound(f"piece {piece} of {digest} is not on this node")
+        cause = "missing" if not token else check_token(self.secret, token, request.method, self.node_id, digest,
+                                                         span.path, span.file_offset, span.length, time.time())
+        if cause is None:
+            return
+        self.refused[cause] = self.refused.get(cause, 0) + 1
+        now = time.monotonic()
+        if now - self._refusals_logged.get(cause, -1e9) > FAILURE_LOG_S:
+            self._refusals_logged[cause] = now
+            log.warning("relay %s of piece %d of %s from %s refused: token %s (further such refusals are not "
+                        "logged for a minute)", request.method, piece, digest, request.remote, cause)
+        if cause in ("missing", "unready"):
+            raise Unauthorized(f"relay requests need a registry-issued token ({RELAY_TOKEN_HEADER})"
+                               + (" that this node can check yet" if cause == "unready" else ""))
+        raise RelayForbidden(f"relay token refused ({cause}): it does not allow {request.method} of piece {piece} "
+                        f"of {digest} here now")
+
     async def read_piece(self, digest: str, piece: int, wait_s: float) -> bytes:
         """``piece`` of ``digest`` (padding included), waiting up to ``wait_s`` for it to arrive here."""
         loop = asyncio.get_running_loop()
@@ -245,7 +306,9 @@ async def handle_piece(request: web.Request) -> web.Response:
         raise BadRequest("?wait= must be a number of seconds") from None
     if not 0 <= wait_s <= 60:
         raise BadRequest(f"?wait={wait_s:g} must be between 0 and 60 seconds")
-    data = await request.app[RELAY].read_piece(digest, piece, wait_s)
+    relay = request.app[RELAY]
+    relay.authorize(request, digest, piece)
+    data = await relay.read_piece(digest, piece, wait_s)
     return web.Response(body=data, content_type="application/octet-stream")
 
 
@@ -254,6 +317,7 @@ async def handle_piece_put(request: web.Request) -> web.Response:
     digest = "sha256:" + request.match_info["hex"]
     piece = int(request.match_info["piece"])
     relay = request.app[RELAY]
+    relay.authorize(request, digest, piece)  # before a byte of the body is read
     size = relay.accept_piece(digest, piece, request.content_length)
     try:
         data = await request.content.readexactly(size)

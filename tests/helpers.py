@@ -357,3 +357,19 @@ def make_wheel(where: Path, name: str, version: str, files: dict[str, bytes] | N
         for path, data in [*sorted(files.items()), (f"{info}/RECORD", ("\n".join(record) + "\n").encode())]:
             zf.writestr(zipfile.ZipInfo(path, date_time=(2020, 1, 1, 0, 0, 0)), data)
     return wheel
+
+
+def relay_token(tracker: TrackerProcess, node_id: str, method: str, digest: str, path: str, first: int, last: int,
+                now: float | None = None) -> str:
+    """A relay token as the registry (SQLite, in ``tracker.data_dir``) issues it: for ``method`` (PUT/GET) of
+    pieces holding bytes ``first..last`` of ``path`` ("<torrent_name>/<file>") at node ``node_id``."""
+    import sqlite3
+    import time
+
+    from modelcast.relay_auth import make_token, node_relay_secret
+    from tracker.store import DB_NAME
+
+    with sqlite3.connect(Path(tracker.data_dir) / DB_NAME) as db:
+        secret = bytes(db.execute("SELECT secret FROM registry_secrets WHERE name = 'relay'").fetchone()[0])
+    return make_token(node_relay_secret(secret, node_id), method, node_id, digest, path, first, last,
+                      time.time() if now is None else now)

@@ -82,7 +82,7 @@ def test_a_database_newer_than_this_modelcast_is_refused(postgres_db, tmp_path):
 
 
 def test_sqlite_registry_from_before_schema_versions_is_adopted(tmp_path):
-    """A registry.sqlite3 made before versions were recorded keeps its artifacts and becomes version 1."""
+    """A registry.sqlite3 made before versions were recorded keeps its artifacts and is migrated from version 1."""
     art = _artifacts(tmp_path, 1)[0]
     old = sqlite3.connect(tmp_path / DB_NAME)
     for statement in MIGRATIONS[0]:
@@ -99,6 +99,21 @@ def test_sqlite_registry_from_before_schema_versions_is_adopted(tmp_path):
     store.close()
     with sqlite3.connect(tmp_path / DB_NAME) as db:
         assert [r[0] for r in db.execute("SELECT version FROM schema_version")] == list(range(1, len(MIGRATIONS) + 1))  # adopted as 1, then migrated on
+
+
+def test_the_relay_secret_is_one_per_database_on_both_stores(postgres_db, tmp_path):
+    """Replicas over one database derive the same relay secrets (tracker/relaytokens.py); reopening keeps it."""
+    for db in (postgres_db, None):
+        stores = [RegistryStore(tmp_path / "data", db=db) for _ in range(2)]
+        try:
+            secrets = {s.registry_secret("relay") for s in stores}
+            assert len(secrets) == 1 and len(next(iter(secrets))) == 32
+        finally:
+            for s in stores:
+                s.close()
+        again = RegistryStore(tmp_path / "data", db=db)
+        assert again.registry_secret("relay") in secrets
+        again.close()
 
 
 def test_tracker_refuses_a_database_url_it_cannot_use(tmp_path):

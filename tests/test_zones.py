@@ -10,7 +10,9 @@ from pathlib import Path
 
 from node_cache.client import NodeClient
 
-from .helpers import make_model, publish, registry_stats, tree_hashes, wait_until_async
+from modelcast.relay_auth import RELAY_TOKEN_HEADER
+
+from .helpers import make_model, publish, registry_stats, relay_token, tree_hashes, wait_until_async
 
 MiB = 1 << 20
 
@@ -51,16 +53,17 @@ def test_two_zones_pull_at_once_each_piece_crosses_once(tracker, node_factory, t
     assert crossed <= 1.5 * total
 
 
-def _get(url: str) -> tuple[int, bytes]:
+def _get(url: str, token: str | None = None) -> tuple[int, bytes]:
     try:
-        with urllib.request.urlopen(url, timeout=30) as resp:
+        with urllib.request.urlopen(urllib.request.Request(url, headers={RELAY_TOKEN_HEADER: token} if token else {}),
+                                    timeout=30) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
 
 
-def _put(url: str, data: bytes) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, data=data, method="PUT")
+def _put(url: str, data: bytes, token: str | None = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=data, method="PUT", headers={RELAY_TOKEN_HEADER: token} if token else {})
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, resp.read()
@@ -73,29 +76,35 @@ def test_piece_routes_serve_what_the_node_has_and_refuse_the_rest(tracker, node_
     digest = publish(tracker.url, model, "zoned/p:v1", (tmp_path / "origin").as_uri())
     node = node_factory(tracker.url, "n0", host="127.0.0.7")
     asyncio.run(_pull_all([node], "zoned/p:v1"))
-    relay = json.loads(_get(f"{node.url}/v1/health")[1])["relay"]
+    health = json.loads(_get(f"{node.url}/v1/health")[1])
+    relay = health["relay"]
+    name = json.loads(_get(f"{tracker.url}/v1/artifacts/{digest}")[1])["torrent_name"]
+    # Relay requests carry a registry-issued token (tests/security/test_relay_tokens.py).
+    get = relay_token(tracker, health["node_id"], "GET", digest, f"{name}/w.bin", 0, 3 * MiB // 2 - 1)
+    put = relay_token(tracker, health["node_id"], "PUT", digest, f"{name}/w.bin", 0, 3 * MiB // 2 - 1)
     # The pieces are on a listener of their own, on the peer address; the local API has none.
     assert relay.startswith("http://127.0.0.7:") and relay != node.url
     assert _get(f"{node.url}/v1/artifacts/{digest}/pieces/0")[0] == 404
     base = f"{relay}/v1/artifacts/{digest}/pieces"
     data = (model / "w.bin").read_bytes()
-    status, piece0 = _get(f"{base}/0")
+    status, piece0 = _get(f"{base}/0", get)
     assert status == 200 and len(piece0) == 256 * 1024 and piece0 == data[:len(piece0)]
-    status, last = _get(f"{base}/5")  # the file's last piece: its bytes, then the pad file's zeros
+    status, last = _get(f"{base}/5", get)  # the file's last piece: its bytes, then the pad file's zeros
     assert status == 200 and last == data[5 * 256 * 1024:] + bytes(len(last) - len(data[5 * 256 * 1024:]))
-    status, body = _get(f"{base}/999999?wait=0.2")
+    status, body = _get(f"{base}/999999?wait=0.2", get)
     assert status == 404 and "not on this node" in json.loads(body)["error"]["message"]
     for bad in ("wait=abc", "wait=-1", "wait=nan", "wait=1e9"):
-        status, body = _get(f"{base}/0?{bad}")
+        status, body = _get(f"{base}/0?{bad}", get)
         assert status == 400, (bad, body)
     # Pushes are taken only for an artifact being pulled: this one is complete.
-    status, body = _put(f"{base}/0", b"\0" * 16)
+    status, body = _put(f"{base}/0", b"\0" * 16, put)
     assert status == 409 and "not being pulled" in json.loads(body)["error"]["message"]
-    status, _ = _put(f"{relay}/v1/artifacts/sha256:{'0' * 64}/pieces/0", b"x")
+    status, _ = _put(f"{relay}/v1/artifacts/sha256:{'0' * 64}/pieces/0", b"x", put)
     assert status == 409
+    assert _put(f"{base}/0", b"\0" * 16)[0] == 401  # no token
     # The node is unharmed and its copy intact.
     assert _get(f"{node.url}/v1/health")[0] == 200
-    assert _get(f"{base}/0") == (200, piece0)
+    assert _get(f"{base}/0", get) == (200, piece0)
 
 
 def test_a_node_that_dies_mid_pull_does_not_stop_the_others(tracker, node_factory, tmp_path):

@@ -44,12 +44,13 @@ from .fleet import add_fleet_routes
 from .liveness import fast_node_route, node_heartbeat, node_leave, peer_expiry_ctx
 from .metrics import METRICS, RegistryMetrics, metrics, metrics_middleware
 from .nodebook import NodeBook
-from .state import (CONFIG, FIRST_COPY, NODE_KEYS, NODES, ORIGINS, STATS, STORE, SWARMS, UDP_TRACKER, UPSTREAM, WEBSEED_CACHE,
+from .state import (CONFIG, FIRST_COPY, NODE_KEYS, NODES, RELAYS, ORIGINS, STATS, STORE, SWARMS, UDP_TRACKER, UPSTREAM, WEBSEED_CACHE,
                     WRITE_LOCK, OriginCache, Stats)
 from .store import RegistryStore
 from .swarm_redis import RedisSwarmStore
 from .swarmstore import make_swarm_store, settle
 from .nodekeys import NodeKeys
+from .relaytokens import RelayRegistry
 from .peer_policy import PeerPolicy, parse_networks
 from .udp_server import UdpTracker, start_udp_tracker
 from .webseed import webseed
@@ -107,6 +108,7 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
     store = await asyncio.to_thread(RegistryStore, Path(cfg.data_dir), app[METRICS].observe_store, db=cfg.db)
     app[STORE] = store
+    app[RELAYS].secret = await asyncio.to_thread(store.registry_secret, "relay")
     # Swarm state is not persisted (peers re-announce within one interval), but the
     # allow-list is: without it every announce after a restart would be refused.
     swarms = app[SWARMS]
@@ -227,6 +229,7 @@ def make_app(cfg: TrackerConfig) -> web.Application:
     app[METRICS] = RegistryMetrics(app)
     app[SWARMS] = make_swarm_store(cfg.swarm_store, zone_gateways=cfg.zone_gateways, peer_ttl_s=cfg.peer_ttl_s)
     app[NODE_KEYS] = NodeKeys()
+    app[RELAYS] = RelayRegistry(cfg.trusted_proxies)
     app[TRACKER] = TrackerEndpoint(cfg, app[SWARMS], app[NODE_KEYS])
     app[STATS] = Stats()
     app[ORIGINS] = OriginCache(cfg.s3_endpoint)

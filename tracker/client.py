@@ -155,16 +155,19 @@ class RegistryClient(JsonClient):
         return f"{base or self.base_url}/announce" + ("?" + "&".join(params) if params else "")
 
     async def heartbeat(self, node_id: str, zone: str, ttl_s: float, report: dict | None = None,
-                        node_key: str | None = None, node_token: str | None = None) -> dict:
+                        node_key: str | None = None, node_token: str | None = None,
+                        relay: str | None = None) -> dict:
         """Keep the node's swarm entries alive; ``report`` (node_cache/report.py) says what it pulls and holds.
 
         ``node_key`` proves the node id (the first heartbeat with a key binds the id to it);
-        ``node_token``, the registry's node enrolment token, is that first heartbeat's bearer.
+        ``node_token``, the registry's node enrolment token, is that first heartbeat's bearer;
+        ``relay`` registers the node's relay URL, and the answer then holds its relay secret.
         """
         headers = {NODE_KEY_HEADER: node_key} if node_key else {}
         headers.update(bearer(node_token))
         return await self.request("POST", f"/v1/nodes/{quote(node_id, safe='')}/heartbeat",
-                                  json={"zone": zone, "ttl_s": ttl_s, **(report or {})},
+                                  json={"zone": zone, "ttl_s": ttl_s, **({"relay": relay} if relay else {}),
+                                        **(report or {})},
                                   what=f"heartbeat of node {node_id}", timeout_s=max(1.0, ttl_s), headers=headers)
 
     async def nodes(self, zone: str | None = None, limit: int = 1000) -> dict:

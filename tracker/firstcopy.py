@@ -25,7 +25,9 @@ What no client can do (issue #15): a request that names no zone is served and fo
 plain downloads never make the gate refuse anyone; a requested range is refused at most
 :data:`MAX_REFUSALS` times within the window, so no pattern of requests can keep a zone from the origin's
 bytes (a node whose swarm did not bring a piece asks again and is served); and relay URLs
-are believed only when they point at the requester's own address (tracker/webseed.py).
+are believed only when a node registered them with its heartbeat, at the requester's own
+address, and each one handed out carries a token for that exchange only
+(tracker/relaytokens.py, modelcast/relay_auth.py).
 """
 
 from __future__ import annotations

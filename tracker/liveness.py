@@ -30,10 +30,27 @@ from .announce import ZONE_RE, validate_node_id
 from .auth import check_auth, check_enrolment, has_write_token
 from .metrics import HEARTBEAT_ROUTE, LEAVE_ROUTE, METRICS
 from .nodekeys import check_key_shape, key_hash
-from .state import CONFIG, NODE_KEYS, NODES, STORE, SWARMS
+from .state import CONFIG, NODE_KEYS, NODES, RELAYS, STORE, SWARMS
 from .swarmstore import settle
 
 log = logging.getLogger("modelcast.tracker")
+
+
+def relay_registration(app: web.Application, node_id: str, node_key: str | None, body: dict,
+                       remote: str | None, forwarded_for: str | None = None) -> dict:
+    """Register the relay URL a heartbeat names (``"relay"``); the answer's fields about it.
+
+    Only a heartbeat that proves its node id with a node key registers a URL and learns the
+    node's relay secret (tracker/relaytokens.py); the URL must be at the heartbeat's source
+    address.  Shared by every path that answers heartbeats.
+    """
+    relays = app[RELAYS]
+    if node_key is None:
+        relays.forget(node_id)
+        return {}
+    url = relays.register(node_id, body.get("relay"), relays.source(remote, forwarded_for))
+    secret = relays.node_secret(node_id)
+    return {"relay": url, **({"relay_secret": secret} if secret is not None else {})}
 
 
 def _heartbeat_ttl(body: Any, cfg: TrackerConfig) -> float:
@@ -61,7 +78,8 @@ class _Call:
         self.headers = CIMultiDict((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers.items())
 
 
-def heartbeat(app: web.Application, node_id: str, node_key: str | None, raw: bytes) -> dict | Awaitable[dict]:
+def heartbeat(app: web.Application, node_id: str, node_key: str | None, raw: bytes, remote: str | None = None,
+              forwarded_for: str | None = None) -> dict | Awaitable[dict]:
     """A heartbeat of ``node_id`` with body ``raw`` (read whole, within :data:`MAX_HEARTBEAT_BODY`): the answer.
 
     Shared by the aiohttp handler and the fast path (tracker/fastpath.py), after the
@@ -75,26 +93,28 @@ def heartbeat(app: web.Application, node_id: str, node_key: str | None, raw: byt
     report = parse_report(body)  # checked whole before anything is recorded
     now = time.monotonic()
     entries = app[SWARMS].heartbeat(node_id, now, ttl, body.get("zone"))
+    relay = relay_registration(app, node_id, node_key, body, remote, forwarded_for)
     if inspect.isawaitable(entries):
-        return _heartbeat_done(app, node_id, body, report, now, ttl, entries)
-    return _heartbeat_answer(app, node_id, body, report, now, ttl, entries)
+        return _heartbeat_done(app, node_id, body, report, now, ttl, entries, relay)
+    return _heartbeat_answer(app, node_id, body, report, now, ttl, entries, relay)
 
 
-async def _heartbeat_done(app, node_id, body, report, now, ttl, entries: Awaitable[int]) -> dict:
-    return _heartbeat_answer(app, node_id, body, report, now, ttl, await entries)
+async def _heartbeat_done(app, node_id, body, report, now, ttl, entries: Awaitable[int], relay: dict) -> dict:
+    return _heartbeat_answer(app, node_id, body, report, now, ttl, await entries, relay)
 
 
 def _heartbeat_answer(app: web.Application, node_id: str, body: dict, report: Any, now: float, ttl: float,
-                      entries: int) -> dict:
+                      entries: int, relay: dict) -> dict:
     node = app[NODES].heartbeat(node_id, body.get("zone"), report, now, time.time(), ttl)
     # "reported": whether this registry holds a report of the node, so that a node which
     # sends its report only when it changes sends it again to a registry that lost it.
-    return {"ok": True, "ttl_s": ttl, "entries": entries, "reported": node is not None and node.reported}
+    return {"ok": True, "ttl_s": ttl, "entries": entries, "reported": node is not None and node.reported, **relay}
 
 
 def leave(app: web.Application, node_id: str, node_key: str | None) -> dict | Awaitable[dict]:
     """The node ``node_id`` stops: its entries leave every swarm at once (the node scope already checked)."""
     node_id = validate_node_id(node_id)
+    app[RELAYS].forget(node_id)
     removed = app[SWARMS].leave(node_id)
     if inspect.isawaitable(removed):
         return _leave_done(app, node_id, removed)
@@ -137,7 +157,8 @@ def fast_node_route(app: web.Application, method: bytes, path: bytes) -> "Callab
                 # The common case, answered at once: a node known here speaks with its own key.
                 check_key_shape(key)
                 keys.check(node, key, what)
-                answer = heartbeat(app, node, key, body) if kind == HEARTBEAT_ROUTE else leave(app, node, key)
+                answer = (heartbeat(app, node, key, body, remote, _header(headers, b"x-forwarded-for"))
+                          if kind == HEARTBEAT_ROUTE else leave(app, node, key))
             else:
                 # Enrolment, a binding made on another replica or before a restart (the store
                 # is asked), or a key-less client: the same checks as aiohttp's, awaited.
@@ -184,7 +205,8 @@ def _count(app: web.Application, kind: tuple[str, str], answer: tuple[int, bytes
 
 async def _authorized(call: _Call, node: str, key: str | None, body: bytes, kind: tuple[str, str], what: str) -> dict:
     await node_authorized(call, node, what)  # type: ignore[arg-type]
-    answer = heartbeat(call.app, node, key, body) if kind == HEARTBEAT_ROUTE else leave(call.app, node, key)
+    answer = (heartbeat(call.app, node, key, body, call.remote, call.headers.get("X-Forwarded-For"))
+              if kind == HEARTBEAT_ROUTE else leave(call.app, node, key))
     return await answer if inspect.isawaitable(answer) else answer
 
 
@@ -242,7 +264,8 @@ async def node_heartbeat(request: web.Request) -> web.Response:
     await node_authorized(request, node_id, "heartbeat")
     # Bounded however it is framed (a chunked body has no Content-Length to check first).
     raw = await read_body(request, MAX_HEARTBEAT_BODY, "heartbeat body")
-    answer = heartbeat(request.app, node_id, request.headers.get(NODE_KEY_HEADER), raw)
+    answer = heartbeat(request.app, node_id, request.headers.get(NODE_KEY_HEADER), raw, request.remote,
+                       request.headers.get("X-Forwarded-For"))
     if inspect.isawaitable(answer):
         answer = await answer
     return web.json_response(answer)

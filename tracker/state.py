@@ -19,6 +19,7 @@ from .federation import Upstream
 from .firstcopy import FirstCopyGate
 from .nodebook import NodeBook
 from .nodekeys import NodeKeys
+from .relaytokens import RelayRegistry
 from .store import RegistryStore
 from .swarm import SwarmRegistry
 from .udp_server import UdpTrackerProtocol
@@ -108,3 +109,5 @@ UDP_TRACKER = web.AppKey("udp_tracker", UdpTrackerProtocol)
 NODES = web.AppKey("nodes", NodeBook)
 # Which key holds each node id (tracker/nodekeys.py): heartbeats, leaves and node= announces.
 NODE_KEYS = web.AppKey("node_keys", NodeKeys)
+# Each node's registered relay URL and the relay tokens (tracker/relaytokens.py).
+RELAYS = web.AppKey("relays", RelayRegistry)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import json
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Iterable
@@ -82,6 +83,15 @@ MIGRATIONS = [
             key_hash  TEXT NOT NULL,
             announce  TEXT NOT NULL,
             bound_at  {real} NOT NULL
+        )""",
+    ],
+    # 3 (relay secret): secrets the registry keeps, by name.  One row,
+    # "relay", holds the random secret each node's relay secret is derived from
+    # (modelcast/relay_auth.py); in the database so that replicas over one database agree.
+    [
+        """CREATE TABLE IF NOT EXISTS registry_secrets (
+            name   {key} PRIMARY KEY,
+            secret {blob} NOT NULL
         )""",
     ],
 ]
@@ -249,6 +259,18 @@ class RegistryStore:
         return self._db.write(fn) if write else self._db.read(fn)
 
     # -- writes ---------------------------------------------------------------------
+
+    @_timed
+    def registry_secret(self, name: str) -> bytes:
+        """The registry's random secret ``name`` (32 bytes), made by whichever replica asks first."""
+        fresh = secrets.token_bytes(32)
+
+        def tx(db: Transaction) -> bytes:
+            db.execute("INSERT INTO registry_secrets (name, secret) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+                       (name, fresh))
+            return bytes(db.execute("SELECT secret FROM registry_secrets WHERE name = ?", (name,)).fetchone()[0])
+
+        return self._run(tx, write=True)
 
     @_timed
     def publish(self, manifest: Manifest, torrent: bytes, origin_url: str, s3_endpoint: str | None,

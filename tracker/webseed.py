@@ -30,15 +30,17 @@ from aiohttp.abc import AbstractStreamWriter
 from adapters.origin import Origin
 from modelcast.errors import ArtifactNotFound, ModelcastError, OriginError
 from modelcast.manifest import FileEntry, Manifest
-from modelcast.wire import (ACCEPT_REDIRECT_HEADER, FIRST_COPY_HEADER, NODE_ID_HEADER, NODE_KEY_HEADER, RELAY_FROM_HEADER, RELAY_HEADER,
-                            RELAY_TO_HEADER, ZONE_HEADER)
+from modelcast.wire import (ACCEPT_REDIRECT_HEADER, FIRST_COPY_HEADER, NODE_ID_HEADER, NODE_KEY_HEADER,
+                            RELAY_FROM_HEADER, RELAY_FROM_TOKEN_HEADER, RELAY_HEADER, RELAY_TO_HEADER,
+                            RELAY_TO_TOKEN_HEADER, ZONE_HEADER)
 
-from .announce import ZONE_RE, normalize_ip
+from .announce import ZONE_RE
 from .auth import check_auth
 from .federation import UpstreamUnreachable, is_upstream_origin
 from .firstcopy import Admission
 from .registry_api import digest_param, stored_record
-from .state import CONFIG, FIRST_COPY, NODE_KEYS, ORIGINS, STATS, UPSTREAM, WEBSEED_CACHE, Stats, WebseedArtifact
+from .state import (CONFIG, FIRST_COPY, NODE_KEYS, ORIGINS, RELAYS, STATS, UPSTREAM, WEBSEED_CACHE, Stats,
+                    WebseedArtifact)
 
 log = logging.getLogger("modelcast.tracker")
 
@@ -55,6 +57,7 @@ class OriginTally:
 
     stats: Stats
     relay_to: tuple[str, ...] = ()
+    relay_to_tokens: tuple[str, ...] = ()  # one per relay_to target: the token for its relay listener
     zone: str | None = None  # the requesting node's zone, if it named a valid one
 
 
@@ -75,6 +78,7 @@ class _OriginBytes(web.StreamResponse):
             self.tally.stats.served(self.tally.zone, self.content_length or 0)
             if self.tally.relay_to:
                 self.headers[RELAY_TO_HEADER] = " ".join(self.tally.relay_to)
+                self.headers[RELAY_TO_TOKEN_HEADER] = " ".join(self.tally.relay_to_tokens)
         return await super().prepare(request)
 
 
@@ -92,6 +96,7 @@ def origin_redirect(tally: OriginTally, url: str, nbytes: int) -> web.Response:
     headers = {"Location": url, "Cache-Control": "no-store"}
     if tally.relay_to:
         headers[RELAY_TO_HEADER] = " ".join(tally.relay_to)
+        headers[RELAY_TO_TOKEN_HEADER] = " ".join(tally.relay_to_tokens)
     return web.Response(status=307, headers=headers)
 
 
@@ -153,37 +158,16 @@ def _byte_range(request: web.Request, size: int) -> tuple[int, int] | None:
     return first, last
 
 
-def _relay_url(value: str | None, remote: str | None) -> str | None:
-    """A node's relay URL as given in its header, if it is a plain http(s)://host[:port] URL at the requester's address.
-
-    The gate hands such URLs to nodes of other zones, which then send pieces there and
-    fetch from there: a URL pointing anywhere but at the requester would turn nodes into
-    senders of requests to any service (issue #15).
-    """
-    if not value or len(value) > 256 or not remote:
-        return None
-    try:
-        parts = urlsplit(value)
-        _ = parts.port  # raises ValueError on a bad port
-    except ValueError:
-        return None
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.query or parts.fragment \
-            or parts.path not in ("", "/"):
-        return None
-    if normalize_ip(parts.hostname) != normalize_ip(remote):
-        return None
-    return f"{parts.scheme}://{parts.netloc}"
-
-
-def _refusal(admission: Admission, tail: str, first_byte: int, last_byte: int) -> web.Response:
+def _refusal(admission: Admission, tail: str, first_byte: int, last_byte: int, token: str | None) -> web.Response:
     """The 409 for bytes the gate will not serve again: take them from peers, or from the named node."""
     # Another node fetched these bytes moments ago: they come from the swarm, or, for
     # the first node of another zone to ask, from that node (tracker/firstcopy.py).
-    if admission.relay_from:
+    if admission.relay_from and token:
         return web.json_response({"error": {"code": "relay", "message": f"{tail} bytes {first_byte}-{last_byte} "
                                             f"were just served to a node of another zone; fetch them from it "
                                             f"({admission.relay_from})"}},
-                                 status=409, headers={RELAY_FROM_HEADER: admission.relay_from})
+                                 status=409, headers={RELAY_FROM_HEADER: admission.relay_from,
+                                                      RELAY_FROM_TOKEN_HEADER: token})
     return web.json_response({"error": {"code": "served_elsewhere",
                                         "message": f"{tail} bytes {first_byte}-{last_byte} were just served to "
                                                    "another node; take them from peers"}}, status=409)
@@ -216,12 +200,25 @@ async def webseed(request: web.Request) -> web.StreamResponse:
     # The gate counts (and refuses) only proven nodes: a zone named by anyone else is served
     # and forgotten, so nobody can make the gate refuse a zone by naming it (issue #15).
     gate_zone = zone if _proven_node(request) else None
+    relays = request.app[RELAYS]
+    # Only a URL the node registered from this address (tracker/relaytokens.py) is handed
+    # to nodes of other zones: never one pointing anywhere else (issue #15).
+    relay = relays.believed(request.headers.get(RELAY_HEADER), request.remote)
     admission = request.app[FIRST_COPY].admit(
         digest, tail, first_byte, last_byte, first_copy=request.headers.get(FIRST_COPY_HEADER) == "1",
-        zone=gate_zone, relay=_relay_url(request.headers.get(RELAY_HEADER), request.remote))
+        zone=gate_zone, relay=relay)
     if not admission.serve:
-        return _refusal(admission, tail, first_byte, last_byte)
-    tally = OriginTally(request.app[STATS], admission.relay_to, zone)
+        token = None
+        if admission.relay_from:  # the requester fetches from the holder: a token for the holder's listener
+            token = relays.token(admission.relay_from, "GET", digest, tail, first_byte, last_byte)
+        return _refusal(admission, tail, first_byte, last_byte, token)
+    targets, tokens = [], []
+    for target in admission.relay_to:  # the served node pushes to these: a token for each one's listener
+        token = relays.token(target, "PUT", digest, tail, first_byte, last_byte)
+        if token is not None:
+            targets.append(target)
+            tokens.append(token)
+    tally = OriginTally(request.app[STATS], tuple(targets), zone=zone, relay_to_tokens=tuple(tokens))
     if is_upstream_origin(art.origin_url):
         return await _stream_upstream(request, tally, art, digest, tail, entry)
     origin = await request.app[ORIGINS].get(art.origin_url, art.s3_endpoint)

@@ -44,7 +44,7 @@ from harness import start_node, wait_until
 from modelcast.wire import FIRST_COPY_HEADER, RELAY_HEADER, ZONE_HEADER
 from node_cache.client import NodeClient
 
-from ..helpers import TOKEN, make_model, metric, publish, tree_hashes
+from ..helpers import TOKEN, make_model, metric, publish, relay_token, tree_hashes
 
 MiB = 1 << 20
 NOISE_S = 4.0  # see the module docstring
@@ -376,7 +376,9 @@ def test_a_garbage_relay_push_is_refused_before_libtorrent_sees_it(tracker, tmp_
     garbage push filling the rest of a half-downloaded piece made a node ban its zone-mate,
     and the pull crawled on the origin's stall fallback (a 4-node pull stuck at its last
     pieces for minutes).  Now a pushed piece is hashed before it is handed over: garbage is a
-    400, counted as a hash failure, and the right bytes are taken.
+    400, counted as a hash failure, and the right bytes are taken.  (Since relay tokens, an
+    untokened push is refused before its body: this sends the garbage with a registry token,
+    as a node the registry named could.)
     """
     model = make_model(tmp_path / "m", {"w.bin": 4 * MiB}, seed=5)
     digest = publish(tracker.url, model, "atk/push:v1", (tmp_path / "o").as_uri())
@@ -384,7 +386,9 @@ def test_a_garbage_relay_push_is_refused_before_libtorrent_sees_it(tracker, tmp_
     node = start_node(tmp_path, tracker.url, "n", host="127.0.1.9", zone="z1", token=TOKEN,
                       extra=["--download-limit", "16K"])
     try:
-        relay = get_json(f"{node.url}/v1/health")["relay"]
+        health = get_json(f"{node.url}/v1/health")
+        relay = health["relay"]
+        name = get_json(f"{tracker.url}/v1/artifacts/{digest}")["torrent_name"]
         req = urllib.request.Request(f"{node.url}/v1/pull", data=json.dumps({"ref": "atk/push:v1", "wait": False})
                                      .encode(), headers={"Content-Type": "application/json"})
         urllib.request.urlopen(req, timeout=30).close()
@@ -395,12 +399,15 @@ def test_a_garbage_relay_push_is_refused_before_libtorrent_sees_it(tracker, tmp_
         wait_until(lambda: state() == "downloading", 30, 0.1, lambda: f"the pull to download (it is {state()})")
         piece = 15  # the last of 16 pieces of 256 KiB: far from what 16 KiB/s has reached
         url = f"{relay}/v1/artifacts/{digest}/pieces/{piece}"
-        status, body = put(url, os.urandom(256 * 1024), PUTTER)
+        token = relay_token(tracker, health["node_id"], "PUT", digest, f"{name}/w.bin", 0, 4 * MiB - 1)
+        # The node takes tokens once its heartbeat's answer gave it its relay secret.
+        wait_until(lambda: put(url, b"x", PUTTER, token)[0] == 400, 10, 0.2, "the node to take registry tokens")
+        status, body = put(url, os.urandom(256 * 1024), PUTTER, token)
         assert status == 400 and "does not match its hash" in json.loads(body)["error"]["message"], body
         assert metric(node.url, "modelcast_node_piece_hash_failures_total") == 1
         assert metric(node.url, "modelcast_node_bytes_from_relay_total") == 0
         good = (model / "w.bin").read_bytes()[piece * 256 * 1024:]
-        assert put(url, good, PUTTER)[0] == 204
+        assert put(url, good, PUTTER, token)[0] == 204
         assert metric(node.url, "modelcast_node_bytes_from_relay_total") == len(good)
         assert metric(node.url, "modelcast_node_peers_banned_total") == 0
         assert "Traceback" not in node.log_text()
@@ -408,11 +415,12 @@ def test_a_garbage_relay_push_is_refused_before_libtorrent_sees_it(tracker, tmp_
         node.stop()
 
 
-def put(url: str, data: bytes, source: str) -> tuple[int, bytes]:
+def put(url: str, data: bytes, source: str, token: str | None = None) -> tuple[int, bytes]:
     host, port = url.removeprefix("http://").split("/", 1)[0].rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=30, source_address=(source, 0))
     try:
-        conn.request("PUT", "/" + url.split("/", 3)[3], body=data)
+        conn.request("PUT", "/" + url.split("/", 3)[3], body=data,
+                     headers={"X-Modelcast-Relay-Token": token} if token else {})
         resp = conn.getresponse()
         return resp.status, resp.read()
     finally:

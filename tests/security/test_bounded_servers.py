@@ -43,7 +43,7 @@ from tracker.app import make_app, start_server
 from tracker.liveness import MAX_HEARTBEAT_BODY
 from tracker.registry_api import MAX_PUBLISH_BODY
 
-from ..helpers import AUTH, TOKEN, make_model, publish
+from ..helpers import AUTH, TOKEN, make_model, publish, relay_token
 
 MiB = 1 << 20
 GOOD = "127.0.0.1"
@@ -78,10 +78,10 @@ def addr_of(url: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def get(url: str, path: str, source: str = GOOD) -> tuple[int, bytes]:
+def get(url: str, path: str, source: str = GOOD, token: str | None = None) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection(*addr_of(url), timeout=10, source_address=(source, 0))
     try:
-        conn.request("GET", path)
+        conn.request("GET", path, headers={"X-Modelcast-Relay-Token": token} if token else {})
         resp = conn.getresponse()
         return resp.status, resp.read()
     finally:
@@ -298,7 +298,12 @@ def test_relay_puts_that_promise_a_piece_and_send_one_byte_are_closed(tmp_path, 
     # A pull that goes on while the test runs (16 KiB/s: 4 MiB would take minutes), so the node wants pieces.
     node = start_node(tmp_path, tracker.url, "slow", zone="z1", extra=["--download-limit", "16K"])
     try:
-        relay = json.loads(get(node.url, "/v1/health")[1])["relay"]
+        health = json.loads(get(node.url, "/v1/health")[1])
+        relay = health["relay"]
+        name = json.loads(get(tracker.url, f"/v1/artifacts/{digest}")[1])["torrent_name"]
+        # Sent as by nodes the registry named (tests/security/test_relay_tokens.py: without a token, refused at once).
+        tokens = {m: relay_token(tracker, health["node_id"], m, digest, f"{name}/w.bin", 0, 4 * MiB - 1)
+                  for m in ("GET", "PUT")}
         req = urllib.request.Request(f"{node.url}/v1/pull", data=json.dumps({"ref": "sec/slow:v1", "wait": False})
                                      .encode(), headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=30):
@@ -310,10 +315,12 @@ def test_relay_puts_that_promise_a_piece_and_send_one_byte_are_closed(tmp_path, 
         wait_until(lambda: state() == "downloading", 30, 0.1, lambda: f"the pull to download (it is {state()})")
         piece, size = 14, 256 * 1024  # 16 pieces of 256 KiB; the slow pull is far from the 15th
         put = (f"PUT /v1/artifacts/{digest}/pieces/{piece} HTTP/1.1\r\nHost: t\r\nContent-Length: {size}\r\n"
-               "\r\nx").encode()
+               f"X-Modelcast-Relay-Token: {tokens['PUT']}\r\n\r\nx").encode()
+        wait_until(lambda: get(relay, f"/v1/artifacts/{digest}/pieces/0?wait=0", token=tokens["GET"])[0] in (200, 404),
+                   10, 0.2, "the node to take registry tokens")
         half = HalfOpen(relay, [put] * 100, ATTACKERS)
         try:
-            assert get(relay, f"/v1/artifacts/{digest}/pieces/0?wait=0")[0] in (200, 404)  # still answering
+            assert get(relay, f"/v1/artifacts/{digest}/pieces/0?wait=0", token=tokens["GET"])[0] in (200, 404)
             wait_all_closed(half, limits, limits.body_timeout_s + 10)
             statuses = half.statuses()
             assert statuses.count(408) >= 90, statuses  # the body never came: timed out, not refused
@@ -325,11 +332,26 @@ def test_relay_puts_that_promise_a_piece_and_send_one_byte_are_closed(tmp_path, 
         node.stop()
 
 
-def test_relay_waits_are_bounded_in_number_and_cost_no_cpu(node):
-    digest = "sha256:" + secrets.token_hex(32)
-    wait_path = f"/v1/artifacts/{digest}/pieces/0?wait=60"
+def test_relay_waits_are_bounded_in_number_and_cost_no_cpu(tmp_path, tracker):
+    # Waits need a registry token for a piece of an artifact the node pulls: a slow pull (16 KiB/s).
+    model = make_model(tmp_path / "m", {"w.bin": 4 * MiB})
+    digest = publish(tracker.url, model, "sec/wait:v1", (tmp_path / "o").as_uri())
+    node = start_node(tmp_path, tracker.url, "node", zone="z1", extra=["--download-limit", "16K"])
+    health = json.loads(get(node.url, "/v1/health")[1])
+    node.relay_url = health["relay"]
+    name = json.loads(get(tracker.url, f"/v1/artifacts/{digest}")[1])["torrent_name"]
+    token = relay_token(tracker, health["node_id"], "GET", digest, f"{name}/w.bin", 0, 4 * MiB - 1)
+    req = urllib.request.Request(f"{node.url}/v1/pull", data=json.dumps({"ref": "sec/wait:v1", "wait": False})
+                                 .encode(), headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(req, timeout=30).close()
+    wait_until(lambda: json.loads(get(node.url, f"/v1/pulls/{digest}")[1])["state"] == "downloading", 30, 0.1,
+               "the pull to download")
+    wait_until(lambda: get(node.relay_url, f"/v1/artifacts/{digest}/pieces/15?wait=0", token=token)[0] == 404, 30,
+               0.1, "the node to take registry tokens for its pull")
+    wait_path = f"/v1/artifacts/{digest}/pieces/15?wait=60"  # the last piece: far from what 16 KiB/s reaches
     count = 400  # 50 from each of 8 addresses: under the relay's per-address cap
-    half = HalfOpen(node.relay_url, [f"GET {wait_path} HTTP/1.1\r\nHost: t\r\n\r\n".encode()] * count, ATTACKERS)
+    half = HalfOpen(node.relay_url, [f"GET {wait_path} HTTP/1.1\r\nHost: t\r\nX-Modelcast-Relay-Token: {token}\r\n"
+                                     "\r\n".encode()] * count, ATTACKERS)
     try:
         # Past the bound, a wait is answered at once (busy: the asking node goes to the origin).
         wait_until(lambda: half.poll() >= 0 and len(half.answers) >= count - MAX_RELAY_WAITERS, 20, 0.1,
@@ -343,9 +365,10 @@ def test_relay_waits_are_bounded_in_number_and_cost_no_cpu(node):
         assert used < 0.3, f"the node used {used:.2f} CPU-s in 3 s with {MAX_RELAY_WAITERS} relay requests waiting"
         half.poll()
         assert len(half.answers) == count - MAX_RELAY_WAITERS  # the others still wait for the piece
-        assert get(node.relay_url, f"/v1/artifacts/{digest}/pieces/0?wait=0")[0] == 404
+        assert get(node.relay_url, f"/v1/artifacts/{digest}/pieces/15?wait=0", token=token)[0] == 404
     finally:
         half.close()
+        node.stop()
 
 
 # ---- malformed requests ----------------------------------------------------------------------

@@ -152,7 +152,7 @@ async def test_a_holder_answering_too_much_is_not_read_on(aiohttp_server):
         relay.attach(None, http)
         span = PieceSpan(piece=0, path="a.bin", file_offset=0, length=262144, size=262144)
         with pytest.raises(Unreachable, match="expected 262144"):
-            await relay.fetch(str(server.make_url("")).rstrip("/"), "sha256:" + "a" * 64, span)
+            await relay.fetch(str(server.make_url("")).rstrip("/"), "token", "sha256:" + "a" * 64, span)
     # The node hung up at the headers: the holder could not push its 48 MiB into the node's
     # memory (what fit in the sockets' buffers aside).
     assert written[0] < 16 * MiB, written[0]
@@ -166,7 +166,7 @@ async def test_pushes_to_a_node_that_never_answers_are_bounded():
     async with aiohttp.ClientSession() as http:
         relay.attach(None, http)
         for piece in range(400):  # 100 MiB of pieces to a node that never answers
-            relay.push("sha256:" + "a" * 64, f"http://127.0.0.1:{port}", piece, bytes(262144))
+            relay.push("sha256:" + "a" * 64, f"http://127.0.0.1:{port}", "token", piece, bytes(262144))
         await asyncio.sleep(0)
         assert relay.pending_push_bytes <= MAX_PENDING_PUSH_BYTES
         assert len(relay._pushes) == MAX_PENDING_PUSH_BYTES // 262144
