@@ -398,7 +398,8 @@ def test_malformed_requests_are_a_400_and_at_most_one_short_log_line(where, trac
     assert _send_malformed(url, 50) == [400] * 50
     assert get(url, "/v1/health" if where != "relay" else "/v1/artifacts/" + "sha256:" + "0" * 64
                + "/pieces/0")[0] in (200, 401, 404)  # and still answering (the relay: 401, no token)
-    new = log_lines(svc)[len(before):]
+    # The probe's own refusal (a relay GET with no token) is another cause, logged on its own.
+    new = [line for line in log_lines(svc)[len(before):] if "refused: token missing" not in line]
     assert len(new) <= 1, "\n".join(new)
     assert all(len(line) < 400 and "Traceback" not in line for line in new), new
 

@@ -22,8 +22,8 @@ import urllib.request
 
 from harness import start_node, wait_until
 from modelcast.relay_auth import RELAY_TOKEN_HEADER
-from modelcast.wire import (FIRST_COPY_HEADER, NODE_KEY_HEADER, RELAY_FROM_HEADER, RELAY_FROM_TOKEN_HEADER,
-                            RELAY_HEADER, RELAY_TO_HEADER, ZONE_HEADER, heartbeat_path)
+from modelcast.wire import (FIRST_COPY_HEADER, NODE_ID_HEADER, NODE_KEY_HEADER, RELAY_FROM_HEADER,
+                            RELAY_FROM_TOKEN_HEADER, RELAY_HEADER, RELAY_TO_HEADER, ZONE_HEADER, heartbeat_path)
 from node_cache.client import NodeClient
 
 from ..helpers import TOKEN, make_model, metric, publish, registry_stats, relay_token, tree_hashes
@@ -73,12 +73,23 @@ def test_only_registered_relay_urls_at_the_requesters_address_are_handed_out(tra
         answer = heartbeat(tracker.url, ATTACKER, "attacker-node-1", secrets.token_hex(16), "http://127.0.1.5:9")
         assert answer["relay"] is None
         # (A URL at its own address is its own business: it is registered, for it only.)
-        assert heartbeat(tracker.url, ATTACKER, "attacker-node-2", secrets.token_hex(16),
+        attacker_key = secrets.token_hex(16)
+        assert heartbeat(tracker.url, ATTACKER, "attacker-node-2", attacker_key,
                          f"http://{ATTACKER}:9")["relay"] == f"http://{ATTACKER}:9"
 
+        # The first-copy gate counts only proven nodes (a bound node id and its key): every
+        # asker here proves one, the attacker's included, so only relay registration is tested.
+        other_key = secrets.token_hex(16)
+        heartbeat(tracker.url, OTHER, "other-node-c", other_key, f"http://{OTHER}:9")
+        own = (get_json(f"{node.url}/v1/health")["node_id"],
+               (node.cache / "state" / "node_key").read_text().strip())
+        creds = {ATTACKER: ("attacker-node-2", attacker_key), OTHER: ("other-node-c", other_key), "127.0.1.5": own}
+
         def ask(source: str, rng: int, zone: str, relay: str | None) -> tuple[int, dict[str, str]]:
+            node_id, key = creds[source]
             headers = {"Range": f"bytes={rng * PIECE}-{(rng + 1) * PIECE - 1}", FIRST_COPY_HEADER: "1",
-                       ZONE_HEADER: zone, "Authorization": f"Bearer {TOKEN}", **({RELAY_HEADER: relay} if relay else {})}
+                       ZONE_HEADER: zone, "Authorization": f"Bearer {TOKEN}", NODE_ID_HEADER: node_id,
+                       NODE_KEY_HEADER: key, **({RELAY_HEADER: relay} if relay else {})}
             status, headers, _ = request(path, "GET", source, headers)
             return status, headers
 
