@@ -66,6 +66,19 @@ def make_model(root: Path, sizes: dict[str, int], seed: int = 1) -> Path:
     return root
 
 
+async def pull_all(nodes, ref: str) -> list[dict]:
+    """Pull ``ref`` on every node at once (each waits until its copy is verified); their final statuses."""
+    import asyncio
+
+    from node_cache.client import NodeClient
+
+    clients = [NodeClient(n.url) for n in nodes]
+    try:
+        return await asyncio.gather(*(c.pull(ref, wait=True) for c in clients))
+    finally:
+        await asyncio.gather(*(c.close() for c in clients))
+
+
 def tree_hashes(root: Path) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): xxhash.xxh3_128_hexdigest(p.read_bytes())
             for p in sorted(Path(root).rglob("*")) if p.is_file()}

@@ -15,7 +15,7 @@ from modelcast.manifest import canonical_json
 from harness.procs import free_port
 from node_cache.client import NodeClient
 
-from .helpers import TOKEN, make_model, metric, publish, registry_stats, run_cli, start_node, tree_hashes
+from .helpers import TOKEN, make_model, metric, publish, pull_all, registry_stats, run_cli, start_node, tree_hashes
 
 MiB = 1 << 20
 
@@ -44,14 +44,8 @@ def test_three_nodes_pull_at_once_origin_serves_at_most_one_and_a_half_copies(tr
     publish(tracker.url, model, "swarm/m:v1", (tmp_path / "origin").as_uri())
     ns = [node_factory(tracker.url, f"n{i}", host=f"127.0.0.{i + 2}") for i in range(3)]
 
-    async def pull_all():
-        clients = [NodeClient(n.url) for n in ns]
-        try:
-            return await asyncio.gather(*(c.pull("swarm/m:v1", wait=True) for c in clients))
-        finally:
-            await asyncio.gather(*(c.close() for c in clients))
 
-    statuses = asyncio.run(pull_all())
+    statuses = asyncio.run(pull_all(ns, "swarm/m:v1"))
     source = tree_hashes(model)
     for s in statuses:
         assert s["state"] == "ready"

@@ -20,12 +20,11 @@ from hypothesis import given, settings, strategies as st
 
 from harness.redis import RedisServer
 from harness.starters import start_tracker
-from node_cache.client import NodeClient
 from tracker.announce import Announce
 from tracker.bencode import bdecode
 from tracker.swarm_redis import RedisSwarmStore
 
-from .helpers import TOKEN, announce_query, make_model, publish, tree_hashes
+from .helpers import TOKEN, announce_query, make_model, publish, pull_all, tree_hashes
 from .swarm_stores import make_store
 
 MiB = 1 << 20
@@ -210,13 +209,6 @@ def test_redis_outage_answers_retry_and_recovers_by_itself(tmp_path, postgres_db
             r0.stop()
 
 
-async def _pull_all(nodes, ref: str) -> list[dict]:
-    clients = [NodeClient(n.url) for n in nodes]
-    try:
-        return await asyncio.gather(*(c.pull(ref, wait=True) for c in clients))
-    finally:
-        await asyncio.gather(*(c.close() for c in clients))
-
 
 def test_pull_through_replicas_on_redis_and_postgres_survives_redis_restarting_empty(tmp_path, postgres_db,
                                                                                     node_factory):
@@ -231,7 +223,7 @@ def test_pull_through_replicas_on_redis_and_postgres_survives_redis_restarting_e
                      for i, r in enumerate((r0, r1, r0))]
 
             async def run() -> tuple[list[dict], float]:
-                pulls = asyncio.ensure_future(_pull_all(nodes, "pull/m:v1"))
+                pulls = asyncio.ensure_future(pull_all(nodes, "pull/m:v1"))
                 await asyncio.sleep(1.5)
                 await asyncio.to_thread(redis_srv.stop)
                 await asyncio.sleep(1.0)

@@ -12,17 +12,10 @@ from node_cache.client import NodeClient
 
 from modelcast.relay_auth import RELAY_TOKEN_HEADER
 
-from .helpers import make_model, publish, registry_stats, relay_token, tree_hashes, wait_until_async
+from .helpers import make_model, publish, pull_all, registry_stats, relay_token, tree_hashes, wait_until_async
 
 MiB = 1 << 20
 
-
-async def _pull_all(nodes, ref: str) -> list[dict]:
-    clients = [NodeClient(n.url) for n in nodes]
-    try:
-        return await asyncio.gather(*(c.pull(ref, wait=True) for c in clients))
-    finally:
-        await asyncio.gather(*(c.close() for c in clients))
 
 
 def test_two_zones_pull_at_once_each_piece_crosses_once(tracker, node_factory, tmp_path):
@@ -35,7 +28,7 @@ def test_two_zones_pull_at_once_each_piece_crosses_once(tracker, node_factory, t
         for i in range(2):
             members.append(node_factory(tracker.url, f"{zone}-{i}", "--download-limit", "8M",
                                         host=f"127.0.{z + 1}.{i + 2}", zone=zone))
-    statuses = asyncio.run(_pull_all([n for members in zones.values() for n in members], "zoned/m:v1"))
+    statuses = asyncio.run(pull_all([n for members in zones.values() for n in members], "zoned/m:v1"))
     source = tree_hashes(model)
     assert all(s["state"] == "ready" and tree_hashes(Path(s["path"])) == source for s in statuses)
     served = registry_stats(tracker.url)
@@ -75,7 +68,7 @@ def test_piece_routes_serve_what_the_node_has_and_refuse_the_rest(tracker, node_
     model = make_model(tmp_path / "model", {"w.bin": 3 * MiB // 2})
     digest = publish(tracker.url, model, "zoned/p:v1", (tmp_path / "origin").as_uri())
     node = node_factory(tracker.url, "n0", host="127.0.0.7")
-    asyncio.run(_pull_all([node], "zoned/p:v1"))
+    asyncio.run(pull_all([node], "zoned/p:v1"))
     health = json.loads(_get(f"{node.url}/v1/health")[1])
     relay = health["relay"]
     name = json.loads(_get(f"{tracker.url}/v1/artifacts/{digest}")[1])["torrent_name"]

@@ -90,19 +90,21 @@ class Head(NamedTuple):
     keep_alive: bool
 
 
-def parse_head(head: bytes, paths: frozenset[bytes] | set[bytes]) -> Head | None:
-    """Parse a request head (everything before the blank line, CRLFs inside) for this path.
+_GET = (b"GET",)
+_API_METHODS = (b"POST", b"DELETE")
 
-    Returns None for anything this path leaves to aiohttp: another method or path, a
-    body, odd framing (bare CR or LF, NUL, folded or malformed header lines), a missing
-    or repeated ``Host`` on HTTP/1.1, or a request line longer than :data:`MAX_LINE`.
+
+def _request_line(head: bytes, line_end: int, methods: tuple[bytes, ...]) -> tuple[bytes, bytes, bool] | None:
+    """(method, target, HTTP/1.1?) of a request line with one of ``methods``; None for anything else.
+
+    The target is printable ASCII only, so no CR, LF or NUL hides in the request line
+    either (what is left after deleting the allowed bytes must be nothing).
     """
-    line_end = head.find(b"\r\n")
     line = head if line_end < 0 else head[:line_end]
     if len(line) > MAX_LINE:
         return None
     parts = line.split(b" ")
-    if len(parts) != 3 or parts[0] != b"GET":
+    if len(parts) != 3 or parts[0] not in methods:
         return None
     target, version = parts[1], parts[2]
     if version == b"HTTP/1.1":
@@ -111,10 +113,23 @@ def parse_head(head: bytes, paths: frozenset[bytes] | set[bytes]) -> Head | None
         http11 = False
     else:
         return None
-    # Printable ASCII only, so no CR, LF or NUL hides in the request line either (what
-    # is left after deleting the allowed bytes must be nothing).
     if not target.startswith(b"/") or target.translate(None, _TARGET_BYTES):
         return None
+    return parts[0], target, http11
+
+
+def parse_head(head: bytes, paths: frozenset[bytes] | set[bytes]) -> Head | None:
+    """Parse a request head (everything before the blank line, CRLFs inside) for this path.
+
+    Returns None for anything this path leaves to aiohttp: another method or path, a
+    body, odd framing (bare CR or LF, NUL, folded or malformed header lines), a missing
+    or repeated ``Host`` on HTTP/1.1, or a request line longer than :data:`MAX_LINE`.
+    """
+    line_end = head.find(b"\r\n")
+    request = _request_line(head, line_end, _GET)
+    if request is None:
+        return None
+    _, target, http11 = request
     path, _, query = target.partition(b"?")
     if path not in paths:
         return None
@@ -166,22 +181,11 @@ def parse_api_head(head: bytes, match: ApiMatch, max_body: int) -> ApiHead | Non
     413), a repeated header this path reads, odd framing, no single ``Host`` on HTTP/1.1.
     """
     line_end = head.find(b"\r\n")
-    line = head if line_end < 0 else head[:line_end]
-    if len(line) > MAX_LINE:
+    request = _request_line(head, line_end, _API_METHODS)
+    if request is None or b"?" in request[1]:
         return None
-    parts = line.split(b" ")
-    if len(parts) != 3 or parts[0] not in (b"POST", b"DELETE"):
-        return None
-    target, version = parts[1], parts[2]
-    if version == b"HTTP/1.1":
-        http11 = True
-    elif version == b"HTTP/1.0":
-        http11 = False
-    else:
-        return None
-    if not target.startswith(b"/") or target.translate(None, _TARGET_BYTES) or b"?" in target:
-        return None
-    route = match(parts[0], target)
+    method, target, http11 = request
+    route = match(method, target)
     if route is None:
         return None
     headers: dict[bytes, bytes] = {}
