@@ -315,10 +315,11 @@ class RedisRelayRegistry(RelayRegistry):
         if old is not None and old.decode() != url:
             self._background(self._drop_url(old.decode(), node_id))
 
-    def _background(self, coro) -> None:
+    def _background(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(self._quietly(coro))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     @staticmethod
     async def _quietly(coro) -> None:
@@ -348,7 +349,10 @@ class RedisRelayRegistry(RelayRegistry):
             asyncio.get_running_loop()
         except RuntimeError:  # no event loop (a synchronous caller): the keys expire
             return
-        self._background(self._forget(node_id))
+        # A heartbeat's answer waits for it (:meth:`pending`), so the node's next heartbeat,
+        # through any replica, comes after it.
+        task = self._pending[node_id] = self._background(self._forget(node_id))
+        task.add_done_callback(lambda t: self._pending.pop(node_id, None) if self._pending.get(node_id) is t else None)
 
     async def _forget(self, node_id: str) -> None:
         try:

@@ -47,7 +47,8 @@ def relay_registration(app: web.Application, node_id: str, node_key: str | None,
     relays = app[RELAYS]
     if node_key is None:
         relays.forget(node_id)
-        return {}
+        write = relays.pending(node_id)
+        return {} if write is None else _written(write, {})
     url = relays.register(node_id, body.get("relay"), relays.source(remote, forwarded_for))
     secret = relays.node_secret(node_id)
     answer = {"relay": url, **({"relay_secret": secret} if secret is not None else {})}
