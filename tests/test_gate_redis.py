@@ -122,3 +122,33 @@ def test_a_relay_url_registered_through_one_replica_is_handed_out_by_another(tmp
     finally:
         for r in replicas:
             r.stop()
+
+
+def test_while_redis_is_down_gated_requests_answer_503_and_plain_ones_are_served(tmp_path, postgres_db):
+    from harness.redis import RedisServer
+
+    with RedisServer(tmp_path / "redis") as redis_srv:
+        replicas, digest, path = _published(tmp_path, redis_srv.url, postgres_db)
+        one = replicas[0].url
+        try:
+            node = Node("127.0.3.5", "z")
+            node.heartbeat(one, relay=True)
+            assert node.ask(one, digest, path, 0, relay=True)[0] == 206
+            redis_srv.stop()
+            for piece in (1, 2, 3):
+                status, headers = node.ask(one, digest, path, piece, relay=True)
+                assert status == 503 and headers.get("Retry-After") == "2", (status, headers)
+            # A client of no zone never needed the gate: served.
+            status, _, _ = _request(f"{one}/v1/webseed/{digest}/{path}", "GET", "127.0.3.6",
+                                    {"Range": "bytes=0-1023", "Authorization": f"Bearer {TOKEN}"})
+            assert status == 206
+            # Back, empty (its scripts gone too): the gate answers again, with nothing remembered.
+            redis_srv.start()
+            assert node.ask(one, digest, path, 0, relay=True)[0] == 206
+            assert node.ask(one, digest, path, 0, relay=True)[0] == 409
+            log = replicas[0].log_text()
+            assert log.count("is unreachable") == 1 and log.count("reachable again") == 1, log[-2000:]
+            assert "Traceback" not in log
+        finally:
+            for r in replicas:
+                r.stop()

@@ -396,6 +396,9 @@ class RedisRelayRegistry(RelayRegistry):
         node = await self._swarms._run(self._swarms._r.get(f"{PREFIX}{{ru:{url}}}"))
         if node is None:
             self._known.pop(url, None)
+            mine = self._node.get(url)
+            if mine is not None:  # registered here, gone from Redis (restarted empty): written again next heartbeat
+                self._written.pop(mine, None)
             return super().believed(value, remote)  # refused as in process (unless registered here)
         self._known.pop(url, None)
         self._known[url] = (node.decode(), time.monotonic() + BELIEVE_CACHE_S)
