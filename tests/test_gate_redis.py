@@ -152,3 +152,40 @@ def test_while_redis_is_down_gated_requests_answer_503_and_plain_ones_are_served
         finally:
             for r in replicas:
                 r.stop()
+
+
+def test_two_zones_pulling_through_two_replicas_take_one_origin_copy_between_them(tmp_path, redis_url, postgres_db,
+                                                                                  node_factory):
+    """Zone a's nodes talk to replica 1, zone b's to replica 2: the shared gate still sends each piece
+    across zones once (relays between the zones' nodes) instead of one origin copy per replica."""
+    import asyncio
+    from pathlib import Path
+
+    from .helpers import pull_all, registry_stats, tree_hashes
+
+    replicas = [start_tracker(tmp_path / f"r{i}", token=TOKEN, name=f"replica-{i}",
+                              extra=["--db", postgres_db, "--swarm-store", redis_url]) for i in range(2)]
+    try:
+        sizes = {f"weights/shard-{i}.bin": 8 * MiB for i in range(4)}
+        total = sum(sizes.values())
+        model = make_model(tmp_path / "model", sizes)
+        publish(replicas[0].url, model, "zoned/shared:v1", (tmp_path / "origin").as_uri())
+        nodes = [node_factory(replicas[z].url, f"z{z}-{i}", "--download-limit", "8M", host=f"127.0.{z + 4}.{i + 2}",
+                              zone=f"zone-{z}") for z in range(2) for i in range(2)]
+        statuses = asyncio.run(pull_all(nodes, "zoned/shared:v1"))
+        source = tree_hashes(model)
+        assert all(s["state"] == "ready" and tree_hashes(Path(s["path"])) == source for s in statuses), statuses
+        stats = [registry_stats(r.url) for r in replicas]
+        served = sum(s["origin_bytes_served"] for s in stats)
+        crossed = sum(s["bytes_from_relay"] for s in statuses)
+        print(f"origin {served / total:.2f} copies through two replicas, across zones {crossed / total:.2f} copies "
+              f"({sum(s['origin_pushed_across_zones'] for s in stats)} pushed, "
+              f"{sum(s['origin_relayed_across_zones'] for s in stats)} fetched)")
+        for z in range(2):
+            assert sum(s["bytes_from_relay"] for s in statuses[2 * z:2 * z + 2]) > 0, statuses
+        assert served <= 1.5 * total, stats
+        for r in replicas:
+            assert "Traceback" not in r.log_text()
+    finally:
+        for r in replicas:
+            r.stop()
