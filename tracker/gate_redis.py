@@ -48,7 +48,6 @@ tokens for relay targets that registered on another replica without a lookup.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -61,7 +60,6 @@ from .swarm_redis import PREFIX, _raise_errors
 if TYPE_CHECKING:
     from .swarm_redis import RedisSwarmStore
 
-log = logging.getLogger("modelcast.tracker")
 
 REG_TTL_S = 120.0
 REG_REFRESH_S = 20.0

@@ -203,7 +203,7 @@ async def webseed(request: web.Request) -> web.StreamResponse:
     relays = request.app[RELAYS]
     # Only a URL the node registered from this address (tracker/relaytokens.py) is handed
     # to nodes of other zones: never one pointing anywhere else (issue #15).
-    relay = relays.believed(request.headers.get(RELAY_HEADER), request.remote) if gate_zone else None
+    relay = relays.believed(request.headers.get(RELAY_HEADER), request.remote) if gate_zone is not None else None
     if relay is not None and not isinstance(relay, str):
         relay = await relay  # registrations in Redis (tracker/gate_redis.py)
     admission = request.app[FIRST_COPY].admit(
