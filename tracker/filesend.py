@@ -34,6 +34,7 @@ costs no ``stat``, ``open`` or ``close`` (each a trip to a worker thread).
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import logging
 import os
 import socket
@@ -109,7 +110,8 @@ class FileSender:
         stalls; aiohttp's handler then ends the connection quietly.
         """
         loop = asyncio.get_running_loop()
-        sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
+        conn = transport.get_extra_info("socket")
+        sock = socket.socket(conn.family, conn.type, conn.proto, fileno=os.dup(conn.fileno()))
         resume_reading = transport.is_reading()
         transport.pause_reading()
         self.busy += 1
@@ -154,10 +156,11 @@ async def send_buffered(writer, fd: int, offset: int, count: int) -> None:
 class Blob:
     """An open blob: its descriptor, size and modification time, and how many answers are sending from it."""
 
-    __slots__ = ("path", "fd", "size", "mtime", "opened_at", "users", "retired")
+    __slots__ = ("path", "fd", "size", "mtime", "last_modified", "opened_at", "users", "retired")
 
     def __init__(self, path: str, fd: int, size: int, mtime: float, opened_at: float) -> None:
         self.path, self.fd, self.size, self.mtime, self.opened_at = path, fd, size, mtime, opened_at
+        self.last_modified = email.utils.formatdate(mtime, usegmt=True)  # the header, formatted once
         self.users = 0
         self.retired = False  # out of the cache: closed when its last user is done
 

@@ -131,10 +131,11 @@ class OriginFile(_OriginBytes):
             cache.release(blob)
 
     async def _answer(self, request: web.BaseRequest, blob: Blob) -> AbstractStreamWriter | None:
-        self.etag = self.blob_etag[1:-1]
-        self.last_modified = blob.mtime
-        self.headers["Accept-Ranges"] = "bytes"
-        self.content_type = "application/octet-stream"
+        headers = self.headers
+        headers["ETag"] = self.blob_etag
+        headers["Last-Modified"] = blob.last_modified
+        headers["Accept-Ranges"] = "bytes"
+        headers["Content-Type"] = "application/octet-stream"
         # RFC 9110 section 13.2.2: If-Match, else If-Unmodified-Since; If-None-Match, else If-Modified-Since.
         if_match, if_none_match = request.if_match, request.if_none_match
         if (not _etag_match(self.blob_etag, if_match, weak=False) if if_match is not None
