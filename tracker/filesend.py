@@ -127,7 +127,9 @@ class FileSender:
             if isinstance(exc, SendStalled):
                 log.warning("web seed: closing a connection from %s: %s", transport.get_extra_info("peername"), exc)
             transport.close()
-            raise exc if isinstance(exc, ConnectionError) else ConnectionResetError(str(exc)) from exc
+            if isinstance(exc, ConnectionError):
+                raise
+            raise ConnectionResetError(str(exc)) from exc
         finally:
             self.busy -= 1
             sock.close()
