@@ -86,21 +86,31 @@ def wanted_pieces(view: SwarmView, *, claimed: Collection[int], fetched_at: Mapp
 
 def pick_runs(wanted: set[int], spans: Sequence[PieceSpan], *, slots: int, run_limit: int,
               rng: random.Random) -> list[list[PieceSpan]]:
-    """Up to ``slots`` runs: each starts at a random wanted piece and grows over the next wanted pieces
-    of the same file while it is under ``run_limit`` bytes (``run_limit`` 1: one piece per run).
+    """Up to ``slots`` runs of consecutive wanted pieces of one file, each under ``run_limit`` bytes
+    (``run_limit`` 1: one piece per run).
 
-    The pieces picked are removed from ``wanted``.
+    A run is the wanted part of one ``run_limit``-aligned block of a file, the block picked
+    at random (through a random wanted piece): runs that started anywhere would leave gaps
+    of a few pieces between them, and a lone node would end up asking for half-size runs
+    (twice the requests, each a cost to the registry).  The pieces picked are removed from
+    ``wanted``.
     """
     runs: list[list[PieceSpan]] = []
     candidates = sorted(wanted)
+
+    def joined(a: PieceSpan, b: PieceSpan) -> bool:  # b follows a in the same file and the same block
+        return (a.piece in wanted and b.piece in wanted and b.path == a.path and b.file_offset == a.file_offset + a.length
+                and b.file_offset // run_limit == a.file_offset // run_limit)
+
     while candidates and len(runs) < slots:
         first = candidates[rng.randrange(len(candidates))]
+        while first > 0 and joined(spans[first - 1], spans[first]):  # back to the block's first wanted piece
+            first -= 1
         run = [spans[first]]
         size = spans[first].size
         while size < run_limit:
             nxt = run[-1].piece + 1
-            if (nxt not in wanted or nxt >= len(spans) or spans[nxt].path != run[-1].path
-                    or spans[nxt].file_offset != run[-1].file_offset + run[-1].length):
+            if nxt >= len(spans) or not joined(run[-1], spans[nxt]):
                 break
             run.append(spans[nxt])
             size += spans[nxt].size

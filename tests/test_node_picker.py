@@ -118,3 +118,28 @@ def test_alone_even_a_piece_being_sent_is_wanted():
 def test_nothing_missing_nothing_asked():
     spans = spans_of({"w.bin": 2 * MiB})
     assert plan(view(2, have={0, 1}, alone=True), spans) == ([], set())
+
+
+def test_alone_each_run_is_a_whole_aligned_block_so_a_pull_takes_few_large_requests():
+    # A lone node pulling 256 MiB in 8 MiB runs: every request is one whole 8 MiB block of the
+    # file (no half-size runs left between randomly placed ones), so the registry answers
+    # 32 requests, not twice as many.
+    spans = spans_of({"big.bin": 256 * MiB})
+    have: set[int] = set()
+    rng = random.Random(7)
+    sizes = []
+    for _ in range(64):  # bounded: each round fetches what it asked for
+        v = view(256, have=have, alone=True)
+        if not v.missing:
+            break
+        requests, _ = plan_requests(v, spans, claimed=set(), fetched_at={}, now=100.0, stalled=False,
+                                    in_flight=0, run_bytes=ORIGIN_RUN_BYTES, rng=rng)
+        for r in requests:
+            sizes.append(sum(s.size for s in r.spans))
+            assert r.spans[0].file_offset % ORIGIN_RUN_BYTES == 0
+            have.update(s.piece for s in r.spans)
+    assert len(have) == 256 and sizes == [8 * MiB] * 32
+    # With pieces already here, a run is the rest of its block, never a piece of the next.
+    requests, _ = plan(view(256, have={3, 12}, alone=True), spans, seed=5)
+    for r in requests:
+        assert len({s.file_offset // ORIGIN_RUN_BYTES for s in r.spans}) == 1

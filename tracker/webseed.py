@@ -37,6 +37,7 @@ from modelcast.wire import (ACCEPT_REDIRECT_HEADER, FIRST_COPY_HEADER, NODE_ID_H
 from .announce import ZONE_RE
 from .auth import check_auth
 from .federation import UpstreamUnreachable, is_upstream_origin
+from .filesend import Blob, blob_cache, file_sender, send_buffered
 from .firstcopy import Admission
 from .registry_api import digest_param, stored_record
 from .state import (CONFIG, FIRST_COPY, NODE_KEYS, ORIGINS, RELAYS, STATS, UPSTREAM, WEBSEED_CACHE, Stats,
@@ -100,12 +101,98 @@ def origin_redirect(tally: OriginTally, url: str, nbytes: int) -> web.Response:
     return web.Response(status=307, headers=headers)
 
 
-class OriginFile(web.FileResponse, _OriginBytes):
-    """A file origin's blob, sent with sendfile; aiohttp answers the range (and conditional) headers."""
+class OriginFile(_OriginBytes):
+    """A file origin's blob: range and conditional headers answered here, the bytes sent with sendfile.
 
-    def __init__(self, tally: OriginTally, path: Path, *, headers: dict[str, str]) -> None:
-        super().__init__(path, headers=headers)
+    Blobs are content-addressed, so the ETag is the blob's hash.  The bytes go out with one
+    blocking ``sendfile`` per range from a bounded pool of threads, from a descriptor kept
+    open for a few seconds (:mod:`tracker.filesend`); over TLS, from ``pread`` chunks.
+    """
+
+    def __init__(self, tally: OriginTally, path: Path, blob_hash: str, *, headers: dict[str, str]) -> None:
+        super().__init__(status=200, headers=headers)
         self.tally = tally
+        self.path = path
+        self.blob_etag = f'"{blob_hash}"'
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self.prepared:
+            return await super().prepare(request)
+        cache = blob_cache()
+        blob = await cache.get(self.path)
+        if blob is None:  # gone since the handler looked: a short, empty answer
+            self.set_status(502)
+            self.content_length = 0
+            return await super().prepare(request)
+        cache.hold(blob)
+        try:
+            return await self._answer(request, blob)
+        finally:
+            cache.release(blob)
+
+    async def _answer(self, request: web.BaseRequest, blob: Blob) -> AbstractStreamWriter | None:
+        headers = self.headers
+        headers["ETag"] = self.blob_etag
+        headers["Last-Modified"] = blob.last_modified
+        headers["Accept-Ranges"] = "bytes"
+        headers["Content-Type"] = "application/octet-stream"
+        # RFC 9110 section 13.2.2: If-Match, else If-Unmodified-Since; If-None-Match, else If-Modified-Since.
+        if_match, if_none_match = request.if_match, request.if_none_match
+        if (not _etag_match(self.blob_etag, if_match, weak=False) if if_match is not None
+                else (since := request.if_unmodified_since) is not None and blob.mtime > since.timestamp()):
+            self.set_status(412)
+            self.content_length = 0
+            return await super().prepare(request)
+        if (_etag_match(self.blob_etag, if_none_match, weak=True) if if_none_match is not None
+                else (since := request.if_modified_since) is not None and blob.mtime <= since.timestamp()):
+            self.set_status(304)
+            return await super().prepare(request)
+        try:
+            span = _byte_range(request, blob.size) if blob.size and self._range_applies(request, blob) else None
+        except web.HTTPRequestRangeNotSatisfiable as exc:
+            self.set_status(416)
+            self.headers["Content-Range"] = exc.headers["Content-Range"]
+            self.content_length = 0
+            return await super().prepare(request)
+        first, last = span if span is not None else (0, blob.size - 1)
+        if span is not None:
+            self.set_status(206)
+            self.headers["Content-Range"] = f"bytes {first}-{last}/{blob.size}"
+        count = last - first + 1 if blob.size else 0
+        self.content_length = count
+        if count == 0 or request.method == "HEAD":
+            return await super().prepare(request)
+        sender = file_sender()
+        transport = request.transport
+        threaded = sender.usable(transport)
+        writer = await super().prepare(request)  # counts the bytes, sends the headers
+        assert writer is not None and transport is not None
+        if threaded and sender.usable(transport):
+            await sender.send(transport, blob.fd, first, count)
+        elif transport.get_extra_info("sslcontext") is None and transport.get_extra_info("socket") is not None:
+            # The pool is busy (or the headers are still buffered): asyncio's sendfile on the event loop.
+            with open(blob.fd, "rb", buffering=0, closefd=False) as f:
+                await asyncio.get_running_loop().sendfile(transport, f, first, count)
+        else:
+            await send_buffered(writer, blob.fd, first, count)
+        await super().write_eof()
+        return writer
+
+    def _range_applies(self, request: web.BaseRequest, blob: Blob) -> bool:
+        """If-Range: the Range header counts only if the validator still holds (else the whole blob, 200)."""
+        given = request.headers.get("If-Range")
+        if given is None:
+            return True
+        given = given.strip()
+        if given.startswith('"') or given.startswith("W/"):
+            return given == self.blob_etag  # a strong comparison
+        date = request.if_range
+        return date is not None and blob.mtime <= date.timestamp()
+
+
+def _etag_match(etag: str, given: tuple, *, weak: bool) -> bool:
+    """Whether ``etag`` (quoted) is among ``given`` (aiohttp's parsed If-Match / If-None-Match)."""
+    return any(tag.value == "*" or (f'"{tag.value}"' == etag and (weak or not tag.is_weak)) for tag in given)
 
 
 # ---------------------------------------------------------------------------------------
@@ -129,23 +216,18 @@ async def _webseed_artifact(app: web.Application, digest: str) -> WebseedArtifac
     return art
 
 
-def _local_size(path: Path) -> int | None:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return None
-
-
 def _byte_range(request: web.Request, size: int) -> tuple[int, int] | None:
     """The inclusive (first, last) byte asked for, None for the whole file.
 
     Raises HTTPRequestRangeNotSatisfiable for a malformed, multi-part or out-of-bounds range.
     """
-    unsatisfiable = web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
+    def unsatisfiable() -> web.HTTPRequestRangeNotSatisfiable:  # made only when needed: an HTTPException costs
+        return web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
+
     try:
         rng = request.http_range
     except ValueError:
-        raise unsatisfiable from None
+        raise unsatisfiable() from None
     if rng.start is None and rng.stop is None:
         return None
     if rng.start < 0:  # suffix range "bytes=-N": the last N bytes
@@ -154,7 +236,7 @@ def _byte_range(request: web.Request, size: int) -> tuple[int, int] | None:
         first = rng.start
         last = size - 1 if rng.stop is None else min(rng.stop - 1, size - 1)
     if first >= size or last < first:
-        raise unsatisfiable
+        raise unsatisfiable()
     return first, last
 
 
@@ -228,13 +310,14 @@ async def webseed(request: web.Request) -> web.StreamResponse:
     origin = await request.app[ORIGINS].get(art.origin_url, art.s3_endpoint)
     local = origin.blob_local_path(entry.xxh3_128)
     if local is not None:
-        size = await asyncio.to_thread(_local_size, local)
-        if size != entry.size:
+        blob = await blob_cache().get(local)
+        if blob is None or blob.size != entry.size:
             raise OriginError(
                 f"blob {entry.xxh3_128} of {tail!r} in origin {origin.url} is "
-                f"{'missing' if size is None else f'{size} bytes'}, expected {entry.size} bytes; re-publish the artifact"
+                f"{'missing' if blob is None else f'{blob.size} bytes'}, expected {entry.size} bytes; "
+                "re-publish the artifact"
             )
-        return OriginFile(tally, local, headers={"Accept-Ranges": "bytes"})
+        return OriginFile(tally, local, entry.xxh3_128, headers={})
     ttl = request.app[CONFIG].presign_ttl_s
     if (ttl > 0 and entry.size > 0 and request.method == "GET"
             and request.headers.get(ACCEPT_REDIRECT_HEADER) == "1"):
