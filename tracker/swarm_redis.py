@@ -461,6 +461,9 @@ class RedisSwarmStore:
             await self.flush()  # the heartbeats held go out before the connection does
         except Exception:  # noqa: BLE001 - closing anyway; the outage is logged
             pass
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         await self._r.aclose()
 
     # ---- allow-list --------------------------------------------------------------------
