@@ -226,7 +226,21 @@ def test_redis_outage_answers_retry_and_recovers_by_itself(tmp_path, postgres_db
             digest = publish(r0.url, model, "out/m:v1", (tmp_path / "origin").as_uri())
             ih = _info_hash(r0.url, digest)
             _announce(r0.url, ih, 1)
+            for _ in range(2):  # n2 is known here: its heartbeats are answered at once, written behind
+                status, _, body = _http("POST", f"{r0.url}/v1/nodes/n2/heartbeat", {"ttl_s": 3.0})
+                assert status == 200 and body["entries"] == 0, body
             redis_srv.stop()
+            # The first write that fails (within a flush interval) makes the heartbeats after it 503s.
+            statuses = []
+            for _ in range(20):
+                status, headers, body = _http("POST", f"{r0.url}/v1/nodes/n2/heartbeat", {"ttl_s": 3.0})
+                statuses.append(status)
+                if status == 503:
+                    assert headers.get("Retry-After") == "2", (headers, body)
+                    break
+                assert status == 200, body
+                time.sleep(0.05)
+            assert statuses[-1] == 503, statuses
             for _ in range(3):
                 answer = _announce(r0.url, ih, 2)
                 assert b"retry in" in answer[b"failure reason"], answer

@@ -685,6 +685,7 @@ class RedisSwarmStore:
                               else loop.call_later(self.flush_interval_s, self._start_flush))
 
     _flush_soon = False
+    _write_failing = False
 
     def _start_flush(self) -> None:
         if self._flush_handle is not None:
@@ -742,7 +743,8 @@ class RedisSwarmStore:
             if isinstance(exc, SwarmStoreUnavailable):
                 for node, value in held.items():  # kept for the next write (newer heartbeats win)
                     self._held.setdefault(node, value)
-            else:
+            elif not self._write_failing and isinstance(exc, Exception):
+                self._write_failing = True  # one line until a write succeeds again
                 log.error("writing %d heartbeats to the swarm store failed: %s: %s", len(held),
                           exc.__class__.__name__, exc)
             for futs in waiters.values():
@@ -750,6 +752,7 @@ class RedisSwarmStore:
                     if not fut.done():
                         fut.set_exception(exc if isinstance(exc, Exception) else SwarmStoreUnavailable(str(exc)))
             raise
+        self._write_failing = False
         now = time.monotonic()
         if now - self._counts_swapped >= COUNTS_KEPT_S:
             self._counts_old, self._counts, self._counts_swapped = self._counts, {}, now
