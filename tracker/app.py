@@ -39,7 +39,7 @@ from .console import add_console_routes
 from .endpoint import TRACKER, TrackerEndpoint, announce, scrape
 from .fastpath import FastPathServer
 from .federation import Upstream, validate_upstream
-from .firstcopy import FirstCopyGate
+from .firstcopy import make_gate_store
 from .fleet import add_fleet_routes
 from .liveness import fast_node_route, node_heartbeat, node_leave, peer_expiry_ctx
 from .metrics import METRICS, RegistryMetrics, metrics, metrics_middleware
@@ -50,7 +50,7 @@ from .store import RegistryStore
 from .swarm_redis import RedisSwarmStore
 from .swarmstore import make_swarm_store, settle
 from .nodekeys import NodeKeys
-from .relaytokens import RelayRegistry
+from .relaytokens import make_relay_registry
 from .peer_policy import PeerPolicy, parse_networks
 from .udp_server import UdpTracker, start_udp_tracker
 from .webseed import webseed
@@ -229,12 +229,12 @@ def make_app(cfg: TrackerConfig) -> web.Application:
     app[METRICS] = RegistryMetrics(app)
     app[SWARMS] = make_swarm_store(cfg.swarm_store, zone_gateways=cfg.zone_gateways, peer_ttl_s=cfg.peer_ttl_s)
     app[NODE_KEYS] = NodeKeys()
-    app[RELAYS] = RelayRegistry(cfg.trusted_proxies)
+    app[RELAYS] = make_relay_registry(app[SWARMS], cfg.trusted_proxies)
     app[TRACKER] = TrackerEndpoint(cfg, app[SWARMS], app[NODE_KEYS])
     app[STATS] = Stats()
     app[ORIGINS] = OriginCache(cfg.s3_endpoint)
     app[WEBSEED_CACHE] = OrderedDict()
-    app[FIRST_COPY] = FirstCopyGate()
+    app[FIRST_COPY] = make_gate_store(app[SWARMS], app[RELAYS])
     app[WRITE_LOCK] = asyncio.Lock()
     app[NODES] = NodeBook()
     app.cleanup_ctx.append(_registry_ctx)

@@ -28,6 +28,11 @@ bytes (a node whose swarm did not bring a piece asks again and is served); and r
 are believed only when a node registered them with its heartbeat, at the requester's own
 address, and each one handed out carries a token for that exchange only
 (tracker/relaytokens.py, modelcast/relay_auth.py).
+
+Where the books are kept (:class:`GateStore`): :class:`FirstCopyGate`, in process (the default:
+plain calls, no I/O), or :class:`tracker.gate_redis.RedisGateStore` with ``--swarm-store
+redis://`` (every replica shares one gate; its ``admit`` answers an awaitable when it asks
+Redis).  Callers pass ``admit``'s answer through :func:`tracker.swarmstore.settle`.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from typing import Awaitable, Protocol
 
 MAX_NODES_PER_ZONE = 1000
 MAX_ZONES = 256  # per artifact; nodes of further zones are not pushed to (they still fetch)
@@ -63,6 +69,29 @@ class Admission:
 
 SERVE = Admission(True)
 ELSEWHERE = Admission(False)
+
+
+class GateStore(Protocol):
+    """What the web seed asks of the first-copy gate, in process or in Redis."""
+
+    window_s: float
+    refused: int  # counters of this replica's decisions (metrics, /v1/stats)
+    relayed: int
+    pushed: int
+
+    def admit(self, artifact: str, path: str, start: int, end: int, first_copy: bool,
+              now: float | None = None, *, zone: str | None = None,
+              relay: str | None = None) -> Admission | Awaitable[Admission]: ...
+
+
+def make_gate_store(swarms, relays) -> GateStore:
+    """The gate for the swarm store ``swarms``: in process, or in its Redis (with ``relays``' registrations)."""
+    from .swarm_redis import RedisSwarmStore
+
+    if isinstance(swarms, RedisSwarmStore):
+        from .gate_redis import RedisGateStore
+        return RedisGateStore(swarms, relays)
+    return FirstCopyGate()
 
 
 class FirstCopyGate:

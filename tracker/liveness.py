@@ -47,10 +47,18 @@ def relay_registration(app: web.Application, node_id: str, node_key: str | None,
     relays = app[RELAYS]
     if node_key is None:
         relays.forget(node_id)
-        return {}
+        write = relays.pending(node_id)
+        return {} if write is None else _written(write, {})
     url = relays.register(node_id, body.get("relay"), relays.source(remote, forwarded_for))
     secret = relays.node_secret(node_id)
-    return {"relay": url, **({"relay_secret": secret} if secret is not None else {})}
+    answer = {"relay": url, **({"relay_secret": secret} if secret is not None else {})}
+    write = relays.pending(node_id)  # registrations in Redis (tracker/gate_redis.py): awaited
+    return answer if write is None else _written(write, answer)
+
+
+async def _written(write: Awaitable[None], answer: dict) -> dict:
+    await write
+    return answer
 
 
 def _heartbeat_ttl(body: Any, cfg: TrackerConfig) -> float:
@@ -94,13 +102,20 @@ def heartbeat(app: web.Application, node_id: str, node_key: str | None, raw: byt
     now = time.monotonic()
     entries = app[SWARMS].heartbeat(node_id, now, ttl, body.get("zone"))
     relay = relay_registration(app, node_id, node_key, body, remote, forwarded_for)
-    if inspect.isawaitable(entries):
+    if inspect.isawaitable(entries) or inspect.isawaitable(relay):
         return _heartbeat_done(app, node_id, body, report, now, ttl, entries, relay)
     return _heartbeat_answer(app, node_id, body, report, now, ttl, entries, relay)
 
 
-async def _heartbeat_done(app, node_id, body, report, now, ttl, entries: Awaitable[int], relay: dict) -> dict:
-    return _heartbeat_answer(app, node_id, body, report, now, ttl, await entries, relay)
+async def _heartbeat_done(app, node_id, body, report, now, ttl, entries: Awaitable[int] | int,
+                          relay: Awaitable[dict] | dict) -> dict:
+    if inspect.isawaitable(entries) and inspect.isawaitable(relay):
+        # Both in Redis: awaited together, and neither left unawaited when the other fails.
+        entries, relay = await asyncio.gather(entries, relay, return_exceptions=True)
+        for result in (entries, relay):
+            if isinstance(result, BaseException):
+                raise result
+    return _heartbeat_answer(app, node_id, body, report, now, ttl, await settle(entries), await settle(relay))
 
 
 def _heartbeat_answer(app: web.Application, node_id: str, body: dict, report: Any, now: float, ttl: float,

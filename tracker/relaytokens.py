@@ -19,6 +19,9 @@ value in the registry database (:meth:`tracker.store.RegistryStore.registry_secr
 replicas over one database issue tokens every node accepts.
 
 Bounded: at most :data:`MAX_NODES` registrations, least recently heard from forgotten first.
+
+With ``--swarm-store redis://`` the registrations live in Redis
+(:class:`tracker.gate_redis.RedisRelayRegistry`), so every replica believes them.
 """
 
 from __future__ import annotations
@@ -114,6 +117,10 @@ class RelayRegistry:
             self._node.pop(gone_url, None)
         return url
 
+    def pending(self, node_id: str):
+        """The write of ``node_id``'s registration to a shared store, to await; None in process."""
+        return None
+
     def forget(self, node_id: str) -> None:
         url = self._url.pop(node_id, None)
         if url is not None and self._node.get(url) == node_id:
@@ -147,3 +154,13 @@ class RelayRegistry:
         if now - self._logged.get(cause, -1e9) > REFUSAL_LOG_S:
             self._logged[cause] = now
             log.warning("%s (further such refusals are not logged for a minute)", message)
+
+
+def make_relay_registry(swarms, trusted_proxies: Iterable[str] = ()) -> RelayRegistry:
+    """Relay registrations for the swarm store ``swarms``: in process, or in its Redis."""
+    from .swarm_redis import RedisSwarmStore
+
+    if isinstance(swarms, RedisSwarmStore):
+        from .gate_redis import RedisRelayRegistry
+        return RedisRelayRegistry(swarms, trusted_proxies)
+    return RelayRegistry(trusted_proxies)

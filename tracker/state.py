@@ -16,7 +16,7 @@ from modelcast.config import TrackerConfig
 from modelcast.manifest import FileEntry
 
 from .federation import Upstream
-from .firstcopy import FirstCopyGate
+from .firstcopy import GateStore
 from .nodebook import NodeBook
 from .nodekeys import NodeKeys
 from .relaytokens import RelayRegistry
@@ -96,7 +96,7 @@ STATS = web.AppKey("stats", Stats)
 ORIGINS = web.AppKey("origins", OriginCache)
 # Web seed artifacts by digest, least recently used first; a delete evicts its entry.
 WEBSEED_CACHE = web.AppKey("webseed_cache", OrderedDict)
-FIRST_COPY = web.AppKey("first_copy", FirstCopyGate)
+FIRST_COPY = web.AppKey("first_copy", GateStore)
 # Held around every store write that changes which artifacts exist together with the
 # swarm allow-list update that follows it, so the allow-list changes in commit order (a
 # publish and a delete of one artifact racing must not leave a deleted artifact allowed).

@@ -203,10 +203,14 @@ async def webseed(request: web.Request) -> web.StreamResponse:
     relays = request.app[RELAYS]
     # Only a URL the node registered from this address (tracker/relaytokens.py) is handed
     # to nodes of other zones: never one pointing anywhere else (issue #15).
-    relay = relays.believed(request.headers.get(RELAY_HEADER), request.remote)
+    relay = relays.believed(request.headers.get(RELAY_HEADER), request.remote) if gate_zone is not None else None
+    if relay is not None and not isinstance(relay, str):
+        relay = await relay  # registrations in Redis (tracker/gate_redis.py)
     admission = request.app[FIRST_COPY].admit(
         digest, tail, first_byte, last_byte, first_copy=request.headers.get(FIRST_COPY_HEADER) == "1",
         zone=gate_zone, relay=relay)
+    if not isinstance(admission, Admission):
+        admission = await admission  # the gate in Redis: one round trip
     if not admission.serve:
         token = None
         if admission.relay_from:  # the requester fetches from the holder: a token for the holder's listener
