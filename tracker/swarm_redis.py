@@ -266,16 +266,16 @@ return won
 """
 
 
-# KEYS[1]: a liveness bucket, KEYS[2]: its zone hash; ARGV: (node id, deadline ms, zone) triples, zone ""
-# keeping the node's zone (the default one for a node without any): every deadline and zone written;
-# answers each node's entry count, in order, joined by ","
+# KEYS[1]: a liveness bucket, KEYS[2]: its zone hash; ARGV[1]: "node id\tdeadline ms\tzone" records, one
+# per line (one argument: redis-py packs each argument in Python), zone "" keeping the node's zone (the
+# default one for a node without any): every deadline and zone written; answers each node's entry
+# count, in order, joined by ","
 _HEARTBEATS = r"""
 local out = {}
-for i = 1, #ARGV, 3 do
-  local node = ARGV[i]
-  redis.call('ZADD', KEYS[1], ARGV[i + 1], node)
-  if ARGV[i + 2] == '' then redis.call('HSETNX', KEYS[2], node, '%s')
-  else redis.call('HSET', KEYS[2], node, ARGV[i + 2]) end
+for node, deadline, zone in string.gmatch(ARGV[1], '([^\t\n]+)\t(%%d+)\t([^\n]*)') do
+  redis.call('ZADD', KEYS[1], deadline, node)
+  if zone == '' then redis.call('HSETNX', KEYS[2], node, '%s')
+  else redis.call('HSET', KEYS[2], node, zone) end
   out[#out + 1] = redis.call('SCARD', KEYS[1] .. ':e:' .. node)
 end
 return table.concat(out, ',')
@@ -730,13 +730,14 @@ class RedisSwarmStore:
         held, self._held = self._held, {}
         waiters, self._waiters = self._waiters, {}
         self._changed.clear()
-        args: dict[int, list] = {}
+        args: dict[int, list[str]] = {}
         for node, (deadline, zone) in held.items():
+            record = f"{node}\t{deadline}\t{zone}"
             bucket = args.get(b := zlib.crc32(node.encode()) % LIVE_BUCKETS)
             if bucket is None:
-                args[b] = [node, deadline, zone]
+                args[b] = [record]
             else:
-                bucket += (node, deadline, zone)
+                bucket.append(record)
         try:
             counts = await self._write_heartbeats(args) if args else {}
         except BaseException as exc:
@@ -770,13 +771,13 @@ class RedisSwarmStore:
                 if not fut.done():
                     fut.set_result(n)
 
-    async def _write_heartbeats(self, args: dict[int, list]) -> dict[str, int]:
+    async def _write_heartbeats(self, args: dict[int, list[str]]) -> dict[str, int]:
         """One pipeline: per liveness bucket one ``EVALSHA`` of the heartbeats script; node id -> entry count."""
         for attempt in (0, 1):
             async with self._r.pipeline(transaction=False) as pipe:
                 for b, bucket in args.items():
                     live = f"{PREFIX}{{live:{b}}}"
-                    pipe.evalsha(self._heartbeats_sha, 2, live, live + ":z", *bucket)
+                    pipe.evalsha(self._heartbeats_sha, 2, live, live + ":z", "\n".join(bucket))
                 replies = await self._run(pipe.execute(raise_on_error=False))
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
                 # Redis restarted (scripts gone): load it once, send again.
@@ -785,8 +786,8 @@ class RedisSwarmStore:
             break
         counts: dict[str, int] = {}
         for bucket, reply in zip(args.values(), _raise_errors(replies)):
-            for node, n in zip(bucket[::3], reply.split(b",")):
-                counts[node] = int(n)
+            for record, n in zip(bucket, reply.split(b",")):
+                counts[record.partition("\t")[0]] = int(n)
         return counts
 
     async def leave(self, node_id: str) -> int:
