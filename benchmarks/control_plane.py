@@ -4,7 +4,8 @@ A ``modelcast tracker`` process (or two) answers; a load generator in separate p
 (spawned; non-blocking sockets on epoll, HTTP/1.1 keep-alive, one request in flight per
 connection, request bytes built before the clock starts: benchmarks/tracker_load.py's)
 plays ``--nodes`` simulated node daemons, each sending heartbeats (``POST
-/v1/nodes/ID/heartbeat``, the body a node sends, through the fast path), and ``--peers``
+/v1/nodes/ID/heartbeat``, the body and node key a node sends, through the fast path; every
+node's first heartbeat, which enrols it, is a phase of its own before the measured one), and ``--peers``
 peers over ``--torrents`` swarms, announcing (first ``event=started`` with ``numwant=0``
 to fill the swarms, then the steady re-announces that are measured, ``numwant=50``).
 Each phase runs for ``--duration`` seconds.  Every answer is checked (status 200, a
@@ -118,8 +119,11 @@ def run_split(pools: list, replicas: list[Replica], label: str, redis_pid: int |
 
 def measure(pools: list, replicas: list[Replica], name: str, args, hashes: list[str],
             redis_pid: int | None = None) -> dict:
-    """Heartbeats, then announces (after a fill), against ``replicas``."""
+    """Heartbeats (after every node's first one, which enrols it), then announces (after a fill), against ``replicas``."""
     common = {"keepalive": True, "concurrency": args.concurrency, "max_requests": 10_000_000, "redis_pid": redis_pid}
+    enrol = run_split(pools, replicas, f"{name}: enrol", kind="heartbeat", peers=args.nodes,
+                      peer_prefix="bench-node-", max_s=120.0, hashes=hashes, event="", numwant=0,
+                      **{**common, "max_requests": args.nodes})
     heartbeats = run_split(pools, replicas, f"{name}: heartbeats", kind="heartbeat", peers=args.nodes,
                            peer_prefix="bench-node-", max_s=args.duration, hashes=hashes, event="", numwant=0,
                            **common)
@@ -127,7 +131,7 @@ def measure(pools: list, replicas: list[Replica], name: str, args, hashes: list[
                      event="started", numwant=0, max_s=60.0, **{**common, "max_requests": args.peers})
     announces = run_split(pools, replicas, f"{name}: announces", peers=args.peers, peer_prefix="-CP0001-",
                           hashes=hashes, event="", numwant=50, max_s=args.duration, **common)
-    return {"heartbeats": heartbeats, "fill": fill, "announces": announces}
+    return {"enrol": enrol, "heartbeats": heartbeats, "fill": fill, "announces": announces}
 
 
 def redis_unavailable(no_redis: bool) -> str | None:

@@ -93,14 +93,16 @@ def _left(i: int) -> int:
 
 
 def _heartbeat_requests(spec: dict) -> list[bytes]:
-    """One node heartbeat per simulated node (``spec['peers']`` nodes), as a node daemon sends it."""
+    """One node heartbeat per simulated node (``spec['peers']`` nodes), as a node daemon sends it: with its
+    node key (``X-Modelcast-Node-Key``; the first heartbeat of an id enrols it, binding the id to the key)."""
     body = b'{"zone": "z%d", "ttl_s": 600}'
     out = []
     for i in range(spec["peers"]):
         b = body % (i % 4)
-        out.append(b"POST /v1/nodes/%s%06d/heartbeat HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
-                   b"Content-Length: %d\r\n\r\n%s" % (spec["peer_prefix"].encode(), i, spec["host"].encode(),
-                                                      spec["port"], len(b), b))
+        node = b"%s%06d" % (spec["peer_prefix"].encode(), i)
+        out.append(b"POST /v1/nodes/%s/heartbeat HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+                   b"X-Modelcast-Node-Key: key-of-%s\r\nContent-Length: %d\r\n\r\n%s"
+                   % (node, spec["host"].encode(), spec["port"], node, len(b), b))
     return out
 
 

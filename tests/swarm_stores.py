@@ -13,6 +13,7 @@ import random
 
 from tracker.swarm import SwarmRegistry
 from tracker.swarm_redis import RedisSwarmStore
+from tracker.swarmstore import settle
 
 
 class SyncSwarmStore:
@@ -38,7 +39,11 @@ class SyncSwarmStore:
 
     def heartbeat(self, node_id: str, now: float, ttl: float, zone: str | None = None) -> int:
         self._last_now = now
-        return self._loop.run_until_complete(self._store.heartbeat(node_id, now, ttl, zone))
+
+        async def call() -> int:  # written behind: an int at once, or a future of it (a node new here)
+            return await settle(self._store.heartbeat(node_id, now, ttl, zone))
+
+        return self._loop.run_until_complete(call())
 
     def expire(self, now: float, ttl_s: float) -> int:
         self._last_now = now

@@ -104,6 +104,43 @@ async def test_two_replicas_share_swarms_and_a_leave_through_one_empties_the_oth
         await b.close()
 
 
+async def test_heartbeats_are_written_behind_and_every_replica_sees_them_and_a_leave(redis_url):
+    """A node's first heartbeat to a replica waits for its write (an exact count); the next are answered
+    at once and reach Redis within a few flush intervals; a leave through the other replica is not undone
+    by a heartbeat still held."""
+    from tracker.swarmstore import settle
+
+    ih = b"\x93" * 20
+    a, b = RedisSwarmStore(redis_url, zone_gateways=0), RedisSwarmStore(redis_url, zone_gateways=0)
+    try:
+        await a.allow([ih])
+        first = a.heartbeat("n1", time.monotonic(), 3.0, "z")
+        assert asyncio.isfuture(first) and await first == 0
+        await b.announce(Announce(ih, b"\x01" * 20, 6001, 0, 0, 0, numwant=0, zone="z", node="n1"), "10.0.0.1", 0)
+        # Answered from memory, not a round trip; the announce went through the other replica, so
+        # this count is the write's: the heartbeat after the next write has it.
+        answers = []
+        for _ in range(40):
+            answer = a.heartbeat("n1", time.monotonic(), 3.0, "z")
+            assert isinstance(answer, int)
+            answers.append(answer)
+            if answer == 1:
+                break
+            await asyncio.sleep(a.flush_interval_s)
+        assert answers[-1] == 1, answers
+        assert await b.is_live("n1")
+        # A heartbeat still held when the node leaves is not written after the leave (the node would be
+        # live again, with no entries, until its ttl lapsed).
+        a.heartbeat("n1", time.monotonic(), 3.0, "z")
+        assert await a.leave("n1") == 1
+        await asyncio.sleep(3 * a.flush_interval_s)
+        assert not await b.is_live("n1") and await b.peers_of(ih) == []
+        assert await settle(a.heartbeat("n1", time.monotonic(), 3.0, "z")) == 0
+    finally:
+        await a.close()
+        await b.close()
+
+
 # -- tracker processes over Redis + PostgreSQL ----------------------------------------------
 
 
@@ -189,7 +226,21 @@ def test_redis_outage_answers_retry_and_recovers_by_itself(tmp_path, postgres_db
             digest = publish(r0.url, model, "out/m:v1", (tmp_path / "origin").as_uri())
             ih = _info_hash(r0.url, digest)
             _announce(r0.url, ih, 1)
+            for _ in range(2):  # n2 is known here: its heartbeats are answered at once, written behind
+                status, _, body = _http("POST", f"{r0.url}/v1/nodes/n2/heartbeat", {"ttl_s": 3.0})
+                assert status == 200 and body["entries"] == 0, body
             redis_srv.stop()
+            # The first write that fails (within a flush interval) makes the heartbeats after it 503s.
+            statuses = []
+            for _ in range(20):
+                status, headers, body = _http("POST", f"{r0.url}/v1/nodes/n2/heartbeat", {"ttl_s": 3.0})
+                statuses.append(status)
+                if status == 503:
+                    assert headers.get("Retry-After") == "2", (headers, body)
+                    break
+                assert status == 200, body
+                time.sleep(0.05)
+            assert statuses[-1] == 503, statuses
             for _ in range(3):
                 answer = _announce(r0.url, ih, 2)
                 assert b"retry in" in answer[b"failure reason"], answer
@@ -208,6 +259,42 @@ def test_redis_outage_answers_retry_and_recovers_by_itself(tmp_path, postgres_db
         finally:
             r0.stop()
 
+
+
+def test_heartbeat_answers_tell_a_node_to_reannounce_after_redis_lost_its_data(tmp_path, redis_url):
+    """Heartbeats are written behind; Redis loses its data without the replica seeing an outage (FLUSHALL,
+    as a failover to an empty instance): within two heartbeats the answer says ``entries: 0``, and after
+    the node announces again its heartbeats count the entry again."""
+    import redis
+
+    r0 = start_tracker(tmp_path / "r0", token=TOKEN, name="replica-0", extra=["--swarm-store", redis_url])
+    try:
+        model = make_model(tmp_path / "model", {"w.bin": 64 * 1024})
+        digest = publish(r0.url, model, "lost/m:v1", (tmp_path / "origin").as_uri())
+        ih = _info_hash(r0.url, digest)
+
+        def beat() -> int:
+            status, _, body = _http("POST", f"{r0.url}/v1/nodes/n1/heartbeat", {"zone": "z", "ttl_s": 3.0})
+            assert status == 200, body
+            return body["entries"]
+
+        assert beat() == 0
+        _announce(r0.url, ih, 1, node="n1", numwant="0")
+        assert beat() == 1
+        client = redis.Redis.from_url(redis_url)
+        client.flushall()
+        client.close()
+        answers = []
+        for _ in range(3):
+            time.sleep(0.2)  # a node beats every second; a few flush intervals are enough here
+            answers.append(beat())
+        assert 0 in answers[:2], answers
+        _announce(r0.url, ih, 1, node="n1", numwant="0")  # what the node does on entries: 0
+        assert beat() == 1
+        assert _peer_ports(_announce(r0.url, ih, 2, left="5")) == {7001}
+        assert "Traceback" not in r0.log_path.read_text()
+    finally:
+        r0.stop()
 
 
 def test_pull_through_replicas_on_redis_and_postgres_survives_redis_restarting_empty(tmp_path, postgres_db,

@@ -3,8 +3,8 @@
 Same answers as the in-process :class:`tracker.swarm.SwarmRegistry` (the handout is the
 same :func:`tracker.handout.sample_peers` over the same buckets), but every call that
 touches Redis is a coroutine: one round trip per announce (one ``EVALSHA`` of the
-announce script, pipelined with the node's bookkeeping) and one per heartbeat (a
-pipeline).  Callers await what :mod:`tracker.swarmstore` says may be awaitable.
+announce script, pipelined with the node's bookkeeping).  Heartbeats are written behind:
+see *Liveness*.  Callers await what :mod:`tracker.swarmstore` says may be awaitable.
 
 Key schema (prefix ``mc:``; designed for Redis Cluster: everything one script touches
 shares one hash tag)::
@@ -21,9 +21,12 @@ shares one hash tag)::
     mc:{<c>}:b:<bucket>      SET     the peer addresses of one bucket (the handout samples these)
     mc:{<c>}:g:<zone>        LIST    the zone's gateway peers (--zone-gateways N > 0), join order
     mc:{<c>}:gz              SET     zones with a gateway list
-    mc:{n:<node id>}:e       SET     "<c>:<address hex>": the swarm entries a node daemon announced
     mc:{live:<0..15>}        ZSET    node id -> heartbeat deadline (ms since epoch); 16 buckets by crc32
     mc:{live:<0..15>}:z      HASH    node id -> zone (live nodes per zone)
+    mc:{live:<0..15>}:e:<node id>
+                             SET     "<c>:<address hex>": the swarm entries a node daemon announced (in its
+                                     liveness bucket's hash tag, so one script per bucket writes the
+                                     bucket's heartbeats and reads their nodes' entry counts)
 
 ``<c>`` is the swarm's canonical key: the first info-hash it was allowed under.
 
@@ -33,11 +36,24 @@ with an atomic conditional ``ZREM`` (one replica wins) and removes their entries
 every swarm they were in.  A clean leave does the same at once.  Every key but the
 allow-list also carries a Redis TTL (``PEXPIRE``), so nothing is left behind forever.
 
+Heartbeats are written behind: a heartbeat records (node, deadline, zone) in this
+replica's memory and is answered at once, with the node's entry count as of its previous
+heartbeat here; every ``flush_interval_s`` (50 ms) the heartbeats held are written in one
+pipeline, one ``EVALSHA`` per liveness bucket that sets every deadline and zone and answers
+each node's entry count (``SCARD``), which the next answers use.  The deadline is the
+heartbeat's own time plus its ttl, so writing it 50 ms later moves no eviction; a replica
+that dies loses at most the heartbeats of its last 50 ms (the node's next heartbeat, to any
+replica, writes its deadline again; the ttl is several heartbeats long).  A node this
+replica has no count for (its first heartbeat here), and every heartbeat while Redis is
+unreachable, waits for the write instead (the batch goes out at once): its answer is exact,
+or a 503.  Expiry and leaves write what is held first.
+
 Redis unreachable: every call raises :class:`SwarmStoreUnavailable` (503 + Retry-After;
 announces a bencoded failure with ``retry in``), logged once per outage.  Redis restarted
 with its data gone: announces of swarms this replica knows re-create the swarm's allow
-key and go on; heartbeats answer ``entries: 0``, and node daemons then re-announce at
-once, so the swarm is rebuilt within a heartbeat.
+key and go on; a heartbeat answers ``entries: 0`` (at the latest the node's second
+heartbeat after the loss: the first one's write reads the count), and node daemons then
+re-announce at once, so the swarm is rebuilt within a heartbeat or two.
 
 Time is the wall clock (``time.time()``) of the replica, not the monotonic ``now``
 callers pass, since deadlines are compared across processes: replicas' clocks must
@@ -250,6 +266,27 @@ return won
 """
 
 
+# KEYS[1]: a liveness bucket, KEYS[2]: its zone hash; ARGV[1]: "node id\tdeadline ms\tzone" records, one
+# per line (one argument: redis-py packs each argument in Python), zone "" keeping the node's zone (the
+# default one for a node without any): every deadline and zone written; answers each node's entry
+# count, in order, joined by ","
+_HEARTBEATS = r"""
+local out = {}
+for node, deadline, zone in string.gmatch(ARGV[1], '([^\t\n]+)\t(%%d+)\t([^\n]*)') do
+  redis.call('ZADD', KEYS[1], deadline, node)
+  if zone == '' then redis.call('HSETNX', KEYS[2], node, '%s')
+  else redis.call('HSET', KEYS[2], node, zone) end
+  out[#out + 1] = redis.call('SCARD', KEYS[1] .. ':e:' .. node)
+end
+return table.concat(out, ',')
+""" % DEFAULT_ZONE
+
+# A node's entry count is kept this long after its last heartbeat here (then its next heartbeat waits
+# for its write); two generations of counts, swapped each period, so forgetting costs nothing per request.
+COUNTS_KEPT_S = 60.0
+FLUSH_INTERVAL_S = 0.05
+
+
 def _swarm_key(canon: bytes) -> str:
     return f"{PREFIX}{{{canon.hex()}}}"
 
@@ -263,7 +300,7 @@ def _tomb_key(ih: bytes) -> str:
 
 
 def _node_key(node_id: str) -> str:
-    return f"{PREFIX}{{n:{node_id}}}:e"
+    return f"{_live_key(node_id)}:e:{node_id}"
 
 
 def _live_key(node_id: str) -> str:
@@ -355,7 +392,7 @@ class RedisSwarmStore:
 
     def __init__(self, url: str, *, zone_gateways: int = -1, peer_ttl_s: float = 90.0,
                  rng: random.Random | None = None, client: aioredis.Redis | None = None,
-                 caller_clock: bool = False) -> None:
+                 caller_clock: bool = False, flush_interval_s: float = FLUSH_INTERVAL_S) -> None:
         # caller_clock: take time from the ``now`` callers pass (tests drive expiry with it);
         # else the wall clock, which every replica shares (``now`` is a monotonic clock).
         self._caller_clock = caller_clock
@@ -370,7 +407,20 @@ class RedisSwarmStore:
         self._remove = self._r.register_script(_REMOVE)
         self._claim = self._r.register_script(_CLAIM)
         self._sweep = self._r.register_script(_SWEEP)
+        self._heartbeats_sha = self._r.register_script(_HEARTBEATS).sha
         self._swept_at = 0.0
+        # Heartbeats written behind (see the module docstring): node id -> (deadline ms, zone or "").
+        self.flush_interval_s = flush_interval_s
+        self._held: dict[str, tuple[int, str]] = {}
+        self._waiters: dict[str, list[asyncio.Future]] = {}  # heartbeats answered once written
+        self._flush_handle: asyncio.Handle | None = None
+        self._flushing: asyncio.Task | None = None
+        # Each node's entry count, from the last write of its heartbeat (and this replica's
+        # announces and leaves since); two generations, the older forgotten each COUNTS_KEPT_S.
+        self._counts: dict[str, int] = {}
+        self._counts_old: dict[str, int] = {}
+        self._counts_swapped = time.monotonic()
+        self._changed: set[str] = set()  # counts changed here while a write was in flight
         # This replica's view of the allow-list (info-hash -> canonical key), from its database
         # and from Redis; Redis's copy is re-made from it after Redis lost its data.
         self._canon: dict[bytes, bytes] = {}
@@ -407,6 +457,13 @@ class RedisSwarmStore:
         await self._run(self._r.ping())
 
     async def close(self) -> None:
+        try:
+            await self.flush()  # the heartbeats held go out before the connection does
+        except Exception:  # noqa: BLE001 - closing anyway; the outage is logged
+            pass
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         await self._r.aclose()
 
     # ---- allow-list --------------------------------------------------------------------
@@ -503,11 +560,13 @@ class RedisSwarmStore:
                 pipe.sadd(node_entry[0], node_entry[1])
                 pipe.pexpire(node_entry[0], 2 * ttl_ms)
 
-        remade = loaded = False
+        remade = loaded = added = False
         while True:
             args[8] = self._ms(now)
             replies = await self._batch.submit(build)
             out = replies[0]
+            if node_entry is not None and replies[1] == 1:
+                added = True
             if isinstance(out, NoScriptError) and not loaded:
                 # Redis restarted (scripts gone): load it once, send again.
                 loaded = True
@@ -526,6 +585,8 @@ class RedisSwarmStore:
             raise UnknownInfoHash(f"unknown info_hash {a.info_hash.hex()}: no artifact published to this "
                                   "registry has it")
         self.announces += 1
+        if added:
+            self._count_changed(a.node, 1)
         counts = SwarmCounts(int(out[1]), int(out[2]), int(out[3]))
         buckets: dict[tuple[str, bool, bool], list[Peer]] = {}
         gateways: dict[str, list[Peer]] = {}
@@ -573,26 +634,167 @@ class RedisSwarmStore:
         return [_peer(addr, value) for addr, value in entries.items()]
 
     # ---- node liveness -------------------------------------------------------------------
-    async def heartbeat(self, node_id: str, now: float, ttl: float, zone: str | None = None) -> int:
-        """Keep every entry of ``node_id`` alive for ``ttl`` s; the number of entries it has (0 after a data loss)."""
+    def heartbeat(self, node_id: str, now: float, ttl: float, zone: str | None = None) -> "int | asyncio.Future[int]":
+        """Keep every entry of ``node_id`` alive for ``ttl`` s; the number of entries it has (0 after a data loss).
+
+        Written behind (see the module docstring): answered at once with the count as of the
+        node's previous heartbeat here; a future of the exact count for a node this replica has
+        no count for, and while Redis is unreachable (then it fails with a 503's error).
+        """
         if ttl <= 0:
             raise ValueError(f"heartbeat ttl must be positive, got {ttl}")
-        live = _live_key(node_id)
-        deadline = self._ms(now, ttl)
+        self._held[node_id] = (self._ms(now, ttl), zone or "")
+        if self._down_since is None:
+            count = self._counts.get(node_id)
+            if count is None:
+                count = self._counts_old.get(node_id)
+            if count is not None:
+                if self._flush_handle is None and self._flushing is None:
+                    self._schedule_flush(False)
+                return count
+        fut = asyncio.get_running_loop().create_future()
+        waiters = self._waiters.get(node_id)
+        if waiters is None:
+            self._waiters[node_id] = [fut]
+        else:
+            waiters.append(fut)
+        if self._flushing is None:
+            self._schedule_flush(True)
+        return fut
 
-        def build(pipe) -> None:
-            pipe.zadd(live, {node_id: deadline})
-            if zone is None:  # as in process: a node that names no zone keeps the one it had
-                pipe.hsetnx(live + ":z", node_id, DEFAULT_ZONE)
+    def _count_changed(self, node_id: str, delta: int | None) -> None:
+        """This replica changed the entries of ``node_id``: ``delta`` more, or None for none left."""
+        count = self._counts.get(node_id)
+        if count is None:
+            count = self._counts_old.pop(node_id, None)
+            if count is None:
+                return  # no count here: the node's next heartbeat waits for one
+        self._counts[node_id] = 0 if delta is None else max(0, count + delta)
+        if self._flushing is not None:
+            self._changed.add(node_id)
+
+    def _schedule_flush(self, soon: bool) -> None:
+        """The next write: at once (someone waits for it), or after ``flush_interval_s``."""
+        if self._flush_handle is not None:
+            if not soon or self._flush_soon:
+                return
+            self._flush_handle.cancel()
+        loop = asyncio.get_running_loop()
+        self._flush_soon = soon
+        self._flush_handle = (loop.call_soon(self._start_flush) if soon
+                              else loop.call_later(self.flush_interval_s, self._start_flush))
+
+    _flush_soon = False
+    _write_failing = False
+
+    def _start_flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if self._flushing is not None or not (self._held or self._waiters):
+            return
+        self._flushing = asyncio.get_running_loop().create_task(self._flush())
+        self._flushing.add_done_callback(self._flushed)
+
+    def _flushed(self, task: asyncio.Task) -> None:
+        if task.cancelled():
+            if self._flushing is task:  # cancelled before it ran (the loop is closing)
+                self._flushing = None
+        else:
+            task.exception()  # handed to its waiters (and an outage logged): not an unretrieved error
+        if self._flushing is None and (self._waiters or self._held):
+            self._schedule_flush(bool(self._waiters))
+
+    async def _wait_flushed(self) -> None:
+        """Until no write is in flight; what it raised is its waiters' concern."""
+        while self._flushing is not None:  # cleared by the write itself when it ends
+            try:
+                await asyncio.shield(self._flushing)
+            except Exception:  # noqa: BLE001
+                pass
+
+    async def flush(self) -> None:
+        """Write the heartbeats held here now (after a write in flight); raises what the write raised."""
+        await self._wait_flushed()
+        self._start_flush()
+        if self._flushing is not None:
+            await asyncio.shield(self._flushing)
+
+    async def _flush(self) -> None:
+        try:
+            await self._write_held()
+        finally:
+            self._flushing = None
+
+    async def _write_held(self) -> None:
+        held, self._held = self._held, {}
+        waiters, self._waiters = self._waiters, {}
+        self._changed.clear()
+        args: dict[int, list[str]] = {}
+        for node, (deadline, zone) in held.items():
+            record = f"{node}\t{deadline}\t{zone}"
+            bucket = args.get(b := zlib.crc32(node.encode()) % LIVE_BUCKETS)
+            if bucket is None:
+                args[b] = [record]
             else:
-                pipe.hset(live + ":z", node_id, zone)
-            pipe.scard(_node_key(node_id))
+                bucket.append(record)
+        try:
+            counts = await self._write_heartbeats(args) if args else {}
+        except BaseException as exc:
+            if isinstance(exc, SwarmStoreUnavailable):
+                for node, value in held.items():  # kept for the next write (newer heartbeats win)
+                    self._held.setdefault(node, value)
+            elif not self._write_failing and isinstance(exc, Exception):
+                self._write_failing = True  # one line until a write succeeds again
+                log.error("writing %d heartbeats to the swarm store failed: %s: %s", len(held),
+                          exc.__class__.__name__, exc)
+            for futs in waiters.values():
+                for fut in futs:
+                    if not fut.done():
+                        fut.set_exception(exc if isinstance(exc, Exception) else SwarmStoreUnavailable(str(exc)))
+            raise
+        self._write_failing = False
+        now = time.monotonic()
+        if now - self._counts_swapped >= COUNTS_KEPT_S:
+            self._counts_old, self._counts, self._counts_swapped = self._counts, {}, now
+        known, changed = self._counts, self._changed
+        for node, n in counts.items():
+            if node in changed:  # an announce or leave here since the count was read: that one is newer
+                n = known.get(node, self._counts_old.pop(node, n))
+            known[node] = n
+        self._changed = set()
+        for node, futs in waiters.items():
+            n = known.get(node)
+            if n is None:
+                n = self._counts_old.get(node, 0)
+            for fut in futs:
+                if not fut.done():
+                    fut.set_result(n)
 
-        result = _raise_errors(await self._batch.submit(build))
-        return int(result[2])
+    async def _write_heartbeats(self, args: dict[int, list[str]]) -> dict[str, int]:
+        """One pipeline: per liveness bucket one ``EVALSHA`` of the heartbeats script; node id -> entry count."""
+        for attempt in (0, 1):
+            async with self._r.pipeline(transaction=False) as pipe:
+                for b, bucket in args.items():
+                    live = f"{PREFIX}{{live:{b}}}"
+                    pipe.evalsha(self._heartbeats_sha, 2, live, live + ":z", "\n".join(bucket))
+                replies = await self._run(pipe.execute(raise_on_error=False))
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
+                # Redis restarted (scripts gone): load it once, send again.
+                await self._run(self._r.script_load(_HEARTBEATS))
+                continue
+            break
+        counts: dict[str, int] = {}
+        for bucket, reply in zip(args.values(), _raise_errors(replies)):
+            for record, n in zip(bucket, reply.split(b",")):
+                counts[record.partition("\t")[0]] = int(n)
+        return counts
 
     async def leave(self, node_id: str) -> int:
         """Remove every entry of ``node_id`` from every swarm at once; how many went."""
+        self._held.pop(node_id, None)
+        await self._wait_flushed()  # a heartbeat in flight must not land after the leave
+        self._held.pop(node_id, None)
         live = _live_key(node_id)
         async with self._r.pipeline(transaction=False) as pipe:
             pipe.zrem(live, node_id)
@@ -613,6 +815,7 @@ class RedisSwarmStore:
                              client=pipe)
             pipe.delete(nk)
             result = await self._run(pipe.execute())
+        self._count_changed(node_id, None)
         return sum(int(n) for n in result[:-1])
 
     async def _sweep_silent(self, now_ms: int, ttl_s: float) -> int:
@@ -643,6 +846,7 @@ class RedisSwarmStore:
         return removed
 
     async def is_live(self, node_id: str, now: float | None = None) -> bool:
+        await self.flush()
         score = await self._run(self._r.zscore(_live_key(node_id), node_id))
         return score is not None and score > self._ms(time.monotonic() if now is None else now)
 
@@ -652,6 +856,7 @@ class RedisSwarmStore:
     # ---- expiry ------------------------------------------------------------------------
     async def expire(self, now: float, ttl_s: float) -> int:
         """Claim the nodes whose heartbeat lapsed (one replica wins each) and drop their entries."""
+        await self.flush()  # a heartbeat held here is not due
         now_ms = self._ms(now)
         buckets = [f"{PREFIX}{{live:{b}}}" for b in range(LIVE_BUCKETS)]
         async with self._r.pipeline(transaction=False) as pipe:

@@ -11,7 +11,9 @@ The calls (``now`` is ``time.monotonic()``; the Redis store uses the wall clock 
 ======================================  ============================================================
 ``announce(a, ip, now)``                record an announce, answer :class:`~tracker.swarm.AnnounceResult`
 ``scrape(info_hashes)``                 BEP 48 counters of the known ones
-``heartbeat(node_id, now, ttl, zone)``  keep a node's entries alive ``ttl`` s; how many entries it has
+``heartbeat(node_id, now, ttl, zone)``  keep a node's entries alive ``ttl`` s; how many entries it has (Redis:
+                                        written behind, an int at once, the count as of the node's
+                                        previous heartbeat there; awaitable for a node new there)
 ``leave(node_id)``                      drop a node's entries from every swarm; how many went
 ``expire(now, peer_ttl_s)``             drop dead nodes' and silent peers' entries; how many went
 ``allow(keys)`` / ``disallow(keys)``    the allow-list (publish / delete)
