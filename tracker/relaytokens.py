@@ -79,6 +79,8 @@ class RelayRegistry:
         self._node: dict[str, str] = {}  # URL -> node id
         self.refused = 0
         self._logged: dict[str, float] = {}
+        self._secrets: dict[str, str] = {}  # node id -> its relay secret, derived from self._secrets_of
+        self._secrets_of: bytes | None = None
 
     # ---- registration (heartbeats) ----------------------------------------------------
     def source(self, remote: str | None, forwarded_for: str | None) -> str | None:
@@ -127,7 +129,15 @@ class RelayRegistry:
             del self._node[url]
 
     def node_secret(self, node_id: str) -> str | None:
-        return None if self.secret is None else node_relay_secret(self.secret, node_id)
+        """``node_id``'s relay secret (derived once per node: every heartbeat answer carries it)."""
+        if self.secret is None:
+            return None
+        if self._secrets_of is not self.secret or len(self._secrets) >= self.max_nodes:
+            self._secrets, self._secrets_of = {}, self.secret
+        found = self._secrets.get(node_id)
+        if found is None:
+            found = self._secrets[node_id] = node_relay_secret(self.secret, node_id)
+        return found
 
     # ---- the web seed -----------------------------------------------------------------
     def believed(self, value: str | None, remote: str | None) -> str | None:
