@@ -12,6 +12,9 @@ artifacts that share files (a tokenizer, a frozen backbone) share storage.
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import mmap
 import os
 import tempfile
 from abc import ABC, abstractmethod
@@ -22,7 +25,72 @@ from urllib.parse import urlparse
 from modelcast.errors import BadRequest, OriginError
 
 READ_CHUNK = 1 << 20
+DIRECT_MIN = 4 << 20  # smaller blobs are copied through the page cache
+DIRECT_CHUNK = 16 << 20
+DIRECT_ALIGN = 4096  # offsets, lengths and addresses of direct writes: a page (and a multiple of any block size)
 Progress = Callable[[int], None] | None
+
+
+FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
+
+
+def reflink(src_fd: int, dest_fd: int) -> bool:
+    """Make ``dest_fd`` a copy-on-write clone of ``src_fd``; False where the file system cannot (ext4)."""
+    try:
+        fcntl.ioctl(dest_fd, FICLONE, src_fd)
+        return True
+    except OSError:
+        return False
+
+
+def direct_copy(src_fd: int, dest_fd: int, size: int, progress: Progress = None) -> int:
+    """Write the first ``size`` bytes of ``src_fd`` to ``dest_fd`` with direct I/O, as far as aligned.
+
+    Returns how many bytes were written (a multiple of :data:`DIRECT_ALIGN`; 0 where the
+    file system takes no direct writes); the caller copies the rest.  The source is
+    mapped, not read: its pages go from the page cache to the disk by DMA, so a blob costs
+    almost no CPU (~0.05 CPU-s per GiB against ~0.3 for a kernel copy into the page cache,
+    plus the writeback's), which the publish's hashing gets instead.  The blob then is not in
+    this machine's page cache; a file origin serves it from disk.
+    """
+    aligned = size - size % DIRECT_ALIGN
+    if not aligned:
+        return 0
+    flags = fcntl.fcntl(dest_fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(dest_fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+    except OSError:
+        return 0
+    done = 0
+    try:
+        mapped = mmap.mmap(src_fd, aligned, prot=mmap.PROT_READ)
+        try:
+            with memoryview(mapped) as view:
+                while done < aligned:
+                    chunk = view[done:done + DIRECT_CHUNK]
+                    try:
+                        n = os.pwrite(dest_fd, chunk, done)
+                    except OSError as exc:
+                        if done == 0 and exc.errno == errno.EINVAL:
+                            return 0  # accepted the flag but not the write: copy it all instead
+                        raise
+                    finally:
+                        chunk.release()
+                    if n <= 0:
+                        break
+                    done += n
+                    if progress:
+                        progress(n)
+                    if n % DIRECT_ALIGN:
+                        break  # a short write: the rest cannot stay aligned
+        finally:
+            try:
+                mapped.close()
+            except BufferError:
+                pass  # a failure's traceback holds a view: unmapped once it is freed
+    finally:
+        fcntl.fcntl(dest_fd, fcntl.F_SETFL, flags)
+    return done
 
 
 def blob_relpath(xxh3_128: str) -> str:
@@ -116,8 +184,29 @@ class FileOrigin(Origin):
 
     def put_blob(self, key: str, src: Path, size: int, progress: Progress = None) -> None:
         def copy(out) -> None:
-            done = 0
             with open(src, "rb") as inp:
+                now = os.fstat(inp.fileno()).st_size
+                if now != size:
+                    raise OriginError(f"{src} is {now} bytes but was hashed at {size}; it changed while "
+                                      f"publishing to {self.url}; publish again once it is stable")
+                try:
+                    if reflink(inp.fileno(), out.fileno()):
+                        done = size  # a copy-on-write clone (btrfs, XFS): no bytes moved at all
+                        if progress:
+                            progress(size)
+                    else:
+                        done = direct_copy(inp.fileno(), out.fileno(), size, progress) if size >= DIRECT_MIN else 0
+                except OSError as exc:
+                    now = os.fstat(inp.fileno()).st_size
+                    if now != size:  # it shrank under the mapping (EFAULT)
+                        raise OriginError(f"{src} is {now} bytes but was hashed at {size}; it changed while "
+                                          f"publishing to {self.url}; publish again once it is stable") from exc
+                    raise
+                # What is left (all of a small file, the unaligned tail, everything where the
+                # file system takes no direct writes) goes through the page cache.
+                inp.seek(done)
+                out.seek(done)
+                start = done
                 try:
                     # Kernel-side copy: ~3.5x faster than read/write here, and a reflink
                     # on filesystems that support one.  It advances both file offsets, so
@@ -128,7 +217,7 @@ class FileOrigin(Origin):
                             progress(n)
                 except OSError:
                     # EXDEV/EINVAL/ENOSYS on some kernels and filesystems: fall back to copying.
-                    if done:
+                    if done > start:
                         raise
                 # Some filesystems answer 0 instead of an error: copy what is left by hand.
                 while chunk := inp.read(8 * READ_CHUNK):
@@ -136,7 +225,8 @@ class FileOrigin(Origin):
                     done += len(chunk)
                     if progress:
                         progress(len(chunk))
-            if done != size:
+            out.flush()
+            if done != size or os.fstat(out.fileno()).st_size != size:
                 # The blob's name is the hash of ``size`` bytes; other bytes under it would
                 # poison every node that fetches it.
                 raise OriginError(f"{src} is {done} bytes but was hashed at {size}; it changed while "
