@@ -175,6 +175,7 @@ class NodeDaemon:
             await self.registry.leave(self.node_id, self.node_key)
         except ModelcastError as exc:
             log.warning("could not tell the tracker this node leaves: %s", exc)
+        self.fetcher.close()  # origin reads still in worker threads end now
         await self.engine.close()
         self.engine = None
         await self._http.close()

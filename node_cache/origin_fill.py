@@ -3,7 +3,9 @@
 :class:`OriginFill` runs beside each download.  It asks libtorrent what is missing, who
 has what and what is being sent, lets :func:`node_cache.picker.plan_requests` choose, and
 has :class:`OriginFetcher` fetch each choice with one HTTP range request to the registry's
-web seed (BEP 19), handing the pieces to libtorrent, which checks their hashes.  It wakes
+web seed (BEP 19), handing the pieces to libtorrent, which checks their hashes.  A plain
+``http://`` registry's answers are read in worker threads, off the event loop
+(node_cache/origin_http.py); TLS registries and S3 redirects through aiohttp.  It wakes
 when a fetch ends (a slot is free: the next request leaves at once), when a peer connects
 or leaves, when the tracker replies and when libtorrent's state changes; otherwise it looks
 again every 50 ms while fetches are under way, as peers' pieces change who has what.
@@ -21,12 +23,13 @@ import asyncio
 import logging
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import aiohttp
 
 from adapters.torrent import PieceSpan, TorrentEngine
-from modelcast.config import NodeConfig
+from modelcast.config import NodeConfig, is_wildcard
 from modelcast.errors import Unreachable
 from modelcast.wire import (ACCEPT_REDIRECT_HEADER, FIRST_COPY_HEADER, NODE_ID_HEADER, NODE_KEY_HEADER,
                             RELAY_FROM_HEADER, RELAY_FROM_TOKEN_HEADER, RELAY_HEADER, RELAY_TO_HEADER,
@@ -34,6 +37,7 @@ from modelcast.wire import (ACCEPT_REDIRECT_HEADER, FIRST_COPY_HEADER, NODE_ID_H
 
 from .jobs import PullJob
 from .metrics import NodeCounters
+from .origin_http import CONNECTION_ERRORS, Aborted, PlainRange
 from .picker import STALL_S, SwarmView, parallel_requests, plan_requests, run_limit_bytes
 from .relay import Relay
 
@@ -46,6 +50,7 @@ BUSY_LOOK_S = 0.05  # how often to look again while fetches are under way and sl
 IDLE_LOOK_S = 0.25  # ... and while peers deliver everything still missing
 FIRST_BITFIELDS_S = 0.05  # after the grace, a moment for the first peers' bitfields
 FAILURE_BACKOFF_S = 0.5  # after a failed origin request
+PLAIN_READERS = 16  # worker threads reading plain-HTTP origin answers (4 requests in flight per lone download)
 
 
 class RegistryUnreachable(Unreachable):
@@ -100,6 +105,11 @@ class OriginFetcher:
         self.engine: TorrentEngine | None = None
         self.http: aiohttp.ClientSession | None = None
         self.identity: tuple[str, str] | None = None  # (node id, node key): the gate counts proven nodes only
+        # Plain-HTTP answers are read in these threads (origin_http.py); from the node's peer
+        # address, like its other connections.
+        self.source_address = None if is_wildcard(cfg.peer_host) else (cfg.peer_host, 0)
+        self._pool = ThreadPoolExecutor(max_workers=PLAIN_READERS, thread_name_prefix="origin-read")
+        self._plain: set[PlainRange] = set()  # answers being read, aborted when the node stops
 
     def attach(self, engine: TorrentEngine, http: aiohttp.ClientSession) -> None:
         self.engine, self.http = engine, http
@@ -126,6 +136,9 @@ class OriginFetcher:
         headers = {"Range": f"bytes={start}-{end}", **self._headers()}
         if first_copy:
             headers[FIRST_COPY_HEADER] = "1"
+        if url.startswith("http://"):
+            await self._fetch_plain(job, url, headers, run, first_copy)
+            return
         from_store = False  # reading from the object store a 307 pointed to, not from the registry
         try:
             async with self.http.get(url, headers=headers, allow_redirects=False) as resp:
@@ -140,12 +153,7 @@ class OriginFetcher:
                                    resp.headers.get(RELAY_TO_TOKEN_HEADER, "").split()))
                 if resp.status == 307 and (location := resp.headers.get("Location")):
                     from_store = True
-                    # An S3 origin: the registry admitted the range and presigned it; read it
-                    # from the object store ourselves, with only the signed Range header (no
-                    # bearer token, no modelcast headers: they are not for the store).
-                    async with self.http.get(location, headers={"Range": headers["Range"]},
-                                             allow_redirects=False) as stored:
-                        await self._take_pieces(job, stored, run, start, end, targets, "the object store")
+                    await self._fetch_stored(job, location, headers["Range"], run, start, end, targets)
                 else:
                     if resp.status >= 500:
                         raise RegistryUnreachable(f"origin answered HTTP {resp.status} for {first.path}", url)
@@ -160,6 +168,116 @@ class OriginFetcher:
             # The registry replica went away (or hangs): the next one takes over.
             raise RegistryUnreachable(f"origin fetch of {first.path} failed: {exc}", url) from exc
 
+    async def _fetch_stored(self, job: PullJob, location: str, byte_range: str, run: list[PieceSpan], start: int,
+                            end: int, targets: list[tuple[str, str]]) -> None:
+        """An S3 origin: the registry admitted the range and presigned it; read it from the object
+        store ourselves, with only the signed Range header (no bearer token, no modelcast
+        headers: they are not for the store)."""
+        async with self.http.get(location, headers={"Range": byte_range}, allow_redirects=False) as stored:
+            await self._take_pieces(job, stored, run, start, end, targets, "the object store")
+
+    async def _fetch_plain(self, job: PullJob, url: str, headers: dict[str, str], run: list[PieceSpan],
+                           first_copy: bool) -> None:
+        """:meth:`fetch_run` for a plain ``http://`` registry: the answer is read in a worker thread.
+
+        The same answers as through aiohttp (409, 307, 5xx, short answers), the same errors
+        (:class:`RegistryUnreachable` for a broken connection or a 5xx, :class:`Unreachable`
+        otherwise); the bytes never pass through the event loop (node_cache/origin_http.py).
+        """
+        first, last = run[0], run[-1]
+        start, end = first.file_offset, last.file_offset + last.length - 1
+        loop = asyncio.get_running_loop()
+        answer = PlainRange(url, headers, self.source_address)
+        self._plain.add(answer)
+        handed_off = False  # the worker thread reading the body closes the answer itself
+        try:
+            await loop.run_in_executor(self._pool, answer.open)
+            if answer.status == 409 and first_copy:
+                holder, token = answer.header(RELAY_FROM_HEADER), answer.header(RELAY_FROM_TOKEN_HEADER)
+                if holder and token and len(run) == 1:
+                    raise RelayFrom(holder, token)
+                raise ServedElsewhere(first.piece)
+            targets = list(zip(answer.header(RELAY_TO_HEADER, "").split(),
+                               answer.header(RELAY_TO_TOKEN_HEADER, "").split()))
+            if answer.status == 307 and (location := answer.header("Location")):
+                answer.close()
+                try:
+                    await self._fetch_stored(job, location, headers["Range"], run, start, end, targets)
+                except (aiohttp.ClientError, asyncio.IncompleteReadError, TimeoutError) as exc:
+                    raise Unreachable(f"origin fetch of {first.path} failed: {exc}") from exc
+                return
+            if answer.status >= 500:
+                raise RegistryUnreachable(f"origin answered HTTP {answer.status} for {first.path}", url)
+            self._check_answer(answer.status, answer.content_length, run, start, end, "origin")
+            handed_off = True
+            await loop.run_in_executor(self._pool, self._take_plain, loop, job, answer, run, start, targets)
+        except asyncio.CancelledError:
+            answer.abort()  # the worker thread, blocked in recv or not, ends now
+            raise
+        except Unreachable:  # a ConnectionError too, but said already
+            raise
+        except CONNECTION_ERRORS as exc:
+            # The registry replica went away (or hangs): the next one takes over.
+            raise RegistryUnreachable(f"origin fetch of {first.path} failed: {exc}", url) from exc
+        except Aborted:
+            raise Unreachable(f"origin fetch of {first.path} was abandoned: the node stops") from None
+        finally:
+            self._plain.discard(answer)
+            if not handed_off:
+                answer.close()
+
+    def _take_plain(self, loop: asyncio.AbstractEventLoop, job: PullJob, answer: PlainRange, run: list[PieceSpan],
+                    start: int, targets: list[tuple[str, str]]) -> None:
+        """In a worker thread: read each piece of a 200/206 answer and hand it to libtorrent.
+
+        Counters and relay pushes are the event loop's: each piece is passed there before
+        libtorrent gets it.  Pieces taken before the connection breaks are kept.
+        """
+        try:
+            if answer.status == 200:
+                answer.skip(start)
+            for span in run:
+                if self.bucket is not None:
+                    asyncio.run_coroutine_threadsafe(self.bucket.take(span.length), loop).result()
+                piece = answer.read(span.length)
+                if len(piece) < span.size:
+                    piece += bytes(span.size - len(piece))  # the pad file's zeros
+                if answer.aborted.is_set():
+                    raise Aborted()
+                loop.call_soon_threadsafe(self._took, job, span, piece, targets)
+                try:
+                    self.engine.add_piece(job.digest, span.piece, piece)
+                except RuntimeError:  # the torrent went away meanwhile (removed, the node stops)
+                    raise Aborted() from None
+        finally:
+            answer.close()
+
+    def _took(self, job: PullJob, span: PieceSpan, piece: bytes, targets: list[tuple[str, str]]) -> None:
+        """On the loop: count a piece read from the origin and push it to the nodes of other zones."""
+        job.bytes_from_origin += span.length
+        self.counters.bytes_from_origin += span.length
+        for target, token in targets:
+            self.relay.push(job.digest, target, token, span.piece, piece)
+
+    def close(self) -> None:
+        """The node stops: end every fetch still reading in a worker thread."""
+        for answer in list(self._plain):
+            answer.abort()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    @staticmethod
+    def _check_answer(status: int, content_length: int | None, run: list[PieceSpan], start: int, end: int,
+                      source: str) -> None:
+        """Raise :class:`Unreachable` for an answer that does not carry the range asked for."""
+        path = run[0].path
+        if status not in (200, 206):
+            raise Unreachable(f"{source} answered HTTP {status} for {path}")
+        if status == 200:  # the whole file, ranges ignored: we skip to ours
+            if content_length is not None and content_length < end + 1:
+                raise Unreachable(f"{source} sent {content_length} bytes of {path}, expected at least {end + 1}")
+        elif content_length is not None and content_length != end - start + 1:
+            raise Unreachable(f"{source} sent {content_length} bytes of {path}, expected {end - start + 1}")
+
     async def _take_pieces(self, job: PullJob, resp: aiohttp.ClientResponse, run: list[PieceSpan], start: int,
                            end: int, targets: list[tuple[str, str]], source: str) -> None:
         """Hand each piece of a 200/206 answer to libtorrent (and push it on) as soon as it has arrived.
@@ -169,18 +287,11 @@ class OriginFetcher:
         writes it while the rest of the run is still on its way.  Pieces taken before a
         connection breaks are kept; Unreachable says what is missing.
         """
-        path = run[0].path
-        if resp.status not in (200, 206):
-            raise Unreachable(f"{source} answered HTTP {resp.status} for {path}")
-        want = end - start + 1
+        self._check_answer(resp.status, resp.content_length, run, start, end, source)
         if resp.status == 200:  # the whole file, ranges ignored: skip to ours
-            if resp.content_length is not None and resp.content_length < end + 1:
-                raise Unreachable(f"{source} sent {resp.content_length} bytes of {path}, expected at least {end + 1}")
             skip = start
             while skip:
                 skip -= len(await self._read(resp, min(skip, 1 << 20)))
-        elif resp.content_length is not None and resp.content_length != want:
-            raise Unreachable(f"{source} sent {resp.content_length} bytes of {path}, expected {want}")
         for span in run:
             piece = await self._read(resp, span.length)
             if len(piece) < span.size:
