@@ -102,7 +102,7 @@ def heartbeat(app: web.Application, node_id: str, node_key: str | None, raw: byt
     now = time.monotonic()
     entries = app[SWARMS].heartbeat(node_id, now, ttl, body.get("zone"))
     relay = relay_registration(app, node_id, node_key, body, remote, forwarded_for)
-    if inspect.isawaitable(entries) or inspect.isawaitable(relay):
+    if type(entries) is not int or type(relay) is not dict:  # inspect.isawaitable, at a tenth of the cost
         return _heartbeat_done(app, node_id, body, report, now, ttl, entries, relay)
     return _heartbeat_answer(app, node_id, body, report, now, ttl, entries, relay)
 
@@ -181,7 +181,7 @@ def fast_node_route(app: web.Application, method: bytes, path: bytes) -> "Callab
                 answer = _authorized(call, node, key, body, kind, what)
         except (ModelcastError, UnicodeDecodeError) as exc:
             return _count(app, kind, _error(exc))
-        if inspect.isawaitable(answer):
+        if type(answer) is not dict:  # worked out elsewhere (a swarm store over the network)
             return _answer_later(app, kind, answer)
         return _count(app, kind, (200, _json(answer), {}))
 
@@ -228,11 +228,14 @@ async def _answer_later(app: web.Application, kind: tuple[str, str], answer: Awa
         return _count(app, kind, _error(exc))
 
 
+_STATUS_TEXT = {code: str(code) for code in (200, 400, 401, 403, 404, 409, 413, 429, 500, 503)}
+
+
 def _count(app: web.Application, kind: tuple[str, str], answer: tuple[int, bytes, dict[str, str]]):
     """Count the answer as aiohttp's metrics middleware counts the requests it answers (tracker/metrics.py)."""
     metrics = app.get(METRICS)
     if metrics is not None:
-        metrics.requests[(kind[1], kind[0], str(answer[0]))] += 1
+        metrics.requests[(kind[1], kind[0], _STATUS_TEXT.get(answer[0]) or str(answer[0]))] += 1
     return answer
 
 
