@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
+import http.client
 import ipaddress
 import json
 import os
@@ -386,3 +387,16 @@ def relay_token(tracker: TrackerProcess, node_id: str, method: str, digest: str,
         secret = bytes(db.execute("SELECT secret FROM registry_secrets WHERE name = 'relay'").fetchone()[0])
     return make_token(node_relay_secret(secret, node_id), method, node_id, digest, path, first, last,
                       time.time() if now is None else now)
+
+
+def request_from(url: str, method: str, source: str, headers: dict[str, str], body: bytes | None = None
+                 ) -> tuple[int, dict[str, str], bytes]:
+    """``method url`` sent from the local address ``source`` (127.0.0.0/8 plays other machines): status, headers, body."""
+    host, port = url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10, source_address=(source, 0))
+    try:
+        conn.request(method, "/" + url.split("/", 3)[3], body=body, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()

@@ -8,7 +8,6 @@ seen, and believe only relay URLs registered through itself.
 
 from __future__ import annotations
 
-import http.client
 import json
 import secrets
 import time
@@ -19,22 +18,12 @@ from modelcast.wire import (FIRST_COPY_HEADER, NODE_ID_HEADER, NODE_KEY_HEADER, 
                             RELAY_FROM_TOKEN_HEADER, RELAY_HEADER, RELAY_TO_HEADER, RELAY_TO_TOKEN_HEADER,
                             ZONE_HEADER, heartbeat_path)
 
-from .helpers import TOKEN, make_model, publish, start_tracker
+from .helpers import TOKEN, make_model, publish, request_from, start_tracker
 
 MiB = 1 << 20
 PIECE = 256 * 1024
 
 
-def _request(url: str, method: str, source: str, headers: dict[str, str], body: bytes | None = None
-             ) -> tuple[int, dict[str, str], bytes]:
-    host, port = url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=10, source_address=(source, 0))
-    try:
-        conn.request(method, "/" + url.split("/", 3)[3], body=body, headers=headers)
-        resp = conn.getresponse()
-        return resp.status, dict(resp.getheaders()), resp.read()
-    finally:
-        conn.close()
 
 
 class Node:
@@ -48,7 +37,7 @@ class Node:
 
     def heartbeat(self, replica: str, relay: bool) -> dict:
         body = {"zone": self.zone, "ttl_s": 30, **({"relay": self.url} if relay else {})}
-        status, _, answer = _request(replica + heartbeat_path(self.id), "POST", self.source,
+        status, _, answer = request_from(replica + heartbeat_path(self.id), "POST", self.source,
                                      {NODE_KEY_HEADER: self.key, "Authorization": f"Bearer {TOKEN}",
                                       "Content-Type": "application/json"}, json.dumps(body).encode())
         assert status == 200, answer
@@ -60,7 +49,7 @@ class Node:
         headers = {"Range": f"bytes={piece * PIECE}-{(piece + 1) * PIECE - 1}", FIRST_COPY_HEADER: "1",
                    ZONE_HEADER: self.zone, "Authorization": f"Bearer {TOKEN}", NODE_ID_HEADER: self.id,
                    NODE_KEY_HEADER: self.key, **({RELAY_HEADER: self.url} if relay else {})}
-        status, headers, _ = _request(f"{replica}/v1/webseed/{digest}/{path}", "GET", self.source, headers)
+        status, headers, _ = request_from(f"{replica}/v1/webseed/{digest}/{path}", "GET", self.source, headers)
         return status, headers
 
 
@@ -139,7 +128,7 @@ def test_while_redis_is_down_gated_requests_answer_503_and_plain_ones_are_served
                 status, headers = node.ask(one, digest, path, piece, relay=True)
                 assert status == 503 and headers.get("Retry-After") == "2", (status, headers)
             # A client of no zone never needed the gate: served.
-            status, _, _ = _request(f"{one}/v1/webseed/{digest}/{path}", "GET", "127.0.3.6",
+            status, _, _ = request_from(f"{one}/v1/webseed/{digest}/{path}", "GET", "127.0.3.6",
                                     {"Range": "bytes=0-1023", "Authorization": f"Bearer {TOKEN}"})
             assert status == 206
             # Back, empty (its scripts gone too): the gate answers again, with nothing remembered.

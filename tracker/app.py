@@ -261,6 +261,7 @@ def make_app(cfg: TrackerConfig) -> web.Application:
     app.router.add_delete("/v1/nodes/{node_id}", node_leave)
     add_fleet_routes(app)  # GET /v1/nodes, /v1/rollout/{digest}: what nodes report with their heartbeats
     add_console_routes(app)  # /ui
+    app[METRICS].prime_routes(app.router)
     return app
 
 

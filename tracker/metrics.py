@@ -209,6 +209,17 @@ class RegistryMetrics:
             self.store_seconds.labels(op)
             self.store_errors.labels(op)
 
+    def prime_routes(self, router: web.UrlDispatcher) -> None:
+        """Make every route's latency series exist at zero from the first scrape.
+
+        A series that first appears already counting N requests shows no increase to
+        Prometheus, so ``rate()`` and the dashboard's p99 miss a burst of requests that
+        fell between two scrapes (a fast pull's web-seed ranges); primed, it counts from 0.
+        """
+        for route in router.routes():
+            if route.resource is not None and route.method in _METHODS:
+                self.request_seconds.labels(route.resource.canonical, route.method)
+
     def observe_request(self, request: web.BaseRequest, status: int, seconds: float) -> None:
         route = request.match_info.route
         if route.resource is None:

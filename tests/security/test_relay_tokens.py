@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 import os
 import secrets
@@ -26,7 +25,7 @@ from modelcast.wire import (FIRST_COPY_HEADER, NODE_ID_HEADER, NODE_KEY_HEADER, 
                             RELAY_FROM_TOKEN_HEADER, RELAY_HEADER, RELAY_TO_HEADER, ZONE_HEADER, heartbeat_path)
 from node_cache.client import NodeClient
 
-from ..helpers import TOKEN, make_model, metric, publish, registry_stats, relay_token, tree_hashes
+from ..helpers import TOKEN, make_model, metric, publish, registry_stats, relay_token, request_from, tree_hashes
 
 MiB = 1 << 20
 PIECE = 256 * 1024
@@ -38,20 +37,10 @@ def get_json(url: str) -> dict:
         return json.load(resp)
 
 
-def request(url: str, method: str, source: str, headers: dict[str, str], body: bytes | None = None
-            ) -> tuple[int, dict[str, str], bytes]:
-    host, port = url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=10, source_address=(source, 0))
-    try:
-        conn.request(method, "/" + url.split("/", 3)[3], body=body, headers=headers)
-        resp = conn.getresponse()
-        return resp.status, dict(resp.getheaders()), resp.read()
-    finally:
-        conn.close()
 
 
 def heartbeat(tracker_url: str, source: str, node_id: str, key: str, relay: str) -> dict:
-    status, _, body = request(tracker_url + heartbeat_path(node_id), "POST", source,
+    status, _, body = request_from(tracker_url + heartbeat_path(node_id), "POST", source,
                               {NODE_KEY_HEADER: key, "Authorization": f"Bearer {TOKEN}",
                                "Content-Type": "application/json"},
                               json.dumps({"zone": "evil", "ttl_s": 5, "relay": relay}).encode())
@@ -90,7 +79,7 @@ def test_only_registered_relay_urls_at_the_requesters_address_are_handed_out(tra
             headers = {"Range": f"bytes={rng * PIECE}-{(rng + 1) * PIECE - 1}", FIRST_COPY_HEADER: "1",
                        ZONE_HEADER: zone, "Authorization": f"Bearer {TOKEN}", NODE_ID_HEADER: node_id,
                        NODE_KEY_HEADER: key, **({RELAY_HEADER: relay} if relay else {})}
-            status, headers, _ = request(path, "GET", source, headers)
+            status, headers, _ = request_from(path, "GET", source, headers)
             return status, headers
 
         # The attacker names the node's registered URL (not at its address) and an unregistered
@@ -156,7 +145,7 @@ def test_the_relay_listener_refuses_requests_without_a_valid_token_before_readin
                                args["last"], kw.get("now"))
 
         # The node learns its relay secret from its first heartbeats' answers.
-        wait_until(lambda: request(url, "PUT", ATTACKER, {RELAY_TOKEN_HEADER: token()}, b"x")[0] == 400, 10, 0.2,
+        wait_until(lambda: request_from(url, "PUT", ATTACKER, {RELAY_TOKEN_HEADER: token()}, b"x")[0] == 400, 10, 0.2,
                    "the node to accept registry tokens")
         refused = {
             "no token": (None, 401),
@@ -177,7 +166,7 @@ def test_the_relay_listener_refuses_requests_without_a_valid_token_before_readin
         assert metric(node.url, "modelcast_node_bytes_from_relay_total") == 0
         # The registry's token takes the right bytes.
         good = (model / "w.bin").read_bytes()[first:]
-        status, _, body = request(url, "PUT", ATTACKER, {RELAY_TOKEN_HEADER: token()}, good)
+        status, _, body = request_from(url, "PUT", ATTACKER, {RELAY_TOKEN_HEADER: token()}, good)
         assert status == 204, body
         assert metric(node.url, "modelcast_node_bytes_from_relay_total") == len(good)
         log = node.log_text()
