@@ -93,6 +93,27 @@ class TokenBucket:
             await asyncio.sleep((n - self.tokens) / self.rate)  # until enough tokens have accrued
 
 
+
+def _gate_answer(status: int, header, run: list[PieceSpan], first_copy: bool) -> list[tuple[str, str]]:
+    """What the first-copy gate said in an answer's headers (``header(name, default)``; tracker/firstcopy.py).
+
+    A 409 to a first-copy request raises :class:`RelayFrom` (fetch this one piece from a node of
+    another zone) or :class:`ServedElsewhere` (the swarm will bring it); otherwise the nodes
+    of other zones to push the pieces to, each with the token for its listener (a registry
+    without tokens: none).
+    """
+    if status == 409 and first_copy:
+        holder, token = header(RELAY_FROM_HEADER, None), header(RELAY_FROM_TOKEN_HEADER, None)
+        if holder and token and len(run) == 1:
+            raise RelayFrom(holder, token)
+        raise ServedElsewhere(run[0].piece)
+    return list(zip(header(RELAY_TO_HEADER, "").split(), header(RELAY_TO_TOKEN_HEADER, "").split()))
+
+
+def _padded(piece: bytes, span: PieceSpan) -> bytes:
+    """A piece's bytes as libtorrent wants them: a file's last piece completed with the pad file's zeros."""
+    return piece + bytes(span.size - len(piece)) if len(piece) < span.size else piece
+
 class OriginFetcher:
     """Range requests to the registry's web seed, and relay fetches, for every download of the node."""
 
@@ -142,15 +163,7 @@ class OriginFetcher:
         from_store = False  # reading from the object store a 307 pointed to, not from the registry
         try:
             async with self.http.get(url, headers=headers, allow_redirects=False) as resp:
-                if resp.status == 409 and first_copy:
-                    holder = resp.headers.get(RELAY_FROM_HEADER)
-                    token = resp.headers.get(RELAY_FROM_TOKEN_HEADER)
-                    if holder and token and len(run) == 1:
-                        raise RelayFrom(holder, token)
-                    raise ServedElsewhere(first.piece)
-                # Each target with the token for its listener (a registry without tokens: no pushes).
-                targets = list(zip(resp.headers.get(RELAY_TO_HEADER, "").split(),
-                                   resp.headers.get(RELAY_TO_TOKEN_HEADER, "").split()))
+                targets = _gate_answer(resp.status, resp.headers.get, run, first_copy)
                 if resp.status == 307 and (location := resp.headers.get("Location")):
                     from_store = True
                     await self._fetch_stored(job, location, headers["Range"], run, start, end, targets)
@@ -192,13 +205,7 @@ class OriginFetcher:
         handed_off = False  # the worker thread reading the body closes the answer itself
         try:
             await loop.run_in_executor(self._pool, answer.open)
-            if answer.status == 409 and first_copy:
-                holder, token = answer.header(RELAY_FROM_HEADER), answer.header(RELAY_FROM_TOKEN_HEADER)
-                if holder and token and len(run) == 1:
-                    raise RelayFrom(holder, token)
-                raise ServedElsewhere(first.piece)
-            targets = list(zip(answer.header(RELAY_TO_HEADER, "").split(),
-                               answer.header(RELAY_TO_TOKEN_HEADER, "").split()))
+            targets = _gate_answer(answer.status, answer.header, run, first_copy)
             if answer.status == 307 and (location := answer.header("Location")):
                 answer.close()
                 try:
@@ -239,9 +246,7 @@ class OriginFetcher:
             for span in run:
                 if self.bucket is not None:
                     asyncio.run_coroutine_threadsafe(self.bucket.take(span.length), loop).result()
-                piece = answer.read(span.length)
-                if len(piece) < span.size:
-                    piece += bytes(span.size - len(piece))  # the pad file's zeros
+                piece = _padded(answer.read(span.length), span)
                 if answer.aborted.is_set():
                     raise Aborted()
                 loop.call_soon_threadsafe(self._took, job, span, piece, targets)
@@ -294,13 +299,9 @@ class OriginFetcher:
                 skip -= len(await self._read(resp, min(skip, 1 << 20)))
         for span in run:
             piece = await self._read(resp, span.length)
-            if len(piece) < span.size:
-                piece += bytes(span.size - len(piece))  # the pad file's zeros
-            job.bytes_from_origin += span.length
-            self.counters.bytes_from_origin += span.length
+            piece = _padded(piece, span)
+            self._took(job, span, piece, targets)
             self.engine.add_piece(job.digest, span.piece, piece)
-            for target, token in targets:
-                self.relay.push(job.digest, target, token, span.piece, piece)
 
     async def _read(self, resp: aiohttp.ClientResponse, n: int) -> bytes:
         """The next ``n`` bytes of an answer's body, under the node's download limit."""
