@@ -410,12 +410,16 @@ class TorrentEngine:
         return self.session.listen_port()
 
     def add(self, digest: str, ti: TorrentInfo, manifest: Manifest, save_path: str, *,
-            trackers: list[str], seed: bool, resume: bytes | None = None) -> None:
+            trackers: list[str], seed: bool, resume: bytes | None = None, verified: bool = False) -> None:
         """Download (or, with ``seed``, seed without re-checking) ``ti`` into ``save_path``.
 
         With ``resume`` (libtorrent resume data saved earlier) the pieces it records as
         verified are trusted and not fetched again; without it, files already in
         ``save_path`` are hash-checked and every good piece is kept.
+
+        A seed is in libtorrent's seed mode: each piece is hashed the first time a peer asks
+        for it.  With ``verified`` (every file's bytes were just checked against the
+        manifest) no piece is hashed again: the seeder's CPU goes to sending.
         """
         atp = lt.add_torrent_params()
         if resume:
@@ -443,6 +447,8 @@ class TorrentEngine:
         flags &= ~lt.torrent_flags.paused
         if seed:
             flags |= lt.torrent_flags.seed_mode
+            if verified:
+                atp.verified_pieces = [True] * ti.num_pieces()
         atp.flags = flags
         try:
             handle = self.session.add_torrent(atp)
