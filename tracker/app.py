@@ -39,6 +39,7 @@ from .console import add_console_routes
 from .endpoint import TRACKER, TrackerEndpoint, announce, scrape
 from .fastpath import FastPathServer
 from .federation import Upstream, validate_upstream
+from .filesend import setup_file_sending
 from .firstcopy import make_gate_store
 from .fleet import add_fleet_routes
 from .liveness import fast_node_route, node_heartbeat, node_leave, peer_expiry_ctx
@@ -237,6 +238,7 @@ def make_app(cfg: TrackerConfig) -> web.Application:
     app[FIRST_COPY] = make_gate_store(app[SWARMS], app[RELAYS])
     app[WRITE_LOCK] = asyncio.Lock()
     app[NODES] = NodeBook()
+    setup_file_sending(app)  # the web seed's sending threads and open blobs, closed at cleanup
     app.cleanup_ctx.append(_registry_ctx)
     app.cleanup_ctx.append(peer_expiry_ctx)
     if cfg.upstream:

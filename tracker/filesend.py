@@ -29,6 +29,10 @@ Blobs are immutable and content-addressed, so :class:`BlobCache` keeps each one 
 a few seconds after use (:data:`BLOB_TTL_S`, at most :data:`BLOB_CACHE_MAX` at once):
 the runs of one pull ask for the same few files back to back, and each request then
 costs no ``stat``, ``open`` or ``close`` (each a trip to a worker thread).
+
+Both belong to the application (:func:`setup_file_sending`, key :data:`FILE_SENDING`):
+its cleanup closes the cached blobs and ends the pool's threads, so a stopped registry
+(or one of the tests' in-process apps) leaves neither behind.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from aiohttp import web
 
 log = logging.getLogger("modelcast.tracker")
 
@@ -136,8 +142,9 @@ class FileSender:
         if resume_reading and not transport.is_closing():
             transport.resume_reading()
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    def close(self, wait: bool = False) -> None:
+        """No more sends; with ``wait``, return once the pool's threads have ended."""
+        self._pool.shutdown(wait=wait, cancel_futures=True)
 
 
 async def send_buffered(writer, fd: int, offset: int, count: int) -> None:
@@ -245,21 +252,34 @@ class BlobCache:
         self._open.clear()
 
 
-_SENDER: FileSender | None = None
-_BLOBS: BlobCache | None = None
+class FileSending:
+    """One application's :class:`FileSender` and :class:`BlobCache`, and their end (see :func:`setup_file_sending`)."""
+
+    def __init__(self, sender: FileSender | None = None, blobs: BlobCache | None = None) -> None:
+        self.sender = sender if sender is not None else FileSender()
+        self.blobs = blobs if blobs is not None else BlobCache()
+
+    async def close(self) -> None:
+        """Close every cached blob and end the pool's threads (sends under way end first)."""
+        self.blobs.close()
+        await asyncio.to_thread(self.sender.close, wait=True)
 
 
-def file_sender() -> FileSender:
-    """The process's one :class:`FileSender` (created on first use)."""
-    global _SENDER
-    if _SENDER is None:
-        _SENDER = FileSender()
-    return _SENDER
+def setup_file_sending(app: web.Application) -> FileSending:
+    """Give ``app`` its sender and blob cache (:data:`FILE_SENDING`), closed by the app's cleanup.
+
+    Threads are started on first use only, so an app that never sends starts none; once
+    the app has stopped (its cleanup ran, after aiohttp ended or cancelled every answer),
+    it holds no sending thread and no blob descriptor.
+    """
+    sending = app[FILE_SENDING] = FileSending()
+
+    async def close(app: web.Application) -> None:
+        await app[FILE_SENDING].close()  # the one in place then (tests may swap in a smaller pool)
+
+    app.on_cleanup.append(close)
+    return sending
 
 
-def blob_cache() -> BlobCache:
-    """The process's one :class:`BlobCache` (created on first use)."""
-    global _BLOBS
-    if _BLOBS is None:
-        _BLOBS = BlobCache()
-    return _BLOBS
+# Here, not in tracker/state.py, which the handlers' modules import.
+FILE_SENDING = web.AppKey("file_sending", FileSending)

@@ -37,7 +37,7 @@ from modelcast.wire import (ACCEPT_REDIRECT_HEADER, FIRST_COPY_HEADER, NODE_ID_H
 from .announce import ZONE_RE
 from .auth import check_auth
 from .federation import UpstreamUnreachable, is_upstream_origin
-from .filesend import Blob, blob_cache, file_sender, send_buffered
+from .filesend import FILE_SENDING, Blob, send_buffered
 from .firstcopy import Admission
 from .registry_api import digest_param, stored_record
 from .state import (CONFIG, FIRST_COPY, NODE_KEYS, ORIGINS, RELAYS, STATS, UPSTREAM, WEBSEED_CACHE, Stats,
@@ -118,7 +118,7 @@ class OriginFile(_OriginBytes):
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self.prepared:
             return await super().prepare(request)
-        cache = blob_cache()
+        cache = request.app[FILE_SENDING].blobs
         blob = await cache.get(self.path)
         if blob is None:  # gone since the handler looked: a short, empty answer
             self.set_status(502)
@@ -162,7 +162,7 @@ class OriginFile(_OriginBytes):
         self.content_length = count
         if count == 0 or request.method == "HEAD":
             return await super().prepare(request)
-        sender = file_sender()
+        sender = request.app[FILE_SENDING].sender
         transport = request.transport
         threaded = sender.usable(transport)
         writer = await super().prepare(request)  # counts the bytes, sends the headers
@@ -310,7 +310,7 @@ async def webseed(request: web.Request) -> web.StreamResponse:
     origin = await request.app[ORIGINS].get(art.origin_url, art.s3_endpoint)
     local = origin.blob_local_path(entry.xxh3_128)
     if local is not None:
-        blob = await blob_cache().get(local)
+        blob = await request.app[FILE_SENDING].blobs.get(local)
         if blob is None or blob.size != entry.size:
             raise OriginError(
                 f"blob {entry.xxh3_128} of {tail!r} in origin {origin.url} is "
