@@ -67,17 +67,27 @@ class SendStalled(ConnectionResetError):
     """
 
 
-def _send_blocking(sock: socket.socket, file_fd: int, offset: int, count: int, stall_s: float) -> int:
-    """Worker thread: send ``count`` bytes of ``file_fd`` from ``offset`` on ``sock``; return the bytes sent.
+def _send_blocking(sock: socket.socket, file_fd: int, offset: int, count: int, stall_s: float,
+                   head: bytes = b"") -> int:
+    """Worker thread: send ``head``, then ``count`` bytes of ``file_fd`` from ``offset`` on ``sock``; return
+    the file's bytes sent.
 
     ``sock`` is a duplicate of the connection's descriptor: switching it to blocking mode
     switches the connection (they share the open file), and that is undone before return.
+    The head goes with ``MSG_MORE``: the kernel holds it back to leave in one segment with
+    the first of the file's bytes.
     """
     sent = 0
     sock.setblocking(True)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(stall_s),
                                                                           int(stall_s % 1 * 1_000_000)))
     try:
+        view = memoryview(head)
+        while view:
+            try:
+                view = view[sock.send(view, socket.MSG_MORE):]
+            except BlockingIOError:
+                raise SendStalled(f"the client took no byte for {stall_s:g} s (of the answer's head)") from None
         while sent < count:
             try:
                 n = os.sendfile(sock.fileno(), file_fd, offset + sent, count - sent)
@@ -109,8 +119,10 @@ class FileSender:
                 and transport.get_extra_info("socket") is not None
                 and isinstance(transport, asyncio.WriteTransport) and transport.get_write_buffer_size() == 0)
 
-    async def send(self, transport: asyncio.Transport, file_fd: int, offset: int, count: int) -> None:
-        """Send ``count`` bytes of ``file_fd`` from ``offset`` on the connection; the caller checked :meth:`usable`.
+    async def send(self, transport: asyncio.Transport, file_fd: int, offset: int, count: int,
+                   head: bytes = b"") -> None:
+        """Send ``count`` bytes of ``file_fd`` from ``offset`` on the connection (after ``head``, the answer's
+        head, if given); the caller checked :meth:`usable`.
 
         Raises ConnectionError (and closes the connection) when the client goes away or
         stalls; aiohttp's handler then ends the connection quietly.
@@ -121,7 +133,7 @@ class FileSender:
         resume_reading = transport.is_reading()
         transport.pause_reading()
         self.busy += 1
-        fut = loop.run_in_executor(self._pool, _send_blocking, sock, file_fd, offset, count, self.stall_s)
+        fut = loop.run_in_executor(self._pool, _send_blocking, sock, file_fd, offset, count, self.stall_s, head)
         try:
             await asyncio.shield(fut)
         except asyncio.CancelledError:
