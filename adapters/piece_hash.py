@@ -146,9 +146,9 @@ class PieceHasher:
         length = self.piece_length
         per_run = max(1, RUN_BYTES // length)
         runs = []
-        # Largest file first, the order the publish's xxh3 pass reads them in: on a cold page
-        # cache that pass reads ahead of the hashing, which then finds the pages there.
-        for f in sorted(self.files, key=lambda f: -f.size):
+        # Largest file first (then by path), the order the publish's xxh3 pass reads them in: on
+        # a cold page cache that pass reads ahead of the hashing, which then finds the pages there.
+        for f in sorted(self.files, key=lambda f: (-f.size, os.fsdecode(f.source))):
             pieces = self._pieces_of(f)
             last = f.first_piece + pieces - 1
             # v1: the last piece of a file runs on into its pad file's zeros, or ends the
@@ -256,10 +256,12 @@ class PieceHasher:
         try:
             while True:
                 while len(pending) < IN_FLIGHT and (run := take()) is not None:
-                    _read_ahead(run, self.piece_length)
                     pending.append(run)
                     proc.stdin.write(piece_worker.encode_run(*run.args(self.piece_length)))
                     proc.stdin.flush()
+                    # After handing it out: asking may wait for room in the disk's queue
+                    # (the blobs being written), and the worker must not wait with it.
+                    _read_ahead(run, self.piece_length)
                 if not pending:
                     proc.stdin.close()
                     return

@@ -129,8 +129,9 @@ def hash_and_store(files: list[ScannedFile], origin: Origin, hash_workers: int, 
         origin.put_blob(key, f.source, f.size, on_uploaded)
         return f.size, 0
 
-    # Largest first so the threads finish together rather than one big file last.
-    order = sorted(files, key=lambda f: -f.size)
+    # Largest first (then by path): the order the piece hashing reads them in (see
+    # PublishConfig.hash_workers), and with more threads they finish together.
+    order = sorted(files, key=lambda f: (-f.size, str(f.source)))
     with ThreadPoolExecutor(max(1, hash_workers), thread_name_prefix="xxh3") as hash_pool, \
             ThreadPoolExecutor(max(1, upload_workers), thread_name_prefix="upload") as upload_pool:
         try:
