@@ -11,11 +11,12 @@ every 16 KiB, threads of one process kept finding the GIL taken when their hash 
 slept until it was handed over (a 1 GiB publish kept its 2 cores 91% busy, and spent 13%
 more CPU than the hashes themselves).  Each run is hashed where its bytes lie, through a
 read-only mapping of the file's pages: reading them into a buffer of our own first cost
-~0.13 CPU-s per GiB, a tenth of what both hash families cost.  The next run of each worker
-is announced to the kernel (``POSIX_FADV_WILLNEED``) when it is handed out, so that on a
-cold page cache its pages are read while the run before it is hashed.  The file's size is
-checked before each piece; a file truncated under a worker's mapping ends that worker with
-SIGBUS, which is reported as the file having changed.
+~0.13 CPU-s per GiB, a tenth of what both hash families cost.  On a cold page cache the
+kernel is asked for the runs' bytes (``POSIX_FADV_WILLNEED``) up to 64 MiB beyond the runs
+handed out, from a thread of its own, so that the workers find them read; the publish's xxh3
+thread reads the files in the same order.  The file's size is checked before each piece; a
+file truncated under a worker's mapping ends that worker with SIGBUS, which is reported as
+the file having changed.
 
 The layout (which file starts at which piece) comes from the caller; with the pad files a
 hybrid or canonical torrent has, every file starts on a piece boundary, so each piece
@@ -55,6 +56,7 @@ __all__ = ["BLOCK", "ZERO", "FileHashes", "FileSlot", "PieceHasher", "merkle_roo
 RUN_BYTES = 8 << 20  # work unit: whole pieces of one file, about this many bytes
 PROCESS_MIN = 96 << 20  # smaller torrents are hashed on threads: starting a worker costs ~10 ms of CPU
 IN_FLIGHT = 2  # runs handed to a worker at once: it never waits for the next one
+READ_AHEAD = 64 << 20  # bytes the kernel is asked to read beyond the runs handed out (a cold page cache)
 
 
 def pow2_at_least(n: int) -> int:
@@ -226,10 +228,16 @@ class PieceHasher:
             return self._run_in_threads(runs, workers)
         todo = iter(runs)
         take_lock = threading.Lock()
+        handed = 0
+        ahead = _ReadAhead(runs, self.piece_length)
 
         def take() -> _Run | None:
+            nonlocal handed
             with take_lock:
-                return None if self._stopped() else next(todo, None)
+                run = None if self._stopped() else next(todo, None)
+                handed += 1
+                ahead.handed(handed)
+                return run
 
         errors: list[BaseException] = []
         threads = [threading.Thread(target=self._drive, args=(proc, take, errors), name=f"piece-hash-{i}", daemon=True)
@@ -241,6 +249,7 @@ class PieceHasher:
                 t.join()
         finally:
             self._failed.set()
+            ahead.close()
             for proc in procs:
                 if proc.poll() is None:
                     proc.kill()
@@ -259,9 +268,6 @@ class PieceHasher:
                     pending.append(run)
                     proc.stdin.write(piece_worker.encode_run(*run.args(self.piece_length)))
                     proc.stdin.flush()
-                    # After handing it out: asking may wait for room in the disk's queue
-                    # (the blobs being written), and the worker must not wait with it.
-                    _read_ahead(run, self.piece_length)
                 if not pending:
                     proc.stdin.close()
                     return
@@ -320,8 +326,48 @@ class PieceHasher:
         return FileHashes(merkle_root(layer, pow2_at_least(pieces), pad), b"".join(layer))
 
 
+class _ReadAhead:
+    """Asks the kernel for the runs' bytes (``POSIX_FADV_WILLNEED``) in the order they are hashed,
+    up to :data:`READ_AHEAD` bytes beyond the runs handed out, on a thread of its own.
+
+    Its own thread, because asking may wait for room in the disk's queue (the blobs being
+    written at the same time), and the threads that hand out runs must not: a worker left
+    without a run waits with them.
+    """
+
+    def __init__(self, runs: list[_Run], piece_length: int):
+        self.runs = runs
+        self.piece_length = piece_length
+        self._cond = threading.Condition()
+        self._handed = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="piece-read-ahead", daemon=True)
+        self._thread.start()
+
+    def handed(self, count: int) -> None:
+        """``count`` runs have been handed out to workers."""
+        with self._cond:
+            self._handed = count
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        ahead = max(IN_FLIGHT, READ_AHEAD // RUN_BYTES)
+        for i, run in enumerate(self.runs):
+            with self._cond:
+                while not self._closed and i >= self._handed + ahead:
+                    self._cond.wait()
+                if self._closed:
+                    return
+            _read_ahead(run, self.piece_length)
+
+
 def _read_ahead(run: _Run, piece_length: int) -> None:
-    """Ask the kernel to read ``run``'s bytes now: its worker hashes them after the run before it."""
     try:
         fd = os.open(run.slot.source, os.O_RDONLY)
     except OSError:
