@@ -2,8 +2,10 @@
 
 The work is a small pipeline.  Three things read the artifact's bytes: xxh3 (for the
 manifest), the piece hashes (for the torrent) and the upload (to the origin).  The
-piece hashes run on a thread pool over the whole artifact; each file's upload starts
-as soon as its xxh3 is known, since the blob's name is that hash.  The manifest is
+piece hashes run in a worker process per core over the whole artifact
+(:mod:`adapters.piece_hash`); xxh3 reads the files in the same order just ahead of them
+(on a cold page cache, their read-ahead), and each file's upload starts as soon as its
+xxh3 is known, since the blob's name is that hash.  The manifest is
 built once both hashes are done; nothing reaches the registry until every blob is
 stored, so a registered artifact is always complete at the origin.
 """
