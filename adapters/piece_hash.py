@@ -266,8 +266,11 @@ class PieceHasher:
             while True:
                 while len(pending) < IN_FLIGHT and (run := take()) is not None:
                     pending.append(run)
-                    proc.stdin.write(piece_worker.encode_run(*run.args(self.piece_length)))
-                    proc.stdin.flush()
+                    try:
+                        proc.stdin.write(piece_worker.encode_run(*run.args(self.piece_length)))
+                        proc.stdin.flush()
+                    except BrokenPipeError:
+                        raise self._died(proc, pending[0]) from None
                 if not pending:
                     proc.stdin.close()
                     return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import threading
 import time
@@ -182,6 +183,51 @@ def test_a_file_shorter_than_scanned_missing_or_a_stop_ends_hashing_with_a_clear
     pieces, _ = piece_hash.PieceHasher(ok, length, MiB, workers=2).run()
     one = [("b.bin", str(model / "b.bin"), MiB)]
     assert pieces == lt.bdecode(lt_adapter.build_torrent(one, "m", length))[b"info"][b"pieces"]
+
+
+def test_a_file_truncated_while_a_worker_process_hashes_it_is_reported_not_a_crash(tmp_path):
+    # Truncated under the worker's mapping: it finds the file shorter before its next piece,
+    # or dies of SIGBUS mid-piece; either way the publish says so in one line and lives on.
+    path = tmp_path / "big.bin"
+    path.write_bytes(os.urandom(48 * MiB))
+    truncated = []
+
+    def truncate_once(_index: int) -> None:
+        if not truncated:
+            os.truncate(path, 0)
+            truncated.append(True)
+
+    slots = [piece_hash.FileSlot(path, 48 * MiB, 0)]
+    with pytest.raises(ModelcastError, match=r"big.bin (shrank|changed) while it was hashed"):
+        piece_hash.PieceHasher(slots, 256 << 10, 48 * MiB, workers=1, processes=True, on_piece=truncate_once).run()
+    assert truncated
+
+    # The SIGBUS itself (a truncation that lands mid-piece): what the publish says of it.
+    path.write_bytes(os.urandom(48 * MiB))
+
+    def workers() -> list[int]:
+        found = []
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except (OSError, ValueError):
+                continue
+            if ppid == os.getpid() and b"piece_worker" in cmdline:
+                found.append(int(entry))
+        return found
+
+    def bus_once(_index: int) -> None:
+        if truncated:
+            truncated.clear()
+            for pid in workers():
+                os.kill(pid, signal.SIGBUS)
+
+    truncated.append(True)
+    with pytest.raises(ModelcastError, match=r"big.bin changed while it was hashed \(it shrank under the hashing process\)"):
+        piece_hash.PieceHasher(slots, 256 << 10, 48 * MiB, workers=1, processes=True, on_piece=bus_once).run()
 
 
 def test_torrent_of_other_bytes_differs_and_errors_are_modelcast_errors(tmp_path):
