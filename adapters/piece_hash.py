@@ -95,10 +95,6 @@ class _Run:
                 self.v1_tail, self.mode]
 
 
-class _WorkerDied(Exception):
-    pass
-
-
 class PieceHasher:
     """Hash ``files`` into v1 piece hashes and (unless ``v1_only``) v2 trees, on ``workers`` cores.
 
@@ -134,6 +130,8 @@ class PieceHasher:
         use_processes = self.processes
         if use_processes is None:
             use_processes = bool(runs) and sum(f.size for f in self.files) >= PROCESS_MIN
+        # A worker runs piece_worker.py by its path: none where the code is packed (a zip).
+        use_processes = use_processes and os.path.isfile(piece_worker.__file__)
         if use_processes:
             self._run_in_processes(runs, workers)
         else:
