@@ -38,7 +38,7 @@ from modelcast.wire import (ACCEPT_REDIRECT_HEADER, FIRST_COPY_HEADER, NODE_ID_H
 from .jobs import PullJob
 from .metrics import NodeCounters
 from .origin_http import CONNECTION_ERRORS, Aborted, PlainRange
-from .picker import STALL_S, SwarmView, parallel_requests, plan_requests, run_limit_bytes
+from .picker import STALL_S, SwarmView, is_alone, parallel_requests, plan_requests, run_limit_bytes
 from .relay import Relay
 
 if TYPE_CHECKING:
@@ -390,6 +390,7 @@ class OriginFill:
         relays: set[asyncio.Task] = set()  # fetches from nodes of other zones, among claimed's
         fetched_at: dict[int, float] = {}
         last_done, last_change = -1, loop.time()
+        last_connected = loop.time()  # when a peer was last connected (or the fill started)
         try:
             while not engine.finished(digest):
                 self._wake.clear()
@@ -405,8 +406,11 @@ class OriginFill:
                 p = engine.progress(digest)
                 if p and p.done_bytes != last_done:
                     last_done, last_change = p.done_bytes, now
+                if p and p.peers:
+                    last_connected = now
                 missing, avail, downloading = engine.missing_pieces(digest)
-                view = SwarmView(missing, avail, downloading, alone=p is not None and p.peers == 0)
+                alone = p is not None and is_alone(p.peers, engine.tracker_peers(digest), now - last_connected)
+                view = SwarmView(missing, avail, downloading, alone=alone)
                 in_flight = len(set(claimed.values()) - relays)
                 requests, wanted = plan_requests(
                     view, self.spans, claimed=claimed.keys(), fetched_at=fetched_at, now=now,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 
 from adapters.torrent import PieceSpan
-from node_cache.picker import (ORIGIN_PARALLEL, ORIGIN_PARALLEL_SWARM, ORIGIN_RUN_BYTES, REFETCH_S, SwarmView,
-                               plan_requests, run_limit_bytes)
+from node_cache.picker import (ALONE_AFTER_S, ORIGIN_PARALLEL, ORIGIN_PARALLEL_SWARM, ORIGIN_RUN_BYTES, REFETCH_S,
+                               SwarmView, is_alone, plan_requests, run_limit_bytes)
 
 MiB = 1 << 20
 
@@ -143,3 +143,23 @@ def test_alone_each_run_is_a_whole_aligned_block_so_a_pull_takes_few_large_reque
     requests, _ = plan(view(256, have={3, 12}, alone=True), spans, seed=5)
     for r in requests:
         assert len({s.file_offset // ORIGIN_RUN_BYTES for s in r.spans}) == 1
+
+
+def test_a_node_told_of_peers_does_not_take_whole_runs_while_they_connect():
+    """Two nodes of a zone starting together: the second is told of the first before libtorrent
+    connects them.  Until a peer connects (or none has for ALONE_AFTER_S) it asks piece by
+    piece with the first-copy mark, so the gate splits the first copy instead of each node
+    taking whole runs of it."""
+    spans = spans_of({"big.bin": 32 * MiB})
+    waiting = view(32, alone=is_alone(connected=0, told_of=1, unconnected_s=1.0))
+    requests, _ = plan(waiting, spans)
+    assert requests and all(r.first_copy and len(r.spans) == 1 for r in requests)
+    assert len(requests) == ORIGIN_PARALLEL_SWARM
+    # Nobody named by the tracker (or no reply yet): alone, large unmarked runs at once.
+    for told_of in (0, None):
+        requests, _ = plan(view(32, alone=is_alone(connected=0, told_of=told_of, unconnected_s=0.0)), spans)
+        assert len(requests) == ORIGIN_PARALLEL and not any(r.first_copy for r in requests)
+        assert sum(s.size for r in requests for s in r.spans) == 32 * MiB
+    # Peers named but unreachable: alone after ALONE_AFTER_S without a connection.
+    assert is_alone(connected=0, told_of=3, unconnected_s=ALONE_AFTER_S)
+    assert not is_alone(connected=1, told_of=0, unconnected_s=60.0)
