@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import os
 import shutil
@@ -59,7 +58,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from publish import write_files  # noqa: E402
+from publish import hybrid_hash_cpu, write_files  # noqa: E402
 
 from distributor.publish import publish_sync  # noqa: E402
 from harness import start_node, start_tracker, wait_until  # noqa: E402
@@ -73,7 +72,6 @@ REF = "bench/dataplane:v1"
 # copies (socket to buffer, buffer to page cache) go through memory: 4 MiB cost this machine
 # twice the CPU per GiB of 128 KiB, which would inflate the floor the nodes are held to.
 COPY_BUF = 128 << 10
-V2_BLOCK = 16 << 10  # BEP 52: the merkle tree's leaves are 16 KiB blocks
 HEADER = struct.Struct("!HQ")  # name length, file size
 
 
@@ -245,49 +243,6 @@ def plain_copy(paths: list[Path], dest: Path, perf_dir: Path | None = None) -> S
             recv.stdin.close()
             recv.wait(30)
     return step
-
-
-# -- hashing the way a hybrid torrent does --------------------------------------------------
-
-
-def merkle_root(leaves: list[bytes]) -> bytes:
-    """BEP 52 merkle root: leaves padded with zero hashes to a power of two, pairs hashed upwards."""
-    width = 1
-    while width < len(leaves):
-        width *= 2
-    level = leaves + [bytes(32)] * (width - len(leaves))
-    while len(level) > 1:
-        level = [hashlib.sha256(level[i] + level[i + 1]).digest() for i in range(0, len(level), 2)]
-    return level[0]
-
-
-def hybrid_hash_cpu(paths: list[Path], piece_length: int) -> tuple[float, float]:
-    """Hash every file as a hybrid torrent needs; return (CPU seconds in hashing, wall seconds).
-
-    Hybrid torrents align every file to a piece, so each file is hashed on its own: SHA-1
-    of every piece (v1), SHA-256 of every 16 KiB block and the tree above (v2). Only the
-    hashing counts as CPU here; the reads that feed it are part of the wall time.
-    """
-    buf = bytearray(piece_length)
-    view = memoryview(buf)
-    cpu = 0.0
-    t0 = time.perf_counter()
-    for p in paths:
-        leaves: list[bytes] = []
-        with open(p, "rb", buffering=0) as f:
-            while True:
-                n = f.readinto(buf)
-                if not n:
-                    break
-                c0 = time.thread_time()
-                piece = view[:n]
-                hashlib.sha1(piece).digest()
-                leaves.extend(hashlib.sha256(piece[i:i + V2_BLOCK]).digest() for i in range(0, n, V2_BLOCK))
-                cpu += time.thread_time() - c0
-        c0 = time.thread_time()
-        merkle_root(leaves)
-        cpu += time.thread_time() - c0
-    return cpu, time.perf_counter() - t0
 
 
 def same_bytes(a: Path, b: Path) -> bool:
