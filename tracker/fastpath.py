@@ -79,6 +79,8 @@ _FIELD = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}:[^\r\n\x00]{0," + str(MAX_LINE).e
 _HEADERS_RE = re.compile(_FIELD + rb"(?:\r\n" + _FIELD + rb")*")
 # A body, or a protocol switch: not for this path.
 _BODY_HEADERS = (b"\r\ntransfer-encoding:", b"\r\nexpect:", b"\r\nupgrade:")
+_BODY_HEADER_NAMES = frozenset(name[2:-1] for name in _BODY_HEADERS)
+_API_OR_BODY_HEADERS = API_HEADERS | _BODY_HEADER_NAMES
 
 
 class Head(NamedTuple):
@@ -194,14 +196,12 @@ def parse_api_head(head: bytes, match: ApiMatch, max_body: int) -> ApiHead | Non
         block = head[line_end + 2:]
         if not _HEADERS_RE.fullmatch(block):
             return None
-        lowered = b"\r\n" + block.lower()
-        for name in _BODY_HEADERS:
-            if lowered.find(name) >= 0:
-                return None
         for field in block.split(b"\r\n"):
             name, _, value = field.partition(b":")
             name = name.lower()
-            if name in API_HEADERS:
+            if name in _API_OR_BODY_HEADERS:
+                if name in _BODY_HEADER_NAMES:
+                    return None
                 if name in headers:
                     if name == b"connection":
                         headers[name] += b"," + value.strip()
@@ -263,8 +263,14 @@ _STATUS_LINES = {code.value: b"%d %b" % (code.value, code.phrase.encode("ascii")
 JSON_TYPE = b"application/json; charset=utf-8"
 
 
+# What every ``200`` API answer on a keep-alive HTTP/1.1 connection starts with (as _response writes it).
+_API_OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: " + JSON_TYPE + b"\r\nContent-Length: "
+
+
 def _api_response(answer: "tuple[int, bytes, Mapping[str, str]]", http11: bool, keep_alive: bool) -> bytes:
     status, body, headers = answer
+    if status == 200 and http11 and keep_alive and not headers:  # the common case, in one formatting
+        return b"%b%d\r\nDate: %b\r\n\r\n%b" % (_API_OK_HEAD, len(body), _http_date(), body)
     extra = b"".join(b"%b: %b\r\n" % (k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())
     return _response(_STATUS_LINES.get(status, b"%d Status" % status), body, http11, keep_alive, JSON_TYPE, extra)
 
