@@ -62,11 +62,14 @@ KEEPALIVE_TIMEOUT_S = ServerLimits.keepalive_timeout_s
 Route = Callable[[bytes, "str | None"], "bytes | Awaitable[bytes]"]
 
 # An API request with a body (a node's heartbeat, its leave): given the request's header
-# lines this path keeps (lowercased name -> value, each sent once) and its body, the status,
-# JSON body and extra headers of the answer, or an awaitable of them (a swarm store over the
-# network).  Must not raise for bad input: errors are answers (4xx with a JSON error body).
+# lines this path keeps (lowercased name -> value, each sent once), its body, the client's
+# address and its connection (a :class:`FastPathProtocol`, whose ``proven`` the route may
+# read and set: what it proved on this connection), the status, JSON body and extra headers
+# of the answer, or an awaitable of them (a swarm store over the network).  Must not raise
+# for bad input: errors are answers (4xx with a JSON error body).
 Answer = "tuple[int, bytes, Mapping[str, str]]"
-ApiRoute = Callable[[Mapping[bytes, bytes], bytes], "tuple[int, bytes, Mapping[str, str]] | Awaitable"]
+ApiRoute = Callable[[Mapping[bytes, bytes], bytes, "str | None", "FastPathProtocol"],
+                    "tuple[int, bytes, Mapping[str, str]] | Awaitable"]
 # Given method and path (no query), the route that answers it here, or None (aiohttp's).
 ApiMatch = Callable[[bytes, bytes], "ApiRoute | None"]
 # The header lines an API route is given (other lines are read past).
@@ -345,6 +348,12 @@ class FastPathProtocol(asyncio.Protocol):
         self._timer_at = 0.0
         self._slot: Slot | None = None
         self._pending: asyncio.Future | None = None  # an answer being worked out; nothing else is read meanwhile
+        # The last API request head parsed on this connection, and what it parsed to: a client
+        # that sends the same head again (a node daemon's heartbeats) is not parsed again.
+        self._api_head_bytes = b""
+        self._api_head: ApiHead | None = None
+        # What an API route proved on this connection (tracker/liveness.py: a node's key).
+        self.proven: object = None
 
     # ---- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -426,11 +435,16 @@ class FastPathProtocol(asyncio.Protocol):
                     return
                 break
             if api is not None and not buf.startswith(b"GET "):
-                api_head = parse_api_head(buf[:end], api, server.max_api_body)
-                if api_head is None:
-                    self._flush(out)
-                    self._hand_off(buf)
-                    return
+                head_bytes = buf[:end]
+                if head_bytes == self._api_head_bytes:
+                    api_head = self._api_head  # parsing is a pure function of the head's bytes
+                else:
+                    api_head = parse_api_head(head_bytes, api, server.max_api_body)
+                    if api_head is None:
+                        self._flush(out)
+                        self._hand_off(buf)
+                        return
+                    self._api_head_bytes, self._api_head = head_bytes, api_head
                 total = end + 4 + api_head.content_length
                 if len(buf) < total:
                     # The body comes in more than one read: aiohttp, which bounds how long
@@ -440,7 +454,7 @@ class FastPathProtocol(asyncio.Protocol):
                     return
                 body, buf = buf[end + 4:total], buf[total:]
                 try:
-                    answer = api_head.route(api_head.headers, body, self._remote)
+                    answer = api_head.route(api_head.headers, body, self._remote, self)
                 except Exception as exc:  # a bug, not bad input: routes answer bad input themselves
                     log.exception("unexpected error on an API request")
                     answer = _internal_error(exc)

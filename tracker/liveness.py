@@ -9,6 +9,7 @@ keep the plain per-peer TTL.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import inspect
 import json
 import logging
@@ -234,17 +235,25 @@ class FastNodeRoutes:
         return partial(self._route, method, path, node_id, kind)
 
     def _route(self, method: bytes, path: bytes, node_id: bytes, kind: tuple[str, str],
-               headers: Mapping[bytes, bytes], body: bytes,
-               remote: str | None = None) -> tuple[int, bytes, dict[str, str]] | Awaitable:
+               headers: Mapping[bytes, bytes], body: bytes, remote: str | None = None,
+               conn: Any = None) -> tuple[int, bytes, dict[str, str]] | Awaitable:
         what = "heartbeat" if kind is HEARTBEAT_ROUTE else "leave"
         try:
             node = validate_node_id(unquote(node_id.decode("ascii"), errors="strict"))
-            key = _header(headers, NODE_KEY_HEADER_B)
+            raw_key = headers.get(NODE_KEY_HEADER_B)
+            key = None if raw_key is None else raw_key.decode("latin-1")
             keys = self.keys
             if key is not None and keys.is_bound(node):
                 # The common case, answered at once: a node known here speaks with its own key.
                 check_key_shape(key)
-                keys.check(node, key, what)
+                # A key this connection proved for this node, against the binding cached now,
+                # is not hashed again; any other key, node or connection is checked.
+                proven = None if conn is None else conn.proven
+                if not (proven is not None and proven[0] == node and hmac.compare_digest(proven[1], raw_key)
+                        and keys.still_bound(node, proven[2])):
+                    keys.check(node, key, what)
+                    if conn is not None:
+                        conn.proven = (node, raw_key, keys.binding(node))
                 if kind is HEARTBEAT_ROUTE:
                     fields = heartbeat_fields(self.parts, node, key, body, remote,
                                               _header(headers, b"x-forwarded-for"))
