@@ -459,6 +459,25 @@ async def test_the_same_heartbeat_head_again_is_answered_as_the_first(server):
     assert server.fast.handed_off == 0
 
 
+async def test_a_heartbeat_through_a_trusted_proxy_registers_the_forwarded_address(tmp_path):
+    """The fast path reads X-Forwarded-For as aiohttp's route does: a relay URL at the node's address, via the proxy."""
+    app = make_app(TrackerConfig(host="127.0.0.1", port=0, data_dir=tmp_path / "registry", token="secret",
+                                 trusted_proxies=("127.0.0.1/32",)))
+    running = await start_server(app, "127.0.0.1", 0)
+    try:
+        conn = await Conn.open(running.port)
+        relay = b'{"ttl_s": 5, "relay": "http://10.9.8.7:7001"}'
+        for forwarded in ("", "X-Forwarded-For: 10.0.0.1, 10.9.8.7\r\n"):  # enrols; then through the proxy
+            await conn.send(post("/v1/nodes/proxied/heartbeat", relay, headers=keyed("p" * 32) + forwarded))
+            status, _, body = await conn.answer()
+            assert status == 200
+        assert json.loads(body)["relay"] == "http://10.9.8.7:7001"
+        conn.close()
+        assert running.fast.handed_off == 0
+    finally:
+        await running.stop()
+
+
 async def test_heartbeats_that_this_path_leaves_to_aiohttp_get_the_same_answers(server):
     node = "fastnode02"
     conn = await Conn.open(server.port)

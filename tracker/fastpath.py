@@ -73,7 +73,8 @@ ApiRoute = Callable[[Mapping[bytes, bytes], bytes, "str | None", "FastPathProtoc
 # Given method and path (no query), the route that answers it here, or None (aiohttp's).
 ApiMatch = Callable[[bytes, bytes], "ApiRoute | None"]
 # The header lines an API route is given (other lines are read past).
-API_HEADERS = frozenset((b"authorization", b"x-modelcast-node-key", b"content-length", b"connection", b"host"))
+API_HEADERS = frozenset((b"authorization", b"x-modelcast-node-key", b"content-length", b"connection", b"host",
+                         b"x-forwarded-for"))
 
 # Printable ASCII but "#": a target with anything else goes to aiohttp, which decides.
 _TARGET_BYTES = bytes(b for b in range(0x21, 0x7F) if b != ord("#"))

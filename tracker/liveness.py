@@ -298,11 +298,6 @@ class FastNodeRoutes:
         return answer
 
 
-def fast_node_route(app: web.Application, method: bytes, path: bytes) -> "Callable | None":
-    """The fast path's route for ``method path`` (heartbeat and leave of a node), or None for aiohttp's."""
-    return FastNodeRoutes(app)(method, path)
-
-
 NODES_PREFIX = b"/v1/nodes/"
 NODE_KEY_HEADER_B = NODE_KEY_HEADER.lower().encode("ascii")
 
