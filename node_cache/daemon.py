@@ -409,8 +409,10 @@ class NodeDaemon:
         await asyncio.to_thread(self.store.stamp, digest, manifest)
         await self.drop_resume(digest)
         job.path = str(path)
-        # Seed from the final place; the files were just verified, so no re-check.
-        self.engine.add(digest, download.ti, manifest, str(path), trackers=self.trackers(), seed=True)
+        # Seed from the final place; the files were just verified, so no re-check, and no
+        # piece is hashed again as peers ask for it (libtorrent's seed mode would).
+        self.engine.add(digest, download.ti, manifest, str(path), trackers=self.trackers(), seed=True,
+                        verified=True)
         log.info("%s ready at %s: %d bytes from peers, %d from the origin",
                  manifest.name, path, job.bytes_from_peers, job.bytes_from_origin)
         self._end(job, READY)

@@ -51,8 +51,9 @@ PUSH_PARALLEL = 8  # pieces pushed at once to nodes of other zones, as the origi
 # Bytes of pushes waiting or under way (each holds its piece in memory): beyond this a push
 # is dropped (the other zone makes the piece up from the origin once it stops progressing).
 # A target that never answers can hold no more than this of this node's memory.  Room for
-# what a node's origin requests bring at once (4 runs of 8 MiB, each pushed on): a cap of 32
-# pieces dropped most of a two-zone fan-out's pushes (efficiency 0.87 -> 0.64).
+# what a node's origin requests bring at once (4 runs of up to 16 MiB, each pushed on; a node
+# under a download limit asks for ¼ s of it per run): a cap of 32 pieces dropped most of a
+# two-zone fan-out's pushes (efficiency 0.87 -> 0.64).
 MAX_PENDING_PUSH_BYTES = 64 << 20
 PUSH_TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=5)
 FAILURE_LOG_S = 60.0  # failed exchanges with one node are logged once a minute

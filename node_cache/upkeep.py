@@ -92,8 +92,9 @@ class CacheUpkeep:
             log.warning("could not record file stamps of %s: %s", digest, exc)
         if not node.engine.has(digest):
             _, torrent = await asyncio.to_thread(store.load_meta, digest)
+            # Every file was just hashed against the manifest: no piece is hashed again as peers ask.
             node.engine.add(digest, check_torrent(torrent, job.manifest), job.manifest, str(path),
-                            trackers=node.trackers(), seed=True)
+                            trackers=node.trackers(), seed=True, verified=True)
         return {"digest": digest, "ok": True}
 
     async def repair(self, job: PullJob, problem: str) -> None:

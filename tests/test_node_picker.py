@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 
 from adapters.torrent import PieceSpan
-from node_cache.picker import (ORIGIN_PARALLEL, ORIGIN_PARALLEL_SWARM, ORIGIN_RUN_BYTES, REFETCH_S, SwarmView,
-                               plan_requests, run_limit_bytes)
+from node_cache.picker import (ALONE_AFTER_S, ORIGIN_PARALLEL, ORIGIN_PARALLEL_SWARM, ORIGIN_RUN_BYTES, REFETCH_S,
+                               SwarmView, is_alone, plan_requests, run_limit_bytes)
 
 MiB = 1 << 20
 
@@ -34,14 +34,14 @@ def plan(v: SwarmView, spans, *, claimed=(), fetched_at=None, now=100.0, stalled
                          in_flight=in_flight, run_bytes=run_bytes, rng=random.Random(seed))
 
 
-def test_alone_asks_for_runs_of_consecutive_pieces_up_to_8_mib_four_at_once_without_the_first_copy_mark():
+def test_alone_asks_for_runs_of_consecutive_pieces_up_to_16_mib_four_at_once_without_the_first_copy_mark():
     spans = spans_of({"big.bin": 64 * MiB})
     requests, wanted = plan(view(64, alone=True), spans)
     assert len(requests) == ORIGIN_PARALLEL == 4
     for r in requests:
         pieces = [s.piece for s in r.spans]
         assert pieces == list(range(pieces[0], pieces[0] + len(pieces)))  # consecutive
-        assert sum(s.size for s in r.spans) <= 8 * MiB and not r.first_copy
+        assert sum(s.size for s in r.spans) <= 16 * MiB and not r.first_copy
     picked = {s.piece for r in requests for s in r.spans}
     assert len(picked) == sum(len(r.spans) for r in requests)  # no piece twice
     assert wanted == set(range(64)) - picked
@@ -53,21 +53,22 @@ def test_a_run_ends_at_the_limit_at_a_piece_already_here_and_at_the_end_of_a_fil
     requests, _ = plan(view(23, have=set(range(3, 23)), alone=True), spans, seed=0)
     assert sorted(s.piece for r in requests for s in r.spans) == [0, 1, 2]
     assert all({s.path for s in r.spans} == {"m/a.bin"} for r in requests)
-    # With piece 10 here, no run of b.bin crosses it; none is longer than the 8 MiB limit.
+    # With piece 10 here, no run of b.bin crosses it; none is longer than the 16 MiB limit.
     requests, _ = plan(view(23, have={10}, alone=True), spans, seed=3)
     for r in requests:
         pieces = [s.piece for s in r.spans]
-        assert 10 not in pieces and len(pieces) <= 8
+        assert 10 not in pieces and len(pieces) <= 16
         assert len({s.path for s in r.spans}) == 1
     # A download limit shrinks the run: 8 MiB/s gives runs of at most 2 MiB.
     requests, _ = plan(view(23, alone=True), spans, run_bytes=run_limit_bytes(8 * MiB))
     assert all(len(r.spans) <= 2 for r in requests)
 
 
-def test_run_limit_is_a_quarter_second_of_the_download_limit_and_at_most_8_mib():
-    assert run_limit_bytes(0) == ORIGIN_RUN_BYTES == 8 * MiB
+def test_run_limit_is_a_quarter_second_of_the_download_limit_and_at_most_16_mib():
+    assert run_limit_bytes(0) == ORIGIN_RUN_BYTES == 16 * MiB
     assert run_limit_bytes(20 * MiB) == 5 * MiB
-    assert run_limit_bytes(100 * MiB) == 8 * MiB
+    assert run_limit_bytes(40 * MiB) == 10 * MiB
+    assert run_limit_bytes(100 * MiB) == 16 * MiB
     assert run_limit_bytes(3) == 1
 
 
@@ -121,9 +122,9 @@ def test_nothing_missing_nothing_asked():
 
 
 def test_alone_each_run_is_a_whole_aligned_block_so_a_pull_takes_few_large_requests():
-    # A lone node pulling 256 MiB in 8 MiB runs: every request is one whole 8 MiB block of the
+    # A lone node pulling 256 MiB in 16 MiB runs: every request is one whole 16 MiB block of the
     # file (no half-size runs left between randomly placed ones), so the registry answers
-    # 32 requests, not twice as many.
+    # 16 requests, not twice as many.
     spans = spans_of({"big.bin": 256 * MiB})
     have: set[int] = set()
     rng = random.Random(7)
@@ -138,8 +139,28 @@ def test_alone_each_run_is_a_whole_aligned_block_so_a_pull_takes_few_large_reque
             sizes.append(sum(s.size for s in r.spans))
             assert r.spans[0].file_offset % ORIGIN_RUN_BYTES == 0
             have.update(s.piece for s in r.spans)
-    assert len(have) == 256 and sizes == [8 * MiB] * 32
+    assert len(have) == 256 and sizes == [16 * MiB] * 16
     # With pieces already here, a run is the rest of its block, never a piece of the next.
     requests, _ = plan(view(256, have={3, 12}, alone=True), spans, seed=5)
     for r in requests:
         assert len({s.file_offset // ORIGIN_RUN_BYTES for s in r.spans}) == 1
+
+
+def test_a_node_told_of_peers_does_not_take_whole_runs_while_they_connect():
+    """Two nodes of a zone starting together: the second is told of the first before libtorrent
+    connects them.  Until a peer connects (or none has for ALONE_AFTER_S) it asks piece by
+    piece with the first-copy mark, so the gate splits the first copy instead of each node
+    taking whole runs of it."""
+    spans = spans_of({"big.bin": 64 * MiB})
+    waiting = view(64, alone=is_alone(connected=0, told_of=1, unconnected_s=1.0))
+    requests, _ = plan(waiting, spans)
+    assert requests and all(r.first_copy and len(r.spans) == 1 for r in requests)
+    assert len(requests) == ORIGIN_PARALLEL_SWARM
+    # Nobody named by the tracker (or no reply yet): alone, large unmarked runs at once.
+    for told_of in (0, None):
+        requests, _ = plan(view(64, alone=is_alone(connected=0, told_of=told_of, unconnected_s=0.0)), spans)
+        assert len(requests) == ORIGIN_PARALLEL and not any(r.first_copy for r in requests)
+        assert sum(s.size for r in requests for s in r.spans) == 64 * MiB  # four whole 16 MiB runs
+    # Peers named but unreachable: alone after ALONE_AFTER_S without a connection.
+    assert is_alone(connected=0, told_of=3, unconnected_s=ALONE_AFTER_S)
+    assert not is_alone(connected=1, told_of=0, unconnected_s=60.0)

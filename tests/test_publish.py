@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import threading
 import time
@@ -19,8 +20,8 @@ from distributor.scan import check_unchanged, scan
 from distributor.torrent import make_torrent, torrent_name_for
 from modelcast.config import PublishConfig
 from modelcast.errors import BadRequest, ModelcastError, OriginError, UnsafePath
-from modelcast.manifest import Manifest
-from adapters import torrent as lt_adapter
+from modelcast.manifest import FileEntry, InfoHashes, Manifest, choose_piece_length
+from adapters import piece_hash, torrent as lt_adapter
 from adapters.origin import blob_relpath
 from harness.procs import free_port
 from modelcast.reference import Reference
@@ -138,11 +139,18 @@ def test_torrent_is_private_hybrid_and_deterministic(tmp_path):
     assert names == ["m/a.bin", "m/empty.bin", "m/w/b.bin"]
 
 
+@pytest.fixture(params=["processes", "threads"])
+def hashing(request, monkeypatch):
+    """Hash pieces in worker processes (as a large publish does) or on threads (a small one)."""
+    monkeypatch.setattr(piece_hash, "PROCESS_MIN", 0 if request.param == "processes" else 1 << 62)
+    return request.param
+
+
 @pytest.mark.parametrize("piece_length", [16384, 262144, 4 * MiB])
-def test_parallel_hashing_writes_the_torrent_libtorrent_writes(tmp_path, piece_length):
+def test_parallel_hashing_writes_the_torrent_libtorrent_writes(tmp_path, piece_length, hashing):
     # Every node, aria2 and the registry read these bytes: they must be libtorrent's own,
     # whatever the sizes (empty, one block, one byte either side of a piece) and names
-    # (sorted the way libtorrent sorts "a.b", "a/b", "a-b", non-ASCII).
+    # (sorted the way libtorrent sorts "a.b", "a/b", "a-b", non-ASCII), however hashed.
     sizes = {"a.bin": 3 * piece_length + 1, "a.b": piece_length, "a/b": piece_length - 1, "a-b": 1,
              "empty": 0, "z/y/x.bin": 16384 + 1, "é/ü.txt": 100, "w/big": 2 * piece_length + 16384}
     model = make_model(tmp_path / "m", sizes)
@@ -154,6 +162,72 @@ def test_parallel_hashing_writes_the_torrent_libtorrent_writes(tmp_path, piece_l
         assert ours == theirs, f"v1_only={v1_only}: {lt.bdecode(ours)} != {lt.bdecode(theirs)}"
     one = [("only.bin", str(model / "a.bin"), sizes["a.bin"])]
     assert lt_adapter.build_torrent_parallel(one, "m", piece_length) == lt_adapter.build_torrent(one, "m", piece_length)
+
+
+def test_a_file_shorter_than_scanned_missing_or_a_stop_ends_hashing_with_a_clear_error(tmp_path, hashing):
+    model = make_model(tmp_path / "m", {"a.bin": 5 * MiB + 7, "b.bin": MiB})
+    length = 256 << 10
+    # The scan saw 6 MiB; the file holds 5 MiB + 7 bytes now (truncated, or rewritten shorter).
+    slots = [piece_hash.FileSlot(model / "a.bin", 6 * MiB, 0), piece_hash.FileSlot(model / "b.bin", MiB, 24)]
+    with pytest.raises(ModelcastError, match=r"a.bin shrank while it was hashed \(now 5242887 of 6291456 bytes\)"):
+        piece_hash.PieceHasher(slots, length, 7 * MiB, workers=2).run()
+    gone = [piece_hash.FileSlot(tmp_path / "gone.bin", MiB, 0)]
+    with pytest.raises(FileNotFoundError):
+        piece_hash.PieceHasher(gone, length, MiB, workers=2).run()
+    stop = threading.Event()
+    stop.set()
+    ok = [piece_hash.FileSlot(model / "b.bin", MiB, 0)]
+    with pytest.raises(ModelcastError, match="piece hashing stopped because another publish step failed"):
+        piece_hash.PieceHasher(ok, length, MiB, workers=2, stop=stop).run()
+    # And what the hashing of those bytes gives when nothing goes wrong: libtorrent's pieces.
+    pieces, _ = piece_hash.PieceHasher(ok, length, MiB, workers=2).run()
+    one = [("b.bin", str(model / "b.bin"), MiB)]
+    assert pieces == lt.bdecode(lt_adapter.build_torrent(one, "m", length))[b"info"][b"pieces"]
+
+
+def test_a_file_truncated_while_a_worker_process_hashes_it_is_reported_not_a_crash(tmp_path):
+    # Truncated under the worker's mapping: it finds the file shorter before its next piece,
+    # or dies of SIGBUS mid-piece; either way the publish says so in one line and lives on.
+    path = tmp_path / "big.bin"
+    path.write_bytes(os.urandom(48 * MiB))
+    truncated = []
+
+    def truncate_once(_index: int) -> None:
+        if not truncated:
+            os.truncate(path, 0)
+            truncated.append(True)
+
+    slots = [piece_hash.FileSlot(path, 48 * MiB, 0)]
+    with pytest.raises(ModelcastError, match=r"big.bin (shrank|changed) while it was hashed"):
+        piece_hash.PieceHasher(slots, 256 << 10, 48 * MiB, workers=1, processes=True, on_piece=truncate_once).run()
+    assert truncated
+
+    # The SIGBUS itself (a truncation that lands mid-piece): what the publish says of it.
+    path.write_bytes(os.urandom(48 * MiB))
+
+    def workers() -> list[int]:
+        found = []
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except (OSError, ValueError):
+                continue
+            if ppid == os.getpid() and b"piece_worker" in cmdline:
+                found.append(int(entry))
+        return found
+
+    def bus_once(_index: int) -> None:
+        if truncated:
+            truncated.clear()
+            for pid in workers():
+                os.kill(pid, signal.SIGBUS)
+
+    truncated.append(True)
+    with pytest.raises(ModelcastError, match=r"big.bin changed while it was hashed \(it shrank under the hashing process\)"):
+        piece_hash.PieceHasher(slots, 256 << 10, 48 * MiB, workers=1, processes=True, on_piece=bus_once).run()
 
 
 def test_torrent_of_other_bytes_differs_and_errors_are_modelcast_errors(tmp_path):
@@ -220,6 +294,34 @@ def test_republishing_identical_content_gives_the_same_digest_and_uploads_nothin
     (model / "b.bin").write_bytes(os.urandom(MiB))
     third = publish_sync(model, Reference.parse("dedup/m:v3"), cfg, annotations={"framework": "torch"})
     assert third.digest != first.digest and third.uploaded_bytes == MiB and third.skipped_bytes == 2 * MiB
+
+
+def test_a_publish_stores_the_manifest_and_torrent_a_plain_computation_gives(tracker, tmp_path, hashing):
+    # Odd sizes: an empty file, 1 byte, exactly one piece, a piece and a byte, a few pieces and a
+    # few bytes, one block and a byte; the reference is libtorrent's own hashing and xxh3 of
+    # each file read whole, the plain way.
+    length = 256 << 10
+    sizes = {"empty": 0, "one-byte": 1, "one-piece": length, "piece-plus-1": length + 1,
+             "w/several": 3 * length + 5, "w/x/block-plus-1": 16384 + 1}
+    model = make_model(tmp_path / "m", sizes)
+    assert choose_piece_length(sum(sizes.values())) == length
+    result = publish_sync(model, Reference.parse("odd/sizes:v1"), _cfg(tracker, tmp_path))
+    hexd = result.digest.split(":")[1]
+    origin_dir = tmp_path / "origin"
+    stored_torrent = (origin_dir / "torrents" / "sha256" / f"{hexd}.torrent").read_bytes()
+    stored_manifest = (origin_dir / "manifests" / "sha256" / f"{hexd}.json").read_bytes()
+
+    paths = sorted(sizes)
+    files = [(p, str(model / p), sizes[p]) for p in paths]
+    torrent = lt_adapter.build_torrent(files, "sizes", length, f"{tracker.url}/announce")
+    info = lt.torrent_info(torrent).info_hashes()
+    manifest = Manifest(
+        kind="model", name="odd/sizes", piece_length=length, torrent_name="sizes",
+        info_hash=InfoHashes(v1=str(info.v1), v2=str(info.v2)),
+        files=tuple(FileEntry(p, sizes[p], xxhash.xxh3_128_hexdigest((model / p).read_bytes())) for p in paths))
+    assert stored_torrent == torrent
+    assert stored_manifest == manifest.canonical_bytes()
+    assert result.digest == manifest.digest
 
 
 def test_duplicate_files_in_one_artifact_are_stored_once(tracker, tmp_path):

@@ -21,6 +21,7 @@ import signal
 import ssl
 from collections import OrderedDict
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -38,6 +39,7 @@ from .console import add_console_routes
 from .endpoint import TRACKER, TrackerEndpoint, announce, scrape
 from .fastpath import FastPathServer
 from .federation import Upstream, validate_upstream
+from .filesend import setup_file_sending
 from .firstcopy import make_gate_store
 from .fleet import add_fleet_routes
 from .liveness import FastNodeRoutes, node_heartbeat, node_leave, peer_expiry_ctx
@@ -52,7 +54,7 @@ from .nodekeys import NodeKeys
 from .relaytokens import make_relay_registry
 from .peer_policy import PeerPolicy, parse_networks
 from .udp_server import UdpTracker, start_udp_tracker
-from .webseed import webseed
+from .webseed import fast_webseed, webseed
 
 __all__ = [
     "CONFIG", "FIRST_COPY", "METRICS", "ORIGINS", "STATS", "STORE", "SWARMS", "TRACKER", "UDP_TRACKER", "UPSTREAM",
@@ -236,6 +238,7 @@ def make_app(cfg: TrackerConfig) -> web.Application:
     app[FIRST_COPY] = make_gate_store(app[SWARMS], app[RELAYS])
     app[WRITE_LOCK] = asyncio.Lock()
     app[NODES] = NodeBook()
+    setup_file_sending(app)  # the web seed's sending threads and open blobs, closed at cleanup
     app.cleanup_ctx.append(_registry_ctx)
     app.cleanup_ctx.append(peer_expiry_ctx)
     if cfg.upstream:
@@ -316,7 +319,7 @@ async def start_server(app: web.Application, host: str, port: int, *, head_timeo
         fast = FastPathServer(bounded, {b"/announce": endpoint.announce, b"/scrape": endpoint.scrape},
                               head_timeout_s=limits.header_timeout_s, keepalive_timeout_s=limits.keepalive_timeout_s,
                               limiter=bounded.limiter, api=FastNodeRoutes(app),
-                              max_api_body=MAX_HEARTBEAT_BODY)
+                              max_api_body=MAX_HEARTBEAT_BODY, webseed=partial(fast_webseed, app))
         server = await asyncio.get_running_loop().create_server(
             fast, host, port, ssl=ssl_context,
             # A handshake that never completes holds a connection no longer than a request head may.

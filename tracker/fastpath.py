@@ -25,6 +25,11 @@ Connections are counted here, in all and per client address, by the ``limiter`` 
 place, and aiohttp's handler (:class:`adapters.http_server.BoundedRequestHandler`) bounds
 heads, bodies and keep-alive from then on.
 
+A node's ``GET /v1/webseed/...`` (HTTP/1.1, no body) is given to the ``webseed`` route
+(tracker/webseed.py, ``fast_webseed``) with the request still in the buffer and nothing
+more read; the route answers it on the transport itself (a range sent from a thread), or
+declines having sent nothing, and the connection is handed to aiohttp from that request on.
+
 The request parsing is :func:`parse_head`, pure and tested without sockets.
 """
 
@@ -72,6 +77,12 @@ ApiRoute = Callable[[Mapping[bytes, bytes], bytes, "str | None", "FastPathProtoc
                     "tuple[int, bytes, Mapping[str, str]] | Awaitable"]
 # Given method and path (no query), the route that answers it here, or None (aiohttp's).
 ApiMatch = Callable[[bytes, bytes], "ApiRoute | None"]
+# A web seed GET (tracker/webseed.py, fast_webseed): given the request target, its header lines
+# (lowercased name -> value), the client's address, the transport and whether the connection
+# stays open after it, answers the request itself on the transport and returns whether the
+# connection stays open; or returns None having sent nothing, and aiohttp answers the request.
+WebseedRoute = Callable[[bytes, Mapping[bytes, bytes], "str | None", asyncio.Transport, bool],
+                        "Awaitable[bool | None]"]
 # The header lines an API route is given (other lines are read past).
 API_HEADERS = frozenset((b"authorization", b"x-modelcast-node-key", b"content-length", b"connection", b"host",
                          b"x-forwarded-for"))
@@ -222,14 +233,51 @@ def parse_api_head(head: bytes, match: ApiMatch, max_body: int) -> ApiHead | Non
     return ApiHead(route, http11, keep_alive, int(length), headers)
 
 
+class WebseedHead(NamedTuple):
+    """A web seed request head this path may answer: its target and every header line (lowercased names)."""
+
+    target: bytes
+    headers: dict[bytes, bytes]
+    keep_alive: bool
+
+
+def parse_webseed_head(head: bytes) -> WebseedHead | None:
+    """Parse the head of a ``GET /v1/webseed/...`` for this path (see :func:`parse_head`).
+
+    Returns None for anything this path leaves to aiohttp: HTTP/1.0, a body, a header line
+    given twice, odd framing, no single ``Host``.  Whether the request itself is one the
+    fast web seed answers is the route's to say (tracker/webseed.py, :func:`fast_webseed`).
+    """
+    line_end = head.find(b"\r\n")
+    request = _request_line(head, line_end, _GET)
+    if request is None or not request[2] or line_end < 0:
+        return None
+    block = head[line_end + 2:]
+    if not _HEADERS_RE.fullmatch(block):
+        return None
+    headers: dict[bytes, bytes] = {}
+    for field in block.split(b"\r\n"):
+        name, _, value = field.partition(b":")
+        name = name.lower()
+        if name in headers or name in (b"transfer-encoding", b"expect", b"upgrade"):
+            return None
+        headers[name] = value.strip()
+    if b"host" not in headers or headers.get(b"content-length", b"0") != b"0":
+        return None
+    return WebseedHead(request[1], headers, b"close" not in headers.get(b"connection", b"").lower())
+
+
 _PREFIXES = (b"GET /announce?", b"GET /announce ", b"GET /scrape?", b"GET /scrape ")
 _API_PREFIXES = (b"POST /v1/nodes/", b"DELETE /v1/nodes/")
+_WEBSEED_PREFIX = b"GET /v1/webseed/"
 _ALL_PREFIXES = _PREFIXES + _API_PREFIXES
 
 
-def _sniff(buf: bytes, api: bool = False) -> bool | None:
+def _sniff(buf: bytes, api: bool = False, webseed: bool = False) -> bool | None:
     """Whether the request that ``buf`` starts with may be for this path; None: too short to tell."""
     prefixes = _ALL_PREFIXES if api else _PREFIXES
+    if webseed:
+        prefixes += (_WEBSEED_PREFIX,)
     if buf.startswith(prefixes):
         return True
     if len(buf) < 18 and any(p.startswith(buf) for p in prefixes):
@@ -308,8 +356,10 @@ class FastPathServer:
     def __init__(self, fallback: Callable[..., asyncio.Protocol], routes: Mapping[bytes, Route], *,
                  head_timeout_s: float = HEAD_TIMEOUT_S, keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
                  limiter: ConnectionLimiter | None = None, api: ApiMatch | None = None,
-                 max_api_body: int = 64 * 1024) -> None:
+                 max_api_body: int = 64 * 1024, webseed: WebseedRoute | None = None) -> None:
         self.fallback = fallback
+        # A node's web seed ranges answered here (tracker/webseed.py), the rest handed to aiohttp.
+        self.webseed = webseed
         # POST/DELETE requests with small bodies answered here (node heartbeats and leaves).
         self.api = api
         self.max_api_body = max_api_body
@@ -421,7 +471,7 @@ class FastPathProtocol(asyncio.Protocol):
         answered = 0
         api = server.api
         while buf:
-            ours = _sniff(buf, api is not None)
+            ours = _sniff(buf, api is not None, server.webseed is not None)
             if ours is None:
                 break
             if not ours:
@@ -435,6 +485,18 @@ class FastPathProtocol(asyncio.Protocol):
                     self._hand_off(buf)  # aiohttp answers an oversize head with its 400
                     return
                 break
+            if buf.startswith(_WEBSEED_PREFIX) and server.webseed is not None:
+                ws_head = parse_webseed_head(buf[:end])
+                if ws_head is None or self._transport.get_extra_info("sslcontext") is not None:
+                    self._flush(out)
+                    self._hand_off(buf)
+                    return
+                # Answered (or handed to aiohttp) once the route has worked it out; the request
+                # stays in the buffer until then, and nothing more is read meanwhile.
+                self._buf = buf
+                self._flush(out)
+                self._serve_file(ws_head, end + 4)
+                return
             if api is not None and not buf.startswith(b"GET "):
                 head_bytes = buf[:end]
                 if head_bytes == self._api_head_bytes:
@@ -534,18 +596,19 @@ class FastPathProtocol(asyncio.Protocol):
         ``respond(result, http11, keep_alive)`` makes the response's bytes; ``fail(exc)`` the
         result that stands for an unexpected error (the connection closes after it).
         """
+        self._work_out(answer, lambda fut: self._answered(fut, http11, keep_alive, respond, fail))
+
+    def _work_out(self, answer, done: Callable[[asyncio.Future], None]) -> None:
+        """Read nothing more until ``answer`` (an awaitable) is done, then call ``done`` with it."""
         if not self._read_paused:
             self._read_paused = True
             self._transport.pause_reading()
         self._pending = asyncio.ensure_future(answer)
-        self._pending.add_done_callback(lambda fut: self._answered(fut, http11, keep_alive, respond, fail))
+        self._pending.add_done_callback(done)
 
     def _answered(self, fut: asyncio.Future, http11: bool, keep_alive: bool, respond: Callable,
                   fail: Callable) -> None:
-        if self._pending is not fut:
-            return  # the connection went away meanwhile
-        self._pending = None
-        if self._transport is None or self._closing:
+        if not self._claim(fut):
             return
         try:
             answer = fut.result()
@@ -553,12 +616,46 @@ class FastPathProtocol(asyncio.Protocol):
             log.exception("unexpected error on a request answered later")
             answer, keep_alive = fail(exc), False
         self._transport.write(respond(answer, http11, keep_alive))
+        self._go_on(keep_alive)
+
+    def _claim(self, fut: asyncio.Future) -> bool:
+        """Whether the answer ``fut`` worked out is still this open connection's to send."""
+        if self._pending is not fut:
+            return False  # the connection went away meanwhile
+        self._pending = None
+        return self._transport is not None and not self._closing
+
+    def _go_on(self, keep_alive: bool) -> None:
+        """After an answer worked out later: close, or go on with what the client sent meanwhile."""
         self._idle_since = time.monotonic()
-        if not keep_alive:
+        if not keep_alive or self._transport.is_closing():
             self._buf = b""
             self.close()
             return
         self._resume()
+
+    def _serve_file(self, head: WebseedHead, length: int) -> None:
+        """Let the web seed route answer the request that starts the buffer (``length`` bytes long)."""
+        self._work_out(self._server.webseed(head.target, head.headers, self._remote, self._transport,
+                                            head.keep_alive), lambda fut: self._served_file(fut, length))
+
+    def _served_file(self, fut: asyncio.Future, length: int) -> None:
+        if not fut.cancelled() and fut.exception() is None and fut.result() is not None:
+            self._server.answered += 1  # (the client may have closed already, having read it all)
+        if not self._claim(fut):
+            return
+        try:
+            keep_alive = fut.result()
+        except Exception:  # a bug, not bad input: the route answers bad input (or leaves it to aiohttp)
+            log.exception("unexpected error on a web seed request from %s", self._remote)
+            self._buf = b""
+            self.close()
+            return
+        if keep_alive is None:  # not one for this path: aiohttp answers it, from its first byte
+            self._hand_off(self._buf)
+            return
+        self._buf = self._buf[length:]
+        self._go_on(keep_alive)
 
     def _resume(self) -> None:
         if self._write_paused or self._transport is None or self._closing or self._pending is not None:

@@ -29,6 +29,10 @@ Blobs are immutable and content-addressed, so :class:`BlobCache` keeps each one 
 a few seconds after use (:data:`BLOB_TTL_S`, at most :data:`BLOB_CACHE_MAX` at once):
 the runs of one pull ask for the same few files back to back, and each request then
 costs no ``stat``, ``open`` or ``close`` (each a trip to a worker thread).
+
+Both belong to the application (:func:`setup_file_sending`, key :data:`FILE_SENDING`):
+its cleanup closes the cached blobs and ends the pool's threads, so a stopped registry
+(or one of the tests' in-process apps) leaves neither behind.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from aiohttp import web
 
 log = logging.getLogger("modelcast.tracker")
 
@@ -61,17 +67,27 @@ class SendStalled(ConnectionResetError):
     """
 
 
-def _send_blocking(sock: socket.socket, file_fd: int, offset: int, count: int, stall_s: float) -> int:
-    """Worker thread: send ``count`` bytes of ``file_fd`` from ``offset`` on ``sock``; return the bytes sent.
+def _send_blocking(sock: socket.socket, file_fd: int, offset: int, count: int, stall_s: float,
+                   head: bytes = b"") -> int:
+    """Worker thread: send ``head``, then ``count`` bytes of ``file_fd`` from ``offset`` on ``sock``; return
+    the file's bytes sent.
 
     ``sock`` is a duplicate of the connection's descriptor: switching it to blocking mode
     switches the connection (they share the open file), and that is undone before return.
+    The head goes with ``MSG_MORE``: the kernel holds it back to leave in one segment with
+    the first of the file's bytes.
     """
     sent = 0
     sock.setblocking(True)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(stall_s),
                                                                           int(stall_s % 1 * 1_000_000)))
     try:
+        view = memoryview(head)
+        while view:
+            try:
+                view = view[sock.send(view, socket.MSG_MORE):]
+            except BlockingIOError:
+                raise SendStalled(f"the client took no byte for {stall_s:g} s (of the answer's head)") from None
         while sent < count:
             try:
                 n = os.sendfile(sock.fileno(), file_fd, offset + sent, count - sent)
@@ -103,8 +119,10 @@ class FileSender:
                 and transport.get_extra_info("socket") is not None
                 and isinstance(transport, asyncio.WriteTransport) and transport.get_write_buffer_size() == 0)
 
-    async def send(self, transport: asyncio.Transport, file_fd: int, offset: int, count: int) -> None:
-        """Send ``count`` bytes of ``file_fd`` from ``offset`` on the connection; the caller checked :meth:`usable`.
+    async def send(self, transport: asyncio.Transport, file_fd: int, offset: int, count: int,
+                   head: bytes = b"") -> None:
+        """Send ``count`` bytes of ``file_fd`` from ``offset`` on the connection (after ``head``, the answer's
+        head, if given); the caller checked :meth:`usable`.
 
         Raises ConnectionError (and closes the connection) when the client goes away or
         stalls; aiohttp's handler then ends the connection quietly.
@@ -115,7 +133,7 @@ class FileSender:
         resume_reading = transport.is_reading()
         transport.pause_reading()
         self.busy += 1
-        fut = loop.run_in_executor(self._pool, _send_blocking, sock, file_fd, offset, count, self.stall_s)
+        fut = loop.run_in_executor(self._pool, _send_blocking, sock, file_fd, offset, count, self.stall_s, head)
         try:
             await asyncio.shield(fut)
         except asyncio.CancelledError:
@@ -136,8 +154,9 @@ class FileSender:
         if resume_reading and not transport.is_closing():
             transport.resume_reading()
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    def close(self, wait: bool = False) -> None:
+        """No more sends; with ``wait``, return once the pool's threads have ended."""
+        self._pool.shutdown(wait=wait, cancel_futures=True)
 
 
 async def send_buffered(writer, fd: int, offset: int, count: int) -> None:
@@ -245,21 +264,34 @@ class BlobCache:
         self._open.clear()
 
 
-_SENDER: FileSender | None = None
-_BLOBS: BlobCache | None = None
+class FileSending:
+    """One application's :class:`FileSender` and :class:`BlobCache`, and their end (see :func:`setup_file_sending`)."""
+
+    def __init__(self, sender: FileSender | None = None, blobs: BlobCache | None = None) -> None:
+        self.sender = sender if sender is not None else FileSender()
+        self.blobs = blobs if blobs is not None else BlobCache()
+
+    async def close(self) -> None:
+        """Close every cached blob and end the pool's threads (sends under way end first)."""
+        self.blobs.close()
+        await asyncio.to_thread(self.sender.close, wait=True)
 
 
-def file_sender() -> FileSender:
-    """The process's one :class:`FileSender` (created on first use)."""
-    global _SENDER
-    if _SENDER is None:
-        _SENDER = FileSender()
-    return _SENDER
+def setup_file_sending(app: web.Application) -> FileSending:
+    """Give ``app`` its sender and blob cache (:data:`FILE_SENDING`), closed by the app's cleanup.
+
+    Threads are started on first use only, so an app that never sends starts none; once
+    the app has stopped (its cleanup ran, after aiohttp ended or cancelled every answer),
+    it holds no sending thread and no blob descriptor.
+    """
+    sending = app[FILE_SENDING] = FileSending()
+
+    async def close(app: web.Application) -> None:
+        await app[FILE_SENDING].close()  # the one in place then (tests may swap in a smaller pool)
+
+    app.on_cleanup.append(close)
+    return sending
 
 
-def blob_cache() -> BlobCache:
-    """The process's one :class:`BlobCache` (created on first use)."""
-    global _BLOBS
-    if _BLOBS is None:
-        _BLOBS = BlobCache()
-    return _BLOBS
+# Here, not in tracker/state.py, which the handlers' modules import.
+FILE_SENDING = web.AppKey("file_sending", FileSending)

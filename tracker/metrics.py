@@ -226,6 +226,10 @@ class RegistryMetrics:
             name, method = UNMATCHED_ROUTE, request.method if request.method in _METHODS else "other"
         else:
             name, method = route.resource.canonical, route.method
+        self.observe_route(name, method, status, seconds)
+
+    def observe_route(self, name: str, method: str, status: int, seconds: float) -> None:
+        """Count and time one answer of route ``name`` (also for answers of the fast path, tracker/fastpath.py)."""
         self.requests[(name, method, str(status))] += 1
         self.request_seconds.labels(name, method).observe(seconds)
 

@@ -18,9 +18,15 @@ name those relay targets (``X-Modelcast-Relay-To``) as their headers go out.
 from __future__ import annotations
 
 import asyncio
+import hmac
+import json
 import logging
+import re
+import time
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -28,17 +34,20 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 from adapters.origin import Origin
-from modelcast.errors import ArtifactNotFound, ModelcastError, OriginError
+from modelcast.errors import ArtifactNotFound, ModelcastError, OriginError, error_body, retry_after
 from modelcast.manifest import FileEntry, Manifest
+from modelcast.reference import DIGEST_RE
 from modelcast.wire import (ACCEPT_REDIRECT_HEADER, FIRST_COPY_HEADER, NODE_ID_HEADER, NODE_KEY_HEADER,
                             RELAY_FROM_HEADER, RELAY_FROM_TOKEN_HEADER, RELAY_HEADER, RELAY_TO_HEADER,
                             RELAY_TO_TOKEN_HEADER, ZONE_HEADER)
 
 from .announce import ZONE_RE
 from .auth import check_auth
+from .fastpath import _http_date
 from .federation import UpstreamUnreachable, is_upstream_origin
-from .filesend import Blob, blob_cache, file_sender, send_buffered
+from .filesend import FILE_SENDING, Blob, send_buffered
 from .firstcopy import Admission
+from .metrics import METRICS
 from .registry_api import digest_param, stored_record
 from .state import (CONFIG, FIRST_COPY, NODE_KEYS, ORIGINS, RELAYS, STATS, UPSTREAM, WEBSEED_CACHE, Stats,
                     WebseedArtifact)
@@ -118,7 +127,7 @@ class OriginFile(_OriginBytes):
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self.prepared:
             return await super().prepare(request)
-        cache = blob_cache()
+        cache = request.app[FILE_SENDING].blobs
         blob = await cache.get(self.path)
         if blob is None:  # gone since the handler looked: a short, empty answer
             self.set_status(502)
@@ -162,7 +171,7 @@ class OriginFile(_OriginBytes):
         self.content_length = count
         if count == 0 or request.method == "HEAD":
             return await super().prepare(request)
-        sender = file_sender()
+        sender = request.app[FILE_SENDING].sender
         transport = request.transport
         threaded = sender.usable(transport)
         writer = await super().prepare(request)  # counts the bytes, sends the headers
@@ -259,37 +268,27 @@ def _refusal(admission: Admission, tail: str, first_byte: int, last_byte: int, t
 # The handler
 
 
-def _proven_node(request: web.Request) -> bool:
-    """Whether the request carries the id and key of an enrolled node (``X-Modelcast-Node``, ``-Node-Key``)."""
-    node_id = request.headers.get(NODE_ID_HEADER)
-    return node_id is not None and request.app[NODE_KEYS].matches(node_id, request.headers.get(NODE_KEY_HEADER))
+async def _admit(app: web.Application, header: Callable[[str], str | None], remote: str | None, digest: str,
+                 tail: str, first_byte: int, last_byte: int) -> web.Response | OriginTally:
+    """Ask the first-copy gate for these bytes: the 409 that refuses them, or where to count them.
 
-
-async def webseed(request: web.Request) -> web.StreamResponse:
-    """``GET /v1/webseed/{digest}/{torrent_name}/{path}``: file bytes from the origin."""
-    check_auth(request, read=True)
-    digest = digest_param(request)
-    tail = request.match_info["tail"]
-    art = await _webseed_artifact(request.app, digest)
-    prefix = art.torrent_name + "/"
-    entry = art.files.get(tail[len(prefix):]) if tail.startswith(prefix) else None
-    if entry is None:
-        raise ArtifactNotFound(f"file {tail!r} is not in artifact {digest} (paths start with {prefix!r})")
-    span = _byte_range(request, entry.size) if entry.size else None
-    first_byte, last_byte = span if span is not None else (0, max(entry.size - 1, 0))
-    zone = request.headers.get(ZONE_HEADER)
+    ``header(name)`` reads a request header; shared by the aiohttp handler and the fast path.
+    """
+    zone = header(ZONE_HEADER)
     zone = zone if zone is not None and ZONE_RE.fullmatch(zone) else None
     # The gate counts (and refuses) only proven nodes: a zone named by anyone else is served
     # and forgotten, so nobody can make the gate refuse a zone by naming it (issue #15).
-    gate_zone = zone if _proven_node(request) else None
-    relays = request.app[RELAYS]
+    node_id = header(NODE_ID_HEADER)
+    proven = node_id is not None and app[NODE_KEYS].matches(node_id, header(NODE_KEY_HEADER))
+    gate_zone = zone if proven else None
+    relays = app[RELAYS]
     # Only a URL the node registered from this address (tracker/relaytokens.py) is handed
     # to nodes of other zones: never one pointing anywhere else (issue #15).
-    relay = relays.believed(request.headers.get(RELAY_HEADER), request.remote) if gate_zone is not None else None
+    relay = relays.believed(header(RELAY_HEADER), remote) if gate_zone is not None else None
     if relay is not None and not isinstance(relay, str):
         relay = await relay  # registrations in Redis (tracker/gate_redis.py)
-    admission = request.app[FIRST_COPY].admit(
-        digest, tail, first_byte, last_byte, first_copy=request.headers.get(FIRST_COPY_HEADER) == "1",
+    admission = app[FIRST_COPY].admit(
+        digest, tail, first_byte, last_byte, first_copy=header(FIRST_COPY_HEADER) == "1",
         zone=gate_zone, relay=relay)
     if not isinstance(admission, Admission):
         admission = await admission  # the gate in Redis: one round trip
@@ -304,13 +303,30 @@ async def webseed(request: web.Request) -> web.StreamResponse:
         if token is not None:
             targets.append(target)
             tokens.append(token)
-    tally = OriginTally(request.app[STATS], tuple(targets), zone=zone, relay_to_tokens=tuple(tokens))
+    return OriginTally(app[STATS], tuple(targets), zone=zone, relay_to_tokens=tuple(tokens))
+
+
+async def webseed(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/webseed/{digest}/{torrent_name}/{path}``: file bytes from the origin."""
+    check_auth(request, read=True)
+    digest = digest_param(request)
+    tail = request.match_info["tail"]
+    art = await _webseed_artifact(request.app, digest)
+    prefix = art.torrent_name + "/"
+    entry = art.files.get(tail[len(prefix):]) if tail.startswith(prefix) else None
+    if entry is None:
+        raise ArtifactNotFound(f"file {tail!r} is not in artifact {digest} (paths start with {prefix!r})")
+    span = _byte_range(request, entry.size) if entry.size else None
+    first_byte, last_byte = span if span is not None else (0, max(entry.size - 1, 0))
+    tally = await _admit(request.app, request.headers.get, request.remote, digest, tail, first_byte, last_byte)
+    if not isinstance(tally, OriginTally):
+        return tally
     if is_upstream_origin(art.origin_url):
         return await _stream_upstream(request, tally, art, digest, tail, entry)
     origin = await request.app[ORIGINS].get(art.origin_url, art.s3_endpoint)
     local = origin.blob_local_path(entry.xxh3_128)
     if local is not None:
-        blob = await blob_cache().get(local)
+        blob = await request.app[FILE_SENDING].blobs.get(local)
         if blob is None or blob.size != entry.size:
             raise OriginError(
                 f"blob {entry.xxh3_128} of {tail!r} in origin {origin.url} is "
@@ -413,3 +429,131 @@ async def _stream_upstream(request: web.Request, tally: OriginTally, art: Websee
         return resp
     await resp.write_eof()
     return resp
+
+
+# ---------------------------------------------------------------------------------------
+# The fast path's web seed: a node's plain range request answered without aiohttp
+
+
+WEBSEED_ROUTE = "/v1/webseed/{digest}/{tail}"  # the route's name in the metrics
+_RANGE = re.compile(r"bytes=([0-9]{1,18})-([0-9]{1,18})")
+_JSON_TYPE = "application/json; charset=utf-8"
+
+
+async def fast_webseed(app: web.Application, target: bytes, headers: Mapping[bytes, bytes], remote: str | None,
+                       transport: asyncio.Transport, keep_alive: bool) -> bool | None:
+    """Answer a node's ``GET /v1/webseed/...`` range on ``transport`` (the fast path, tracker/fastpath.py).
+
+    Through aiohttp each range cost the registry ~1 ms of Python (its protocol object, the
+    request, the middlewares and the response), about what the kernel spends moving the
+    range's 16 MiB.  The one answer nodes ask for (a file origin's blob, one ``bytes=A-B``
+    range, no conditional headers, over plain HTTP/1.1) is answered here with the same
+    checks, gate and counting as :func:`webseed`: its head and body go out together from a
+    sending thread (``MSG_MORE``, then ``sendfile``), or the asyncio way when the pool is busy.
+
+    Returns None, having sent nothing and changed nothing, when aiohttp should answer the
+    request instead (anything else, and every error before the gate: aiohttp says why);
+    else whether the connection stays open.  ``headers`` are the lowercased header lines.
+    """
+    start = time.perf_counter()
+    path = target.decode("ascii")
+    if ("%" in path or "?" in path or "//" in path or "/." in path  # aiohttp decodes and normalises these
+            or any(name.startswith(b"if-") for name in headers)):
+        return None
+    rng = _RANGE.fullmatch(headers.get(b"range", b"").decode("latin-1"))
+    if rng is None:
+        return None
+    digest, _, tail = path[len("/v1/webseed/"):].partition("/")
+    cfg = app[CONFIG]
+    if cfg.read_token:
+        auth = headers.get(b"authorization", b"").decode("latin-1")
+        scheme, _, given = auth.partition(" ")
+        given_b = given.strip().encode("utf-8", "surrogateescape")
+        # Every token compared in constant time, as check_auth does.
+        if scheme.lower() != "bearer" or not any([hmac.compare_digest(given_b, t.encode())
+                                                  for t in (cfg.read_token, cfg.token, cfg.node_token) if t]):
+            return None
+    if not DIGEST_RE.fullmatch(digest):
+        return None
+    try:
+        art = await _webseed_artifact(app, digest)
+    except Exception:  # nothing sent or changed yet: aiohttp answers (and logs) it
+        return None
+    prefix = art.torrent_name + "/"
+    entry = art.files.get(tail[len(prefix):]) if tail.startswith(prefix) else None
+    if entry is None or not entry.size or is_upstream_origin(art.origin_url):
+        return None
+    first, last = int(rng[1]), min(int(rng[2]), entry.size - 1)
+    if first > last:  # out of bounds: aiohttp's 416
+        return None
+    sending = app[FILE_SENDING]
+    try:
+        origin = await app[ORIGINS].get(art.origin_url, art.s3_endpoint)
+        local = origin.blob_local_path(entry.xxh3_128)
+        blob = await sending.blobs.get(local) if local is not None else None
+    except Exception:
+        return None
+    if blob is None or blob.size != entry.size or transport.is_closing():
+        return None
+    sending.blobs.hold(blob)  # before the next await: the cache may close a blob nobody holds
+    status = 499  # what the metrics say if the client goes away first (nginx's code for it)
+    try:
+        def header(name: str) -> str | None:
+            value = headers.get(name.lower().encode("latin-1"))
+            return None if value is None else value.decode("latin-1")
+
+        try:
+            tally = await _admit(app, header, remote, digest, tail, first, last)
+        except ModelcastError as exc:  # the gate's store failed: the error middleware's answer
+            status = exc.http_status
+            transport.write(_head(status, {"Content-Type": _JSON_TYPE, **retry_after(exc)}, keep_alive,
+                                  body=json.dumps(error_body(exc)).encode()))
+            return keep_alive
+        except Exception as exc:  # a bug: as the error middleware answers it (tracker/app.py)
+            log.exception("unexpected error on GET %s", path)
+            status = 500
+            transport.write(_head(status, {"Content-Type": _JSON_TYPE}, False, body=json.dumps(
+                {"error": {"code": "internal", "message": f"internal error in the registry: "
+                                                          f"{exc.__class__.__name__}: {exc}"}}).encode()))
+            return False
+        if transport.is_closing():  # the client went away meanwhile
+            return False
+        if not isinstance(tally, OriginTally):  # the gate's 409
+            status = tally.status
+            extra = {k: v for k, v in tally.headers.items() if k.lower() not in ("content-type", "content-length")}
+            transport.write(_head(status, {"Content-Type": _JSON_TYPE, **extra}, keep_alive, body=tally.body))
+            return keep_alive
+        status, count = 206, last - first + 1
+        tally.stats.served(tally.zone, count)
+        extra = {"Content-Type": "application/octet-stream", "Content-Range": f"bytes {first}-{last}/{blob.size}",
+                 "ETag": f'"{entry.xxh3_128}"', "Last-Modified": blob.last_modified, "Accept-Ranges": "bytes"}
+        if tally.relay_to:
+            extra[RELAY_TO_HEADER] = " ".join(tally.relay_to)
+            extra[RELAY_TO_TOKEN_HEADER] = " ".join(tally.relay_to_tokens)
+        head = _head(status, extra, keep_alive, length=count)
+        sender = sending.sender
+        try:
+            if sender.usable(transport):
+                await sender.send(transport, blob.fd, first, count, head=head)
+            else:  # the pool is busy: asyncio's sendfile on the event loop, as OriginFile does
+                transport.write(head)
+                with open(blob.fd, "rb", buffering=0, closefd=False) as f:
+                    await asyncio.get_running_loop().sendfile(transport, f, first, count)
+        except ConnectionError:
+            transport.close()  # as aiohttp ends such a connection: quietly
+            return False
+        return keep_alive
+    finally:
+        sending.blobs.release(blob)
+        app[METRICS].observe_route(WEBSEED_ROUTE, "GET", status, time.perf_counter() - start)
+
+
+def _head(status: int, headers: Mapping[str, str], keep_alive: bool, *, body: bytes = b"",
+          length: int | None = None) -> bytes:
+    """An HTTP/1.1 answer's head (and its short ``body``, if any)."""
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+             f"Content-Length: {len(body) if length is None else length}", f"Date: {_http_date().decode()}"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    if not keep_alive:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body

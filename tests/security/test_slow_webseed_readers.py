@@ -11,16 +11,15 @@ condition with a bound; nothing asserts a duration.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import select
 import socket
+import threading
 import urllib.request
 
-import pytest
-
 from harness import start_tracker, wait_until, wait_until_async
-from tracker import filesend
-from tracker.filesend import SEND_THREADS, FileSender
+from tracker.filesend import FILE_SENDING, SEND_THREADS, FileSender
 
 from ..helpers import AUTH, TOKEN, api_publish, build_artifact, make_model, publish, upload
 
@@ -73,22 +72,16 @@ def test_readers_that_stop_reading_do_not_stop_other_nodes_ranges(tmp_path):
     assert "Traceback" not in tracker.log_text()
 
 
-@pytest.fixture
-def small_pool(monkeypatch):
-    """The process's sender: 2 threads, and a send that moves nothing for 0.5 s ends."""
-    sender = FileSender(threads=2, stall_s=0.5)
-    monkeypatch.setattr(filesend, "_SENDER", sender)
-    yield sender
-    sender.close()
-
-
-async def test_a_stalled_reader_is_cut_and_its_thread_comes_back(aiohttp_client, cfg, tmp_path, origin, small_pool):
+async def test_a_stalled_reader_is_cut_and_its_thread_comes_back(aiohttp_client, cfg, tmp_path, origin):
     from tracker.app import make_app
 
     blob = random.Random(5).randbytes(16 * MiB)
     art = build_artifact(tmp_path, files={"big.bin": blob})
     upload(art, origin)
-    client = await aiohttp_client(make_app(cfg))
+    app = make_app(cfg)
+    # The app's sender: 2 threads, and a send that moves nothing for 0.5 s ends (closed by the app's cleanup).
+    small_pool = app[FILE_SENDING].sender = FileSender(threads=2, stall_s=0.5)
+    client = await aiohttp_client(app)
     await api_publish(client, art, origin)
     path = f"/v1/webseed/{art.digest}/model/big.bin"
     loop = asyncio.get_running_loop()
@@ -121,3 +114,39 @@ async def test_a_stalled_reader_is_cut_and_its_thread_comes_back(aiohttp_client,
     assert resp.status == 206 and await resp.read() == blob[1:8388609]
     for s in stalled:
         s.close()
+
+
+def sending_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("webseed-send") and t.is_alive()]
+
+
+def open_files_under(root) -> list[str]:
+    """This process's descriptors open on files under ``root``."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed meanwhile (the listing's own descriptor)
+            continue
+        if target.startswith(str(root)):
+            found.append(target)
+    return found
+
+
+async def test_a_stopped_registry_leaves_no_sending_thread_and_no_open_blob(aiohttp_client, cfg, tmp_path, origin):
+    from tracker.app import make_app
+
+    blob = random.Random(6).randbytes(4 * MiB)
+    art = build_artifact(tmp_path, files={"w.bin": blob})
+    upload(art, origin)
+    before = set(sending_threads())
+    client = await aiohttp_client(make_app(cfg))
+    await api_publish(client, art, origin)
+    for first in (0, 2 * MiB):
+        resp = await client.get(f"/v1/webseed/{art.digest}/model/w.bin",
+                                headers={**AUTH, "Range": f"bytes={first}-{first + 2 * MiB - 1}"})
+        assert resp.status == 206 and await resp.read() == blob[first:first + 2 * MiB]
+    # Serving: the ranges went out from the app's sending threads, from a blob kept open.
+    assert set(sending_threads()) - before and open_files_under(tmp_path / "origin")
+    await client.close()  # stops the server and runs the app's cleanup
+    assert set(sending_threads()) - before == set() and open_files_under(tmp_path / "origin") == []
