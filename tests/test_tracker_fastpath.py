@@ -392,6 +392,92 @@ async def test_heartbeats_and_leaves_are_answered_on_the_fast_path_like_aiohttp_
     assert server.fast.handed_off == 0 and server.fast.answered == 9
 
 
+def keyed(key: str) -> str:
+    return f"Host: t\r\nX-Modelcast-Node-Key: {key}\r\n"
+
+
+async def heartbeat_status(conn: Conn, node: str, key: str | None, body: bytes = b'{"ttl_s": 5}') -> int:
+    await conn.send(post(f"/v1/nodes/{node}/heartbeat", body, headers=keyed(key) if key else "Host: t\r\n"))
+    status, _, answer = await conn.answer()
+    assert (status == 200) == json.loads(answer).get("ok", False), answer
+    return status
+
+
+async def test_a_connection_that_proved_one_nodes_key_speaks_for_no_other_node(server):
+    """A key checked once on a keep-alive connection is not hashed again there, and proves nothing else."""
+    key_a, key_b = "a" * 32, "b" * 32
+    other = await Conn.open(server.port)
+    assert await heartbeat_status(other, "nodeb", key_b) == 200  # node B bound, on another connection
+    conn = await Conn.open(server.port)
+    for _ in range(3):  # enrols A, then its proven key again and again
+        assert await heartbeat_status(conn, "nodea", key_a) == 200
+    # On the connection that proved A's key: B with A's key, without a key, with a near miss: refused.
+    for node, key in [("nodeb", key_a), ("nodeb", None), ("nodeb", key_b[:-1] + "c"), ("nodea", key_b)]:
+        assert await heartbeat_status(conn, node, key) == 401, (node, key)
+    await conn.send(post("/v1/nodes/nodeb", b"", method="DELETE", headers=keyed(key_a)))
+    assert (await conn.answer())[0] == 401
+    # Each node with its own key, on either connection, still.
+    assert await heartbeat_status(conn, "nodeb", key_b) == 200
+    assert await heartbeat_status(conn, "nodea", key_a) == 200
+    assert await heartbeat_status(other, "nodea", key_a) == 200
+    conn.close()
+    other.close()
+    assert server.fast.handed_off == 0
+
+
+async def test_a_key_changed_mid_connection_is_refused(server):
+    node, key = "nodec", "c" * 32
+    conn = await Conn.open(server.port)
+    assert await heartbeat_status(conn, node, key) == 200
+    assert await heartbeat_status(conn, node, key) == 200
+    for wrong in ("d" * 32, key + "x", key[:-1], "C" * 32):
+        assert await heartbeat_status(conn, node, wrong) == 401, wrong
+        assert await heartbeat_status(conn, node, key, b'{"ttl_s": 6}') == 200  # another head, same key
+    # The binding changes under the connection (a store lookup caching another key for the id):
+    # the key this connection proved is checked again, and refused.
+    from modelcast.wire import announce_token
+    from tracker.nodekeys import key_hash
+    from tracker.state import NODE_KEYS
+    new_key = "e" * 32
+    server.runner.app[NODE_KEYS].remember(node, key_hash(new_key), announce_token(new_key))
+    assert await heartbeat_status(conn, node, key) == 401
+    assert await heartbeat_status(conn, node, new_key) == 200
+    conn.close()
+    assert server.fast.handed_off == 0
+
+
+async def test_the_same_heartbeat_head_again_is_answered_as_the_first(server):
+    """A node daemon sends the same head with every heartbeat: each gets the answer its body asks for."""
+    conn = await Conn.open(server.port)
+    same = b'{"ttl_s": 7}'
+    await conn.send(b"".join(post("/v1/nodes/nodef/heartbeat", body, headers=keyed("f" * 32))
+                             for body in (same, same, b'{"ttl_s": 8}', same, b'{"ttl_s": -1}', same)))
+    answers = [await conn.answer() for _ in range(6)]
+    assert [a[0] for a in answers] == [200, 200, 200, 200, 400, 200]
+    assert [json.loads(a[2]).get("ttl_s") for a in answers] == [7.0, 7.0, 8.0, 7.0, None, 7.0]
+    conn.close()
+    assert server.fast.handed_off == 0
+
+
+async def test_a_heartbeat_through_a_trusted_proxy_registers_the_forwarded_address(tmp_path):
+    """The fast path reads X-Forwarded-For as aiohttp's route does: a relay URL at the node's address, via the proxy."""
+    app = make_app(TrackerConfig(host="127.0.0.1", port=0, data_dir=tmp_path / "registry", token="secret",
+                                 trusted_proxies=("127.0.0.1/32",)))
+    running = await start_server(app, "127.0.0.1", 0)
+    try:
+        conn = await Conn.open(running.port)
+        relay = b'{"ttl_s": 5, "relay": "http://10.9.8.7:7001"}'
+        for forwarded in ("", "X-Forwarded-For: 10.0.0.1, 10.9.8.7\r\n"):  # enrols; then through the proxy
+            await conn.send(post("/v1/nodes/proxied/heartbeat", relay, headers=keyed("p" * 32) + forwarded))
+            status, _, body = await conn.answer()
+            assert status == 200
+        assert json.loads(body)["relay"] == "http://10.9.8.7:7001"
+        conn.close()
+        assert running.fast.handed_off == 0
+    finally:
+        await running.stop()
+
+
 async def test_heartbeats_that_this_path_leaves_to_aiohttp_get_the_same_answers(server):
     node = "fastnode02"
     conn = await Conn.open(server.port)

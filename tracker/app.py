@@ -42,7 +42,7 @@ from .federation import Upstream, validate_upstream
 from .filesend import setup_file_sending
 from .firstcopy import make_gate_store
 from .fleet import add_fleet_routes
-from .liveness import fast_node_route, node_heartbeat, node_leave, peer_expiry_ctx
+from .liveness import FastNodeRoutes, node_heartbeat, node_leave, peer_expiry_ctx
 from .metrics import METRICS, RegistryMetrics, metrics, metrics_middleware
 from .nodebook import NodeBook
 from .state import (CONFIG, FIRST_COPY, NODE_KEYS, NODES, RELAYS, ORIGINS, STATS, STORE, SWARMS, UDP_TRACKER, UPSTREAM, WEBSEED_CACHE,
@@ -318,7 +318,7 @@ async def start_server(app: web.Application, host: str, port: int, *, head_timeo
         # Node heartbeats and leaves are answered there too, through the handlers' own functions.
         fast = FastPathServer(bounded, {b"/announce": endpoint.announce, b"/scrape": endpoint.scrape},
                               head_timeout_s=limits.header_timeout_s, keepalive_timeout_s=limits.keepalive_timeout_s,
-                              limiter=bounded.limiter, api=partial(fast_node_route, app),
+                              limiter=bounded.limiter, api=FastNodeRoutes(app),
                               max_api_body=MAX_HEARTBEAT_BODY, webseed=partial(fast_webseed, app))
         server = await asyncio.get_running_loop().create_server(
             fast, host, port, ssl=ssl_context,

@@ -67,11 +67,14 @@ KEEPALIVE_TIMEOUT_S = ServerLimits.keepalive_timeout_s
 Route = Callable[[bytes, "str | None"], "bytes | Awaitable[bytes]"]
 
 # An API request with a body (a node's heartbeat, its leave): given the request's header
-# lines this path keeps (lowercased name -> value, each sent once) and its body, the status,
-# JSON body and extra headers of the answer, or an awaitable of them (a swarm store over the
-# network).  Must not raise for bad input: errors are answers (4xx with a JSON error body).
+# lines this path keeps (lowercased name -> value, each sent once), its body, the client's
+# address and its connection (a :class:`FastPathProtocol`, whose ``proven`` the route may
+# read and set: what it proved on this connection), the status, JSON body and extra headers
+# of the answer, or an awaitable of them (a swarm store over the network).  Must not raise
+# for bad input: errors are answers (4xx with a JSON error body).
 Answer = "tuple[int, bytes, Mapping[str, str]]"
-ApiRoute = Callable[[Mapping[bytes, bytes], bytes], "tuple[int, bytes, Mapping[str, str]] | Awaitable"]
+ApiRoute = Callable[[Mapping[bytes, bytes], bytes, "str | None", "FastPathProtocol"],
+                    "tuple[int, bytes, Mapping[str, str]] | Awaitable"]
 # Given method and path (no query), the route that answers it here, or None (aiohttp's).
 ApiMatch = Callable[[bytes, bytes], "ApiRoute | None"]
 # A web seed GET (tracker/webseed.py, fast_webseed): given the request target, its header lines
@@ -81,7 +84,8 @@ ApiMatch = Callable[[bytes, bytes], "ApiRoute | None"]
 WebseedRoute = Callable[[bytes, Mapping[bytes, bytes], "str | None", asyncio.Transport, bool],
                         "Awaitable[bool | None]"]
 # The header lines an API route is given (other lines are read past).
-API_HEADERS = frozenset((b"authorization", b"x-modelcast-node-key", b"content-length", b"connection", b"host"))
+API_HEADERS = frozenset((b"authorization", b"x-modelcast-node-key", b"content-length", b"connection", b"host",
+                         b"x-forwarded-for"))
 
 # Printable ASCII but "#": a target with anything else goes to aiohttp, which decides.
 _TARGET_BYTES = bytes(b for b in range(0x21, 0x7F) if b != ord("#"))
@@ -90,6 +94,8 @@ _FIELD = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}:[^\r\n\x00]{0," + str(MAX_LINE).e
 _HEADERS_RE = re.compile(_FIELD + rb"(?:\r\n" + _FIELD + rb")*")
 # A body, or a protocol switch: not for this path.
 _BODY_HEADERS = (b"\r\ntransfer-encoding:", b"\r\nexpect:", b"\r\nupgrade:")
+_BODY_HEADER_NAMES = frozenset(name[2:-1] for name in _BODY_HEADERS)
+_API_OR_BODY_HEADERS = API_HEADERS | _BODY_HEADER_NAMES
 
 
 class Head(NamedTuple):
@@ -205,14 +211,12 @@ def parse_api_head(head: bytes, match: ApiMatch, max_body: int) -> ApiHead | Non
         block = head[line_end + 2:]
         if not _HEADERS_RE.fullmatch(block):
             return None
-        lowered = b"\r\n" + block.lower()
-        for name in _BODY_HEADERS:
-            if lowered.find(name) >= 0:
-                return None
         for field in block.split(b"\r\n"):
             name, _, value = field.partition(b":")
             name = name.lower()
-            if name in API_HEADERS:
+            if name in _API_OR_BODY_HEADERS:
+                if name in _BODY_HEADER_NAMES:
+                    return None
                 if name in headers:
                     if name == b"connection":
                         headers[name] += b"," + value.strip()
@@ -311,8 +315,14 @@ _STATUS_LINES = {code.value: b"%d %b" % (code.value, code.phrase.encode("ascii")
 JSON_TYPE = b"application/json; charset=utf-8"
 
 
+# What every ``200`` API answer on a keep-alive HTTP/1.1 connection starts with (as _response writes it).
+_API_OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: " + JSON_TYPE + b"\r\nContent-Length: "
+
+
 def _api_response(answer: "tuple[int, bytes, Mapping[str, str]]", http11: bool, keep_alive: bool) -> bytes:
     status, body, headers = answer
+    if status == 200 and http11 and keep_alive and not headers:  # the common case, in one formatting
+        return b"%b%d\r\nDate: %b\r\n\r\n%b" % (_API_OK_HEAD, len(body), _http_date(), body)
     extra = b"".join(b"%b: %b\r\n" % (k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())
     return _response(_STATUS_LINES.get(status, b"%d Status" % status), body, http11, keep_alive, JSON_TYPE, extra)
 
@@ -389,6 +399,12 @@ class FastPathProtocol(asyncio.Protocol):
         self._timer_at = 0.0
         self._slot: Slot | None = None
         self._pending: asyncio.Future | None = None  # an answer being worked out; nothing else is read meanwhile
+        # The last API request head parsed on this connection, and what it parsed to: a client
+        # that sends the same head again (a node daemon's heartbeats) is not parsed again.
+        self._api_head_bytes = b""
+        self._api_head: ApiHead | None = None
+        # What an API route proved on this connection (tracker/liveness.py: a node's key).
+        self.proven: object = None
 
     # ---- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -482,11 +498,16 @@ class FastPathProtocol(asyncio.Protocol):
                 self._serve_file(ws_head, end + 4)
                 return
             if api is not None and not buf.startswith(b"GET "):
-                api_head = parse_api_head(buf[:end], api, server.max_api_body)
-                if api_head is None:
-                    self._flush(out)
-                    self._hand_off(buf)
-                    return
+                head_bytes = buf[:end]
+                if head_bytes == self._api_head_bytes:
+                    api_head = self._api_head  # parsing is a pure function of the head's bytes
+                else:
+                    api_head = parse_api_head(head_bytes, api, server.max_api_body)
+                    if api_head is None:
+                        self._flush(out)
+                        self._hand_off(buf)
+                        return
+                    self._api_head_bytes, self._api_head = head_bytes, api_head
                 total = end + 4 + api_head.content_length
                 if len(buf) < total:
                     # The body comes in more than one read: aiohttp, which bounds how long
@@ -496,7 +517,7 @@ class FastPathProtocol(asyncio.Protocol):
                     return
                 body, buf = buf[end + 4:total], buf[total:]
                 try:
-                    answer = api_head.route(api_head.headers, body, self._remote)
+                    answer = api_head.route(api_head.headers, body, self._remote, self)
                 except Exception as exc:  # a bug, not bad input: routes answer bad input themselves
                     log.exception("unexpected error on an API request")
                     answer = _internal_error(exc)

@@ -9,11 +9,13 @@ keep the plain per-peer TTL.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import inspect
 import json
 import logging
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
+from functools import partial
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, NamedTuple
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -44,14 +46,18 @@ def relay_registration(app: web.Application, node_id: str, node_key: str | None,
     node's relay secret (tracker/relaytokens.py); the URL must be at the heartbeat's source
     address.  Shared by every path that answers heartbeats.
     """
-    relays = app[RELAYS]
+    return _relay_fields(app[RELAYS], node_id, node_key, body, remote, forwarded_for)
+
+
+def _relay_fields(relays, node_id: str, node_key: str | None, body: dict, remote: str | None,
+                  forwarded_for: str | None) -> dict:
     if node_key is None:
         relays.forget(node_id)
         write = relays.pending(node_id)
         return {} if write is None else _written(write, {})
     url = relays.register(node_id, body.get("relay"), relays.source(remote, forwarded_for))
     secret = relays.node_secret(node_id)
-    answer = {"relay": url, **({"relay_secret": secret} if secret is not None else {})}
+    answer = {"relay": url, "relay_secret": secret} if secret is not None else {"relay": url}
     write = relays.pending(node_id)  # registrations in Redis (tracker/gate_redis.py): awaited
     return answer if write is None else _written(write, answer)
 
@@ -86,44 +92,91 @@ class _Call:
         self.headers = CIMultiDict((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers.items())
 
 
+class _Parts(NamedTuple):
+    """What a heartbeat answer is made of, in process: the objects of the app it reads (looked up once per route)."""
+
+    cfg: TrackerConfig
+    swarms: Any
+    relays: Any
+    nodes: Any
+
+
+def _parts(app: web.Application) -> _Parts:
+    return _Parts(app[CONFIG], app[SWARMS], app[RELAYS], app[NODES])
+
+
 def heartbeat(app: web.Application, node_id: str, node_key: str | None, raw: bytes, remote: str | None = None,
               forwarded_for: str | None = None) -> dict | Awaitable[dict]:
     """A heartbeat of ``node_id`` with body ``raw`` (read whole, within :data:`MAX_HEARTBEAT_BODY`): the answer.
 
-    Shared by the aiohttp handler and the fast path (tracker/fastpath.py), after the
-    caller checked the node scope (:func:`node_authorized`).  The swarm store is called once, through
-    ``SWARMS.heartbeat``; a store whose calls are coroutines (one over the network) makes
-    this return an awaitable of the answer.
+    Shared by the aiohttp handler and the fast path (tracker/fastpath.py, through
+    :func:`heartbeat_fields`), after the caller checked the node scope (:func:`node_authorized`).
+    The swarm store is called once, through ``SWARMS.heartbeat``; a store whose calls are
+    coroutines (one over the network) makes this return an awaitable of the answer.
     """
+    fields = heartbeat_fields(_parts(app), node_id, node_key, raw, remote, forwarded_for)
+    if type(fields) is not tuple:
+        return _answer_dict_later(fields)
+    return _answer_dict(fields)
+
+
+async def _answer_dict_later(fields: Awaitable[tuple]) -> dict:
+    return _answer_dict(await fields)
+
+
+def _answer_dict(fields: tuple) -> dict:
+    ttl, entries, reported, relay = fields
+    # "reported": whether this registry holds a report of the node, so that a node which
+    # sends its report only when it changes sends it again to a registry that lost it.
+    return {"ok": True, "ttl_s": ttl, "entries": entries, "reported": reported, **relay}
+
+
+def _heartbeat_body(raw: bytes) -> Any:
+    """The heartbeat body ``raw`` as JSON (what :func:`adapters.http_server.loads_json` makes of it).
+
+    A body that starts ``{"`` is UTF-8 to ``json.loads`` (no BOM, no NUL in its first two
+    bytes), so it is decoded here at once, without ``json.loads``'s sniffing; anything else
+    goes through ``loads_json``, which also words the errors.
+    """
+    if raw.startswith(b'{"'):
+        try:
+            return _JSON_DECODE(raw.decode("utf-8", "surrogatepass"))
+        except (RecursionError, UnicodeDecodeError, ValueError):
+            pass  # loads_json says what is wrong, as the aiohttp route does
+    return loads_json(raw, "heartbeat body", '{"zone": "z1", "ttl_s": 3.0}')
+
+
+_JSON_DECODE = json.JSONDecoder().decode
+
+
+def heartbeat_fields(parts: _Parts, node_id: str, node_key: str | None, raw: bytes, remote: str | None = None,
+                     forwarded_for: str | None = None) -> tuple | Awaitable[tuple]:
+    """:func:`heartbeat`'s work: ``(ttl, entries, reported, relay fields)`` of the answer, or an awaitable of them."""
     node_id = validate_node_id(node_id)
-    body = loads_json(raw, "heartbeat body", '{"zone": "z1", "ttl_s": 3.0}') if raw else {}
-    ttl = _heartbeat_ttl(body, app[CONFIG])
+    body = _heartbeat_body(raw) if raw else {}
+    ttl = _heartbeat_ttl(body, parts.cfg)
     report = parse_report(body)  # checked whole before anything is recorded
     now = time.monotonic()
-    entries = app[SWARMS].heartbeat(node_id, now, ttl, body.get("zone"))
-    relay = relay_registration(app, node_id, node_key, body, remote, forwarded_for)
+    zone = body.get("zone")
+    entries = parts.swarms.heartbeat(node_id, now, ttl, zone)
+    relay = _relay_fields(parts.relays, node_id, node_key, body, remote, forwarded_for)
     if type(entries) is not int or type(relay) is not dict:  # inspect.isawaitable, at a tenth of the cost
-        return _heartbeat_done(app, node_id, body, report, now, ttl, entries, relay)
-    return _heartbeat_answer(app, node_id, body, report, now, ttl, entries, relay)
+        return _heartbeat_done(parts, node_id, zone, report, now, ttl, entries, relay)
+    node = parts.nodes.heartbeat(node_id, zone, report, now, time.time(), ttl)
+    return ttl, entries, node is not None and node.reported, relay
 
 
-async def _heartbeat_done(app, node_id, body, report, now, ttl, entries: Awaitable[int] | int,
-                          relay: Awaitable[dict] | dict) -> dict:
+async def _heartbeat_done(parts: _Parts, node_id, zone, report, now, ttl, entries: Awaitable[int] | int,
+                          relay: Awaitable[dict] | dict) -> tuple:
     if inspect.isawaitable(entries) and inspect.isawaitable(relay):
         # Both in Redis: awaited together, and neither left unawaited when the other fails.
         entries, relay = await asyncio.gather(entries, relay, return_exceptions=True)
         for result in (entries, relay):
             if isinstance(result, BaseException):
                 raise result
-    return _heartbeat_answer(app, node_id, body, report, now, ttl, await settle(entries), await settle(relay))
-
-
-def _heartbeat_answer(app: web.Application, node_id: str, body: dict, report: Any, now: float, ttl: float,
-                      entries: int, relay: dict) -> dict:
-    node = app[NODES].heartbeat(node_id, body.get("zone"), report, now, time.time(), ttl)
-    # "reported": whether this registry holds a report of the node, so that a node which
-    # sends its report only when it changes sends it again to a registry that lost it.
-    return {"ok": True, "ttl_s": ttl, "entries": entries, "reported": node is not None and node.reported, **relay}
+    entries, relay = await settle(entries), await settle(relay)
+    node = parts.nodes.heartbeat(node_id, zone, report, now, time.time(), ttl)
+    return ttl, entries, node is not None and node.reported, relay
 
 
 def leave(app: web.Application, node_id: str, node_key: str | None) -> dict | Awaitable[dict]:
@@ -146,46 +199,103 @@ def _leave_answer(app: web.Application, node_id: str, removed: int) -> dict:
     return {"ok": True, "removed": removed}
 
 
-def fast_node_route(app: web.Application, method: bytes, path: bytes) -> "Callable | None":
-    """The fast path's route for ``method path`` (heartbeat and leave of a node), or None for aiohttp's."""
-    if not path.startswith(NODES_PREFIX):
-        return None
-    rest = path[len(NODES_PREFIX):]
-    if method == b"POST" and rest.endswith(b"/heartbeat"):
-        node_id, kind = rest[:-len(b"/heartbeat")], HEARTBEAT_ROUTE
-    elif method == b"DELETE":
-        node_id, kind = rest, LEAVE_ROUTE
-    else:
-        return None
-    if not node_id or b"/" in node_id:
-        return None
+# Heartbeat answers kept (their JSON, per node): at most this many, all dropped at once past it.
+MAX_ANSWERS = 200_000
 
-    what = "heartbeat" if kind == HEARTBEAT_ROUTE else "leave"
 
-    def route(headers: Mapping[bytes, bytes], body: bytes,
-              remote: str | None = None) -> tuple[int, bytes, dict[str, str]] | Awaitable:
+class FastNodeRoutes:
+    """The fast path's node routes (heartbeat and leave of a node): ``api`` of tracker/fastpath.py.
+
+    Called with a request's method and path, it returns the route that answers it, or None
+    for aiohttp's.  The app's objects are looked up once, here, not per request; the JSON of
+    each node's last heartbeat answer is kept and sent again while what it says (ttl, entry
+    count, whether a report is held, relay URL and secret) is unchanged.
+    """
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+        self.keys = app[NODE_KEYS]
+        self.parts = _parts(app)
+        metrics = app.get(METRICS)
+        self.tally = None if metrics is None else metrics.requests
+        self._answers: dict[str, tuple[tuple, bytes]] = {}  # node id -> (answer fields, their JSON)
+
+    def __call__(self, method: bytes, path: bytes) -> "Callable | None":
+        if not path.startswith(NODES_PREFIX):
+            return None
+        rest = path[len(NODES_PREFIX):]
+        if method == b"POST" and rest.endswith(b"/heartbeat"):
+            node_id, kind = rest[:-len(b"/heartbeat")], HEARTBEAT_ROUTE
+        elif method == b"DELETE":
+            node_id, kind = rest, LEAVE_ROUTE
+        else:
+            return None
+        if not node_id or b"/" in node_id:
+            return None
+        return partial(self._route, method, path, node_id, kind)
+
+    def _route(self, method: bytes, path: bytes, node_id: bytes, kind: tuple[str, str],
+               headers: Mapping[bytes, bytes], body: bytes, remote: str | None = None,
+               conn: Any = None) -> tuple[int, bytes, dict[str, str]] | Awaitable:
+        what = "heartbeat" if kind is HEARTBEAT_ROUTE else "leave"
         try:
             node = validate_node_id(unquote(node_id.decode("ascii"), errors="strict"))
-            key = _header(headers, NODE_KEY_HEADER_B)
-            keys = app[NODE_KEYS]
+            raw_key = headers.get(NODE_KEY_HEADER_B)
+            key = None if raw_key is None else raw_key.decode("latin-1")
+            keys = self.keys
             if key is not None and keys.is_bound(node):
                 # The common case, answered at once: a node known here speaks with its own key.
                 check_key_shape(key)
-                keys.check(node, key, what)
-                answer = (heartbeat(app, node, key, body, remote, _header(headers, b"x-forwarded-for"))
-                          if kind == HEARTBEAT_ROUTE else leave(app, node, key))
+                # A key this connection proved for this node, against the binding cached now,
+                # is not hashed again; any other key, node or connection is checked.
+                proven = None if conn is None else conn.proven
+                if not (proven is not None and proven[0] == node and hmac.compare_digest(proven[1], raw_key)
+                        and keys.still_bound(node, proven[2])):
+                    keys.check(node, key, what)
+                    if conn is not None:
+                        conn.proven = (node, raw_key, keys.binding(node))
+                if kind is HEARTBEAT_ROUTE:
+                    fields = heartbeat_fields(self.parts, node, key, body, remote,
+                                              _header(headers, b"x-forwarded-for"))
+                    if type(fields) is not tuple:  # worked out elsewhere (a swarm store over the network)
+                        return self._answer_later(node, fields)
+                    return self._count(kind, (200, self._answer_json(node, fields), {}))
+                answer = leave(self.app, node, key)
             else:
                 # Enrolment, a binding made on another replica or before a restart (the store
                 # is asked), or a key-less client: the same checks as aiohttp's, awaited.
-                call = _Call(app, method.decode(), path.decode("ascii"), headers, remote)
+                call = _Call(self.app, method.decode(), path.decode("ascii"), headers, remote)
                 answer = _authorized(call, node, key, body, kind, what)
         except (ModelcastError, UnicodeDecodeError) as exc:
-            return _count(app, kind, _error(exc))
-        if type(answer) is not dict:  # worked out elsewhere (a swarm store over the network)
-            return _answer_later(app, kind, answer)
-        return _count(app, kind, (200, _json(answer), {}))
+            return self._count(kind, _error(exc))
+        if type(answer) is not dict:
+            return _answer_later(self.app, kind, answer)
+        return self._count(kind, (200, _json(answer), {}))
 
-    return route
+    def _answer_json(self, node: str, fields: tuple) -> bytes:
+        """The JSON of a heartbeat answer: the node's last one again if it says the same (same ttl type too)."""
+        kept = self._answers.get(node)
+        if kept is not None and kept[0] == fields and kept[0][0].__class__ is fields[0].__class__:
+            return kept[1]
+        answer = _json(_answer_dict(fields))
+        if len(self._answers) >= MAX_ANSWERS:
+            self._answers.clear()
+        self._answers[node] = (fields, answer)
+        return answer
+
+    async def _answer_later(self, node: str, fields: Awaitable[tuple]):
+        try:
+            return self._count(HEARTBEAT_ROUTE, (200, self._answer_json(node, await fields), {}))
+        except ModelcastError as exc:
+            return self._count(HEARTBEAT_ROUTE, _error(exc))
+
+    def _count(self, kind: tuple[str, str], answer: tuple[int, bytes, dict[str, str]]):
+        """Count the answer as aiohttp's metrics middleware counts the requests it answers (tracker/metrics.py)."""
+        if self.tally is not None:
+            status = answer[0]
+            self.tally[_OK_KEYS[kind] if status == 200 else
+                       (kind[1], kind[0], _STATUS_TEXT.get(status) or str(status))] += 1
+        return answer
 
 
 NODES_PREFIX = b"/v1/nodes/"
@@ -229,6 +339,7 @@ async def _answer_later(app: web.Application, kind: tuple[str, str], answer: Awa
 
 
 _STATUS_TEXT = {code: str(code) for code in (200, 400, 401, 403, 404, 409, 413, 429, 500, 503)}
+_OK_KEYS = {kind: (kind[1], kind[0], "200") for kind in (HEARTBEAT_ROUTE, LEAVE_ROUTE)}
 
 
 def _count(app: web.Application, kind: tuple[str, str], answer: tuple[int, bytes, dict[str, str]]):

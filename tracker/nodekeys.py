@@ -77,6 +77,21 @@ class NodeKeys:
                                f"({NODE_KEY_HEADER})")
         self._bound.move_to_end(node_id)
 
+    def binding(self, node_id: str) -> object:
+        """``node_id``'s binding as cached now (an opaque token: compare it with ``is``), or None."""
+        return self._bound.get(node_id)
+
+    def still_bound(self, node_id: str, binding: object) -> bool:
+        """Whether ``node_id`` is still bound as ``binding`` (from :meth:`binding`) says; if so, it was seen now.
+
+        A key checked against a binding that is still cached (the same object: a binding
+        remembered again, even the same one, is a new object) needs no second check.
+        """
+        if binding is None or self._bound.get(node_id) is not binding:
+            return False
+        self._bound.move_to_end(node_id)
+        return True
+
     def may_announce_as(self, node_id: str, token: str | None) -> bool:
         """Whether an announce with ``node=node_id`` and ``nk=token`` speaks for that node (on the hot path)."""
         bound = self._bound.get(node_id)
