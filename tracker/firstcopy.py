@@ -32,7 +32,7 @@ address, and each one handed out carries a token for that exchange only
 Where the books are kept (:class:`GateStore`): :class:`FirstCopyGate`, in process (the default:
 plain calls, no I/O), or :class:`tracker.gate_redis.RedisGateStore` with ``--swarm-store
 redis://`` (every replica shares one gate; its ``admit`` answers an awaitable when it asks
-Redis).  Callers pass ``admit``'s answer through :func:`tracker.swarmstore.settle`.
+Redis).  Callers await ``admit``'s answer when it is not an :class:`Admission` (tracker/webseed.py).
 """
 
 from __future__ import annotations
