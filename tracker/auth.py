@@ -54,10 +54,34 @@ def check_enrolment(request: web.Request, node_id: str) -> None:
         return
     given = _bearer(request)
     tokens = [t for t in (cfg.node_token, cfg.token) if t]
-    if given is None or not any([hmac.compare_digest(given, t.encode()) for t in tokens]):
+    if given is None or not _any_matches(given, tokens):
         raise Unauthorized(f"node {node_id} is not enrolled here: its first heartbeat needs the registry's node "
                            "token as 'Authorization: Bearer TOKEN' (set MODELCAST_NODE_TOKEN on the node; "
                            "`modelcast node-token --data DIR` prints it on the registry's machine)")
+
+
+def _scope_tokens(cfg, read: bool) -> list[str]:
+    """The tokens that grant writes (or, with ``read``, reads); none when the scope is open."""
+    if read:
+        return [t for t in (cfg.read_token, cfg.token, cfg.node_token) if t] if cfg.read_token else []
+    return [cfg.token] if cfg.token else []
+
+
+def _any_matches(given: bytes, tokens: list[str]) -> bool:
+    # Constant-time comparison so the token cannot be guessed byte by byte from timings;
+    # every token is compared, so timing does not tell which one nearly matched either.
+    return any([hmac.compare_digest(given, t.encode()) for t in tokens])
+
+
+def may_read(cfg, authorization: str) -> bool:
+    """Whether an ``Authorization`` header value grants reads: :func:`check_auth`'s rule, for
+    the fast path's web seed (tracker/webseed.py), which has no aiohttp request."""
+    tokens = _scope_tokens(cfg, True)
+    if not tokens:
+        return True
+    scheme, _, given = authorization.partition(" ")
+    return (scheme.lower() == "bearer" and bool(given)
+            and _any_matches(given.strip().encode("utf-8", "surrogateescape"), tokens))
 
 
 def check_auth(request: web.Request, *, read: bool = False) -> None:
@@ -67,24 +91,14 @@ def check_auth(request: web.Request, *, read: bool = False) -> None:
     then they need it or the write token.  Announce and scrape never call this: BitTorrent
     clients cannot send headers, and the private torrents' info-hash allow-list guards them.
     """
-    cfg = request.app[CONFIG]
-    if read:
-        if not cfg.read_token:
-            return
-        tokens = [t for t in (cfg.read_token, cfg.token, cfg.node_token) if t]
-    else:
-        if not cfg.token:
-            return
-        tokens = [cfg.token]
+    tokens = _scope_tokens(request.app[CONFIG], read)
+    if not tokens:
+        return
     header = request.headers.get("Authorization", "")
     scheme, _, given = header.partition(" ")
     if scheme.lower() != "bearer" or not given:
         raise Unauthorized(f"{request.method} {request.path} needs 'Authorization: Bearer TOKEN' "
                            "(set MODELCAST_TOKEN or pass --token)")
-    # Constant-time comparison so the token cannot be guessed byte by byte from timings;
-    # every token is compared, so timing does not tell which one nearly matched either.
-    given_b = given.strip().encode("utf-8", "surrogateescape")
-    matches = [hmac.compare_digest(given_b, t.encode()) for t in tokens]
-    if not any(matches):
+    if not _any_matches(given.strip().encode("utf-8", "surrogateescape"), tokens):
         raise Unauthorized(f"{request.method} {request.path}: the bearer token is wrong"
                            + (" (reads need the registry's read token or write token)" if read else ""))

@@ -38,19 +38,14 @@ from .swarmstore import settle
 log = logging.getLogger("modelcast.tracker")
 
 
-def relay_registration(app: web.Application, node_id: str, node_key: str | None, body: dict,
-                       remote: str | None, forwarded_for: str | None = None) -> dict:
+def _relay_fields(relays, node_id: str, node_key: str | None, body: dict, remote: str | None,
+                  forwarded_for: str | None) -> dict:
     """Register the relay URL a heartbeat names (``"relay"``); the answer's fields about it.
 
     Only a heartbeat that proves its node id with a node key registers a URL and learns the
     node's relay secret (tracker/relaytokens.py); the URL must be at the heartbeat's source
-    address.  Shared by every path that answers heartbeats.
+    address.  Shared by every path that answers heartbeats (through :func:`heartbeat_fields`).
     """
-    return _relay_fields(app[RELAYS], node_id, node_key, body, remote, forwarded_for)
-
-
-def _relay_fields(relays, node_id: str, node_key: str | None, body: dict, remote: str | None,
-                  forwarded_for: str | None) -> dict:
     if node_key is None:
         relays.forget(node_id)
         write = relays.pending(node_id)

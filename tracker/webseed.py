@@ -18,7 +18,6 @@ name those relay targets (``X-Modelcast-Relay-To``) as their headers go out.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import re
@@ -26,9 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from http import HTTPStatus
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -42,8 +39,8 @@ from modelcast.wire import (ACCEPT_REDIRECT_HEADER, FIRST_COPY_HEADER, NODE_ID_H
                             RELAY_TO_TOKEN_HEADER, ZONE_HEADER)
 
 from .announce import ZONE_RE
-from .auth import check_auth
-from .fastpath import _http_date
+from .auth import check_auth, may_read
+from .fastpath import _api_response, _http_date, _internal_error
 from .federation import UpstreamUnreachable, is_upstream_origin
 from .filesend import FILE_SENDING, Blob, send_buffered
 from .firstcopy import Admission
@@ -437,7 +434,6 @@ async def _stream_upstream(request: web.Request, tally: OriginTally, art: Websee
 
 WEBSEED_ROUTE = "/v1/webseed/{digest}/{tail}"  # the route's name in the metrics
 _RANGE = re.compile(r"bytes=([0-9]{1,18})-([0-9]{1,18})")
-_JSON_TYPE = "application/json; charset=utf-8"
 
 
 async def fast_webseed(app: web.Application, target: bytes, headers: Mapping[bytes, bytes], remote: str | None,
@@ -464,15 +460,8 @@ async def fast_webseed(app: web.Application, target: bytes, headers: Mapping[byt
     if rng is None:
         return None
     digest, _, tail = path[len("/v1/webseed/"):].partition("/")
-    cfg = app[CONFIG]
-    if cfg.read_token:
-        auth = headers.get(b"authorization", b"").decode("latin-1")
-        scheme, _, given = auth.partition(" ")
-        given_b = given.strip().encode("utf-8", "surrogateescape")
-        # Every token compared in constant time, as check_auth does.
-        if scheme.lower() != "bearer" or not any([hmac.compare_digest(given_b, t.encode())
-                                                  for t in (cfg.read_token, cfg.token, cfg.node_token) if t]):
-            return None
+    if not may_read(app[CONFIG], headers.get(b"authorization", b"").decode("latin-1")):
+        return None  # aiohttp's 401 says why
     if not DIGEST_RE.fullmatch(digest):
         return None
     try:
@@ -506,22 +495,21 @@ async def fast_webseed(app: web.Application, target: bytes, headers: Mapping[byt
             tally = await _admit(app, header, remote, digest, tail, first, last)
         except ModelcastError as exc:  # the gate's store failed: the error middleware's answer
             status = exc.http_status
-            transport.write(_head(status, {"Content-Type": _JSON_TYPE, **retry_after(exc)}, keep_alive,
-                                  body=json.dumps(error_body(exc)).encode()))
+            transport.write(_api_response((status, json.dumps(error_body(exc)).encode(), retry_after(exc)),
+                                          True, keep_alive))
             return keep_alive
         except Exception as exc:  # a bug: as the error middleware answers it (tracker/app.py)
             log.exception("unexpected error on GET %s", path)
-            status = 500
-            transport.write(_head(status, {"Content-Type": _JSON_TYPE}, False, body=json.dumps(
-                {"error": {"code": "internal", "message": f"internal error in the registry: "
-                                                          f"{exc.__class__.__name__}: {exc}"}}).encode()))
+            answer = _internal_error(exc)
+            status = answer[0]
+            transport.write(_api_response(answer, True, False))
             return False
         if transport.is_closing():  # the client went away meanwhile
             return False
         if not isinstance(tally, OriginTally):  # the gate's 409
             status = tally.status
             extra = {k: v for k, v in tally.headers.items() if k.lower() not in ("content-type", "content-length")}
-            transport.write(_head(status, {"Content-Type": _JSON_TYPE, **extra}, keep_alive, body=tally.body))
+            transport.write(_api_response((status, tally.body, extra), True, keep_alive))
             return keep_alive
         status, count = 206, last - first + 1
         tally.stats.served(tally.zone, count)
@@ -530,7 +518,7 @@ async def fast_webseed(app: web.Application, target: bytes, headers: Mapping[byt
         if tally.relay_to:
             extra[RELAY_TO_HEADER] = " ".join(tally.relay_to)
             extra[RELAY_TO_TOKEN_HEADER] = " ".join(tally.relay_to_tokens)
-        head = _head(status, extra, keep_alive, length=count)
+        head = _range_head(extra, keep_alive, count)
         sender = sending.sender
         try:
             if sender.usable(transport):
@@ -548,12 +536,10 @@ async def fast_webseed(app: web.Application, target: bytes, headers: Mapping[byt
         app[METRICS].observe_route(WEBSEED_ROUTE, "GET", status, time.perf_counter() - start)
 
 
-def _head(status: int, headers: Mapping[str, str], keep_alive: bool, *, body: bytes = b"",
-          length: int | None = None) -> bytes:
-    """An HTTP/1.1 answer's head (and its short ``body``, if any)."""
-    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
-             f"Content-Length: {len(body) if length is None else length}", f"Date: {_http_date().decode()}"]
+def _range_head(headers: Mapping[str, str], keep_alive: bool, length: int) -> bytes:
+    """The head of a ``206`` answer whose ``length`` bytes follow it."""
+    lines = ["HTTP/1.1 206 Partial Content", f"Content-Length: {length}", f"Date: {_http_date().decode()}"]
     lines += [f"{k}: {v}" for k, v in headers.items()]
     if not keep_alive:
         lines.append("Connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
