@@ -25,6 +25,10 @@ RELAY_TO_TOKEN_HEADER = "X-Modelcast-Relay-To-Token"
 # the registry then answers 307 with that URL for exactly the asked range instead of
 # streaming the bytes itself (S3 origins; tracker/webseed.py).
 ACCEPT_REDIRECT_HEADER = "X-Modelcast-Accept-Redirect"
+# On a node's libtorrent URL seed requests (node_cache/origin_fill.py): a requester that neither
+# pushes to other zones nor follows redirects; served only while no other node pulls the
+# artifact (tracker/firstcopy.py), and only from a file origin.
+URL_SEED_HEADER = "X-Modelcast-Url-Seed"
 
 # ---- node identity (tracker/nodekeys.py) ----------------------------------------------
 # The node's own secret, with each heartbeat and leave: the first one binds its node id.

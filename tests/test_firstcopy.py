@@ -182,3 +182,34 @@ def test_memory_in_redis_is_bounded_and_expires(redis_url):
         assert gate.admit("d", "f", 0, PIECE - 1, first_copy=True, now=0.5, zone="z").serve
     finally:
         gate.close()
+
+
+def test_a_solo_requester_is_served_only_while_no_other_node_asks(make_gate):
+    """A node's libtorrent URL seed (solo: it marks nothing and pushes to nobody) gets bytes while
+    it is the only node asking; once another node asks, it is told so and nothing is remembered
+    of the refused request, so the others' first-copy requests are not refused for it."""
+    gate = make_gate(window_s=30)
+    assert gate.admit("d", "f", 0, 8 * PIECE - 1, first_copy=False, now=0.0, zone="z", node="a", solo=True).serve
+    assert gate.admit("d", "f", 8 * PIECE, 16 * PIECE - 1, first_copy=False, now=0.5, zone="z", node="a",
+                      solo=True).serve
+    # Node b (any zone) asks: b's first-copy request for a's bytes is refused as usual...
+    assert not gate.admit("d", "f", 0, PIECE - 1, first_copy=True, now=1.0, zone="z", node="b").serve
+    assert gate.admit("d", "f", 16 * PIECE, 17 * PIECE - 1, first_copy=True, now=1.0, zone="z", node="b").serve
+    # ... and a's URL seed is sent back to marked requests, its range not taken.
+    crowded = gate.admit("d", "f", 17 * PIECE, 24 * PIECE - 1, first_copy=False, now=1.5, zone="z", node="a",
+                         solo=True)
+    assert not crowded.serve and crowded.crowded and crowded.relay_from is None
+    assert gate.admit("d", "f", 20 * PIECE, 21 * PIECE - 1, first_copy=True, now=2.0, zone="z", node="b").serve
+    assert gate.refused == 1
+    # Another artifact is not crowded; this one is again once the others stopped asking.
+    assert gate.admit("e", "f", 0, PIECE - 1, first_copy=False, now=2.0, zone="z", node="a", solo=True).serve
+    assert gate.admit("d", "f", 30 * PIECE, 31 * PIECE - 1, first_copy=False, now=40.0, zone="y", node="c",
+                      solo=True).serve
+
+
+def test_a_solo_requester_of_another_zone_is_crowded_too(make_gate):
+    gate = make_gate(window_s=30)
+    assert gate.admit("d", "f", 0, PIECE - 1, first_copy=False, now=0.0, zone="z", node="a").serve
+    assert gate.admit("d", "f", 0, PIECE - 1, first_copy=False, now=0.1, zone="y", node="b", solo=True).crowded
+    # A request that proves no node (no zone for the gate) is never crowded: nothing to share with.
+    assert gate.admit("d", "f", 0, PIECE - 1, first_copy=False, now=0.2, solo=True).serve

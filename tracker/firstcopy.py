@@ -29,6 +29,12 @@ are believed only when a node registered them with its heartbeat, at the request
 address, and each one handed out carries a token for that exchange only
 (tracker/relaytokens.py, modelcast/relay_auth.py).
 
+Solo requesters.  A lone node lets libtorrent fetch from the web seed itself (a BEP 19 URL
+seed, ``X-Modelcast-Url-Seed: 1``; node_cache/origin_fill.py): it marks no request and pushes
+to nobody.  Such a request is served only while no other node asked for the artifact within
+the window; otherwise it is refused (:data:`CROWDED`, nothing remembered) and the node asks
+with its own requests, which share the first copy as above.
+
 Where the books are kept (:class:`GateStore`): :class:`FirstCopyGate`, in process (the default:
 plain calls, no I/O), or :class:`tracker.gate_redis.RedisGateStore` with ``--swarm-store
 redis://`` (every replica shares one gate; its ``admit`` answers an awaitable when it asks
@@ -65,10 +71,12 @@ class Admission:
     serve: bool
     relay_from: str | None = None  # with serve False: fetch from this node; None: from your peers
     relay_to: tuple[str, ...] = ()  # with serve True: push the bytes to these nodes, one per other zone
+    crowded: bool = False  # with serve False: a solo requester while other nodes pull (ask as they do)
 
 
 SERVE = Admission(True)
 ELSEWHERE = Admission(False)
+CROWDED = Admission(False, crowded=True)
 
 
 class GateStore(Protocol):
@@ -81,7 +89,8 @@ class GateStore(Protocol):
 
     def admit(self, artifact: str, path: str, start: int, end: int, first_copy: bool,
               now: float | None = None, *, zone: str | None = None,
-              relay: str | None = None) -> Admission | Awaitable[Admission]: ...
+              relay: str | None = None, node: str | None = None,
+              solo: bool = False) -> Admission | Awaitable[Admission]: ...
 
 
 def make_gate_store(swarms, relays) -> GateStore:
@@ -105,6 +114,8 @@ class FirstCopyGate:
         # Per artifact and zone, the relay URLs of nodes that asked lately (LRU order).
         self._pulling: dict[str, dict[str, OrderedDict[str, float]]] = {}
         self._turn: dict[tuple[str, str], int] = {}
+        # Per artifact, the ids of proven nodes that asked lately, any zone (LRU order).
+        self._askers: dict[str, OrderedDict[str, float]] = {}
         # (artifact, path, start, end) -> [refusals, when first refused], oldest first
         self._refusals: OrderedDict[tuple[str, str, int, int], list] = OrderedDict()
         self.refused = 0
@@ -127,10 +138,15 @@ class FirstCopyGate:
                     del self._ranges[key]
 
     def admit(self, artifact: str, path: str, start: int, end: int, first_copy: bool,
-              now: float | None = None, *, zone: str | None = None, relay: str | None = None) -> Admission:
+              now: float | None = None, *, zone: str | None = None, relay: str | None = None,
+              node: str | None = None, solo: bool = False) -> Admission:
         """Whether bytes ``start..end`` of ``path`` may be served now (remembering them if so).
 
-        ``zone`` and ``relay`` are the requester's zone and relay URL, if it named them.
+        ``zone``, ``relay`` and ``node`` are the requester's zone, relay URL and node id, if
+        it named them.  ``solo``: the requester takes no part in sharing (a node's libtorrent
+        URL seed: it never pushes, never marks a request); it is served only while no other
+        node asked for the artifact within the window, else refused with :data:`CROWDED`,
+        nothing remembered.
         """
         now = time.monotonic() if now is None else now
         self._expire(now)
@@ -141,6 +157,8 @@ class FirstCopyGate:
         key = (artifact, path)
         if relay is not None:
             self._seen(artifact, zone, relay, now)
+        if node is not None and self._others_asked(artifact, node, now) and solo:
+            return CROWDED  # (every proven requester is noted, solo or not)
         decision = SERVE
         if first_copy:
             covering = [s for s in self._ranges.get(key, ()) if s.start <= start and end <= s.end]
@@ -165,6 +183,19 @@ class FirstCopyGate:
                 self.pushed += len(targets)
                 return Admission(True, relay_to=tuple(url for _, url in targets))
         return decision
+
+    def _others_asked(self, artifact: str, node: str, now: float) -> bool:
+        """Note that ``node`` asked for ``artifact``; whether another node did within the window."""
+        askers = self._askers.get(artifact)
+        if askers is None:
+            askers = self._askers[artifact] = OrderedDict()
+            while len(self._askers) > MAX_ARTIFACTS:
+                del self._askers[next(iter(self._askers))]
+        askers[node] = now
+        askers.move_to_end(node)
+        while now - next(iter(askers.values())) > self.window_s or len(askers) > MAX_NODES_PER_ZONE:
+            askers.popitem(last=False)
+        return len(askers) > 1
 
     def _remember(self, key: tuple[str, str], served: _Served) -> None:
         self._ranges.setdefault(key, []).append(served)

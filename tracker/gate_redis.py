@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import NoScriptError
 
-from .firstcopy import ELSEWHERE, MAX_NODES_PER_ZONE, MAX_REFUSALS, MAX_ZONES, SERVE, Admission
+from .firstcopy import CROWDED, ELSEWHERE, MAX_NODES_PER_ZONE, MAX_REFUSALS, MAX_ZONES, SERVE, Admission
 from .relaytokens import RelayRegistry, plain_relay_url, url_host_is
 from .swarm_redis import PREFIX, _raise_errors
 
@@ -68,8 +68,9 @@ MAX_BELIEVED = 100_000
 
 # KEYS[1]: "mc:{g:<digest>}"
 # ARGV: path, start, end, first_copy (0/1), zone, relay URL ('' none), relay node, now ms, window ms,
-#       max ranges, max refusals, max nodes per zone, max zones, key ttl ms
-# Answers {'elsewhere'}, {'from', url, node}, or {'serve', url1, node1, url2, node2, ...} (push targets).
+#       max ranges, max refusals, max nodes per zone, max zones, key ttl ms, solo (0/1), node id ('' none)
+# Answers {'elsewhere'}, {'from', url, node}, {'crowded'} (solo, others pulling), or
+# {'serve', url1, node1, url2, node2, ...} (push targets).
 _ADMIT = r"""
 local P = KEYS[1]
 local path, s, e, fc, zone, relay, rnode = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6], ARGV[7]
@@ -126,6 +127,20 @@ if relay ~= '' then
     local n = redis.call('ZCARD', zk)
     if n > maxn then redis.call('ZREMRANGEBYRANK', zk, 0, n - maxn - 1) end
     touched[#touched + 1] = zk
+  end
+end
+-- Every proven node that asks is noted; a solo requester (a node's URL seed) is served
+-- only while no other node asked within the window.
+if ARGV[16] ~= '' then
+  local A = P .. ':a'
+  redis.call('ZADD', A, now, ARGV[16])
+  redis.call('ZREMRANGEBYSCORE', A, '-inf', '(' .. old)
+  local n = redis.call('ZCARD', A)
+  if n > maxn then redis.call('ZREMRANGEBYRANK', A, 0, n - maxn - 1) end
+  touched[#touched + 1] = A
+  if ARGV[15] == '1' and n > 1 then
+    for _, k in ipairs(touched) do redis.call('PEXPIRE', k, kttl) end
+    return {'crowded'}
   end
 end
 local decision = 'serve'
@@ -213,18 +228,21 @@ class RedisGateStore:
         self.pushed = 0
 
     def admit(self, artifact: str, path: str, start: int, end: int, first_copy: bool,
-              now: float | None = None, *, zone: str | None = None, relay: str | None = None):
+              now: float | None = None, *, zone: str | None = None, relay: str | None = None,
+              node: str | None = None, solo: bool = False):
         if zone is None:
             return SERVE  # served and forgotten, without a round trip
-        return self._admit(artifact, path, start, end, first_copy, now, zone, relay)
+        return self._admit(artifact, path, start, end, first_copy, now, zone, relay, node, solo)
 
     async def _admit(self, artifact: str, path: str, start: int, end: int, first_copy: bool,
-                     now: float | None, zone: str, relay: str | None) -> Admission:
+                     now: float | None, zone: str, relay: str | None, asker: str | None = None,
+                     solo: bool = False) -> Admission:
         node = (self._relays.node_of(relay) if self._relays is not None and relay else None) or ""
         now_ms = int((now if self._caller_clock and now is not None else time.time()) * 1000)
         win_ms = int(self.window_s * 1000)
         args = (path, start, end, 1 if first_copy else 0, zone, relay or "", node, now_ms, win_ms,
-                self.max_ranges, MAX_REFUSALS, MAX_NODES_PER_ZONE, MAX_ZONES, 2 * win_ms + 1000)
+                self.max_ranges, MAX_REFUSALS, MAX_NODES_PER_ZONE, MAX_ZONES, 2 * win_ms + 1000, 1 if solo else 0,
+                asker or "")
         key = _gate_key(artifact)
         sha = self._sha
 
@@ -241,6 +259,8 @@ class RedisGateStore:
             out = _raise_errors(replies)[0]
             break
         kind = out[0]
+        if kind == b"crowded":
+            return CROWDED
         if kind == b"elsewhere":
             self.refused += 1
             return ELSEWHERE

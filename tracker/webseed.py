@@ -36,7 +36,7 @@ from modelcast.manifest import FileEntry, Manifest
 from modelcast.reference import DIGEST_RE
 from modelcast.wire import (ACCEPT_REDIRECT_HEADER, FIRST_COPY_HEADER, NODE_ID_HEADER, NODE_KEY_HEADER,
                             RELAY_FROM_HEADER, RELAY_FROM_TOKEN_HEADER, RELAY_HEADER, RELAY_TO_HEADER,
-                            RELAY_TO_TOKEN_HEADER, ZONE_HEADER)
+                            RELAY_TO_TOKEN_HEADER, URL_SEED_HEADER, ZONE_HEADER)
 
 from .announce import ZONE_RE
 from .auth import check_auth, may_read
@@ -248,6 +248,9 @@ def _byte_range(request: web.Request, size: int) -> tuple[int, int] | None:
 
 def _refusal(admission: Admission, tail: str, first_byte: int, last_byte: int, token: str | None) -> web.Response:
     """The 409 for bytes the gate will not serve again: take them from peers, or from the named node."""
+    if admission.crowded:
+        return _url_seed_refusal("crowded", "other nodes are pulling this artifact: ask as they do, so that "
+                                            "the first copy is shared")
     # Another node fetched these bytes moments ago: they come from the swarm, or, for
     # the first node of another zone to ask, from that node (tracker/firstcopy.py).
     if admission.relay_from and token:
@@ -259,6 +262,13 @@ def _refusal(admission: Admission, tail: str, first_byte: int, last_byte: int, t
     return web.json_response({"error": {"code": "served_elsewhere",
                                         "message": f"{tail} bytes {first_byte}-{last_byte} were just served to "
                                                    "another node; take them from peers"}}, status=409)
+
+
+def _url_seed_refusal(code: str, message: str, status: int = 409) -> web.Response:
+    """The answer that sends a node's libtorrent URL seed back to the node's own origin requests:
+    409 while other nodes pull (the node then asks as one of several), 421 where the origin
+    is not a file origin."""
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
 
 # ---------------------------------------------------------------------------------------
@@ -286,7 +296,7 @@ async def _admit(app: web.Application, header: Callable[[str], str | None], remo
         relay = await relay  # registrations in Redis (tracker/gate_redis.py)
     admission = app[FIRST_COPY].admit(
         digest, tail, first_byte, last_byte, first_copy=header(FIRST_COPY_HEADER) == "1",
-        zone=gate_zone, relay=relay)
+        zone=gate_zone, relay=relay, node=node_id if proven else None, solo=header(URL_SEED_HEADER) == "1")
     if not isinstance(admission, Admission):
         admission = await admission  # the gate in Redis: one round trip
     if not admission.serve:
@@ -315,13 +325,19 @@ async def webseed(request: web.Request) -> web.StreamResponse:
         raise ArtifactNotFound(f"file {tail!r} is not in artifact {digest} (paths start with {prefix!r})")
     span = _byte_range(request, entry.size) if entry.size else None
     first_byte, last_byte = span if span is not None else (0, max(entry.size - 1, 0))
+    upstream = is_upstream_origin(art.origin_url)
+    origin = None if upstream else await request.app[ORIGINS].get(art.origin_url, art.s3_endpoint)
+    local = None if upstream else origin.blob_local_path(entry.xxh3_128)
+    if local is None and request.headers.get(URL_SEED_HEADER) == "1":
+        # A node's libtorrent neither follows the presigned redirect nor should make the
+        # registry stream an object store's bytes: its own origin requests do both.
+        return _url_seed_refusal("not_a_file_origin", "this artifact's origin is not a file origin of the "
+                                                      "registry: ask with the node's own origin requests", status=421)
     tally = await _admit(request.app, request.headers.get, request.remote, digest, tail, first_byte, last_byte)
     if not isinstance(tally, OriginTally):
         return tally
-    if is_upstream_origin(art.origin_url):
+    if upstream:
         return await _stream_upstream(request, tally, art, digest, tail, entry)
-    origin = await request.app[ORIGINS].get(art.origin_url, art.s3_endpoint)
-    local = origin.blob_local_path(entry.xxh3_128)
     if local is not None:
         blob = await request.app[FILE_SENDING].blobs.get(local)
         if blob is None or blob.size != entry.size:
