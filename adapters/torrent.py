@@ -316,8 +316,24 @@ def piece_spans(ti: TorrentInfo) -> list[PieceSpan]:
 
 EngineEvent = str
 """What :class:`TorrentEngine` tells its owner about a torrent: ``"finished"``, ``"error"``,
-``"peers"`` (a peer connected or left), ``"tracker"`` (a tracker replied) or ``"state"``
-(checking ended, downloading began, ...)."""
+``"peers"`` (a peer connected or left), ``"tracker"`` (a tracker replied), ``"state"``
+(checking ended, downloading began, ...) or ``"url_seed"`` (its URL seed failed)."""
+
+# A torrent's URL seed (:meth:`TorrentEngine.add`): added held (libtorrent's upload mode: no
+# request leaves, the web seed is not even connected), then running or dropped.
+URL_SEED_HELD, URL_SEED_RUNNING, URL_SEED_FAILED, URL_SEED_DROPPED = "held", "running", "failed", "dropped"
+
+
+@dataclass
+class UrlSeed:
+    """One torrent's BEP 19 URL seed: libtorrent fetches from ``url`` itself, with ``headers``."""
+
+    url: str
+    headers: list[tuple[str, str]]
+    state: str = URL_SEED_HELD
+    error: str | None = None
+    status: int | None = None  # the HTTP status that ended it, if one did
+    bytes: int = 0  # payload it brought, as of when it was dropped
 
 SAFETY_PUMP_S = 1.0  # alerts are also drained this often, should a wake-up ever be lost
 
@@ -428,6 +444,7 @@ class TorrentEngine:
         self._errors: dict[str, str] = {}
         self._finished: dict[str, float] = {}  # digest -> loop time its torrent_finished_alert was seen
         self._tracker_peers: dict[str, int] = {}  # peers in the last tracker reply, per digest
+        self._url_seeds: dict[str, UrlSeed] = {}  # digest -> its URL seed, while the download has one
         self._recoveries: dict[str, int] = {}
         self._resume: dict[str, list[asyncio.Future]] = {}  # digest -> waiting for resume data
         self._reads: dict[tuple[str, int], list[asyncio.Future]] = {}  # (info-hash, piece) -> waiting readers
@@ -451,7 +468,8 @@ class TorrentEngine:
         return self.session.listen_port()
 
     def add(self, digest: str, ti: TorrentInfo, manifest: Manifest, save_path: str, *,
-            trackers: list[str], seed: bool, resume: bytes | None = None, verified: bool = False) -> None:
+            trackers: list[str], seed: bool, resume: bytes | None = None, verified: bool = False,
+            url_seed: UrlSeed | None = None) -> None:
         """Download (or, with ``seed``, seed without re-checking) ``ti`` into ``save_path``.
 
         With ``resume`` (libtorrent resume data saved earlier) the pieces it records as
@@ -461,6 +479,12 @@ class TorrentEngine:
         A seed is in libtorrent's seed mode: each piece is hashed the first time a peer asks
         for it.  With ``verified`` (every file's bytes were just checked against the
         manifest) no piece is hashed again: the seeder's CPU goes to sending.
+
+        With ``url_seed`` (a download only) libtorrent may fetch from that web seed itself,
+        the bytes never passing through Python; the torrent is added held (no request
+        leaves, to peers or to the web seed) until :meth:`start_url_seed` or
+        :meth:`drop_url_seed`.  The binding takes a URL seed's headers only on a
+        ``torrent_info`` before the torrent is added, hence here.
         """
         atp = lt.add_torrent_params()
         if resume:
@@ -470,6 +494,8 @@ class TorrentEngine:
                 log.warning("ignoring unreadable resume data of %s: %s", digest, exc)
                 atp = lt.add_torrent_params()
         atp.ti = lt.torrent_info(ti)
+        if url_seed is not None and not seed:
+            atp.ti.add_url_seed(url_seed.url, "", url_seed.headers)
         atp.save_path = save_path
         fs = ti.layout()
         prefix = manifest.torrent_name + "/"
@@ -486,6 +512,8 @@ class TorrentEngine:
                  | lt.torrent_flags.disable_lsd | lt.torrent_flags.disable_pex)
         flags &= ~lt.torrent_flags.auto_managed
         flags &= ~lt.torrent_flags.paused
+        if url_seed is not None and not seed:
+            flags |= lt.torrent_flags.upload_mode
         if seed:
             flags |= lt.torrent_flags.seed_mode
             if verified:
@@ -500,6 +528,9 @@ class TorrentEngine:
         self._errors.pop(digest, None)
         self._tracker_peers.pop(digest, None)
         self._finished.pop(digest, None)
+        self._url_seeds.pop(digest, None)
+        if url_seed is not None and not seed:
+            self._url_seeds[digest] = url_seed
         if seed:
             # Seed mode posts no piece_finished_alert: every piece is here now.
             for key in [k for k in self._arrivals if k[0] == digest]:
@@ -517,6 +548,7 @@ class TorrentEngine:
             return done
         key = str(handle.info_hashes().get_best())
         self._by_hash.pop(key, None)
+        self._url_seeds.pop(digest, None)
         self._removing[key] = done
         for read in [r for r in self._reads if r[0] == key]:
             _fail_all(self._reads.pop(read), PullFailed(f"{digest} left the swarm on this node"))
@@ -581,6 +613,14 @@ class TorrentEngine:
             _resolve_all(self._resume.pop(digest, []), None)
         elif isinstance(alert, (lt.state_changed_alert, lt.torrent_checked_alert)) and digest:
             self._emit(digest, "state")
+        elif isinstance(alert, lt.url_seed_alert) and digest:
+            seed = self._url_seeds.get(digest)
+            if seed is not None and seed.state in (URL_SEED_HELD, URL_SEED_RUNNING):
+                seed.state, seed.error = URL_SEED_FAILED, alert.error_message() or alert.message()
+                # An HTTP refusal reads "409 Conflict" (the error code itself is 0).
+                code = seed.error.split(" ", 1)[0]
+                seed.status = int(code) if code.isdigit() and len(code) == 3 else None
+                self._emit(digest, "url_seed")
         elif isinstance(alert, lt.peer_ban_alert):
             self.peers_banned += 1
             log.warning("banned peer %s: %s", alert.ip, alert.message())
@@ -652,8 +692,63 @@ class TorrentEngine:
             state=str(s.state), done_bytes=int(s.total_wanted_done), total_bytes=int(s.total_wanted),
             payload_download=int(s.total_payload_download), payload_upload=int(s.total_payload_upload),
             download_rate=int(s.download_payload_rate), upload_rate=int(s.upload_payload_rate),
-            peers=int(s.num_peers), seeds=int(s.num_seeds), finished=bool(s.is_finished), error=err,
+            # A running URL seed is a connection, not a peer.
+            peers=self.peers(digest) if self._url_seed_running(digest) else int(s.num_peers),
+            seeds=int(s.num_seeds), finished=bool(s.is_finished), error=err,
         )
+
+    # ---- a download's URL seed ---------------------------------------------------------
+    def url_seed(self, digest: str) -> UrlSeed | None:
+        """The download's URL seed (see :meth:`add`), None if it has none."""
+        return self._url_seeds.get(digest)
+
+    def _url_seed_running(self, digest: str) -> bool:
+        seed = self._url_seeds.get(digest)
+        return seed is not None and seed.state == URL_SEED_RUNNING
+
+    def start_url_seed(self, digest: str) -> None:
+        """Let a held download go, its URL seed with it."""
+        seed = self._url_seeds.get(digest)
+        if seed is not None and seed.state == URL_SEED_HELD:
+            seed.state = URL_SEED_RUNNING
+            self._handles[digest].unset_flags(lt.torrent_flags.upload_mode)
+
+    def drop_url_seed(self, digest: str) -> None:
+        """Take the URL seed away (its connection closes; its requests go back to the picker);
+        a held download goes on without it.  What it brought stays counted."""
+        seed = self._url_seeds.get(digest)
+        if seed is None or seed.state == URL_SEED_DROPPED:
+            return
+        handle = self._handles[digest]
+        seed.bytes = self._url_seed_payload(handle)
+        handle.remove_url_seed(seed.url)
+        if seed.state == URL_SEED_HELD:
+            handle.unset_flags(lt.torrent_flags.upload_mode)
+        seed.state = URL_SEED_DROPPED
+
+    def url_seed_bytes(self, digest: str) -> int:
+        """Payload the download's URL seed brought so far (0 without one)."""
+        seed = self._url_seeds.get(digest)
+        if seed is None:
+            return 0
+        if seed.state == URL_SEED_DROPPED:
+            return seed.bytes
+        return self._url_seed_payload(self._handles[digest])
+
+    @staticmethod
+    def _url_seed_payload(handle) -> int:
+        """The torrent's payload less what its connected peers sent: a URL seed runs only while
+        no peer is connected (node_cache/origin_fill.py), so this is what the web seed sent."""
+        from_peers = sum(p.total_download for p in handle.get_peer_info()
+                         if p.connection_type == lt.peer_info.standard_bittorrent)
+        return max(0, int(handle.status().total_payload_download) - from_peers)
+
+    def peers(self, digest: str) -> int:
+        """BitTorrent peers connected to the download now (web seed connections not counted)."""
+        handle = self._handles.get(digest)
+        if handle is None:
+            return 0
+        return sum(1 for p in handle.get_peer_info() if p.connection_type == lt.peer_info.standard_bittorrent)
 
     def missing_pieces(self, digest: str) -> tuple[list[int], list[int], set[int]]:
         """(pieces we lack, availability among connected peers, pieces being downloaded)."""

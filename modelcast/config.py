@@ -268,6 +268,9 @@ class NodeConfig:
     quota: int = 0  # bytes; 0 = no quota
     # Off: no tracker, no peers; every byte from the origin (the baseline of benchmarks/fanout.py).
     p2p: bool = True
+    # A lone node lets libtorrent fetch from the registry's web seed itself (a BEP 19 URL seed:
+    # the bytes never pass through Python); off: the node's own range requests always.
+    url_seed: bool = True
     # The relay listener: nodes of other zones fetch and push pieces there, as the origin
     # directs (tracker/firstcopy.py).  Host None: the peer host; port 0: any free port.
     relay_host: str | None = None

@@ -55,6 +55,9 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     p.add_argument("--cache", type=Path, help="cache directory (required to run the daemon)")
     p.add_argument("--no-p2p", action="store_true", help="never use peers: fetch everything from the origin "
                                                           "(a baseline for benchmarks)")
+    p.add_argument("--no-url-seed", action="store_true",
+                   help="a lone node fetches origin bytes with its own range requests, not through libtorrent's "
+                        "URL seed (which costs about half the CPU per byte)")
     p.add_argument("--quota", default="0", help="cache quota (e.g. 50G); least recently used artifacts are "
                                                  "evicted to stay under it, 0 = none")
     p.add_argument("--api", default="127.0.0.1:7071", help="HOST:PORT of the local HTTP API")
@@ -139,7 +142,7 @@ def cmd_node(args) -> int:
                      peer_host=peer_host, peer_port=peer_port, zone=args.zone, token=client.token, node_token=node_token,
                      upload_limit=parse_size(args.upload_limit), download_limit=parse_size(args.download_limit),
                      webseed_grace_s=args.webseed_grace, quota=parse_size(args.quota), p2p=not args.no_p2p,
-                     accel_root=args.accel_root, heartbeat_interval_s=args.heartbeat_interval,
+                     url_seed=not args.no_url_seed, accel_root=args.accel_root, heartbeat_interval_s=args.heartbeat_interval,
                      heartbeat_ttl_s=args.heartbeat_ttl, relay_host=relay_host, relay_port=relay_port,
                      relay_url=args.relay_url, hf_cache=hf_hub_cache(),
                      tls=TlsFiles.from_args(args.tls_cert, args.tls_key), ca=client.ca))

@@ -384,7 +384,7 @@ class NodeDaemon:
         resume = await asyncio.to_thread(self.store.load_resume, digest)
         job.state = PullState.DOWNLOADING
         self.engine.add(digest, ti, manifest, str(self.store.partial_path(digest)), trackers=self.trackers(),
-                        seed=False, resume=resume)
+                        seed=False, resume=resume, url_seed=self.fetcher.url_seed(self.registry.webseed_url(digest)))
         fill = OriginFill(job, spans, self.registry, self.fetcher, self.cfg)
         task = asyncio.create_task(fill.run())
         task.add_done_callback(lambda _: self.wake())
@@ -413,8 +413,8 @@ class NodeDaemon:
         # piece is hashed again as peers ask for it (libtorrent's seed mode would).
         self.engine.add(digest, download.ti, manifest, str(path), trackers=self.trackers(), seed=True,
                         verified=True)
-        log.info("%s ready at %s: %d bytes from peers, %d from the origin",
-                 manifest.name, path, job.bytes_from_peers, job.bytes_from_origin)
+        log.info("%s ready at %s: %d bytes from peers, %d from the origin (%d of them through libtorrent's URL seed)",
+                 manifest.name, path, job.bytes_from_peers, job.bytes_from_origin, job.bytes_from_url_seed)
         self._end(job, READY)
         if self.hf.for_digest(digest):
             await self.hf_reconcile()  # a repaired artifact gets its Hugging Face layouts back
@@ -445,8 +445,16 @@ class NodeDaemon:
         p = self.engine.progress(job.digest) if self.engine else None
         if p is None:
             return
-        self.counters.bytes_from_peers += max(0, p.payload_download - job.bytes_from_peers)
-        job.bytes_from_peers = p.payload_download
+        # libtorrent's payload counts what its URL seed fetched from the origin, too.
+        from_url_seed = self.engine.url_seed_bytes(job.digest)
+        if from_url_seed > job.bytes_from_url_seed:
+            more = from_url_seed - job.bytes_from_url_seed
+            job.bytes_from_url_seed = from_url_seed
+            job.bytes_from_origin += more
+            self.counters.bytes_from_origin += more
+        from_peers = max(0, p.payload_download - from_url_seed)
+        self.counters.bytes_from_peers += max(0, from_peers - job.bytes_from_peers)
+        job.bytes_from_peers = from_peers
         job.done_bytes = p.done_bytes
         job.download_rate, job.upload_rate, job.peers = p.download_rate, p.upload_rate, p.peers
 

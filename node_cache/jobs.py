@@ -36,6 +36,7 @@ class PullJob:
     started: float = field(default_factory=time.time)
     finished: float | None = None
     bytes_from_origin: int = 0
+    bytes_from_url_seed: int = 0  # of bytes_from_origin: what libtorrent fetched from the origin itself
     bytes_from_peers: int = 0
     bytes_from_relay: int = 0  # pieces fetched from a node of another zone (tracker/firstcopy.py)
     done_bytes: int = 0
@@ -76,6 +77,7 @@ class PullJob:
             "state": self.state.value, "path": self.path, "total_bytes": total,
             "done_bytes": total if self.state is PullState.READY else self.done_bytes,
             "bytes_from_peers": self.bytes_from_peers, "bytes_from_origin": self.bytes_from_origin,
+            "bytes_from_url_seed": self.bytes_from_url_seed,
             "bytes_from_relay": self.bytes_from_relay,
             "download_rate": self.download_rate, "upload_rate": self.upload_rate, "peers": self.peers,
             "started": self.started, "finished": self.finished,

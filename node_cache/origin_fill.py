@@ -10,6 +10,14 @@ when a fetch ends (a slot is free: the next request leaves at once), when a peer
 or leaves, when the tracker replies and when libtorrent's state changes; otherwise it looks
 again every 50 ms while fetches are under way, as peers' pieces change who has what.
 
+A lone node hands the origin to libtorrent instead (:meth:`OriginFill._url_seed_run`): the
+registry's web seed as the torrent's BEP 19 URL seed, so the bytes go from the socket to the
+disk inside libtorrent, never through Python (about half the CPU per byte; issue #13).  The
+torrent is added held (libtorrent's upload mode) with the URL seed; the tracker's first reply
+decides: nobody named, the URL seed runs; anyone, it is dropped.  It is dropped too when the
+registry refuses it (another node asked for the artifact, or the origin is not a file origin)
+or when it stalls; the loop below then asks for what it has not brought.
+
 Requests marked first-copy may get 409 from the origin: another node of the zone just took
 the piece and it will come through the swarm (:class:`ServedElsewhere`), or a node of
 another zone holds it and we fetch it from there (:class:`RelayFrom`, then
@@ -28,12 +36,12 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from adapters.torrent import PieceSpan, TorrentEngine
+from adapters.torrent import URL_SEED_FAILED, URL_SEED_HELD, PieceSpan, TorrentEngine, UrlSeed
 from modelcast.config import NodeConfig, is_wildcard
 from modelcast.errors import Unreachable
 from modelcast.wire import (ACCEPT_REDIRECT_HEADER, FIRST_COPY_HEADER, NODE_ID_HEADER, NODE_KEY_HEADER,
                             RELAY_FROM_HEADER, RELAY_FROM_TOKEN_HEADER, RELAY_HEADER, RELAY_TO_HEADER,
-                            RELAY_TO_TOKEN_HEADER, ZONE_HEADER, bearer)
+                            RELAY_TO_TOKEN_HEADER, URL_SEED_HEADER, ZONE_HEADER, bearer)
 
 from .jobs import PullJob
 from .metrics import NodeCounters
@@ -134,6 +142,17 @@ class OriginFetcher:
 
     def attach(self, engine: TorrentEngine, http: aiohttp.ClientSession) -> None:
         self.engine, self.http = engine, http
+
+    def url_seed(self, base: str) -> UrlSeed | None:
+        """The URL seed a download may hand its origin bytes to (libtorrent fetches them itself,
+        never through Python), or None where the node's own requests must: a TLS registry
+        (libtorrent would not check it against the node's CA), a download limit (the
+        token bucket is the node's), no URL seed configured."""
+        if not self.cfg.url_seed or self.bucket is not None or not base.startswith("http://"):
+            return None
+        headers = {**self._headers(), URL_SEED_HEADER: "1"}
+        headers.pop(ACCEPT_REDIRECT_HEADER)  # libtorrent would send the node's headers to the object store
+        return UrlSeed(base, list(headers.items()))
 
     def _headers(self) -> dict[str, str]:
         headers = {ZONE_HEADER: self.cfg.zone, ACCEPT_REDIRECT_HEADER: "1",
@@ -338,6 +357,7 @@ class OriginFill:
         self.cfg = cfg
         self._wake = asyncio.Event()
         self._rng = random.Random()
+        self._crowded = False  # the registry said other nodes pull this artifact
 
     @property
     def base(self) -> str:
@@ -369,6 +389,8 @@ class OriginFill:
 
     async def run(self) -> None:
         engine, digest, loop = self.engine, self.job.digest, asyncio.get_running_loop()
+        if (seed := engine.url_seed(digest)) is not None and seed.state == URL_SEED_HELD:
+            await self._url_seed_run()
         if self.cfg.p2p:
             # Give peers a moment to connect and show what they have, unless the tracker
             # already said nobody else is in the swarm.
@@ -409,7 +431,10 @@ class OriginFill:
                 if p and p.peers:
                     last_connected = now
                 missing, avail, downloading = engine.missing_pieces(digest)
-                alone = p is not None and is_alone(p.peers, engine.tracker_peers(digest), now - last_connected)
+                told_of = engine.tracker_peers(digest)
+                if self._crowded:  # as if the tracker had named them: marked requests, until they connect
+                    told_of = max(told_of or 0, 1)
+                alone = p is not None and is_alone(p.peers, told_of, now - last_connected)
                 view = SwarmView(missing, avail, downloading, alone=alone)
                 in_flight = len(set(claimed.values()) - relays)
                 requests, wanted = plan_requests(
@@ -432,6 +457,54 @@ class OriginFill:
         finally:
             for task in set(claimed.values()):
                 task.cancel()
+
+    async def _url_seed_run(self) -> None:
+        """Alone, let libtorrent fetch from the origin itself; the moment that ends, ask ourselves.
+
+        A lone node's bytes then go from the socket to the disk inside libtorrent, hashed
+        there, never through Python (issue #13: half the CPU per byte).  It ends when the
+        download finishes, when the registry refuses the URL seed (another node asked for
+        the artifact: the first copy is then shared through marked requests; or the origin
+        is not a file origin: tracker/webseed.py), or after :data:`STALL_S` without
+        progress.  Not when a peer connects: a range being sent would be lost half way,
+        and a peer that asks the origin makes the registry refuse the next range anyway.
+        Its connection closes then, and what it has not brought yet the loop below asks for.
+        """
+        engine, digest, loop = self.engine, self.job.digest, asyncio.get_running_loop()
+        # Held, the download connects to nobody for long (a seed closes an upload-only
+        # connection): the tracker's first reply decides, or a grace without one.
+        grace_end = loop.time() + self.cfg.webseed_grace_s
+        while self.cfg.p2p and engine.tracker_peers(digest) is None and loop.time() < grace_end:
+            self._wake.clear()
+            await self._wait(grace_end - loop.time())
+        if not is_alone(engine.peers(digest), engine.tracker_peers(digest), 0.0):
+            engine.drop_url_seed(digest)
+            return
+        engine.start_url_seed(digest)
+        last_done, last_change, why = -1, loop.time(), "the download finished"
+        try:
+            while not engine.finished(digest):
+                self._wake.clear()
+                seed = engine.url_seed(digest)
+                if seed is None:
+                    return
+                if seed.state == URL_SEED_FAILED:
+                    why = f"the registry ended it ({seed.error})"
+                    # 409: other nodes pull (tracker/webseed.py): not alone, whatever the tracker said.
+                    self._crowded = seed.status == 409
+                    break
+                now = loop.time()
+                if (p := engine.progress(digest)) is not None and p.done_bytes != last_done:
+                    last_done, last_change = p.done_bytes, now
+                if now - last_change > STALL_S:
+                    why = f"no progress for {STALL_S:g} s"
+                    break
+                await self._wait(IDLE_LOOK_S)
+        finally:
+            if engine.url_seed(digest) is not None:
+                engine.drop_url_seed(digest)
+                log.info("%s: libtorrent's own origin fetching stopped after %d bytes: %s", digest,
+                         engine.url_seed_bytes(digest), why)
 
     def _start(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)
