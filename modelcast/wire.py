@@ -10,8 +10,6 @@ from __future__ import annotations
 # A node marks an origin request "first copy": the registry may answer 409 when the bytes
 # were just served to another node of its zone, and the node takes them from its peers.
 FIRST_COPY_HEADER = "X-Modelcast-First-Copy"
-# ... "lone" on the runs of a node that believes it is alone: 409 only for bytes just served
-# to another node of its own zone.
 # The requesting node's zone.
 ZONE_HEADER = "X-Modelcast-Zone"
 # Where the requesting node serves pieces to other zones: <base>/v1/artifacts/<digest>/pieces/<n>.

@@ -58,7 +58,6 @@ BUSY_LOOK_S = 0.05  # how often to look again while pieces are wanted and slots 
 IDLE_LOOK_S = 0.25  # ... and while peers deliver everything else or every slot is busy
 FIRST_BITFIELDS_S = 0.05  # after the grace, a moment for the first peers' bitfields
 FAILURE_BACKOFF_S = 0.5  # after a failed origin request
-REANNOUNCE_S = 1.0  # at most this often: a lone node refused bytes a node of its zone got asks the tracker again
 PLAIN_READERS = 16  # worker threads reading plain-HTTP origin answers (4 requests in flight per lone download)
 
 
@@ -164,8 +163,7 @@ class OriginFetcher:
             headers[RELAY_HEADER] = self.relay.url  # where the origin may send nodes of other zones
         return headers
 
-    async def fetch_run(self, job: PullJob, base: str, run: list[PieceSpan], first_copy: bool = False,
-                        lone: bool = False) -> None:
+    async def fetch_run(self, job: PullJob, base: str, run: list[PieceSpan], first_copy: bool = False) -> None:
         """Fetch consecutive pieces of one file with one range request and hand them to libtorrent.
 
         With ``first_copy`` the origin may answer 409: another node just took this piece,
@@ -176,9 +174,8 @@ class OriginFetcher:
         start, end = first.file_offset, last.file_offset + last.length - 1
         url = base + "/".join(aiohttp.helpers.quote(part, safe="") for part in first.path.split("/"))
         headers = {"Range": f"bytes={start}-{end}", **self._headers()}
-        if first_copy or lone:
-            headers[FIRST_COPY_HEADER] = "1" if first_copy else "lone"
-            first_copy = True  # a 409 may come back either way
+        if first_copy:
+            headers[FIRST_COPY_HEADER] = "1"
         if url.startswith("http://"):
             await self._fetch_plain(job, url, headers, run, first_copy)
             return
@@ -416,16 +413,10 @@ class OriginFill:
         fetched_at: dict[int, float] = {}
         last_done, last_change = -1, loop.time()
         last_connected = loop.time()  # when a peer was last connected (or the fill started)
-        alone, reannounced = False, -1e9
         try:
             while not engine.finished(digest):
                 self._wake.clear()
-                failure, refused = self._collect(claimed, relays, fetched_at)
-                if refused and alone and loop.time() - reannounced > REANNOUNCE_S:
-                    # Alone, yet the origin says a node of our zone just got those bytes: it
-                    # started with us and the tracker named neither to the other.  Ask again.
-                    reannounced = loop.time()
-                    engine.reannounce(digest)
+                failure = self._collect(claimed, relays, fetched_at)
                 if failure is not None:
                     if self._left_already(failure):
                         continue  # a fetch from a replica already failed over from: the current one takes it
@@ -452,7 +443,7 @@ class OriginFill:
                     rng=self._rng)
                 for request in requests:
                     task = self._start(self.fetcher.fetch_run(self.job, self.base, list(request.spans),
-                                                              first_copy=request.first_copy, lone=request.lone))
+                                                              first_copy=request.first_copy))
                     for span in request.spans:
                         claimed[span.piece] = task
                 if not wanted or in_flight + len(requests) >= parallel_requests(view.alone):
@@ -521,12 +512,9 @@ class OriginFill:
         return task
 
     def _collect(self, claimed: dict[int, asyncio.Task], relays: set[asyncio.Task],
-                 fetched_at: dict[int, float]) -> tuple[BaseException | None, bool]:
-        """Forget finished fetches; start relay fetches the origin pointed to.
-
-        Returns a failure, if any, and whether the origin refused a fetch (the swarm brings it).
-        """
-        failure, refused = None, False
+                 fetched_at: dict[int, float]) -> BaseException | None:
+        """Forget finished fetches; start relay fetches the origin pointed to; return a failure, if any."""
+        failure = None
         now = asyncio.get_running_loop().time()
         for piece, task in list(claimed.items()):
             if not task.done():
@@ -543,8 +531,6 @@ class OriginFill:
                                                              self.spans[piece]))
                 claimed[piece] = relay
                 relays.add(relay)
-            elif isinstance(exc, ServedElsewhere):
-                refused = True
-            elif exc is not None and failure is None:
+            elif exc is not None and not isinstance(exc, ServedElsewhere) and failure is None:
                 failure = exc
-        return failure, refused
+        return failure

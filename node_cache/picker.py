@@ -88,7 +88,6 @@ class Request:
 
     spans: tuple[PieceSpan, ...]
     first_copy: bool  # marked X-Modelcast-First-Copy: the origin may answer 409 (tracker/firstcopy.py)
-    lone: bool = False  # marked "lone": 409 only for bytes just served to another node of the zone
 
 
 def wanted_pieces(view: SwarmView, *, claimed: Collection[int], fetched_at: Mapping[int, float], now: float,
@@ -149,13 +148,11 @@ def plan_requests(view: SwarmView, spans: Sequence[PieceSpan], *, claimed: Colle
 
     ``in_flight`` counts origin requests already under way (relay fetches from nodes of
     other zones do not count).  Requests carry the first-copy mark unless the node is
-    alone or stalled; alone, the ``lone`` mark (two nodes that started together may
-    both believe they are alone: the origin refuses the second one bytes the first just got).
+    alone or stalled.
     """
     wanted = wanted_pieces(view, claimed=claimed, fetched_at=fetched_at, now=now, stalled=stalled)
     run_limit = run_bytes if view.alone else 1
     slots = max(0, parallel_requests(view.alone) - in_flight)
     runs = pick_runs(wanted, spans, slots=slots, run_limit=run_limit, rng=rng)
     first_copy = not (view.alone or stalled)
-    lone = view.alone and not stalled
-    return [Request(tuple(run), first_copy, lone) for run in runs], wanted
+    return [Request(tuple(run), first_copy) for run in runs], wanted

@@ -213,23 +213,3 @@ def test_a_solo_requester_of_another_zone_is_crowded_too(make_gate):
     assert gate.admit("d", "f", 0, PIECE - 1, first_copy=False, now=0.1, zone="y", node="b", solo=True).crowded
     # A request that proves no node (no zone for the gate) is never crowded: nothing to share with.
     assert gate.admit("d", "f", 0, PIECE - 1, first_copy=False, now=0.2, solo=True).serve
-
-
-def test_a_lone_run_is_refused_only_for_bytes_another_node_of_its_zone_just_got(make_gate):
-    """Two nodes that started together, each told of nobody: the second one's lone run for
-    bytes the first just got is refused (it learns of the first and takes them from it); its
-    own bytes again (a retry), another zone's bytes, or unserved ones are served."""
-    gate = make_gate(window_s=30)
-    run = (0, 16 * PIECE - 1)
-    assert gate.admit("d", "f", *run, first_copy=False, now=0.0, zone="z", node="a", lone=True).serve
-    assert not gate.admit("d", "f", *run, first_copy=False, now=0.1, zone="z", node="b", lone=True).serve
-    assert gate.refused == 1
-    assert gate.admit("d", "f", *run, first_copy=False, now=0.2, zone="z", node="a", lone=True).serve  # a's retry
-    assert gate.admit("d", "f", *run, first_copy=False, now=0.3, zone="y", node="c", lone=True).serve  # other zone
-    assert gate.admit("d", "f", 16 * PIECE, 32 * PIECE - 1, first_copy=False, now=0.4, zone="z", node="b",
-                      lone=True).serve
-    # Bounded like every refusal, and a stalled node (no mark) is always served.
-    assert gate.admit("d", "f", *run, first_copy=False, now=0.5, zone="z", node="b").serve
-    answers = [gate.admit("d", "f", *run, first_copy=False, now=1.0 + i / 10, zone="z", node="e", lone=True).serve
-               for i in range(MAX_REFUSALS + 2)]
-    assert answers.count(False) == MAX_REFUSALS - 1 and answers[-1]

@@ -42,7 +42,6 @@ def test_alone_asks_for_runs_of_consecutive_pieces_up_to_16_mib_four_at_once_wit
         pieces = [s.piece for s in r.spans]
         assert pieces == list(range(pieces[0], pieces[0] + len(pieces)))  # consecutive
         assert sum(s.size for s in r.spans) <= 16 * MiB and not r.first_copy
-        assert r.lone  # refused only for bytes another node of the zone just got (tracker/firstcopy.py)
     picked = {s.piece for r in requests for s in r.spans}
     assert len(picked) == sum(len(r.spans) for r in requests)  # no piece twice
     assert wanted == set(range(64)) - picked
@@ -106,7 +105,7 @@ def test_stalled_asks_for_anything_missing_without_the_first_copy_mark():
     v = view(4, have={0}, avail={1: 3, 2: 3, 3: 3}, downloading={1, 2, 3}, alone=False)
     assert plan(v, spans) == ([], set())  # peers deliver everything
     requests, wanted = plan(v, spans, stalled=True)
-    assert len(requests) == 2 and all(len(r.spans) == 1 and not r.first_copy and not r.lone for r in requests)
+    assert len(requests) == 2 and all(len(r.spans) == 1 and not r.first_copy for r in requests)
     assert {r.spans[0].piece for r in requests} | wanted == {1, 2, 3}
 
 

@@ -4,11 +4,8 @@ Nodes pulling together each pick, at random, pieces no peer has yet; two may pic
 piece before either's HAVE reaches the other.  A node marks such requests "first copy"
 (header ``X-Modelcast-First-Copy: 1``); the gate answers one whose byte range lies inside a
 range served within ``window_s`` with 409, and the node takes that piece from its peers.
-Every served range is remembered, with the header or without; requests without it (a
-stalled node, a plain BEP 19 client) are always served.  A node that believes it is alone
-asks for large runs marked ``lone``: refused only when another node of its zone was just
-served those bytes (two nodes that started together, each told of nobody by the tracker),
-so that it learns of that node and takes them from it.
+Every served range is remembered, with the header or without; requests without it (a lone
+or stalled node, a plain BEP 19 client) are always served.
 
 Zones.  The tracker hands a node only its own zone's peers, so a piece served to one zone
 never reaches another through the swarm.  A node names its zone (``X-Modelcast-Zone``) and
@@ -67,7 +64,6 @@ class _Served:
     at: float
     zone: str
     holder: str | None  # the relay URL of the node it went to, if it named one
-    node: str | None = None  # the id of the node it went to, if known (not for pushes)
 
 
 @dataclass(frozen=True)
@@ -93,8 +89,8 @@ class GateStore(Protocol):
 
     def admit(self, artifact: str, path: str, start: int, end: int, first_copy: bool,
               now: float | None = None, *, zone: str | None = None,
-              relay: str | None = None, node: str | None = None, solo: bool = False,
-              lone: bool = False) -> Admission | Awaitable[Admission]: ...
+              relay: str | None = None, node: str | None = None,
+              solo: bool = False) -> Admission | Awaitable[Admission]: ...
 
 
 def make_gate_store(swarms, relays) -> GateStore:
@@ -143,16 +139,14 @@ class FirstCopyGate:
 
     def admit(self, artifact: str, path: str, start: int, end: int, first_copy: bool,
               now: float | None = None, *, zone: str | None = None, relay: str | None = None,
-              node: str | None = None, solo: bool = False, lone: bool = False) -> Admission:
+              node: str | None = None, solo: bool = False) -> Admission:
         """Whether bytes ``start..end`` of ``path`` may be served now (remembering them if so).
 
         ``zone``, ``relay`` and ``node`` are the requester's zone, relay URL and node id, if
         it named them.  ``solo``: the requester takes no part in sharing (a node's libtorrent
         URL seed: it never pushes, never marks a request); it is served only while no other
         node asked for the artifact within the window, else refused with :data:`CROWDED`,
-        nothing remembered.  ``lone``: the requester believes it is alone (its run is marked
-        ``lone``): refused only for bytes served to another node of its own zone, or pushed to
-        its zone, which the swarm will bring once it learns of that node.
+        nothing remembered.
         """
         now = time.monotonic() if now is None else now
         self._expire(now)
@@ -166,10 +160,8 @@ class FirstCopyGate:
         if node is not None and self._others_asked(artifact, node, now) and solo:
             return CROWDED  # (every proven requester is noted, solo or not)
         decision = SERVE
-        if first_copy or lone:
+        if first_copy:
             covering = [s for s in self._ranges.get(key, ()) if s.start <= start and end <= s.end]
-            if lone and not first_copy:  # only what its own zone got, and not from this node's own requests
-                covering = [s for s in covering if s.zone == zone and (node is None or s.node != node)]
             refused = self._refusals.get((artifact, path, start, end))
             if covering and (refused is None or refused[0] < MAX_REFUSALS):
                 decision = self._elsewhere(covering, zone)
@@ -182,7 +174,7 @@ class FirstCopyGate:
                     return decision
         # Served, or on its way to the requester from a node of another zone: either way
         # the requester's zone has these bytes now.
-        self._remember(key, _Served(start, end, now, zone, relay, node))
+        self._remember(key, _Served(start, end, now, zone, relay))
         if decision is SERVE and zone is not None and relay is not None:
             targets = self._push_targets(artifact, zone, now)
             if targets:

@@ -67,7 +67,7 @@ BELIEVE_CACHE_S = 5.0
 MAX_BELIEVED = 100_000
 
 # KEYS[1]: "mc:{g:<digest>}"
-# ARGV: path, start, end, first_copy (0/1, 2: lone), zone, relay URL ('' none), relay node, now ms, window ms,
+# ARGV: path, start, end, first_copy (0/1), zone, relay URL ('' none), relay node, now ms, window ms,
 #       max ranges, max refusals, max nodes per zone, max zones, key ttl ms, solo (0/1), node id ('' none)
 # Answers {'elsewhere'}, {'from', url, node}, {'crowded'} (solo, others pulling), or
 # {'serve', url1, node1, url2, node2, ...} (push targets).
@@ -145,16 +145,13 @@ if ARGV[16] ~= '' then
 end
 local decision = 'serve'
 local from, fromnode
-if fc == '1' or fc == '2' then
+if fc == '1' then
   local longest = tonumber(redis.call('HGET', L, path) or '0')
   local covering = {}
   if longest > 0 then
     for _, m in ipairs(redis.call('ZRANGEBYSCORE', P .. ':r:' .. path, e - longest + 1, s)) do
       local f = fields(m)
-      if tonumber(f[3]) >= e and tonumber(f[4]) >= old
-          and (fc == '1' or (f[5] == zone and (ARGV[16] == '' or f[7] ~= ARGV[16]))) then
-        covering[#covering + 1] = f
-      end
+      if tonumber(f[3]) >= e and tonumber(f[4]) >= old then covering[#covering + 1] = f end
     end
   end
   local field = path .. "\t" .. s .. "\t" .. e
@@ -180,7 +177,7 @@ local out
 if decision == 'elsewhere' then
   out = {'elsewhere'}
 else
-  remember(zone, relay, relay ~= '' and rnode or ARGV[16])
+  remember(zone, relay, rnode)
   if decision == 'from' then
     out = {'from', from, fromnode}
   else
@@ -232,18 +229,18 @@ class RedisGateStore:
 
     def admit(self, artifact: str, path: str, start: int, end: int, first_copy: bool,
               now: float | None = None, *, zone: str | None = None, relay: str | None = None,
-              node: str | None = None, solo: bool = False, lone: bool = False):
+              node: str | None = None, solo: bool = False):
         if zone is None:
             return SERVE  # served and forgotten, without a round trip
-        return self._admit(artifact, path, start, end, first_copy, now, zone, relay, node, solo, lone)
+        return self._admit(artifact, path, start, end, first_copy, now, zone, relay, node, solo)
 
     async def _admit(self, artifact: str, path: str, start: int, end: int, first_copy: bool,
                      now: float | None, zone: str, relay: str | None, asker: str | None = None,
-                     solo: bool = False, lone: bool = False) -> Admission:
+                     solo: bool = False) -> Admission:
         node = (self._relays.node_of(relay) if self._relays is not None and relay else None) or ""
         now_ms = int((now if self._caller_clock and now is not None else time.time()) * 1000)
         win_ms = int(self.window_s * 1000)
-        args = (path, start, end, 1 if first_copy else 2 if lone else 0, zone, relay or "", node, now_ms, win_ms,
+        args = (path, start, end, 1 if first_copy else 0, zone, relay or "", node, now_ms, win_ms,
                 self.max_ranges, MAX_REFUSALS, MAX_NODES_PER_ZONE, MAX_ZONES, 2 * win_ms + 1000, 1 if solo else 0,
                 asker or "")
         key = _gate_key(artifact)

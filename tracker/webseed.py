@@ -294,10 +294,9 @@ async def _admit(app: web.Application, header: Callable[[str], str | None], remo
     relay = relays.believed(header(RELAY_HEADER), remote) if gate_zone is not None else None
     if relay is not None and not isinstance(relay, str):
         relay = await relay  # registrations in Redis (tracker/gate_redis.py)
-    mark = header(FIRST_COPY_HEADER)
     admission = app[FIRST_COPY].admit(
-        digest, tail, first_byte, last_byte, first_copy=mark == "1", zone=gate_zone, relay=relay,
-        node=node_id if proven else None, solo=header(URL_SEED_HEADER) == "1", lone=mark == "lone")
+        digest, tail, first_byte, last_byte, first_copy=header(FIRST_COPY_HEADER) == "1",
+        zone=gate_zone, relay=relay, node=node_id if proven else None, solo=header(URL_SEED_HEADER) == "1")
     if not isinstance(admission, Admission):
         admission = await admission  # the gate in Redis: one round trip
     if not admission.serve:
