@@ -292,6 +292,12 @@ class TorrentProgress:
 
 
 
+def swarm_key(ti: TorrentInfo) -> bytes:
+    """The 20-byte info-hash the tracker knows the torrent's swarm by (v1; a v2-only torrent's truncated v2)."""
+    hashes = ti.info_hashes()
+    return (hashes.v1 if hashes.has_v1() else hashes.v2).to_bytes()[:20]
+
+
 def piece_spans(ti: TorrentInfo) -> list[PieceSpan]:
     """Map every piece to the single file range it holds (pad files make that exact)."""
     fs = ti.layout()
@@ -319,9 +325,8 @@ EngineEvent = str
 ``"peers"`` (a peer connected or left), ``"tracker"`` (a tracker replied), ``"state"``
 (checking ended, downloading began, ...) or ``"url_seed"`` (its URL seed failed)."""
 
-# A torrent's URL seed (:meth:`TorrentEngine.add`): added held (libtorrent's upload mode: no
-# request leaves, the web seed is not even connected), then running or dropped.
-URL_SEED_HELD, URL_SEED_RUNNING, URL_SEED_FAILED, URL_SEED_DROPPED = "held", "running", "failed", "dropped"
+# A torrent's URL seed (:meth:`TorrentEngine.add`): running from the start, then failed or dropped.
+URL_SEED_RUNNING, URL_SEED_FAILED, URL_SEED_DROPPED = "running", "failed", "dropped"
 
 
 @dataclass
@@ -330,7 +335,7 @@ class UrlSeed:
 
     url: str
     headers: list[tuple[str, str]]
-    state: str = URL_SEED_HELD
+    state: str = URL_SEED_RUNNING
     error: str | None = None
     status: int | None = None  # the HTTP status that ended it, if one did
     bytes: int = 0  # payload it brought, as of when it was dropped
@@ -480,11 +485,12 @@ class TorrentEngine:
         for it.  With ``verified`` (every file's bytes were just checked against the
         manifest) no piece is hashed again: the seeder's CPU goes to sending.
 
-        With ``url_seed`` (a download only) libtorrent may fetch from that web seed itself,
-        the bytes never passing through Python; the torrent is added held (no request
-        leaves, to peers or to the web seed) until :meth:`start_url_seed` or
-        :meth:`drop_url_seed`.  The binding takes a URL seed's headers only on a
-        ``torrent_info`` before the torrent is added, hence here.
+        With ``url_seed`` (a download only) libtorrent fetches from that web seed itself,
+        the bytes never passing through Python, until :meth:`drop_url_seed`.  The binding
+        takes a URL seed's headers only on a ``torrent_info`` before the torrent is added,
+        hence here.  (Not added held in upload mode while deciding: a seed closes an
+        upload-only connection, and two held nodes close theirs and wait a minute to
+        reconnect.)
         """
         atp = lt.add_torrent_params()
         if resume:
@@ -512,8 +518,6 @@ class TorrentEngine:
                  | lt.torrent_flags.disable_lsd | lt.torrent_flags.disable_pex)
         flags &= ~lt.torrent_flags.auto_managed
         flags &= ~lt.torrent_flags.paused
-        if url_seed is not None and not seed:
-            flags |= lt.torrent_flags.upload_mode
         if seed:
             flags |= lt.torrent_flags.seed_mode
             if verified:
@@ -615,7 +619,7 @@ class TorrentEngine:
             self._emit(digest, "state")
         elif isinstance(alert, lt.url_seed_alert) and digest:
             seed = self._url_seeds.get(digest)
-            if seed is not None and seed.state in (URL_SEED_HELD, URL_SEED_RUNNING):
+            if seed is not None and seed.state == URL_SEED_RUNNING:
                 seed.state, seed.error = URL_SEED_FAILED, alert.error_message() or alert.message()
                 # An HTTP refusal reads "409 Conflict" (the error code itself is 0).
                 code = seed.error.split(" ", 1)[0]
@@ -706,24 +710,15 @@ class TorrentEngine:
         seed = self._url_seeds.get(digest)
         return seed is not None and seed.state == URL_SEED_RUNNING
 
-    def start_url_seed(self, digest: str) -> None:
-        """Let a held download go, its URL seed with it."""
-        seed = self._url_seeds.get(digest)
-        if seed is not None and seed.state == URL_SEED_HELD:
-            seed.state = URL_SEED_RUNNING
-            self._handles[digest].unset_flags(lt.torrent_flags.upload_mode)
-
     def drop_url_seed(self, digest: str) -> None:
-        """Take the URL seed away (its connection closes; its requests go back to the picker);
-        a held download goes on without it.  What it brought stays counted."""
+        """Take the URL seed away (its connection closes; its requests go back to the picker).
+        What it brought stays counted."""
         seed = self._url_seeds.get(digest)
         if seed is None or seed.state == URL_SEED_DROPPED:
             return
         handle = self._handles[digest]
         seed.bytes = self._url_seed_payload(handle)
         handle.remove_url_seed(seed.url)
-        if seed.state == URL_SEED_HELD:
-            handle.unset_flags(lt.torrent_flags.upload_mode)
         seed.state = URL_SEED_DROPPED
 
     def url_seed_bytes(self, digest: str) -> int:

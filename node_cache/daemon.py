@@ -29,7 +29,7 @@ from pathlib import Path
 import aiohttp
 
 from adapters.tls import connector_ssl
-from adapters.torrent import TorrentEngine, TorrentInfo, check_torrent, piece_spans
+from adapters.torrent import TorrentEngine, TorrentInfo, check_torrent, piece_spans, swarm_key
 from modelcast.config import NodeConfig, is_wildcard
 from modelcast.errors import (ArtifactNotFound, BadRequest, Conflict, DiskFull, IntegrityError, InvalidManifest,
                               ModelcastError, PullFailed, Unavailable, Unreachable)
@@ -383,8 +383,11 @@ class NodeDaemon:
         await asyncio.to_thread(self.store.ensure_partial_files, digest, manifest)
         resume = await asyncio.to_thread(self.store.load_resume, digest)
         job.state = PullState.DOWNLOADING
+        url_seed = self.fetcher.url_seed(self.registry.webseed_url(digest))
+        if url_seed is not None and self.cfg.p2p and await self.registry.swarm_size(swarm_key(ti)) != 0:
+            url_seed = None  # somebody is in the swarm (or the tracker did not say): share the first copy
         self.engine.add(digest, ti, manifest, str(self.store.partial_path(digest)), trackers=self.trackers(),
-                        seed=False, resume=resume, url_seed=self.fetcher.url_seed(self.registry.webseed_url(digest)))
+                        seed=False, resume=resume, url_seed=url_seed)
         fill = OriginFill(job, spans, self.registry, self.fetcher, self.cfg)
         task = asyncio.create_task(fill.run())
         task.add_done_callback(lambda _: self.wake())

@@ -12,10 +12,10 @@ again every 50 ms while fetches are under way, as peers' pieces change who has w
 
 A lone node hands the origin to libtorrent instead (:meth:`OriginFill._url_seed_run`): the
 registry's web seed as the torrent's BEP 19 URL seed, so the bytes go from the socket to the
-disk inside libtorrent, never through Python (about half the CPU per byte; issue #13).  The
-torrent is added held (libtorrent's upload mode) with the URL seed; the tracker's first reply
-decides: nobody named, the URL seed runs; anyone, it is dropped.  It is dropped too when the
-registry refuses it (another node asked for the artifact, or the origin is not a file origin)
+disk inside libtorrent, never through Python (about half the CPU per byte; issue #13).  Whether
+a download is alone is asked of the tracker before its torrent is added (a scrape: nobody in
+the swarm, any zone), since the URL seed (with the node's headers) can only be added then.
+It is dropped when the registry refuses it (another node asked for the artifact, or the origin is not a file origin)
 or when it stalls; the loop below then asks for what it has not brought.
 
 Requests marked first-copy may get 409 from the origin: another node of the zone just took
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from adapters.torrent import URL_SEED_FAILED, URL_SEED_HELD, PieceSpan, TorrentEngine, UrlSeed
+from adapters.torrent import URL_SEED_FAILED, URL_SEED_RUNNING, PieceSpan, TorrentEngine, UrlSeed
 from modelcast.config import NodeConfig, is_wildcard
 from modelcast.errors import Unreachable
 from modelcast.wire import (ACCEPT_REDIRECT_HEADER, FIRST_COPY_HEADER, NODE_ID_HEADER, NODE_KEY_HEADER,
@@ -389,7 +389,7 @@ class OriginFill:
 
     async def run(self) -> None:
         engine, digest, loop = self.engine, self.job.digest, asyncio.get_running_loop()
-        if (seed := engine.url_seed(digest)) is not None and seed.state == URL_SEED_HELD:
+        if (seed := engine.url_seed(digest)) is not None and seed.state == URL_SEED_RUNNING:
             await self._url_seed_run()
         if self.cfg.p2p:
             # Give peers a moment to connect and show what they have, unless the tracker
@@ -471,16 +471,6 @@ class OriginFill:
         Its connection closes then, and what it has not brought yet the loop below asks for.
         """
         engine, digest, loop = self.engine, self.job.digest, asyncio.get_running_loop()
-        # Held, the download connects to nobody for long (a seed closes an upload-only
-        # connection): the tracker's first reply decides, or a grace without one.
-        grace_end = loop.time() + self.cfg.webseed_grace_s
-        while self.cfg.p2p and engine.tracker_peers(digest) is None and loop.time() < grace_end:
-            self._wake.clear()
-            await self._wait(grace_end - loop.time())
-        if not is_alone(engine.peers(digest), engine.tracker_peers(digest), 0.0):
-            engine.drop_url_seed(digest)
-            return
-        engine.start_url_seed(digest)
         last_done, last_change, why = -1, loop.time(), "the download finished"
         try:
             while not engine.finished(digest):

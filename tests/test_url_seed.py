@@ -60,9 +60,9 @@ def test_an_s3_origin_sends_the_url_seed_back_to_presigned_reads(tracker, s3_buc
 
 
 def test_a_node_that_finds_a_seed_takes_nothing_from_the_origin(tracker, node_factory, tmp_path):
-    """Held until the tracker's first reply, a download connects to nobody (a seed closes an
-    upload-only connection); told of a seed, it drops the URL seed and takes every byte from
-    the seed, none from the origin."""
+    """The tracker says a seed is in the swarm: no URL seed, every byte from the seed, none
+    from the origin (a download held in upload mode while it decided could not connect to a
+    seed, which closes upload-only connections, and ended up asking the origin)."""
     model = make_model(tmp_path / "model", SIZES)
     publish(tracker.url, model, "lone/m:v1", (tmp_path / "origin").as_uri())
     a = node_factory(tracker.url, "a", host="127.0.0.2")

@@ -49,7 +49,7 @@ from typing import Any
 from urllib.parse import quote
 
 from adapters.http import JsonClient
-from modelcast.errors import IntegrityError
+from modelcast.errors import IntegrityError, ModelcastError
 from modelcast.manifest import Manifest, canonical_json, sha256_digest
 from modelcast.reference import Reference
 from modelcast.wire import NODE_KEY_HEADER, NODE_TOKEN_PARAM, announce_token, bearer
@@ -97,6 +97,20 @@ class RegistryClient(JsonClient):
                 return digest, Manifest.from_bytes(data, expected_digest=digest)
         data = await self.manifest_bytes(digest)
         return digest, Manifest.from_bytes(data, expected_digest=digest)
+
+    async def swarm_size(self, info_hash: bytes, zone: str | None = None) -> int | None:
+        """Peers in the swarm of ``info_hash`` (BEP 48 scrape: seeds and downloaders, every zone); None if unknown."""
+        from .bencode import bdecode
+
+        params = f"info_hash={quote(info_hash, safe='')}" + (f"&zone={quote(zone, safe='')}" if zone else "")
+        try:
+            body = await self.request("GET", f"/scrape?{params}", raw=True, what="scrape", timeout_s=5)
+            counts = bdecode(body).get(b"files", {}).get(info_hash)
+        except (ModelcastError, ValueError, AttributeError, TypeError):
+            return None
+        if counts is None:
+            return 0  # a swarm nobody joined yet
+        return int(counts.get(b"complete", 0)) + int(counts.get(b"incomplete", 0))
 
     async def manifest_bytes(self, digest: str) -> bytes:
         return await self.request("GET", f"/v1/artifacts/{digest}", raw=True, what=f"manifest {digest}")
