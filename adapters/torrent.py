@@ -339,6 +339,7 @@ class UrlSeed:
     error: str | None = None
     status: int | None = None  # the HTTP status that ended it, if one did
     bytes: int = 0  # payload it brought, as of when it was dropped
+    seen: int = 0  # the most its web seed connection was seen to have sent
 
 SAFETY_PUMP_S = 1.0  # alerts are also drained this often, should a wake-up ever be lost
 
@@ -717,7 +718,7 @@ class TorrentEngine:
         if seed is None or seed.state == URL_SEED_DROPPED:
             return
         handle = self._handles[digest]
-        seed.bytes = self._url_seed_payload(handle)
+        seed.bytes = self._url_seed_payload(handle, seed)
         handle.remove_url_seed(seed.url)
         seed.state = URL_SEED_DROPPED
 
@@ -728,15 +729,20 @@ class TorrentEngine:
             return 0
         if seed.state == URL_SEED_DROPPED:
             return seed.bytes
-        return self._url_seed_payload(self._handles[digest])
+        return self._url_seed_payload(self._handles[digest], seed)
 
     @staticmethod
-    def _url_seed_payload(handle) -> int:
-        """The torrent's payload less what its connected peers sent: a URL seed runs only while
-        no peer is connected (node_cache/origin_fill.py), so this is what the web seed sent."""
-        from_peers = sum(p.total_download for p in handle.get_peer_info()
-                         if p.connection_type == lt.peer_info.standard_bittorrent)
-        return max(0, int(handle.status().total_payload_download) - from_peers)
+    def _url_seed_payload(handle, seed: UrlSeed) -> int:
+        """What the web seed sent: with no peer connected, the torrent's whole payload (exact);
+        with peers, what its connection was last seen to have sent (peers' own counts lag the
+        torrent's by the blocks in flight, so the difference would credit the origin with them)."""
+        infos = handle.get_peer_info()
+        web = sum(p.total_download for p in infos if p.connection_type != lt.peer_info.standard_bittorrent)
+        seed.seen = max(seed.seen, web)
+        payload = int(handle.status().total_payload_download)
+        if not any(p.connection_type == lt.peer_info.standard_bittorrent for p in infos):
+            return payload
+        return min(seed.seen, payload)
 
     def peers(self, digest: str) -> int:
         """BitTorrent peers connected to the download now (web seed connections not counted)."""
