@@ -413,6 +413,7 @@ class OriginFill:
         fetched_at: dict[int, float] = {}
         last_done, last_change = -1, loop.time()
         last_connected = loop.time()  # when a peer was last connected (or the fill started)
+        ever_connected = False
         try:
             while not engine.finished(digest):
                 self._wake.clear()
@@ -429,10 +430,14 @@ class OriginFill:
                 if p and p.done_bytes != last_done:
                     last_done, last_change = p.done_bytes, now
                 if p and p.peers:
-                    last_connected = now
+                    last_connected, ever_connected = now, True
                 missing, avail, downloading = engine.missing_pieces(digest)
                 told_of = engine.tracker_peers(digest)
-                if self._crowded:  # as if the tracker had named them: marked requests, until they connect
+                if self._crowded or ever_connected:
+                    # As if the tracker had named peers: marked requests until they (re)connect, or
+                    # for ALONE_AFTER_S.  A peer that finished leaves the swarm for a moment (its
+                    # torrent re-added as a seed: node_cache/daemon.py); one the tracker never named
+                    # us (it connected to us) is no less there.
                     told_of = max(told_of or 0, 1)
                 alone = p is not None and is_alone(p.peers, told_of, now - last_connected)
                 view = SwarmView(missing, avail, downloading, alone=alone)
