@@ -280,7 +280,8 @@ def run(args) -> dict:
 
         drop()
         result = publish_sync(work / "model", Reference.parse(REF),
-                              PublishConfig(registry=registry, origin=(work / "origin").as_uri(), token="t"))
+                              PublishConfig(registry=registry, origin=(work / "origin").as_uri(), token="t",
+                                            torrent_format=args.torrent))
         publish_mb_s = mb / result.seconds
         hexd = result.digest.split(":", 1)[1]
         print(f"published {mb:.0f} MB in {len(paths)} files in {result.seconds:.2f}s ({publish_mb_s:.0f} MB/s), "
@@ -331,10 +332,11 @@ def run(args) -> dict:
         copy_cpu = {k: sum(c.cpu[k] for c in copies) / len(copies) for k in ("receiver", "sender")}
 
         drop()
-        hash_cpu, hash_wall = hybrid_hash_cpu(paths, result.manifest.piece_length)
+        hash_cpu, hash_wall = hybrid_hash_cpu(paths, result.manifest.piece_length, args.torrent == "v1")
         cores = len(os.sched_getaffinity(0))
         hash_mb_s = mb / hash_cpu
-        print(f"hybrid torrent hashes (SHA-1 + SHA-256) on one core: {hash_cpu:.2f} CPU-s ({hash_mb_s:.0f} MB/s "
+        kind = "v1 torrent hashes (SHA-1)" if args.torrent == "v1" else "hybrid torrent hashes (SHA-1 + SHA-256)"
+        print(f"{kind} on one core: {hash_cpu:.2f} CPU-s ({hash_mb_s:.0f} MB/s "
               f"per core; {hash_wall:.2f}s with the reads)")
 
         identical = all(same_bytes(p, node.cache / "artifacts" / "sha256" / hexd / p.name)
@@ -388,6 +390,8 @@ def main() -> int:
         return copy_sender(int(sys.argv[2]), [Path(p) for p in sys.argv[3:]])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=parse_size, default=parse_size("2G"), help="artifact size (default 2G)")
+    ap.add_argument("--torrent", choices=["hybrid", "v1"], default="hybrid",
+                    help="the artifact's torrent format (modelcast publish --torrent); the hashing reference follows it")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds each pull may take")
     ap.add_argument("--dir", type=Path, default=None, help="where the work directory goes (default: the temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")

@@ -123,7 +123,8 @@ def inner(args, shaping: str) -> dict:
         tracker = start_tracker(work, host=TRACKER_ADDR, token="t", extra=["--zone-gateways", str(args.zone_gateways)])
         registry = tracker.url
         result = publish_sync(work / "model", Reference.parse("bench/fanout:v1"),
-                              PublishConfig(registry=registry, origin=(work / "origin").as_uri(), token="t"))
+                              PublishConfig(registry=registry, origin=(work / "origin").as_uri(), token="t",
+                                            torrent_format=args.torrent))
         size = result.manifest.total_size
         cross_before = sum(ns.class_bytes().get(c, 0) for c in ns.cross_classes) if ns else 0
         times, origin_bytes = run_once(work, "p2p", registry, "bench/fanout:v1", args, shaping, p2p=True)
@@ -165,6 +166,7 @@ def main() -> int:
                     help="tracker: peers per zone and swarm handed other zones' peers (0: none, relays; -1: all)")
     ap.add_argument("--shaping", choices=["auto", "htb", "libtorrent"], default="auto")
     ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--torrent", choices=["hybrid", "v1"], default="hybrid", help="the artifact's torrent format")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = ap.parse_args()
