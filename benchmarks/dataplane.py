@@ -12,9 +12,9 @@ two node daemons as separate processes on loopback, with no shaping, and in one 
    fsyncs each file, the way a node ends a download.  It runs twice, once before step 2
    and once after step 3, and its figures are the mean of both (``copy_cpu_s_per_gib_each``
    gives each receiver's): one copy's cost moved with what the steps before it left behind;
-5. the same files are hashed in this process the way the torrent kind in use needs (a
-   hybrid torrent: SHA-1 over every piece, SHA-256 over every 16 KiB block and the
-   merkle tree above them), on one core.
+5. the same files are hashed in this process the way the torrent kind in use needs (v1,
+   the default: SHA-1 over every piece; ``--torrent hybrid``: that and SHA-256 over every
+   16 KiB block and the merkle tree above them), on one core.
 
 The page cache is dropped before each step where root allows (the output says when it
 could not). CPU is read from ``/proc/<pid>/stat`` (utime + stime of all threads) before
@@ -390,7 +390,7 @@ def main() -> int:
         return copy_sender(int(sys.argv[2]), [Path(p) for p in sys.argv[3:]])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=parse_size, default=parse_size("2G"), help="artifact size (default 2G)")
-    ap.add_argument("--torrent", choices=["hybrid", "v1"], default="hybrid",
+    ap.add_argument("--torrent", choices=["v1", "hybrid"], default=PublishConfig.torrent_format,
                     help="the artifact's torrent format (modelcast publish --torrent); the hashing reference follows it")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds each pull may take")
     ap.add_argument("--dir", type=Path, default=None, help="where the work directory goes (default: the temp dir)")

@@ -166,7 +166,8 @@ def main() -> int:
                     help="tracker: peers per zone and swarm handed other zones' peers (0: none, relays; -1: all)")
     ap.add_argument("--shaping", choices=["auto", "htb", "libtorrent"], default="auto")
     ap.add_argument("--no-baseline", action="store_true")
-    ap.add_argument("--torrent", choices=["hybrid", "v1"], default="hybrid", help="the artifact's torrent format")
+    ap.add_argument("--torrent", choices=["v1", "hybrid"], default=PublishConfig.torrent_format,
+                    help="the artifact's torrent format (modelcast publish --torrent)")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = ap.parse_args()

@@ -138,6 +138,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description="Publish throughput (hash + torrent + upload to a file:// origin).")
     ap.add_argument("--size", default="1G", help="artifact size, e.g. 1G or 256M (default 1G)")
     ap.add_argument("--files", type=int, default=4, help="number of files (default 4)")
+    ap.add_argument("--torrent", choices=["v1", "hybrid"], default=PublishConfig.torrent_format,
+                    help="the torrent format (modelcast publish --torrent); the hashing reference follows it")
     ap.add_argument("--dir", type=Path, default=None,
                     help="work directory (default: a temporary one); its contents are removed afterwards")
     args = ap.parse_args()
@@ -152,7 +154,8 @@ def main() -> int:
         read_all(paths)  # warm the page cache so both figures measure the same thing
         read_s = min(read_all(paths) for _ in range(2))
         tracker = start_tracker(work, token="t", log_path=work / "tracker.log")
-        cfg = PublishConfig(registry=tracker.url, origin=(work / "origin").as_uri(), token="t")
+        cfg = PublishConfig(registry=tracker.url, origin=(work / "origin").as_uri(), token="t",
+                            torrent_format=args.torrent)
         result = publish_sync(work / "model", Reference.parse("bench/publish:v1"), cfg, progress=sys.stderr.isatty())
         again = publish_sync(work / "model", Reference.parse("bench/publish:v2"), cfg)
         hash_cpu, _ = hybrid_hash_cpu(paths, result.manifest.piece_length, cfg.torrent_format == "v1")

@@ -20,9 +20,10 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     p.add_argument("--origin", required=True, help="file:///DIR or s3://BUCKET/PREFIX")
     p.add_argument("--s3-endpoint", help="S3 endpoint URL (env MODELCAST_S3_ENDPOINT)")
     p.add_argument("--kind", default="model", choices=["model", "runtime"])
-    p.add_argument("--torrent", default="hybrid", choices=["hybrid", "v1"],
-                   help="torrent format: hybrid v1+v2 (default), or v1 only for clients that cannot read v2 "
-                        "(aria2 < 1.37)")
+    p.add_argument("--torrent", default=PublishConfig.torrent_format, choices=["v1", "hybrid"],
+                   help="torrent format: v1 (default: SHA-1 pieces, every BitTorrent client reads it, and each node "
+                        "hashes a byte once), or hybrid v1+v2 (SHA-256 merkle trees too, for v2 clients; every node "
+                        "then hashes each byte twice, and aria2 < 1.37 cannot join)")
     p.add_argument("--annotation", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--hf-repo", metavar="ORG/NAME[@REVISION]",
                    help="record this Hugging Face repo (and revision) in the manifest, for `modelcast pull --hf`; "

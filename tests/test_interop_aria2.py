@@ -9,9 +9,10 @@ aria2 before 1.37.0 (Debian 12 ships 1.36.0) drops the empty-string keys of a BE
 for every hybrid torrent, announces a swarm nobody is in and handshakes for a torrent no
 peer has (fixed upstream by aria2/aria2#1905).  No tracker or torrent change can make up
 for that: the handshake carries the hash.  So the hybrid test checks that this, and only
-this, is what goes wrong with such an aria2, and marks itself as an expected failure;
-the second test publishes the files with ``modelcast publish --torrent v1`` (v1 only, pad
-files aligned the same way), which a buggy aria2 hashes right, and runs the whole download.
+this, is what goes wrong with such an aria2 (``modelcast publish --torrent hybrid``), and
+marks itself as an expected failure; the second test publishes the files as ``modelcast
+publish`` does by default (a v1 torrent, pad files aligned the same way), which a buggy
+aria2 hashes right, and runs the whole download.
 """
 
 from __future__ import annotations
@@ -121,9 +122,9 @@ def _aria2c_download(tracker, torrent_path: Path, name: str, model: Path, tmp_pa
 
 def test_aria2c_downloads_a_published_hybrid_artifact_from_a_node(tracker, node_factory, tmp_path):
     model = make_model(tmp_path / "model", SIZES)
-    digest = publish(tracker.url, model, "interop/aria2:v1", (tmp_path / "origin").as_uri())
+    digest = publish(tracker.url, model, "interop/aria2:v1", (tmp_path / "origin").as_uri(), "--torrent", "hybrid")
     manifest = Manifest.from_bytes(_http(f"{tracker.url}/v1/artifacts/{digest}"), expected_digest=digest)
-    assert manifest.info_hash.v1 and manifest.info_hash.v2  # hybrid, as publish makes them
+    assert manifest.info_hash.v1 and manifest.info_hash.v2  # hybrid, as asked
 
     torrent_path = tmp_path / "artifact.torrent"
     meta = _fetch_torrent(tracker.url, digest, torrent_path)
@@ -145,9 +146,9 @@ def test_aria2c_downloads_a_published_hybrid_artifact_from_a_node(tracker, node_
 
 def test_aria2c_downloads_a_v1_torrent_from_a_node(tracker, node_factory, tmp_path):
     model = make_model(tmp_path / "model", SIZES, seed=2)
-    # `publish --torrent v1`: the artifact's torrent is v1 only (pad files kept), which aria2
-    # of any version reads; the nodes pull it like any other.
-    digest = publish(tracker.url, model, "interop/aria2:v1only", (tmp_path / "origin").as_uri(), "--torrent", "v1")
+    # `publish` (its default, `--torrent v1`): the artifact's torrent is v1 only (pad files
+    # kept), which aria2 of any version reads; the nodes pull it like any other.
+    digest = publish(tracker.url, model, "interop/aria2:v1only", (tmp_path / "origin").as_uri())
     manifest = Manifest.from_bytes(_http(f"{tracker.url}/v1/artifacts/{digest}"), expected_digest=digest)
     assert manifest.info_hash.v1 and manifest.info_hash.v2 is None
     v1 = manifest.info_hash.v1

@@ -268,7 +268,8 @@ def test_cli_publish_prints_the_digest_and_republishing_uploads_nothing(tracker,
     assert manifest.name == "demo/m" and manifest.torrent_name == "m" and manifest.kind == "model"
     assert manifest.created is None and b"created" not in stored  # no clock in the digested bytes
     torrent = (origin_dir / "torrents" / "sha256" / f"{hexd}.torrent").read_bytes()
-    assert str(lt.torrent_info(torrent).info_hashes().v2) == manifest.info_hash.v2
+    # A v1 torrent by default (modelcast/config.py PublishConfig.torrent_format: each node hashes a byte once).
+    assert str(lt.torrent_info(torrent).info_hashes().v1) == manifest.info_hash.v1 and manifest.info_hash.v2 is None
     for f in manifest.files:
         assert (origin_dir / blob_relpath(f.xxh3_128)).read_bytes() == (model / f.path).read_bytes()
     before = _blob_mtimes(origin_dir)
@@ -296,7 +297,9 @@ def test_republishing_identical_content_gives_the_same_digest_and_uploads_nothin
     assert third.digest != first.digest and third.uploaded_bytes == MiB and third.skipped_bytes == 2 * MiB
 
 
-def test_a_publish_stores_the_manifest_and_torrent_a_plain_computation_gives(tracker, tmp_path, hashing):
+@pytest.mark.parametrize("torrent_format", ["v1", "hybrid"])
+def test_a_publish_stores_the_manifest_and_torrent_a_plain_computation_gives(tracker, tmp_path, hashing,
+                                                                             torrent_format):
     # Odd sizes: an empty file, 1 byte, exactly one piece, a piece and a byte, a few pieces and a
     # few bytes, one block and a byte; the reference is libtorrent's own hashing and xxh3 of
     # each file read whole, the plain way.
@@ -305,7 +308,7 @@ def test_a_publish_stores_the_manifest_and_torrent_a_plain_computation_gives(tra
              "w/several": 3 * length + 5, "w/x/block-plus-1": 16384 + 1}
     model = make_model(tmp_path / "m", sizes)
     assert choose_piece_length(sum(sizes.values())) == length
-    result = publish_sync(model, Reference.parse("odd/sizes:v1"), _cfg(tracker, tmp_path))
+    result = publish_sync(model, Reference.parse("odd/sizes:v1"), _cfg(tracker, tmp_path, torrent_format=torrent_format))
     hexd = result.digest.split(":")[1]
     origin_dir = tmp_path / "origin"
     stored_torrent = (origin_dir / "torrents" / "sha256" / f"{hexd}.torrent").read_bytes()
@@ -313,11 +316,12 @@ def test_a_publish_stores_the_manifest_and_torrent_a_plain_computation_gives(tra
 
     paths = sorted(sizes)
     files = [(p, str(model / p), sizes[p]) for p in paths]
-    torrent = lt_adapter.build_torrent(files, "sizes", length, f"{tracker.url}/announce")
+    torrent = lt_adapter.build_torrent(files, "sizes", length, f"{tracker.url}/announce",
+                                       v1_only=torrent_format == "v1")
     info = lt.torrent_info(torrent).info_hashes()
     manifest = Manifest(
         kind="model", name="odd/sizes", piece_length=length, torrent_name="sizes",
-        info_hash=InfoHashes(v1=str(info.v1), v2=str(info.v2)),
+        info_hash=InfoHashes(v1=str(info.v1), v2=str(info.v2) if info.has_v2() else None),
         files=tuple(FileEntry(p, sizes[p], xxhash.xxh3_128_hexdigest((model / p).read_bytes())) for p in paths))
     assert stored_torrent == torrent
     assert stored_manifest == manifest.canonical_bytes()
