@@ -225,3 +225,31 @@ def test_registry_restart_keeps_everything_and_warm_pull_is_instant(tracker, nod
     out = run_cli("pull", digest, "--node", node.url)
     assert out.returncode == 0 and time.perf_counter() - t0 < 5
     assert metric(node.url, "modelcast_node_verified_bytes_total") == 0
+
+
+def test_a_node_whose_peer_finishes_first_takes_the_rest_from_that_peer_not_the_origin(tracker, node_factory,
+                                                                                        tmp_path):
+    # A node that finishes re-adds its torrent as a seed (node_cache/daemon.py `_complete`),
+    # which closes its peers' connections to it.  Its peer still pulling must get back to
+    # it within moments (libtorrent's `min_reconnect_time`), and meanwhile must not count
+    # itself alone and take the rest unmarked from the origin (node_cache/origin_fill.py).
+    sizes = {f"weights/shard-{i}.bin": 8 * MiB for i in range(4)}
+    total = sum(sizes.values())
+    model = make_model(tmp_path / "model", sizes)
+    publish(tracker.url, model, "swarm/late:v1", (tmp_path / "origin").as_uri())
+    first = node_factory(tracker.url, "first", "--download-limit", "16M", host="127.0.0.2")
+    late = node_factory(tracker.url, "late", "--download-limit", "4M", host="127.0.0.3")
+
+    async def pulls():
+        one = asyncio.create_task(pull_all([first], "swarm/late:v1"))
+        await asyncio.sleep(0.5)
+        two = asyncio.create_task(pull_all([late], "swarm/late:v1"))
+        return (await one) + (await two)
+
+    statuses = asyncio.run(pulls())
+    source = tree_hashes(model)
+    assert all(s["state"] == "ready" and tree_hashes(Path(s["path"])) == source for s in statuses)
+    served = registry_stats(tracker.url)["origin_bytes_served"]
+    # The late node (4 MiB/s) is still pulling when the first (16 MiB/s) finishes.
+    print(f"origin {served / total:.2f} copies; late node {statuses[1]['bytes_from_origin'] / total:.2f} from it")
+    assert served <= 1.2 * total, (served / total, statuses)
