@@ -410,8 +410,8 @@ class TorrentEngine:
             # A peer whose connection closed is tried again after this many seconds (times its
             # failures), not libtorrent's 60: a node that finishes re-adds its torrent as a seed
             # (node_cache/daemon.py), which drops its peers' connections, and a peer still
-            # pulling then took the rest from the origin (two-zone pulls: 1.5-1.7 origin copies
-            # in 6 of 11 runs under load, 1.00-1.14 with this and the origin fill's reconnect wait).
+            # pulling then took the rest from the origin (two-zone pulls under load: 8 of 14 runs
+            # above 1.5 origin copies; 1.00-1.14 with this and the origin fill's reconnect wait).
             "min_reconnect_time": 1,
             # A lone node's URL seed (node_cache/origin_fill.py) asks the registry for up to this
             # much per request, not 16 MiB: each request costs the registry a fixed ~1.5 ms of
