@@ -893,10 +893,14 @@ class TorrentEngine:
             handle.save_resume_data(lt.torrent_handle.flush_disk_cache)
         return fut
 
-    def reannounce(self, digest: str) -> None:
+    def reannounce(self, digest: str, at_once: bool = False) -> None:
+        """Announce ``digest`` to its trackers now; ``at_once``: even within the tracker's min interval."""
         handle = self._handles.get(digest)
         if handle is not None:
-            handle.force_reannounce()
+            if at_once:
+                handle.force_reannounce(0, -1, lt.reannounce_flags_t.ignore_min_interval)
+            else:
+                handle.force_reannounce()
 
     def reannounce_all(self) -> int:
         """Announce every torrent now (the tracker lost its swarms); how many there are."""

@@ -58,6 +58,11 @@ BUSY_LOOK_S = 0.05  # how often to look again while pieces are wanted and slots 
 IDLE_LOOK_S = 0.25  # ... and while peers deliver everything else or every slot is busy
 FIRST_BITFIELDS_S = 0.05  # after the grace, a moment for the first peers' bitfields
 FAILURE_BACKOFF_S = 0.5  # after a failed origin request
+# A node the tracker told of nobody, still without a peer this long into its fill (or told by
+# the registry that other nodes pull), announces once more: two nodes whose first announces
+# crossed are each told of nobody, and would otherwise each take the whole artifact from the
+# origin until their next announce (30 s).
+LONE_RECHECK_S = 1.0
 PLAIN_READERS = 16  # worker threads reading plain-HTTP origin answers (4 requests in flight per lone download)
 
 
@@ -412,8 +417,8 @@ class OriginFill:
         relays: set[asyncio.Task] = set()  # fetches from nodes of other zones, among claimed's
         fetched_at: dict[int, float] = {}
         last_done, last_change = -1, loop.time()
-        last_connected = loop.time()  # when a peer was last connected (or the fill started)
-        ever_connected = False
+        last_connected = started = loop.time()  # when a peer was last connected (or the fill started)
+        ever_connected = reannounced = False
         try:
             while not engine.finished(digest):
                 self._wake.clear()
@@ -433,6 +438,10 @@ class OriginFill:
                     last_connected, ever_connected = now, True
                 missing, avail, downloading = engine.missing_pieces(digest)
                 told_of = engine.tracker_peers(digest)
+                if (not reannounced and not ever_connected and told_of == 0
+                        and (self._crowded or now - started >= LONE_RECHECK_S)):
+                    engine.reannounce(digest, at_once=True)  # see LONE_RECHECK_S
+                    reannounced = True
                 if self._crowded or ever_connected:
                     # As if the tracker had named peers: marked requests until they (re)connect, or
                     # for ALONE_AFTER_S.  A peer that finished leaves the swarm for a moment (its
