@@ -60,7 +60,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from publish import hybrid_hash_cpu, write_files  # noqa: E402
+from publish import add_torrent_arg, hybrid_hash_cpu, write_files  # noqa: E402
 
 from distributor.publish import publish_sync  # noqa: E402
 from harness import start_node, start_tracker, wait_until  # noqa: E402
@@ -390,8 +390,7 @@ def main() -> int:
         return copy_sender(int(sys.argv[2]), [Path(p) for p in sys.argv[3:]])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=parse_size, default=parse_size("2G"), help="artifact size (default 2G)")
-    ap.add_argument("--torrent", choices=["v1", "hybrid"], default=PublishConfig.torrent_format,
-                    help="the artifact's torrent format (modelcast publish --torrent); the hashing reference follows it")
+    add_torrent_arg(ap)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds each pull may take")
     ap.add_argument("--dir", type=Path, default=None, help="where the work directory goes (default: the temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")

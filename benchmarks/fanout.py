@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import netns  # noqa: E402
-from publish import write_files  # noqa: E402
+from publish import add_torrent_arg, write_files  # noqa: E402
 
 from distributor.publish import publish_sync  # noqa: E402
 from modelcast.config import PublishConfig, parse_size  # noqa: E402
@@ -166,8 +166,7 @@ def main() -> int:
                     help="tracker: peers per zone and swarm handed other zones' peers (0: none, relays; -1: all)")
     ap.add_argument("--shaping", choices=["auto", "htb", "libtorrent"], default="auto")
     ap.add_argument("--no-baseline", action="store_true")
-    ap.add_argument("--torrent", choices=["v1", "hybrid"], default=PublishConfig.torrent_format,
-                    help="the artifact's torrent format (modelcast publish --torrent)")
+    add_torrent_arg(ap)
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = ap.parse_args()

@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from distributor.publish import publish_sync  # noqa: E402
-from modelcast.config import PublishConfig, parse_size  # noqa: E402
+from modelcast.config import TORRENT_FORMATS, PublishConfig, parse_size  # noqa: E402
 from harness import start_tracker  # noqa: E402
 from modelcast.reference import Reference  # noqa: E402
 
@@ -102,6 +102,12 @@ def merkle_root(leaves: list[bytes]) -> bytes:
     return level[0]
 
 
+def add_torrent_arg(ap: argparse.ArgumentParser) -> None:
+    """``--torrent v1|hybrid``: the artifact's torrent format (``modelcast publish --torrent``, its default)."""
+    ap.add_argument("--torrent", choices=TORRENT_FORMATS, default=PublishConfig.torrent_format,
+                    help="the artifact's torrent format (modelcast publish --torrent); hashing references follow it")
+
+
 def hybrid_hash_cpu(paths: list[Path], piece_length: int, v1_only: bool = False) -> tuple[float, float]:
     """Hash every file as a hybrid torrent needs; return (CPU seconds in hashing, wall seconds).
 
@@ -138,8 +144,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description="Publish throughput (hash + torrent + upload to a file:// origin).")
     ap.add_argument("--size", default="1G", help="artifact size, e.g. 1G or 256M (default 1G)")
     ap.add_argument("--files", type=int, default=4, help="number of files (default 4)")
-    ap.add_argument("--torrent", choices=["v1", "hybrid"], default=PublishConfig.torrent_format,
-                    help="the torrent format (modelcast publish --torrent); the hashing reference follows it")
+    add_torrent_arg(ap)
     ap.add_argument("--dir", type=Path, default=None,
                     help="work directory (default: a temporary one); its contents are removed afterwards")
     args = ap.parse_args()

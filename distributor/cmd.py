@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from modelcast.cmdline import Handler, client_args, parse_annotations
-from modelcast.config import ENV_S3_ENDPOINT, ClientConfig, PublishConfig, env_str
+from modelcast.config import ENV_S3_ENDPOINT, TORRENT_FORMATS, ClientConfig, PublishConfig, env_str
 from modelcast.errors import ModelcastError
 from modelcast.reference import Reference
 
@@ -20,7 +20,7 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     p.add_argument("--origin", required=True, help="file:///DIR or s3://BUCKET/PREFIX")
     p.add_argument("--s3-endpoint", help="S3 endpoint URL (env MODELCAST_S3_ENDPOINT)")
     p.add_argument("--kind", default="model", choices=["model", "runtime"])
-    p.add_argument("--torrent", default=PublishConfig.torrent_format, choices=["v1", "hybrid"],
+    p.add_argument("--torrent", default=PublishConfig.torrent_format, choices=TORRENT_FORMATS,
                    help="torrent format: v1 (default: SHA-1 pieces, every BitTorrent client reads it, and each node "
                         "hashes a byte once), or hybrid v1+v2 (SHA-256 merkle trees too, for v2 clients; every node "
                         "then hashes each byte twice, and aria2 < 1.37 cannot join)")

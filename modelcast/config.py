@@ -291,6 +291,10 @@ class NodeConfig:
     ca: Path | None = None
 
 
+# What `modelcast publish --torrent` makes (PublishConfig.torrent_format): a v1 torrent, or a
+# hybrid v1+v2 one.
+TORRENT_FORMATS = ("v1", "hybrid")
+
 @dataclass(frozen=True)
 class PublishConfig:
     """One publish run."""
@@ -310,7 +314,7 @@ class PublishConfig:
     # byte, about half its CPU per byte received (issue #13: fan-out to 16 nodes on 2 cores,
     # efficiency 0.62-0.64 hybrid, 0.73-0.78 v1).  v1 is also the kind every BitTorrent
     # client reads (aria2 < 1.37 computes a wrong info-hash for hybrid torrents).
-    torrent_format: str = "v1"
+    torrent_format: str = "v1"  # one of TORRENT_FORMATS
     ca: Path | None = None  # trusted besides the system's roots for an https:// registry
 
 

@@ -54,6 +54,8 @@ from modelcast.manifest import Manifest, canonical_json, sha256_digest
 from modelcast.reference import Reference
 from modelcast.wire import NODE_KEY_HEADER, NODE_TOKEN_PARAM, announce_token, bearer
 
+from .bencode import bdecode
+
 
 class RegistryClient(JsonClient):
     """The registry API; ``base_url`` may list every replica (comma-separated): see :class:`JsonClient`."""
@@ -100,8 +102,6 @@ class RegistryClient(JsonClient):
 
     async def swarm_size(self, info_hash: bytes, zone: str | None = None) -> int | None:
         """Peers in the swarm of ``info_hash`` (BEP 48 scrape: seeds and downloaders, every zone); None if unknown."""
-        from .bencode import bdecode
-
         params = f"info_hash={quote(info_hash, safe='')}" + (f"&zone={quote(zone, safe='')}" if zone else "")
         try:
             body = await self.request("GET", f"/scrape?{params}", raw=True, what="scrape", timeout_s=5)
