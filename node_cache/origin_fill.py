@@ -1,7 +1,7 @@
 """Filling a download from the origin: the thin fetcher the piece picker drives.
 
-:class:`OriginFill` runs beside each download.  It asks libtorrent what is missing, who
-has what and what is being sent, lets :func:`node_cache.picker.plan_requests` choose, and
+:class:`OriginFill` runs beside each download.  It asks libtorrent what is missing and
+which connected peers have what, lets :func:`node_cache.picker.plan_requests` choose, and
 has :class:`OriginFetcher` fetch each choice with one HTTP range request to the registry's
 web seed (BEP 19), handing the pieces to libtorrent, which checks their hashes.  A plain
 ``http://`` registry's answers are read in worker threads, off the event loop
@@ -431,12 +431,11 @@ class OriginFill:
                     await asyncio.sleep(FAILURE_BACKOFF_S)
                     continue
                 now = loop.time()
-                p = engine.progress(digest)
-                if p and p.done_bytes != last_done:
+                p, missing, avail = engine.swarm_view(digest)
+                if p.done_bytes != last_done:
                     last_done, last_change = p.done_bytes, now
-                if p and p.peers:
+                if p.peers:
                     last_connected, ever_connected = now, True
-                missing, avail, downloading = engine.missing_pieces(digest)
                 told_of = engine.tracker_peers(digest)
                 if (not reannounced and not ever_connected and told_of == 0
                         and (self._crowded or now - started >= LONE_RECHECK_S)):
@@ -448,8 +447,7 @@ class OriginFill:
                     # torrent re-added as a seed: node_cache/daemon.py); one the tracker never named
                     # us (it connected to us) is no less there.
                     told_of = max(told_of or 0, 1)
-                alone = p is not None and is_alone(p.peers, told_of, now - last_connected)
-                view = SwarmView(missing, avail, downloading, alone=alone)
+                view = SwarmView(missing, avail, alone=is_alone(p.peers, told_of, now - last_connected))
                 in_flight = len(set(claimed.values()) - relays)
                 requests, wanted = plan_requests(
                     view, self.spans, claimed=claimed.keys(), fetched_at=fetched_at, now=now,

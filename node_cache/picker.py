@@ -1,7 +1,7 @@
 """The origin piece picker: which pieces a node asks the origin for, as pure functions.
 
 The node's origin policy (README, "Tuning"): a node fetches a piece from the origin (the
-registry's web seed) only when no connected peer has it and nobody is sending it, choosing
+registry's web seed) only when no connected peer has it (so nobody is sending it), choosing
 at random among such pieces, so that nodes pulling together split the first copy between
 them instead of each taking a whole copy.
 
@@ -10,7 +10,7 @@ them instead of each taking a whole copy.
   one range request, up to :data:`ORIGIN_RUN_BYTES` (or a quarter second of its download
   limit), :data:`ORIGIN_PARALLEL` requests in flight: that is what makes a cold pull fast.
 * **In a swarm** it asks for one piece per request, :data:`ORIGIN_PARALLEL_SWARM` in
-  flight, at random among the pieces no connected peer has and nobody is sending: fewer
+  flight, at random among the pieces no connected peer has (so none is sending): fewer
   requests in flight each finish sooner, so new pieces reach peers sooner.
 * **Stalled** (no progress for :data:`STALL_S`) it asks for anything missing, and without
   the first-copy mark: a stuck or dishonest swarm cannot stall a pull.
@@ -78,7 +78,6 @@ class SwarmView:
 
     missing: Sequence[int]  # pieces not yet here
     availability: Sequence[int]  # per piece: connected peers that have it
-    downloading: Collection[int]  # pieces some peer is sending us
     alone: bool  # see is_alone
 
 
@@ -96,12 +95,12 @@ def wanted_pieces(view: SwarmView, *, claimed: Collection[int], fetched_at: Mapp
 
     A piece already being fetched (``claimed``) is not wanted again, nor one fetched in the
     last :data:`REFETCH_S` (libtorrent hash-checks a fetched piece before it counts as
-    ours).  With nobody connected, a half-downloaded piece can only be finished from the
-    origin, so "being sent" does not count then.
+    ours).  A piece a peer is sending us is one that peer has; one whose sender left half
+    way (no connected peer has it) can only be finished from the origin.
     """
     return {i for i in view.missing
             if i not in claimed and now - fetched_at.get(i, -1e9) > REFETCH_S
-            and (stalled or view.alone or (view.availability[i] == 0 and i not in view.downloading))}
+            and (stalled or view.alone or view.availability[i] == 0)}
 
 
 def pick_runs(wanted: set[int], spans: Sequence[PieceSpan], *, slots: int, run_limit: int,

@@ -20,12 +20,11 @@ def spans_of(files: dict[str, int], piece: int = MiB) -> list[PieceSpan]:
     return spans
 
 
-def view(n: int, *, have: set[int] = frozenset(), avail: dict[int, int] | None = None,
-         downloading: set[int] = frozenset(), alone: bool) -> SwarmView:
+def view(n: int, *, have: set[int] = frozenset(), avail: dict[int, int] | None = None, alone: bool) -> SwarmView:
     availability = [0] * n
     for i, k in (avail or {}).items():
         availability[i] = k
-    return SwarmView([i for i in range(n) if i not in have], availability, set(downloading), alone)
+    return SwarmView([i for i in range(n) if i not in have], availability, alone)
 
 
 def plan(v: SwarmView, spans, *, claimed=(), fetched_at=None, now=100.0, stalled=False, in_flight=0,
@@ -74,8 +73,8 @@ def test_run_limit_is_a_quarter_second_of_the_download_limit_and_at_most_16_mib(
 
 def test_in_a_swarm_one_piece_per_request_two_at_once_only_pieces_no_peer_has_and_nobody_sends():
     spans = spans_of({"w.bin": 10 * MiB})
-    # Peers have 0-5; 6 is being sent to us; 7, 8, 9 nobody has.
-    v = view(10, avail={i: 1 for i in range(6)}, downloading={6}, alone=False)
+    # Peers have 0-6 (one of them is sending us 6); 7, 8, 9 nobody has.
+    v = view(10, avail={i: 1 for i in range(7)}, alone=False)
     requests, wanted = plan(v, spans)
     assert len(requests) == ORIGIN_PARALLEL_SWARM == 2
     assert all(len(r.spans) == 1 and r.first_copy for r in requests)
@@ -102,18 +101,20 @@ def test_pieces_claimed_or_fetched_moments_ago_are_not_asked_for_again():
 
 def test_stalled_asks_for_anything_missing_without_the_first_copy_mark():
     spans = spans_of({"w.bin": 4 * MiB})
-    v = view(4, have={0}, avail={1: 3, 2: 3, 3: 3}, downloading={1, 2, 3}, alone=False)
+    v = view(4, have={0}, avail={1: 3, 2: 3, 3: 3}, alone=False)
     assert plan(v, spans) == ([], set())  # peers deliver everything
     requests, wanted = plan(v, spans, stalled=True)
     assert len(requests) == 2 and all(len(r.spans) == 1 and not r.first_copy for r in requests)
     assert {r.spans[0].piece for r in requests} | wanted == {1, 2, 3}
 
 
-def test_alone_even_a_piece_being_sent_is_wanted():
-    # With nobody connected, a half-downloaded piece can only be finished from the origin.
+def test_a_piece_whose_sender_left_half_way_is_wanted_alone_or_in_a_swarm():
+    # Half-downloaded, and no connected peer has it: only the origin can finish it.
     spans = spans_of({"w.bin": 2 * MiB})
-    requests, _ = plan(view(2, downloading={0, 1}, alone=True), spans)
+    requests, _ = plan(view(2, alone=True), spans)
     assert [s.piece for r in requests for s in r.spans] == [0, 1]
+    requests, _ = plan(view(2, avail={1: 1}, alone=False), spans)
+    assert [s.piece for r in requests for s in r.spans] == [0]
 
 
 def test_nothing_missing_nothing_asked():
