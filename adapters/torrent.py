@@ -758,7 +758,7 @@ class TorrentEngine:
         infos = handle.get_peer_info()
         web = sum(p.total_download for p in infos if p.connection_type != lt.peer_info.standard_bittorrent)
         seed.seen = max(seed.seen, web)
-        payload = int(handle.status().total_payload_download)
+        payload = int(handle.status(PROGRESS_FLAGS).total_payload_download)
         if not any(p.connection_type == lt.peer_info.standard_bittorrent for p in infos):
             return payload
         return min(seed.seen, payload)
