@@ -708,9 +708,10 @@ class TorrentEngine:
         handle = self._handles.get(digest)
         if handle is None:
             return None
-        return self._progress(digest, handle, handle.status(PROGRESS_FLAGS))
+        return self._progress(digest, handle.status(PROGRESS_FLAGS))
 
-    def _progress(self, digest: str, handle, s) -> TorrentProgress:
+    def _progress(self, digest: str, s) -> TorrentProgress:
+        """``digest``'s progress from its status ``s`` (queried with at least :data:`PROGRESS_FLAGS`)."""
         err = self._errors.get(digest) or (str(s.errc.message()) if s.errc.value() else None)
         return TorrentProgress(
             state=str(s.state), done_bytes=int(s.total_wanted_done), total_bytes=int(s.total_wanted),
@@ -787,7 +788,7 @@ class TorrentEngine:
             # libtorrent answers an empty list while the torrent has no piece picker yet
             # (just added, or between states); then no peer is known to have anything.
             avail = [0] * len(have)
-        return self._progress(digest, handle, s), missing, avail
+        return self._progress(digest, s), missing, avail
 
     def have_piece(self, digest: str, piece: int) -> bool:
         """Whether ``piece`` of ``digest`` is here and passed its hash check."""

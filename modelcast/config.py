@@ -295,6 +295,7 @@ class NodeConfig:
 # hybrid v1+v2 one.
 TORRENT_FORMATS = ("v1", "hybrid")
 
+
 @dataclass(frozen=True)
 class PublishConfig:
     """One publish run."""
